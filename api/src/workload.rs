@@ -1,0 +1,126 @@
+//! Workloads and services as the data plane sees them (the shape of Istio's
+//! `istio.workload.Workload` / `istio.workload.Service`, trimmed to what we use).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Identity;
+
+/// How traffic reaches a workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum TunnelProtocol {
+    /// Not in the mesh: plain TCP, straight to the pod.
+    #[default]
+    None,
+    /// Captured by its node's ztunnel: reached over HBONE (mTLS) on port 15008.
+    Hbone,
+}
+
+/// One pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// Unique key: `<cluster>//Pod/<namespace>/<name>` as in Istio.
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    /// The workload (deployment) name used in metrics.
+    pub workload_name: String,
+    /// `app` / canonical service name, for metrics.
+    #[serde(default)]
+    pub canonical_name: String,
+    /// `version` / canonical revision, for metrics.
+    #[serde(default)]
+    pub canonical_revision: String,
+    pub service_account: String,
+    pub trust_domain: String,
+    pub node: String,
+    pub addresses: Vec<IpAddr>,
+    #[serde(default)]
+    pub protocol: TunnelProtocol,
+    /// Named container ports, for Services whose targetPort is a name.
+    #[serde(default)]
+    pub named_ports: BTreeMap<String, u16>,
+}
+
+/// A port of a Service: traffic to `port` on a VIP goes to `target_port` on an endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+/// A workload that backs a service, with the service-port → pod-port mapping resolved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    pub workload_uid: String,
+    /// Service port → port on this endpoint.
+    pub ports: BTreeMap<u16, u16>,
+}
+
+/// A Kubernetes Service: VIPs in front of endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// `<name>.<namespace>.svc.cluster.local`
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// The static data-plane config ztunnel reads in local mode (no controller).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalConfig {
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+}
+
+// === impl Workload ===
+
+impl Workload {
+    /// The workload's SPIFFE identity, if its fields form a valid one.
+    pub fn identity(&self) -> Result<Identity, crate::IdentityError> {
+        Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The local config format parses from YAML with defaults filled in.
+    #[test]
+    fn local_config_yaml() {
+        let yaml = r#"
+workloads:
+- uid: Kubernetes//Pod/shop/a
+  name: a
+  namespace: shop
+  workloadName: a
+  serviceAccount: default
+  trustDomain: cluster.local
+  node: node-1
+  addresses: ["10.244.1.10"]
+  protocol: HBONE
+services: []
+"#;
+        let cfg: LocalConfig = serde_yaml::from_str(yaml).unwrap();
+        let w = &cfg.workloads[0];
+        assert_eq!(w.protocol, TunnelProtocol::Hbone);
+        assert_eq!(
+            w.identity().unwrap().to_string(),
+            "spiffe://cluster.local/ns/shop/sa/default"
+        );
+        assert!(w.named_ports.is_empty());
+    }
+}

@@ -1,0 +1,195 @@
+// SPDX-License-Identifier: (MIT OR GPL-2.0-only)
+/*
+ * Redirects captured pods' TCP traffic into the node's ztunnel.
+ *
+ * Attached at tc ingress of every interface of the node network namespace
+ * (pod veths and the underlay). For a TCP segment whose source or destination
+ * is a captured local pod:
+ *   - a segment of a flow ztunnel already owns is assigned to its socket;
+ *   - a SYN from a captured pod (arriving on that pod's own veth) goes to the
+ *     outbound listener (15001);
+ *   - a SYN to a captured pod goes to the HBONE listener (15008) when it is for
+ *     port 15008, else to the inbound plaintext listener (15006).
+ * Everything else passes untouched, so flows that existed before capture keep
+ * their direct path. Assigned segments get `redirect_mark`; the node has a
+ * policy route sending that mark to a local table, so they are delivered to
+ * the assigned socket instead of being forwarded.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "capture.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+/* Set by the loader (EbpfLoader::set_global). Ports are in host order. */
+const volatile __u16 port_outbound = 15001;
+const volatile __u16 port_inbound = 15006;
+const volatile __u16 port_hbone = 15008;
+const volatile __u32 listen_addr = 0x7f000001; /* host order: 127.0.0.1 */
+const volatile __u32 redirect_mark = 0x5e0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32); /* pod IPv4, network order */
+	__type(value, struct captured_pod);
+} weft_captured SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32); /* node IPv4 address, network order */
+	__type(value, __u32);
+} weft_node_addrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEFT_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} weft_counters SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&weft_counters, &idx);
+	if (v)
+		*v += 1;
+}
+
+/* Output FIB lookup of `addr` (network order) from the node's point of view. */
+static __always_inline int fib_lookup(struct __sk_buff *skb, __u32 addr, __u32 *ifindex)
+{
+	struct bpf_fib_lookup p = {};
+	p.family = AF_INET;
+	p.ipv4_dst = addr;
+	p.ifindex = skb->ingress_ifindex;
+	int rc = bpf_fib_lookup(skb, &p, sizeof(p), BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_OUTPUT);
+	*ifindex = p.ifindex;
+	return rc;
+}
+
+/* True when `saddr` is routed out of the interface the segment came in on:
+ * a captured pod's SYN must come from its own veth, not from the underlay. */
+static __always_inline int from_own_veth(struct __sk_buff *skb, __u32 saddr)
+{
+	__u32 oif = 0;
+	int rc = fib_lookup(skb, saddr, &oif);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return 0;
+	return oif == skb->ingress_ifindex;
+}
+
+/* True for destinations that are the node itself (its addresses, loopback,
+ * link-local): node-local traffic is never captured. The FIB cannot tell a
+ * local address from an unroutable one (a Service VIP), hence the map. */
+static __always_inline int node_local(__u32 daddr)
+{
+	__u32 h = bpf_ntohl(daddr);
+	if ((h >> 24) == 127 || (h >> 16) == 0xa9fe)
+		return 1;
+	return bpf_map_lookup_elem(&weft_node_addrs, &daddr) != NULL;
+}
+
+static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk, __u32 counter)
+{
+	long rc = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (rc != 0)
+		return TC_ACT_OK;
+	skb->mark = redirect_mark;
+	count(counter);
+	return TC_ACT_OK;
+}
+
+SEC("tc")
+int weft_capture(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
+		return TC_ACT_OK;
+	if (ip->frag_off & bpf_htons(0x1fff)) /* non-first fragment: no TCP header */
+		return TC_ACT_OK;
+	struct tcphdr *tcp = (void *)ip + ip->ihl * 4;
+	if ((void *)(tcp + 1) > end)
+		return TC_ACT_OK;
+
+	__u32 saddr = ip->saddr, daddr = ip->daddr;
+	int src_captured = bpf_map_lookup_elem(&weft_captured, &saddr) != NULL;
+	int dst_captured = bpf_map_lookup_elem(&weft_captured, &daddr) != NULL;
+	/* Keep clang from OR-ing the two map pointers, which the verifier refuses. */
+	asm volatile("" : "+r"(src_captured), "+r"(dst_captured));
+	if (!src_captured && !dst_captured)
+		return TC_ACT_OK;
+
+	struct bpf_sock_tuple t = {};
+	t.ipv4.saddr = saddr;
+	t.ipv4.daddr = daddr;
+	t.ipv4.sport = tcp->source;
+	t.ipv4.dport = tcp->dest;
+
+	/* A flow ztunnel owns: its accepted socket, its transparent upstream
+	 * socket, or a request socket mid-handshake. */
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (sk) {
+		if (sk->state != BPF_TCP_LISTEN)
+			return assign(skb, sk, WEFT_CNT_ESTABLISHED);
+		bpf_sk_release(sk);
+	}
+
+	if (!tcp->syn || tcp->ack)
+		return TC_ACT_OK;
+
+	__u16 port;
+	__u32 counter;
+	if (src_captured) {
+		/* A captured pod's address may only enter on its own veth. */
+		if (!from_own_veth(skb, saddr)) {
+			count(WEFT_CNT_SPOOFED);
+			return TC_ACT_SHOT;
+		}
+		if (!node_local(daddr)) {
+			port = port_outbound;
+			counter = WEFT_CNT_OUTBOUND;
+			goto lookup;
+		}
+	}
+	if (!dst_captured)
+		return TC_ACT_OK;
+	if (tcp->dest == bpf_htons(port_hbone)) {
+		port = port_hbone;
+		counter = WEFT_CNT_HBONE;
+	} else {
+		port = port_inbound;
+		counter = WEFT_CNT_INBOUND;
+	}
+lookup:
+	t.ipv4.daddr = bpf_htonl(listen_addr);
+	t.ipv4.dport = bpf_htons(port);
+	sk = bpf_sk_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk) {
+		count(WEFT_CNT_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	if (sk->state != BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return TC_ACT_OK;
+	}
+	return assign(skb, sk, counter);
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

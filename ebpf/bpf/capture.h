@@ -1,0 +1,21 @@
+/* Shared between capture.bpf.c and the Rust loader (ebpf/src/maps.rs mirrors it). */
+#ifndef WEFT_CAPTURE_H
+#define WEFT_CAPTURE_H
+
+/* Value of weft_captured: one entry per captured local pod IPv4 address. */
+struct captured_pod {
+	__u32 flags; /* reserved, 0 today */
+};
+
+/* Indexes of the weft_counters per-CPU array. */
+enum weft_counter {
+	WEFT_CNT_OUTBOUND = 0,    /* SYN from a captured pod sent to the outbound listener */
+	WEFT_CNT_INBOUND = 1,     /* plaintext SYN to a captured pod sent to the inbound listener */
+	WEFT_CNT_HBONE = 2,       /* SYN to a captured pod's :15008 sent to the HBONE listener */
+	WEFT_CNT_ESTABLISHED = 3, /* packet of a flow ztunnel owns, assigned to its socket */
+	WEFT_CNT_NO_LISTENER = 4, /* SYN dropped: ztunnel's listener is missing (fail closed) */
+	WEFT_CNT_SPOOFED = 5,     /* SYN claiming a captured source but not from its veth */
+	WEFT_CNT_MAX = 6,
+};
+
+#endif

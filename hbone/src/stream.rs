@@ -1,0 +1,128 @@
+//! One HTTP/2 CONNECT stream as a byte pipe ([`AsyncRead`] + [`AsyncWrite`]).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The two halves of a CONNECT stream. Reading releases flow-control credit as
+/// data is handed out; writing waits for send capacity, so a slow reader
+/// back-pressures the writer instead of buffering without bound.
+#[derive(Debug)]
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    pending: Bytes,
+    recv_done: bool,
+    send_done: bool,
+    /// Held for the stream's life: pools count open streams with it.
+    _guard: Option<Box<dyn Send + Sync + std::fmt::Debug>>,
+}
+
+// === impl H2Stream ===
+
+impl H2Stream {
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        H2Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            recv_done: false,
+            send_done: false,
+            _guard: None,
+        }
+    }
+
+    pub(crate) fn with_guard(mut self, guard: Box<dyn Send + Sync + std::fmt::Debug>) -> Self {
+        self._guard = Some(guard);
+        self
+    }
+}
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 i/o error"));
+    }
+    let kind = match e.reason() {
+        Some(h2::Reason::NO_ERROR) | Some(h2::Reason::CANCEL) => io::ErrorKind::ConnectionReset,
+        _ => io::ErrorKind::BrokenPipe,
+    };
+    io::Error::new(kind, e)
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(out.remaining());
+                out.put_slice(&this.pending[..n]);
+                this.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.recv_done {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Credit goes back as soon as the frame is ours: at most one
+                    // frame is buffered here, and the window stays open.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    this.pending = data;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => this.recv_done = true,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        this.send.reserve_capacity(buf.len());
+        loop {
+            match ready!(this.send.poll_capacity(cx)) {
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => {
+                    let n = n.min(buf.len());
+                    this.send
+                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        .map_err(h2_io)?;
+                    return Poll::Ready(Ok(n));
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.send_done {
+            this.send_done = true;
+            this.send.send_data(Bytes::new(), true).map_err(h2_io)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
