@@ -1,1 +1,14 @@
-//! placeholder
+//! ztunnel: Weft's per-node L4 proxy. Captured pods' TCP connections arrive on
+//! transparent listeners and travel between nodes in HBONE (mTLS) tunnels.
+//!
+//! Start at [`app::run`]. The connection paths are in [`proxy`]; what is known
+//! about the mesh is in [`state`]; certificates in [`identity`]; the kernel side
+//! of capture in the `weft-ebpf` crate.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod identity;
+pub mod metrics;
+pub mod proxy;
+pub mod state;

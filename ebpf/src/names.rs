@@ -1,0 +1,22 @@
+//! Names shared with `bpf/capture.bpf.c`: programs, maps, globals, counters.
+
+pub const PROGRAM: &str = "weft_capture";
+pub const MAP_CAPTURED: &str = "weft_captured";
+pub const MAP_NODE_ADDRS: &str = "weft_node_addrs";
+pub const MAP_COUNTERS: &str = "weft_counters";
+
+pub const GLOBAL_PORT_OUTBOUND: &str = "port_outbound";
+pub const GLOBAL_PORT_INBOUND: &str = "port_inbound";
+pub const GLOBAL_PORT_HBONE: &str = "port_hbone";
+pub const GLOBAL_LISTEN_ADDR: &str = "listen_addr";
+pub const GLOBAL_REDIRECT_MARK: &str = "redirect_mark";
+
+/// Indexes of `weft_counters`, as `enum weft_counter` in `bpf/capture.h`.
+pub const COUNTER_NAMES: [&str; 6] = [
+    "outbound",
+    "inbound",
+    "hbone",
+    "established",
+    "no_listener",
+    "spoofed",
+];

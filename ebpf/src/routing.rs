@@ -1,0 +1,99 @@
+//! The policy route that makes the kernel deliver assigned segments locally:
+//! `ip rule fwmark <mark> lookup <table>` + `local 0.0.0.0/0 dev lo table <table>`.
+//!
+//! Without it a segment whose socket was assigned at tc ingress would still be
+//! forwarded, since its destination is not a local address.
+
+use std::process::Command;
+
+use tracing::info;
+
+/// A policy route owned by ztunnel; removed by [`PolicyRoute::remove`] or on drop.
+#[derive(Debug)]
+pub struct PolicyRoute {
+    mark: u32,
+    table: u32,
+    installed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("cannot run `ip {args}` (is iproute2 installed?): {source}")]
+    Spawn {
+        args: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`ip {args}` failed: {stderr}")]
+    Failed { args: String, stderr: String },
+}
+
+fn ip(args: &[&str]) -> Result<String, RoutingError> {
+    let joined = args.join(" ");
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|source| RoutingError::Spawn {
+            args: joined.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(RoutingError::Failed {
+            args: joined,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+// === impl PolicyRoute ===
+
+impl PolicyRoute {
+    /// Installs the rule and route in the current network namespace (idempotent).
+    pub fn install(mark: u32, table: u32) -> Result<Self, RoutingError> {
+        let mark_s = format!("{mark:#x}/{mark:#x}");
+        let table_s = table.to_string();
+        let rules = ip(&["-4", "rule", "show"])?;
+        let want = format!("fwmark {mark:#x}/{mark:#x} lookup {table}");
+        if !rules.lines().any(|l| l.contains(&want)) {
+            ip(&[
+                "-4", "rule", "add", "fwmark", &mark_s, "lookup", &table_s, "priority", "100",
+            ])?;
+        }
+        ip(&[
+            "-4",
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            &table_s,
+        ])?;
+        info!(component = "capture", mark = %format!("{mark:#x}"), table, "policy route installed");
+        Ok(PolicyRoute {
+            mark,
+            table,
+            installed: true,
+        })
+    }
+
+    /// Removes the rule and route.
+    pub fn remove(&mut self) -> Result<(), RoutingError> {
+        if !std::mem::take(&mut self.installed) {
+            return Ok(());
+        }
+        let mark_s = format!("{:#x}/{:#x}", self.mark, self.mark);
+        let table_s = self.table.to_string();
+        ip(&["-4", "rule", "del", "fwmark", &mark_s, "lookup", &table_s])?;
+        ip(&["-4", "route", "flush", "table", &table_s])?;
+        Ok(())
+    }
+}
+
+impl Drop for PolicyRoute {
+    fn drop(&mut self) {
+        let _ = self.remove();
+    }
+}

@@ -1,0 +1,295 @@
+//! The three capture listeners and what they share.
+//!
+//! Start at [`Proxy::run`]: [`outbound`] takes pods' outgoing connections (15001),
+//! [`inbound`] terminates HBONE (15008), [`inbound_plaintext`] takes plaintext
+//! to captured pods (15006). All upstream sockets toward pods are transparent,
+//! so applications see real peer addresses on both sides.
+
+pub mod inbound;
+pub mod inbound_plaintext;
+pub mod outbound;
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+use weft_api::{Identity, Service, Workload};
+use weft_hbone::client::Pool;
+
+use crate::config::{CONNECT_TIMEOUT, Config};
+use crate::identity::CertManager;
+use crate::metrics::{
+    Direction, Metrics, Peer, RefusalReason, Reporter, SecurityPolicy, TcpLabels,
+};
+use crate::state::Store;
+
+/// Pooled HBONE connections: (source identity, destination identity, destination node).
+pub type PoolKey = (Identity, Identity, String);
+
+/// Everything a connection handler needs.
+#[derive(Debug)]
+pub struct ProxyInputs {
+    pub cfg: Config,
+    pub state: Arc<Store>,
+    pub certs: Arc<CertManager>,
+    pub metrics: Arc<Metrics>,
+    pub pool: Pool<PoolKey>,
+}
+
+/// The bound listeners.
+#[derive(Debug)]
+pub struct Proxy {
+    inputs: Arc<ProxyInputs>,
+    outbound: TcpListener,
+    inbound: TcpListener,
+    inbound_plaintext: TcpListener,
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    /// Binds the three listeners (transparent, on `cfg.listen_addr`).
+    pub fn bind(inputs: Arc<ProxyInputs>) -> io::Result<Self> {
+        let ip = IpAddr::V4(inputs.cfg.listen_addr);
+        let bind = |port| transparent_listener(SocketAddr::new(ip, port));
+        Ok(Proxy {
+            outbound: bind(crate::config::OUTBOUND_PORT)?,
+            inbound: bind(crate::config::HBONE_PORT)?,
+            inbound_plaintext: bind(crate::config::INBOUND_PLAINTEXT_PORT)?,
+            inputs,
+        })
+    }
+
+    /// Accepts until the process stops.
+    pub async fn run(self) {
+        let limit = self.inputs.cfg.max_connections;
+        let pi = self.inputs;
+        tokio::join!(
+            accept_loop(
+                self.outbound,
+                Direction::outbound,
+                limit,
+                pi.clone(),
+                outbound::handle
+            ),
+            accept_loop(
+                self.inbound,
+                Direction::inbound,
+                limit,
+                pi.clone(),
+                inbound::handle
+            ),
+            accept_loop(
+                self.inbound_plaintext,
+                Direction::inbound_plaintext,
+                limit,
+                pi.clone(),
+                inbound_plaintext::handle
+            ),
+        );
+    }
+}
+
+/// Accepts connections and spawns `handle` for each, holding at most `limit`
+/// at once: past that, new connections are closed at once and counted, so a
+/// storm cannot exhaust memory or file descriptors.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    direction: Direction,
+    limit: usize,
+    pi: Arc<ProxyInputs>,
+    handle: F,
+) where
+    F: Fn(Arc<ProxyInputs>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(limit));
+    let mut last_warn = Instant::now() - Duration::from_secs(60);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(error) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(?direction, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            pi.metrics.refuse(direction, RefusalReason::overloaded);
+            if last_warn.elapsed() > Duration::from_secs(5) {
+                last_warn = Instant::now();
+                warn!(
+                    ?direction,
+                    limit, "connection limit reached, refusing new connections"
+                );
+            }
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let fut = handle(pi.clone(), stream, peer);
+        tokio::spawn(async move {
+            fut.await;
+            drop(permit);
+        });
+    }
+}
+
+/// A listener that accepts connections for any destination address steered to
+/// it by the capture program (IP_TRANSPARENT).
+pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_ip_transparent_v4(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Connects to `dst` from `src` (a pod address, not the node's), so the
+/// destination sees the real client. Bounded by [`CONNECT_TIMEOUT`].
+pub async fn transparent_connect(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_ip_transparent_v4(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::new(src, 0).into())?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Copies both ways until both sides have closed, forwarding half-closes.
+/// Returns (bytes client→upstream, bytes upstream→client).
+pub async fn splice<A, B>(client: &mut A, upstream: &mut B) -> (u64, u64, Option<io::Error>)
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    const BUF: usize = 128 * 1024;
+    match tokio::io::copy_bidirectional_with_sizes(client, upstream, BUF, BUF).await {
+        Ok((up, down)) => (up, down, None),
+        Err(e) => (0, 0, Some(e)),
+    }
+}
+
+/// One proxied connection's metrics and access log, from open to close.
+#[derive(Debug)]
+pub struct ConnectionLog {
+    labels: TcpLabels,
+    direction: Direction,
+    started: Instant,
+    src: SocketAddr,
+    dst: SocketAddr,
+    src_identity: String,
+    dst_identity: String,
+    dst_workload: String,
+    dst_service: String,
+}
+
+impl ConnectionLog {
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        metrics: &Metrics,
+        direction: Direction,
+        src_addr: SocketAddr,
+        dst_addr: SocketAddr,
+        src: Peer<'_>,
+        dst: Peer<'_>,
+        security: SecurityPolicy,
+    ) -> Self {
+        let reporter = match direction {
+            Direction::outbound => Reporter::source,
+            Direction::inbound | Direction::inbound_plaintext => Reporter::destination,
+        };
+        let labels = TcpLabels::new(reporter, &src, &dst, security);
+        metrics.opened.get_or_create(&labels).inc();
+        ConnectionLog {
+            direction,
+            started: Instant::now(),
+            src: src_addr,
+            dst: dst_addr,
+            src_identity: labels.source_principal.clone(),
+            dst_identity: labels.destination_principal.clone(),
+            dst_workload: dst
+                .workload
+                .map(|w| format!("{}/{}", w.namespace, w.name))
+                .unwrap_or_default(),
+            dst_service: dst.service.map(|s| s.hostname.clone()).unwrap_or_default(),
+            labels,
+        }
+    }
+
+    /// Records the close: byte counters, closed counter, one access log line.
+    pub fn close(self, metrics: &Metrics, up: u64, down: u64, error: Option<&io::Error>) {
+        metrics.received.get_or_create(&self.labels).inc_by(up);
+        metrics.sent.get_or_create(&self.labels).inc_by(down);
+        metrics.closed.get_or_create(&self.labels).inc();
+        let error = error.map(ToString::to_string).unwrap_or_default();
+        info!(
+            target: "access",
+            direction = ?self.direction,
+            src.addr = %self.src,
+            src.identity = %self.src_identity,
+            dst.addr = %self.dst,
+            dst.workload = %self.dst_workload,
+            dst.service = %self.dst_service,
+            dst.identity = %self.dst_identity,
+            security = ?self.labels.connection_security_policy,
+            bytes_sent = up,
+            bytes_recv = down,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            error = %error,
+            "connection complete"
+        );
+    }
+}
+
+/// Logs and counts a refused connection.
+pub fn refused(
+    metrics: &Metrics,
+    direction: Direction,
+    reason: RefusalReason,
+    src: SocketAddr,
+    dst: SocketAddr,
+    detail: &dyn std::fmt::Display,
+) {
+    metrics.refuse(direction, reason);
+    warn!(
+        target: "access",
+        ?direction,
+        src.addr = %src,
+        dst.addr = %dst,
+        ?reason,
+        error = %detail,
+        "connection refused"
+    );
+}
+
+/// A workload's identity when its fields form a valid one.
+pub fn identity_of(w: &Workload) -> Option<Identity> {
+    w.identity().ok()
+}
+
+/// The peer description of a workload for labels.
+pub fn peer<'a>(
+    w: Option<&'a Workload>,
+    id: Option<&'a Identity>,
+    svc: Option<&'a Service>,
+) -> Peer<'a> {
+    Peer {
+        workload: w,
+        identity: id,
+        service: svc,
+    }
+}

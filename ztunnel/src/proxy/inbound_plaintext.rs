@@ -1,0 +1,61 @@
+//! Inbound plaintext (15006): a connection to a captured pod that did not come
+//! through HBONE (a client outside the mesh). PERMISSIVE: forwarded to the pod
+//! from the client's own address; STRICT comes with PeerAuthentication.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::{ConnectionLog, ProxyInputs, identity_of, peer, refused, splice, transparent_connect};
+use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
+
+const DIR: Direction = Direction::inbound_plaintext;
+
+pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: SocketAddr) {
+    let Ok(orig_dst) = client.local_addr() else {
+        return;
+    };
+    let m = &pi.metrics;
+    let state = pi.state.snapshot();
+    let node = &pi.cfg.node_name;
+    let Some(dst) = state.local_captured(orig_dst.ip(), node).cloned() else {
+        let why = format!("{orig_dst}: no captured pod with that address on node {node}");
+        return refused(
+            m,
+            DIR,
+            RefusalReason::unknown_destination,
+            peer_addr,
+            orig_dst,
+            &why,
+        );
+    };
+    let dst_id = identity_of(&dst);
+    let src = state.workload_by_ip(peer_addr.ip()).cloned();
+    let log = ConnectionLog::open(
+        m,
+        DIR,
+        peer_addr,
+        orig_dst,
+        peer(src.as_deref(), None, None),
+        peer(Some(&dst), dst_id.as_ref(), None),
+        SecurityPolicy::none,
+    );
+    match transparent_connect(peer_addr.ip(), orig_dst).await {
+        Ok(mut upstream) => {
+            let (up, down, err) = splice(&mut client, &mut upstream).await;
+            log.close(m, up, down, err.as_ref());
+        }
+        Err(e) => {
+            refused(
+                m,
+                DIR,
+                RefusalReason::upstream_connect,
+                peer_addr,
+                orig_dst,
+                &e,
+            );
+            log.close(m, 0, 0, Some(&e));
+        }
+    }
+}

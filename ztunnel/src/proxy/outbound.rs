@@ -1,0 +1,209 @@
+//! Outbound (15001): a captured pod's connection, tunnelled to the destination.
+//!
+//! The source is identified by its address (it must be a captured pod of this
+//! node); the destination by the original destination address. Meshed
+//! destinations on other nodes get an HBONE stream with the source's
+//! certificate; on this node, the connection is delivered in-process; anything
+//! else is passed through as plain TCP from the pod's own address.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use weft_api::{Identity, Workload};
+use weft_hbone::H2Stream;
+use weft_hbone::client::ConnectError;
+use weft_hbone::server::forwarded_header;
+use weft_hbone::tls::server_name;
+
+use super::{ConnectionLog, ProxyInputs, identity_of, peer, refused, splice, transparent_connect};
+use crate::config::{CONNECT_TIMEOUT, HBONE_PORT};
+use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
+use crate::state::{ResolveError, Upstream};
+
+const DIR: Direction = Direction::outbound;
+
+pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: SocketAddr) {
+    let Ok(orig_dst) = client.local_addr() else {
+        return;
+    };
+    let m = &pi.metrics;
+    let state = pi.state.snapshot();
+    let node = &pi.cfg.node_name;
+    let Some(src) = state.local_captured(peer_addr.ip(), node).cloned() else {
+        let why = format!("{} is not a captured pod on node {node}", peer_addr.ip());
+        return refused(
+            m,
+            DIR,
+            RefusalReason::unknown_source,
+            peer_addr,
+            orig_dst,
+            &why,
+        );
+    };
+    let Some(src_id) = identity_of(&src) else {
+        let why = format!("source workload {} has no valid identity", src.uid);
+        return refused(
+            m,
+            DIR,
+            RefusalReason::unknown_source,
+            peer_addr,
+            orig_dst,
+            &why,
+        );
+    };
+    if orig_dst.ip().is_loopback() {
+        let why = "connection made to the capture listener itself";
+        return refused(
+            m,
+            DIR,
+            RefusalReason::loop_detected,
+            peer_addr,
+            orig_dst,
+            &why,
+        );
+    }
+    let upstream = match pi.state.resolve(orig_dst) {
+        Ok(u) => u,
+        Err(e) => {
+            let reason = match e {
+                ResolveError::NoEndpoints { .. } => RefusalReason::no_endpoints,
+                ResolveError::NoServicePort { .. } => RefusalReason::unknown_destination,
+            };
+            return refused(m, DIR, reason, peer_addr, orig_dst, &e);
+        }
+    };
+    match upstream {
+        Upstream::Hbone {
+            workload,
+            service,
+            target,
+        } => {
+            let Some(dst_id) = identity_of(&workload) else {
+                let why = format!(
+                    "destination workload {} has no valid identity",
+                    workload.uid
+                );
+                return refused(
+                    m,
+                    DIR,
+                    RefusalReason::unknown_destination,
+                    peer_addr,
+                    target,
+                    &why,
+                );
+            };
+            if workload.node == *node {
+                return super::inbound::deliver_local(
+                    &pi,
+                    client,
+                    peer_addr,
+                    &src,
+                    &src_id,
+                    &workload,
+                    &dst_id,
+                    service.as_deref(),
+                    target,
+                )
+                .await;
+            }
+            let log = ConnectionLog::open(
+                m,
+                DIR,
+                peer_addr,
+                target,
+                peer(Some(&src), Some(&src_id), None),
+                peer(Some(&workload), Some(&dst_id), service.as_deref()),
+                SecurityPolicy::mutual_tls,
+            );
+            match hbone_stream(&pi, &src_id, &dst_id, &workload, target, peer_addr).await {
+                Ok(mut tunnel) => {
+                    let (up, down, err) = splice(&mut client, &mut tunnel).await;
+                    log.close(m, up, down, err.as_ref());
+                }
+                Err(e) => {
+                    refused(m, DIR, RefusalReason::hbone_connect, peer_addr, target, &e);
+                    log.close(m, 0, 0, Some(&std::io::Error::other(e)));
+                }
+            }
+        }
+        Upstream::Passthrough {
+            workload,
+            service,
+            target,
+        } => {
+            let dst_id = workload.as_deref().and_then(identity_of);
+            let log = ConnectionLog::open(
+                m,
+                DIR,
+                peer_addr,
+                target,
+                peer(Some(&src), Some(&src_id), None),
+                peer(workload.as_deref(), dst_id.as_ref(), service.as_deref()),
+                SecurityPolicy::unknown,
+            );
+            match transparent_connect(peer_addr.ip(), target).await {
+                Ok(mut upstream) => {
+                    let (up, down, err) = splice(&mut client, &mut upstream).await;
+                    log.close(m, up, down, err.as_ref());
+                }
+                Err(e) => {
+                    refused(
+                        m,
+                        DIR,
+                        RefusalReason::upstream_connect,
+                        peer_addr,
+                        target,
+                        &e,
+                    );
+                    log.close(m, 0, 0, Some(&e));
+                }
+            }
+        }
+    }
+}
+
+/// A CONNECT stream to `target` on a pooled HBONE connection to the node of
+/// `dst`, authenticated as `src_id` and accepting only `dst_id`.
+async fn hbone_stream(
+    pi: &ProxyInputs,
+    src_id: &Identity,
+    dst_id: &Identity,
+    dst: &Workload,
+    target: SocketAddr,
+    client: SocketAddr,
+) -> Result<H2Stream, ConnectError> {
+    let tls = pi
+        .certs
+        .client_config(src_id, dst_id)
+        .map_err(|e| ConnectError::Dial(Box::new(e)))?;
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&forwarded_header(client.ip())) {
+        headers.insert("forwarded", v);
+    }
+    let key = (src_id.clone(), dst_id.clone(), dst.node.clone());
+    let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
+    pi.pool
+        .stream(&key, target, headers, || async move {
+            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(hbone_addr))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "connect to {hbone_addr} timed out; is HBONE port 15008 reachable?"
+                        ),
+                    )
+                })??;
+            let _ = tcp.set_nodelay(true);
+            let handshake = TlsConnector::from(tls).connect(server_name(hbone_addr.ip()), tcp);
+            tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, handshake)
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })?
+        })
+        .await
+}

@@ -1,0 +1,329 @@
+//! What ztunnel knows about the mesh: workloads and services, indexed for the
+//! lookups the proxy makes per connection, and destination resolution.
+//!
+//! Start at [`Store`]. [`resolve`] is a pure function from state to upstream.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use weft_api::{LocalConfig, Service, TunnelProtocol, Workload};
+
+/// Indexed workloads and services.
+#[derive(Debug, Default)]
+pub struct State {
+    workloads: HashMap<IpAddr, Arc<Workload>>,
+    by_uid: HashMap<String, Arc<Workload>>,
+    services: HashMap<IpAddr, Arc<Service>>,
+    config: LocalConfig,
+}
+
+/// Shared, swappable [`State`] plus the round-robin cursor for service endpoints.
+#[derive(Debug, Default)]
+pub struct Store {
+    state: RwLock<Arc<State>>,
+    cursor: AtomicUsize,
+}
+
+/// Where a captured connection goes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Upstream {
+    /// A meshed pod: over HBONE to its node's ztunnel, `CONNECT target`.
+    Hbone {
+        workload: Arc<Workload>,
+        service: Option<Arc<Service>>,
+        target: SocketAddr,
+    },
+    /// Not meshed (or unknown): plain TCP to `target`.
+    Passthrough {
+        workload: Option<Arc<Workload>>,
+        service: Option<Arc<Service>>,
+        target: SocketAddr,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResolveError {
+    #[error("service {service} has no port {port}")]
+    NoServicePort { service: String, port: u16 },
+    #[error("service {service} has no endpoints for port {port}")]
+    NoEndpoints { service: String, port: u16 },
+}
+
+// === impl State ===
+
+impl State {
+    pub fn new(config: LocalConfig) -> Self {
+        let mut s = State::default();
+        for w in &config.workloads {
+            let w = Arc::new(w.clone());
+            for ip in &w.addresses {
+                s.workloads.insert(*ip, w.clone());
+            }
+            s.by_uid.insert(w.uid.clone(), w);
+        }
+        for svc in &config.services {
+            let svc = Arc::new(svc.clone());
+            for vip in &svc.vips {
+                s.services.insert(*vip, svc.clone());
+            }
+        }
+        s.config = config;
+        s
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads.get(&ip)
+    }
+
+    pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.by_uid.get(uid)
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.services.get(&ip)
+    }
+
+    /// A workload at `ip` on `node` that ztunnel captures.
+    pub fn local_captured(&self, ip: IpAddr, node: &str) -> Option<&Arc<Workload>> {
+        self.workload_by_ip(ip)
+            .filter(|w| w.node == node && w.protocol == TunnelProtocol::Hbone)
+    }
+
+    /// IPv4 addresses of captured pods on `node`, for the eBPF map.
+    pub fn captured_on(&self, node: &str) -> BTreeSet<Ipv4Addr> {
+        self.by_uid
+            .values()
+            .filter(|w| w.node == node && w.protocol == TunnelProtocol::Hbone)
+            .flat_map(|w| w.addresses.iter())
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
+    pub fn config(&self) -> &LocalConfig {
+        &self.config
+    }
+}
+
+/// Resolves the original destination of a captured connection. `pick` chooses
+/// among a service's endpoints (round robin in production, fixed in tests).
+pub fn resolve(state: &State, dst: SocketAddr, pick: usize) -> Result<Upstream, ResolveError> {
+    if let Some(svc) = state.service_by_vip(dst.ip()) {
+        let port = dst.port();
+        if !svc.ports.iter().any(|p| p.port == port) {
+            return Err(ResolveError::NoServicePort {
+                service: svc.hostname.clone(),
+                port,
+            });
+        }
+        let endpoints: Vec<(&Arc<Workload>, u16)> = svc
+            .endpoints
+            .iter()
+            .filter_map(|ep| {
+                let w = state.workload_by_uid(&ep.workload_uid)?;
+                let target_port = *ep.ports.get(&port)?;
+                Some((w, target_port))
+            })
+            .filter(|(w, _)| !w.addresses.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(ResolveError::NoEndpoints {
+                service: svc.hostname.clone(),
+                port,
+            });
+        }
+        let (w, target_port) = endpoints[pick % endpoints.len()];
+        let target = SocketAddr::new(w.addresses[0], target_port);
+        return Ok(upstream_for(Some(w.clone()), Some(svc.clone()), target));
+    }
+    let workload = state.workload_by_ip(dst.ip()).cloned();
+    let service = workload.as_ref().and_then(|w| {
+        state
+            .config
+            .services
+            .iter()
+            .find(|s| s.endpoints.iter().any(|ep| ep.workload_uid == w.uid))
+            .and_then(|s| {
+                s.vips
+                    .first()
+                    .and_then(|v| state.service_by_vip(*v))
+                    .cloned()
+            })
+    });
+    Ok(upstream_for(workload, service, dst))
+}
+
+fn upstream_for(
+    workload: Option<Arc<Workload>>,
+    service: Option<Arc<Service>>,
+    target: SocketAddr,
+) -> Upstream {
+    match workload {
+        Some(w) if w.protocol == TunnelProtocol::Hbone => Upstream::Hbone {
+            workload: w,
+            service,
+            target,
+        },
+        workload => Upstream::Passthrough {
+            workload,
+            service,
+            target,
+        },
+    }
+}
+
+// === impl Store ===
+
+impl Store {
+    pub fn new(config: LocalConfig) -> Self {
+        Store {
+            state: RwLock::new(Arc::new(State::new(config))),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// The current state; cheap, and consistent for the caller's use.
+    pub fn snapshot(&self) -> Arc<State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the state wholesale.
+    pub fn replace(&self, config: LocalConfig) {
+        let next = Arc::new(State::new(config));
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = next;
+    }
+
+    /// Resolves `dst` with round robin over service endpoints.
+    pub fn resolve(&self, dst: SocketAddr) -> Result<Upstream, ResolveError> {
+        let pick = self.cursor.fetch_add(1, Ordering::Relaxed);
+        resolve(&self.snapshot(), dst, pick)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use weft_api::{Endpoint, ServicePort};
+
+    use super::*;
+
+    fn pod(name: &str, ip: &str, node: &str, meshed: bool) -> Workload {
+        Workload {
+            uid: format!("Kubernetes//Pod/shop/{name}"),
+            name: name.into(),
+            namespace: "shop".into(),
+            workload_name: name.into(),
+            canonical_name: name.into(),
+            canonical_revision: "v1".into(),
+            service_account: "default".into(),
+            trust_domain: "cluster.local".into(),
+            node: node.into(),
+            addresses: vec![ip.parse().unwrap()],
+            protocol: if meshed {
+                TunnelProtocol::Hbone
+            } else {
+                TunnelProtocol::None
+            },
+            named_ports: BTreeMap::new(),
+        }
+    }
+
+    fn state() -> State {
+        let a = pod("a", "10.244.1.10", "n1", true);
+        let b = pod("b", "10.244.2.10", "n2", true);
+        let c = pod("c", "10.244.2.11", "n2", false);
+        let ep = |w: &Workload| Endpoint {
+            workload_uid: w.uid.clone(),
+            ports: BTreeMap::from([(80, 8080)]),
+        };
+        let svc = Service {
+            name: "web".into(),
+            namespace: "shop".into(),
+            hostname: "web.shop.svc.cluster.local".into(),
+            vips: vec!["10.96.0.10".parse().unwrap()],
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: 8080,
+            }],
+            endpoints: vec![ep(&b), ep(&c)],
+        };
+        let empty = Service {
+            name: "empty".into(),
+            hostname: "empty.shop.svc.cluster.local".into(),
+            vips: vec!["10.96.0.11".parse().unwrap()],
+            endpoints: vec![],
+            ..svc.clone()
+        };
+        State::new(LocalConfig {
+            workloads: vec![a, b, c],
+            services: vec![svc, empty],
+        })
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// Pod IPs, VIPs (round robin, port mapping) and unknown addresses resolve
+    /// to the right kind of upstream; bad service ports are refused.
+    #[test]
+    fn resolution_table() {
+        let st = state();
+        let kind = |u: &Upstream| match u {
+            Upstream::Hbone { target, .. } => format!("hbone {target}"),
+            Upstream::Passthrough { target, .. } => format!("plain {target}"),
+        };
+        for (dst, pick, want) in [
+            ("10.244.2.10:9000", 0, Ok("hbone 10.244.2.10:9000")),
+            ("10.244.2.11:9000", 0, Ok("plain 10.244.2.11:9000")),
+            ("192.0.2.1:443", 0, Ok("plain 192.0.2.1:443")),
+            ("10.96.0.10:80", 0, Ok("hbone 10.244.2.10:8080")),
+            ("10.96.0.10:80", 1, Ok("plain 10.244.2.11:8080")),
+            ("10.96.0.10:80", 2, Ok("hbone 10.244.2.10:8080")),
+            (
+                "10.96.0.10:81",
+                0,
+                Err(ResolveError::NoServicePort {
+                    service: "web.shop.svc.cluster.local".into(),
+                    port: 81,
+                }),
+            ),
+            (
+                "10.96.0.11:80",
+                0,
+                Err(ResolveError::NoEndpoints {
+                    service: "empty.shop.svc.cluster.local".into(),
+                    port: 80,
+                }),
+            ),
+        ] {
+            let got = resolve(&st, sa(dst), pick).map(|u| kind(&u));
+            assert_eq!(got, want.map(String::from), "{dst} pick {pick}");
+        }
+    }
+
+    /// Only meshed pods of this node are captured.
+    #[test]
+    fn captured_set() {
+        let st = state();
+        let got: Vec<String> = st.captured_on("n2").iter().map(|i| i.to_string()).collect();
+        assert_eq!(got, ["10.244.2.10"]);
+        assert!(
+            st.local_captured("10.244.1.10".parse().unwrap(), "n1")
+                .is_some()
+        );
+        assert!(
+            st.local_captured("10.244.1.10".parse().unwrap(), "n2")
+                .is_none()
+        );
+        assert!(
+            st.local_captured("10.244.2.11".parse().unwrap(), "n2")
+                .is_none()
+        );
+    }
+}
