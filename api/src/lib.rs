@@ -3,6 +3,8 @@
 //! Start at [`Workload`] and [`Service`]: the controller produces them from Kubernetes
 //! resources, ztunnel consumes them (today from a local file, [`LocalConfig`]).
 
+#![forbid(unsafe_code)]
+
 mod identity;
 mod workload;
 

@@ -1,1 +1,15 @@
-//! placeholder
+//! Weft's controller: Kubernetes resources (from the API server or a manifests
+//! directory) in, data-plane configuration out.
+//!
+//! Start at [`manifests::parse`] (YAML → [`Snapshot`]) and [`translate::workloads`]
+//! (snapshot → workloads and services, a pure function). Serving over xDS and
+//! the mesh CA build on these.
+
+#![forbid(unsafe_code)]
+
+pub mod labels;
+pub mod manifests;
+mod snapshot;
+pub mod translate;
+
+pub use snapshot::Snapshot;

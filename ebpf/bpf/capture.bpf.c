@@ -4,12 +4,12 @@
  *
  * Attached at tc ingress of every interface of the node network namespace
  * (pod veths and the underlay). For a TCP segment whose source or destination
- * is a captured local pod:
+ * is a local pod in weft_captured:
  *   - a segment of a flow ztunnel already owns is assigned to its socket;
- *   - a SYN from a captured pod (arriving on that pod's own veth) goes to the
- *     outbound listener (15001);
- *   - a SYN to a captured pod goes to the HBONE listener (15008) when it is for
- *     port 15008, else to the inbound plaintext listener (15006).
+ *   - a SYN from a pod with WEFT_POD_CAPTURE (arriving on that pod's own veth)
+ *     goes to the outbound listener (15001);
+ *   - a SYN to a pod with WEFT_POD_CAPTURE goes to the HBONE listener (15008)
+ *     when it is for port 15008, else to the inbound plaintext listener (15006).
  * Everything else passes untouched, so flows that existed before capture keep
  * their direct path. Assigned segments get `redirect_mark`; the node has a
  * policy route sending that mark to a local table, so they are delivered to
@@ -41,7 +41,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u32); /* pod IPv4, network order */
-	__type(value, struct captured_pod);
+	__type(value, __u32); /* WEFT_POD_* flags */
 } weft_captured SEC(".maps");
 
 struct {
@@ -110,7 +110,7 @@ static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk, __
 	return TC_ACT_OK;
 }
 
-SEC("tc")
+SEC("classifier")
 int weft_capture(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
@@ -129,12 +129,18 @@ int weft_capture(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	__u32 saddr = ip->saddr, daddr = ip->daddr;
-	int src_captured = bpf_map_lookup_elem(&weft_captured, &saddr) != NULL;
-	int dst_captured = bpf_map_lookup_elem(&weft_captured, &daddr) != NULL;
+	__u32 *src_pod = bpf_map_lookup_elem(&weft_captured, &saddr);
+	__u32 src_flags = src_pod ? *src_pod : 0;
+	int src_known = src_pod != NULL;
+	__u32 *dst_pod = bpf_map_lookup_elem(&weft_captured, &daddr);
+	__u32 dst_flags = dst_pod ? *dst_pod : 0;
+	int dst_known = dst_pod != NULL;
 	/* Keep clang from OR-ing the two map pointers, which the verifier refuses. */
-	asm volatile("" : "+r"(src_captured), "+r"(dst_captured));
-	if (!src_captured && !dst_captured)
+	asm volatile("" : "+r"(src_known), "+r"(dst_known));
+	if (!src_known && !dst_known)
 		return TC_ACT_OK;
+	int src_captured = (src_flags & WEFT_POD_CAPTURE) != 0;
+	int dst_captured = (dst_flags & WEFT_POD_CAPTURE) != 0;
 
 	struct bpf_sock_tuple t = {};
 	t.ipv4.saddr = saddr;

@@ -2,10 +2,11 @@
 #ifndef WEFT_CAPTURE_H
 #define WEFT_CAPTURE_H
 
-/* Value of weft_captured: one entry per captured local pod IPv4 address. */
-struct captured_pod {
-	__u32 flags; /* reserved, 0 today */
-};
+/* Value of weft_captured, one entry per local pod ztunnel handles: a pod being
+ * captured (WEFT_POD_CAPTURE set: new connections go to ztunnel) or released
+ * but draining (flag clear: connections already through ztunnel keep going to
+ * it, new ones take the direct path). */
+#define WEFT_POD_CAPTURE 1u
 
 /* Indexes of the weft_counters per-CPU array. */
 enum weft_counter {

@@ -11,6 +11,9 @@ use tracing::{debug, info, warn};
 
 use crate::names;
 
+/// `WEFT_POD_CAPTURE` in `bpf/capture.h`.
+const POD_CAPTURE: u32 = 1;
+
 static OBJECT: &[u8] = include_bytes_aligned!("../bpf/capture.bpf.o");
 
 /// Where the capture program sends segments.
@@ -176,34 +179,52 @@ impl Capture {
         Ok(added)
     }
 
-    /// Makes the captured set exactly `pods`: new entries start capturing new
-    /// connections, removed ones stop (existing flows finish on their path).
-    pub fn set_captured(&mut self, pods: &BTreeSet<Ipv4Addr>) -> Result<(), CaptureError> {
-        let current: BTreeSet<u32> = self.captured.keys().filter_map(Result::ok).collect();
-        let wanted: BTreeSet<u32> = pods.iter().map(|ip| key(*ip)).collect();
-        for k in current.difference(&wanted) {
-            match self.captured.remove(k) {
-                Ok(()) => {
-                    info!(component = "capture", pod = %Ipv4Addr::from(k.to_ne_bytes()), "pod released")
-                }
-                Err(e) => warn!(component = "capture", error = %e, "cannot release pod"),
+    /// Makes the pod map exactly `pods`: `true` captures new connections of that
+    /// address, `false` keeps only its flows already through ztunnel (draining).
+    pub fn set_pods(&mut self, pods: &BTreeMap<Ipv4Addr, bool>) -> Result<(), CaptureError> {
+        let current: BTreeMap<u32, u32> = self.captured.iter().filter_map(Result::ok).collect();
+        let wanted: BTreeMap<u32, u32> = pods
+            .iter()
+            .map(|(ip, capture)| (key(*ip), if *capture { POD_CAPTURE } else { 0 }))
+            .collect();
+        for k in current.keys().filter(|k| !wanted.contains_key(k)) {
+            if let Err(e) = self.captured.remove(k) {
+                warn!(component = "capture", error = %e, "cannot remove pod from capture map");
             }
         }
-        for k in wanted.difference(&current) {
+        for (k, flags) in &wanted {
+            if current.get(k) == Some(flags) {
+                continue;
+            }
             self.captured
-                .insert(k, 0, 0)
+                .insert(k, flags, 0)
                 .map_err(map_error(names::MAP_CAPTURED))?;
-            info!(component = "capture", pod = %Ipv4Addr::from(k.to_ne_bytes()), "pod captured");
+            let pod = Ipv4Addr::from(k.to_ne_bytes());
+            match *flags {
+                POD_CAPTURE => info!(component = "capture", %pod, "pod captured"),
+                _ => info!(component = "capture", %pod, "pod released; its open flows drain"),
+            }
         }
         Ok(())
     }
 
-    /// The captured pod addresses, as the kernel has them.
+    /// The pod addresses capturing new connections, as the kernel has them.
     pub fn captured(&self) -> BTreeSet<Ipv4Addr> {
         self.captured
-            .keys()
+            .iter()
             .filter_map(Result::ok)
-            .map(|k| Ipv4Addr::from(k.to_ne_bytes()))
+            .filter(|(_, flags)| flags & POD_CAPTURE != 0)
+            .map(|(k, _)| Ipv4Addr::from(k.to_ne_bytes()))
+            .collect()
+    }
+
+    /// Released pods whose flows through ztunnel still drain.
+    pub fn draining(&self) -> BTreeSet<Ipv4Addr> {
+        self.captured
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, flags)| flags & POD_CAPTURE == 0)
+            .map(|(k, _)| Ipv4Addr::from(k.to_ne_bytes()))
             .collect()
     }
 

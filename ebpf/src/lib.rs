@@ -5,6 +5,8 @@
 //! fresh in CI) so a plain `cargo build` needs no clang. [`routing`] installs the
 //! policy route that delivers assigned segments locally.
 
+#![forbid(unsafe_code)]
+
 mod capture;
 pub mod names;
 pub mod routing;

@@ -3,6 +3,8 @@
 //! Start at [`tls`] (who may talk to whom), then [`server::serve`] and [`client::Pool`].
 //! [`ca`] issues the certificates; [`H2Stream`] turns one CONNECT stream into a byte pipe.
 
+#![forbid(unsafe_code)]
+
 pub mod ca;
 pub mod client;
 pub mod server;

@@ -1,6 +1,7 @@
 //! The composition root: builds state, identity, capture, proxy and admin from
 //! [`Config`], then runs until SIGTERM/SIGINT and tears capture down.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,7 @@ use crate::config::{
 use crate::identity::{CertManager, IdentityError};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyInputs};
-use crate::state::Store;
+use crate::state::{Store, pod_map};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -87,6 +88,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         source,
     })?;
 
+    let mut pods = BTreeMap::new();
     let (capture, mut route) = match cfg.capture {
         CaptureMode::Ebpf => {
             let route = PolicyRoute::install(REDIRECT_MARK, REDIRECT_TABLE)?;
@@ -98,7 +100,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 redirect_mark: REDIRECT_MARK,
             })?;
             capture.sync_interfaces()?;
-            capture.set_captured(&state.snapshot().captured_on(&cfg.node_name))?;
+            pods = pod_map(&state.snapshot(), &cfg.node_name, &pods);
+            capture.set_pods(&pods)?;
             (Some(Arc::new(Mutex::new(capture))), Some(route))
         }
         CaptureMode::None => (None, None),
@@ -134,8 +137,12 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             if let Err(e) = c.sync_interfaces() {
                 warn!(error = %e, "capture interface sync failed");
             }
-            if let Err(e) = c.set_captured(&state.snapshot().captured_on(&cfg.node_name)) {
-                error!(error = %e, "capture map update failed");
+            let next = pod_map(&state.snapshot(), &cfg.node_name, &pods);
+            if next != pods {
+                match c.set_pods(&next) {
+                    Ok(()) => pods = next,
+                    Err(e) => error!(error = %e, "capture map update failed"),
+                }
             }
         }
     }
@@ -184,6 +191,7 @@ async fn serve_admin(
                 json!({
                     "interfaces": c.interfaces(),
                     "captured": c.captured(),
+                    "draining": c.draining(),
                     "counters": c.counters(),
                 })
             });

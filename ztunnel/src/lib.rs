@@ -5,6 +5,8 @@
 //! about the mesh is in [`state`]; certificates in [`identity`]; the kernel side
 //! of capture in the `weft-ebpf` crate.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod app;
 pub mod config;

@@ -3,7 +3,7 @@
 //!
 //! Start at [`Store`]. [`resolve`] is a pure function from state to upstream.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -104,9 +104,41 @@ impl State {
             .collect()
     }
 
+    /// IPv4 addresses of every pod on `node`, captured or not.
+    pub fn local_addresses(&self, node: &str) -> BTreeSet<Ipv4Addr> {
+        self.by_uid
+            .values()
+            .filter(|w| w.node == node)
+            .flat_map(|w| w.addresses.iter())
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
     pub fn config(&self) -> &LocalConfig {
         &self.config
     }
+}
+
+/// The eBPF pod map for `node`: captured pods (`true`), and pods that were in
+/// `previous` but are no longer captured while still on this node (`false`:
+/// their flows through ztunnel drain). Pods gone from the node leave the map.
+pub fn pod_map(
+    state: &State,
+    node: &str,
+    previous: &BTreeMap<Ipv4Addr, bool>,
+) -> BTreeMap<Ipv4Addr, bool> {
+    let captured = state.captured_on(node);
+    let local = state.local_addresses(node);
+    let mut out: BTreeMap<Ipv4Addr, bool> = previous
+        .keys()
+        .filter(|ip| local.contains(ip))
+        .map(|ip| (*ip, false))
+        .collect();
+    out.extend(captured.into_iter().map(|ip| (ip, true)));
+    out
 }
 
 /// Resolves the original destination of a captured connection. `pick` chooses
@@ -305,6 +337,33 @@ mod tests {
             let got = resolve(&st, sa(dst), pick).map(|u| kind(&u));
             assert_eq!(got, want.map(String::from), "{dst} pick {pick}");
         }
+    }
+
+    /// Released pods drain while they stay on the node, then leave the map.
+    #[test]
+    fn pod_map_drains_released() {
+        let st = state();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let first = pod_map(&st, "n2", &BTreeMap::new());
+        assert_eq!(first, BTreeMap::from([(ip("10.244.2.10"), true)]));
+        // b released (now plain), c was captured before and stays plain.
+        let mut cfg = st.config().clone();
+        for w in &mut cfg.workloads {
+            w.protocol = TunnelProtocol::None;
+        }
+        let released = State::new(cfg.clone());
+        let prev = BTreeMap::from([(ip("10.244.2.10"), true), (ip("10.244.2.11"), true)]);
+        assert_eq!(
+            pod_map(&released, "n2", &prev),
+            BTreeMap::from([(ip("10.244.2.10"), false), (ip("10.244.2.11"), false)])
+        );
+        // b deleted from the node: gone from the map.
+        cfg.workloads.retain(|w| w.name != "b");
+        let gone = State::new(cfg);
+        assert_eq!(
+            pod_map(&gone, "n2", &prev),
+            BTreeMap::from([(ip("10.244.2.11"), false)])
+        );
     }
 
     /// Only meshed pods of this node are captured.

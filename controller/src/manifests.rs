@@ -1,0 +1,157 @@
+//! The manifests source: Kubernetes YAML (multi-document) into a [`Snapshot`].
+//!
+//! Unknown kinds are skipped (debug log); a document that cannot be read is
+//! reported with its file, position, kind and name, and the rest still load.
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use serde::Deserialize;
+use tracing::debug;
+
+use crate::Snapshot;
+use crate::snapshot::key;
+
+/// A document that could not be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{source_name} document {index} ({kind} {name}): {message}")]
+pub struct ManifestError {
+    pub source_name: String,
+    pub index: usize,
+    pub kind: String,
+    pub name: String,
+    pub message: String,
+}
+
+/// Adds every resource in `text` (named `source_name` in errors) to `snapshot`.
+pub fn parse(text: &str, source_name: &str, snapshot: &mut Snapshot) -> Vec<ManifestError> {
+    let mut errors = Vec::new();
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let err = |kind: &str, name: &str, message: String| ManifestError {
+            source_name: source_name.to_string(),
+            index,
+            kind: kind.to_string(),
+            name: name.to_string(),
+            message,
+        };
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(err("?", "?", format!("not YAML: {e}")));
+                // The YAML stream cannot be resumed after a syntax error.
+                break;
+            }
+        };
+        let field = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+        let kind = field("kind").to_string();
+        let api_version = field("apiVersion").to_string();
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        if name.is_empty() && !kind.is_empty() {
+            errors.push(err(&kind, "?", "metadata.name is required".into()));
+            continue;
+        }
+        let result = match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Namespace") => serde_yaml::from_value::<Namespace>(value).map(|ns| {
+                snapshot.namespaces.insert(name.clone(), ns);
+            }),
+            ("v1", "Pod") => serde_yaml::from_value::<Pod>(value).map(|p| {
+                let k = key(p.metadata.namespace.as_deref(), p.metadata.name.as_deref());
+                snapshot.pods.insert(k, p);
+            }),
+            ("v1", "Service") => serde_yaml::from_value::<Service>(value).map(|s| {
+                let k = key(s.metadata.namespace.as_deref(), s.metadata.name.as_deref());
+                snapshot.services.insert(k, s);
+            }),
+            ("v1", "Node") => serde_yaml::from_value::<Node>(value).map(|n| {
+                snapshot.nodes.insert(name.clone(), n);
+            }),
+            ("", _) | (_, "") => {
+                errors.push(err(&kind, &name, "apiVersion and kind are required".into()));
+                continue;
+            }
+            _ => {
+                debug!(%api_version, %kind, %name, "ignoring unsupported kind");
+                continue;
+            }
+        };
+        if let Err(e) = result {
+            errors.push(err(&kind, &name, e.to_string()));
+        }
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Multi-document YAML loads every supported kind and skips the others.
+    #[test]
+    fn loads_kinds() {
+        let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: shop}
+spec: {nodeName: n1, containers: [{name: app}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: later, namespace: shop}
+---
+"#;
+        let mut snap = Snapshot::default();
+        let errors = parse(yaml, "shop.yaml", &mut snap);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(snap.namespaces.contains_key("shop"));
+        assert!(snap.pods.contains_key("shop/a"));
+        assert!(snap.services.contains_key("shop/web"));
+    }
+
+    /// Bad documents are named by file, position, kind and name; good ones still load.
+    #[test]
+    fn refusals_name_the_resource() {
+        let yaml = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: broken, namespace: shop}
+spec: {containers: "not a list"}
+---
+kind: Pod
+metadata: {name: noversion}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: fine, namespace: shop}
+spec: {containers: [{name: app}]}
+"#;
+        let mut snap = Snapshot::default();
+        let errors = parse(yaml, "bad.yaml", &mut snap);
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 3, "{text:?}");
+        assert!(
+            text[0].starts_with("bad.yaml document 0 (Pod broken):"),
+            "{}",
+            text[0]
+        );
+        assert!(text[1].contains("(Pod noversion): apiVersion and kind are required"));
+        assert!(text[2].contains("(Pod ?): metadata.name is required"));
+        assert!(snap.pods.contains_key("shop/fine"));
+    }
+}

@@ -1,0 +1,481 @@
+//! Snapshot → workloads and services, as ztunnel consumes them. Pure: the same
+//! snapshot always gives the same output, and problems are returned, not logged.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use weft_api::{Endpoint, Identity, LocalConfig, Service, ServicePort, TunnelProtocol, Workload};
+
+use crate::Snapshot;
+use crate::labels;
+
+/// Translation settings.
+#[derive(Clone, Debug)]
+pub struct Mesh {
+    pub trust_domain: String,
+    pub cluster_id: String,
+}
+
+/// A resource left out of the output, and why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{kind} {namespace}/{name}: {field}: {message}")]
+pub struct TranslateError {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Mesh {
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+        }
+    }
+}
+
+/// Whether the pod is captured: its own `istio.io/dataplane-mode` label wins
+/// (`ambient` or `none`), else its namespace's; host-network pods never are.
+pub fn captured(pod: &Pod, ns: Option<&Namespace>) -> bool {
+    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+        return false;
+    }
+    let mode = |labels: Option<&BTreeMap<String, String>>| {
+        labels.and_then(|l| l.get(labels::DATAPLANE_MODE)).cloned()
+    };
+    match mode(pod.metadata.labels.as_ref()).as_deref() {
+        Some(labels::DATAPLANE_MODE_AMBIENT) => true,
+        Some(labels::DATAPLANE_MODE_NONE) => false,
+        _ => {
+            mode(ns.and_then(|n| n.metadata.labels.as_ref())).as_deref()
+                == Some(labels::DATAPLANE_MODE_AMBIENT)
+        }
+    }
+}
+
+/// The workload name Istio reports: the owning controller's name when there is
+/// one (a ReplicaSet's Deployment), else the pod's.
+fn workload_name(pod: &Pod) -> String {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let Some(owner) = pod
+        .metadata
+        .owner_references
+        .as_ref()
+        .and_then(|o| o.iter().find(|o| o.controller == Some(true)))
+    else {
+        return name;
+    };
+    match owner.kind.as_str() {
+        "ReplicaSet" => owner
+            .name
+            .rsplit_once('-')
+            .map(|(d, _)| d.to_string())
+            .unwrap_or_else(|| owner.name.clone()),
+        _ => owner.name.clone(),
+    }
+}
+
+fn first_label(pod: &Pod, keys: &[&str]) -> Option<String> {
+    let labels = pod.metadata.labels.as_ref()?;
+    keys.iter().find_map(|k| labels.get(*k).cloned())
+}
+
+/// Translates pods and services. Returns the config and what was left out.
+pub fn workloads(snap: &Snapshot, mesh: &Mesh) -> (LocalConfig, Vec<TranslateError>) {
+    let mut errors = Vec::new();
+    let mut out = LocalConfig::default();
+    for pod in snap.pods.values() {
+        match workload(pod, snap, mesh) {
+            Ok(Some(w)) => out.workloads.push(w),
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    let by_uid: BTreeMap<&str, &Workload> =
+        out.workloads.iter().map(|w| (w.uid.as_str(), w)).collect();
+    let mut services = Vec::new();
+    for svc in snap.services.values() {
+        match service(svc, snap, mesh, &by_uid) {
+            Ok(Some(s)) => services.push(s),
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    out.services = services;
+    (out, errors)
+}
+
+fn workload(pod: &Pod, snap: &Snapshot, mesh: &Mesh) -> Result<Option<Workload>, TranslateError> {
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let err = |field, message: String| TranslateError {
+        kind: "Pod",
+        namespace: namespace.clone(),
+        name: name.clone(),
+        field,
+        message,
+    };
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let Some(node) = spec.and_then(|s| s.node_name.clone()) else {
+        // Not scheduled yet: nothing to route to.
+        return Ok(None);
+    };
+    let mut addresses = Vec::new();
+    let ips = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().map(|i| i.ip.clone()).collect::<Vec<_>>())
+        .filter(|v| !v.is_empty())
+        .or_else(|| status.and_then(|s| s.pod_ip.clone()).map(|ip| vec![ip]))
+        .unwrap_or_default();
+    for ip in ips {
+        let parsed: IpAddr = ip
+            .parse()
+            .map_err(|_| err("status.podIP", format!("{ip:?} is not an IP address")))?;
+        addresses.push(parsed);
+    }
+    if addresses.is_empty() {
+        return Ok(None);
+    }
+    let service_account = spec
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into());
+    Identity::new(&mesh.trust_domain, &namespace, &service_account)
+        .map_err(|e| err("spec.serviceAccountName", e.to_string()))?;
+    let wl_name = workload_name(pod);
+    let canonical_name = first_label(
+        pod,
+        &[labels::CANONICAL_NAME, "app.kubernetes.io/name", "app"],
+    )
+    .unwrap_or_else(|| wl_name.clone());
+    let canonical_revision = first_label(
+        pod,
+        &[
+            labels::CANONICAL_REVISION,
+            "app.kubernetes.io/version",
+            "version",
+        ],
+    )
+    .unwrap_or_else(|| "latest".into());
+    let named_ports = spec
+        .map(|s| {
+            s.containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .filter_map(|p| {
+                    let port = u16::try_from(p.container_port).ok()?;
+                    Some((p.name.clone()?, port))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let ns = snap.namespaces.get(&namespace);
+    Ok(Some(Workload {
+        uid: format!("{}//Pod/{namespace}/{name}", mesh.cluster_id),
+        protocol: if captured(pod, ns) {
+            TunnelProtocol::Hbone
+        } else {
+            TunnelProtocol::None
+        },
+        name,
+        namespace,
+        workload_name: wl_name,
+        canonical_name,
+        canonical_revision,
+        service_account,
+        trust_domain: mesh.trust_domain.clone(),
+        node,
+        addresses,
+        named_ports,
+    }))
+}
+
+fn service(
+    svc: &K8sService,
+    snap: &Snapshot,
+    mesh: &Mesh,
+    workloads: &BTreeMap<&str, &Workload>,
+) -> Result<Option<Service>, TranslateError> {
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let err = |field, message: String| TranslateError {
+        kind: "Service",
+        namespace: namespace.clone(),
+        name: name.clone(),
+        field,
+        message,
+    };
+    let Some(spec) = svc.spec.as_ref() else {
+        return Ok(None);
+    };
+    let mut vips = Vec::new();
+    let ips = spec
+        .cluster_ips
+        .clone()
+        .filter(|v| !v.is_empty())
+        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+        .unwrap_or_default();
+    for ip in ips
+        .iter()
+        .filter(|ip| ip.as_str() != "None" && !ip.is_empty())
+    {
+        vips.push(
+            ip.parse::<IpAddr>()
+                .map_err(|_| err("spec.clusterIP", format!("{ip:?} is not an IP address")))?,
+        );
+    }
+    if vips.is_empty() {
+        // Headless: clients reach pods directly; nothing to resolve.
+        return Ok(None);
+    }
+    // Service port → target (number, or a container port name).
+    let mut ports = Vec::new();
+    let mut targets: Vec<(u16, Option<String>)> = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                err(
+                    "spec.ports.port",
+                    format!("port {} at index {i} is out of range", p.port),
+                )
+            })?;
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            continue;
+        }
+        let (number, named) = match &p.target_port {
+            None => (port, None),
+            Some(IntOrString::Int(n)) => (
+                u16::try_from(*n).ok().filter(|n| *n != 0).ok_or_else(|| {
+                    err(
+                        "spec.ports.targetPort",
+                        format!("{n} at index {i} is out of range"),
+                    )
+                })?,
+                None,
+            ),
+            Some(IntOrString::String(s)) => (0, Some(s.clone())),
+        };
+        ports.push(ServicePort {
+            port,
+            target_port: number,
+        });
+        targets.push((port, named));
+    }
+    let selector = spec.selector.clone().unwrap_or_default();
+    let mut endpoints = Vec::new();
+    if !selector.is_empty() {
+        for pod in snap.pods.values() {
+            if pod.metadata.namespace.as_deref().unwrap_or("default") != namespace {
+                continue;
+            }
+            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+                continue;
+            }
+            let uid = format!(
+                "{}//Pod/{namespace}/{}",
+                mesh.cluster_id,
+                pod.metadata.name.as_deref().unwrap_or_default()
+            );
+            let Some(w) = workloads.get(uid.as_str()) else {
+                continue;
+            };
+            let mut map = BTreeMap::new();
+            for ((port, named), sp) in targets.iter().zip(&ports) {
+                let target = match named {
+                    None => Some(sp.target_port),
+                    Some(n) => w.named_ports.get(n).copied(),
+                };
+                if let Some(t) = target {
+                    map.insert(*port, t);
+                }
+            }
+            endpoints.push(Endpoint {
+                workload_uid: uid,
+                ports: map,
+            });
+        }
+    }
+    Ok(Some(Service {
+        hostname: format!("{name}.{namespace}.svc.cluster.local"),
+        name,
+        namespace,
+        vips,
+        ports,
+        endpoints,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifests::parse;
+
+    fn translate(yaml: &str) -> (LocalConfig, Vec<String>) {
+        let mut snap = Snapshot::default();
+        let errs = parse(yaml, "t.yaml", &mut snap);
+        assert!(errs.is_empty(), "{errs:?}");
+        let (cfg, errors) = workloads(&snap, &Mesh::default());
+        (cfg, errors.iter().map(ToString::to_string).collect())
+    }
+
+    const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web, version: v2}}
+spec:
+  nodeName: n1
+  serviceAccountName: web
+  containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]
+status: {podIP: 10.244.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-out, namespace: shop, labels: {istio.io/dataplane-mode: none, app: web}}
+spec: {nodeName: n1, containers: [{name: app, ports: [{name: http, containerPort: 9090}]}]}
+status: {podIP: 10.244.1.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy}
+spec: {nodeName: n2, containers: [{name: app}]}
+status: {podIP: 10.244.2.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-in, namespace: legacy, labels: {istio.io/dataplane-mode: ambient}}
+spec: {nodeName: n2, containers: [{name: app}]}
+status: {podIP: 10.244.2.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: shop}
+spec: {containers: [{name: app}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{port: 80, targetPort: http}, {port: 81, targetPort: 8081}]
+"#;
+
+    /// Capture follows the namespace label, and a pod's own label overrides it.
+    #[test]
+    fn capture_labels() {
+        let (cfg, errors) = translate(BASE);
+        assert!(errors.is_empty(), "{errors:?}");
+        let proto: BTreeMap<&str, TunnelProtocol> = cfg
+            .workloads
+            .iter()
+            .map(|w| (w.name.as_str(), w.protocol))
+            .collect();
+        assert_eq!(proto["web-1"], TunnelProtocol::Hbone);
+        assert_eq!(proto["opted-out"], TunnelProtocol::None);
+        assert_eq!(proto["old"], TunnelProtocol::None);
+        assert_eq!(proto["opted-in"], TunnelProtocol::Hbone);
+        assert!(
+            !proto.contains_key("pending"),
+            "unscheduled pods are left out"
+        );
+    }
+
+    /// Identity, metric names and named target ports come from the pod.
+    #[test]
+    fn workload_fields_and_endpoints() {
+        let (cfg, _) = translate(BASE);
+        let web = cfg.workloads.iter().find(|w| w.name == "web-1").unwrap();
+        assert_eq!(
+            web.identity().unwrap().to_string(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(web.canonical_name, "web");
+        assert_eq!(web.canonical_revision, "v2");
+        let svc = &cfg.services[0];
+        assert_eq!(svc.hostname, "web.shop.svc.cluster.local");
+        let ports: Vec<(String, BTreeMap<u16, u16>)> = svc
+            .endpoints
+            .iter()
+            .map(|e| (e.workload_uid.clone(), e.ports.clone()))
+            .collect();
+        assert_eq!(
+            ports,
+            vec![
+                (
+                    "Kubernetes//Pod/shop/opted-out".to_string(),
+                    BTreeMap::from([(80, 9090), (81, 8081)])
+                ),
+                (
+                    "Kubernetes//Pod/shop/web-1".to_string(),
+                    BTreeMap::from([(80, 8080), (81, 8081)])
+                ),
+            ]
+        );
+    }
+
+    /// Bad fields are reported with resource and field, and only that resource is dropped.
+    #[test]
+    fn refusals() {
+        let bad = format!(
+            "{BASE}\n---\n{}",
+            r#"apiVersion: v1
+kind: Pod
+metadata: {name: badip, namespace: shop}
+spec: {nodeName: n1, containers: [{name: app}]}
+status: {podIP: "10.0.0.999"}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: badsa, namespace: shop}
+spec: {nodeName: n1, serviceAccountName: "a/b", containers: [{name: app}]}
+status: {podIP: 10.244.1.99}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: badport, namespace: shop}
+spec: {clusterIP: 10.96.0.11, ports: [{port: 70000}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: badvip, namespace: shop}
+spec: {clusterIP: "10.96.0", ports: [{port: 80}]}
+"#
+        );
+        let (cfg, errors) = translate(&bad);
+        assert_eq!(
+            errors,
+            vec![
+                "Pod shop/badip: status.podIP: \"10.0.0.999\" is not an IP address",
+                "Pod shop/badsa: spec.serviceAccountName: identity \"spiffe://cluster.local/ns/shop/sa/a/b\" has an empty or invalid segment",
+                "Service shop/badport: spec.ports.port: port 70000 at index 0 is out of range",
+                "Service shop/badvip: spec.clusterIP: \"10.96.0\" is not an IP address",
+            ]
+        );
+        assert_eq!(cfg.workloads.len(), 4);
+        assert_eq!(cfg.services.len(), 1);
+    }
+}

@@ -1,0 +1,240 @@
+//! Small servers and clients that play applications inside pods: byte sinks and
+//! sources with SHA-256 digests, an echo, a "who am I" and an HTTP responder.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ring::digest::{Context as Digest, SHA256};
+
+use crate::lab::LabPod;
+
+/// What a server does with each connection.
+#[derive(Clone, Copy, Debug)]
+pub enum App {
+    /// Reads to EOF, then answers `<bytes> <sha256 hex>\n`.
+    Sink,
+    /// Writes `n` pattern bytes, then closes.
+    Source(u64),
+    /// Echoes everything back.
+    Echo,
+    /// Writes `<peer ip>:<peer port>\n` and closes.
+    WhoAmI,
+    /// HTTP/1.1: `hello from <pod>, you are <peer ip>\n` to every request.
+    Http,
+}
+
+/// A server running in a pod; stops when dropped.
+#[derive(Debug)]
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicU64>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Starts `app` on `port` inside `pod`.
+pub fn serve(pod: &LabPod, port: u16, app: App) -> Result<Server> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (s, a, name) = (stop.clone(), accepted.clone(), pod.name.clone());
+    pod.netns.spawn(move || {
+        let listener = TcpListener::bind(("0.0.0.0", port));
+        let listener = match listener {
+            Ok(l) => {
+                let _ = tx.send(Ok(()));
+                l
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return Ok(());
+            }
+        };
+        listener.set_nonblocking(true)?;
+        while !s.load(Ordering::Acquire) {
+            match listener.accept() {
+                Ok((conn, peer)) => {
+                    a.fetch_add(1, Ordering::AcqRel);
+                    let name = name.clone();
+                    thread::spawn(move || {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = handle(conn, peer, app, &name);
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        Ok(())
+    })?;
+    rx.recv()?
+        .with_context(|| format!("binding port {port} in pod {}", pod.name))?;
+    Ok(Server { stop, accepted })
+}
+
+fn handle(mut conn: TcpStream, peer: SocketAddr, app: App, pod: &str) -> io::Result<()> {
+    match app {
+        App::Sink => {
+            let (n, digest) = drain(&mut conn)?;
+            writeln!(conn, "{n} {digest}")?;
+        }
+        App::Source(n) => {
+            send_pattern(&mut conn, n)?;
+        }
+        App::Echo => {
+            let mut r = conn.try_clone()?;
+            io::copy(&mut r, &mut conn)?;
+        }
+        App::WhoAmI => {
+            writeln!(conn, "{peer}")?;
+        }
+        App::Http => {
+            let mut reader = BufReader::new(conn.try_clone()?);
+            loop {
+                let mut line = String::new();
+                let mut keep_alive = true;
+                if reader.read_line(&mut line)? == 0 {
+                    break;
+                }
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+                        break;
+                    }
+                    if h.to_ascii_lowercase().starts_with("connection: close") {
+                        keep_alive = false;
+                    }
+                }
+                let body = format!("hello from {pod}, you are {}\n", peer.ip());
+                write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )?;
+                if !keep_alive {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deterministic pseudo-random bytes (xorshift64), so both ends can agree.
+pub fn fill_pattern(buf: &mut [u8], state: &mut u64) {
+    for chunk in buf.chunks_mut(8) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        let bytes = state.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+}
+
+/// Writes `n` pattern bytes and half-closes; returns the digest of what was sent.
+pub fn send_pattern(conn: &mut TcpStream, n: u64) -> io::Result<String> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut digest = Digest::new(&SHA256);
+    let mut left = n;
+    while left > 0 {
+        let len = left.min(buf.len() as u64) as usize;
+        fill_pattern(&mut buf[..len], &mut state);
+        digest.update(&buf[..len]);
+        conn.write_all(&buf[..len])?;
+        left -= len as u64;
+    }
+    conn.shutdown(std::net::Shutdown::Write)?;
+    Ok(hex(digest.finish().as_ref()))
+}
+
+/// Reads to EOF; returns (bytes, sha256 hex).
+pub fn drain(conn: &mut impl Read) -> io::Result<(u64, String)> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut digest = Digest::new(&SHA256);
+    let mut n = 0u64;
+    loop {
+        let k = conn.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        digest.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((n, hex(digest.finish().as_ref())))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Connects from inside `pod` to `dst`, runs `f` on the stream, returns its result.
+pub fn client<T, F>(pod: &LabPod, dst: SocketAddr, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(TcpStream) -> Result<T> + Send + 'static,
+{
+    pod.netns.run(move || {
+        let conn = TcpStream::connect_timeout(&dst, Duration::from_secs(10))
+            .with_context(|| format!("connecting to {dst}"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+        f(conn)
+    })
+}
+
+/// Uploads `n` pattern bytes to a [`App::Sink`] at `dst`; checks its digest.
+pub fn upload(pod: &LabPod, dst: SocketAddr, n: u64) -> Result<()> {
+    client(pod, dst, move |mut conn| {
+        let sent = send_pattern(&mut conn, n)?;
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply)?;
+        let want = format!("{n} {sent}");
+        anyhow::ensure!(
+            reply.trim() == want,
+            "sink saw {:?}, sent {want:?}",
+            reply.trim()
+        );
+        Ok(())
+    })
+}
+
+/// Downloads from an [`App::Source`] of `n` bytes at `dst`; checks the digest.
+pub fn download(pod: &LabPod, dst: SocketAddr, n: u64) -> Result<()> {
+    client(pod, dst, move |mut conn| {
+        let (got, digest) = drain(&mut conn)?;
+        let mut expect = Digest::new(&SHA256);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut left = n;
+        while left > 0 {
+            let len = left.min(buf.len() as u64) as usize;
+            fill_pattern(&mut buf[..len], &mut state);
+            expect.update(&buf[..len]);
+            left -= len as u64;
+        }
+        anyhow::ensure!(got == n, "received {got} bytes, want {n}");
+        anyhow::ensure!(digest == hex(expect.finish().as_ref()), "digest mismatch");
+        Ok(())
+    })
+}
+
+/// What a [`App::WhoAmI`] at `dst` says our address is.
+pub fn whoami(pod: &LabPod, dst: SocketAddr) -> Result<SocketAddr> {
+    client(pod, dst, |mut conn| {
+        let mut s = String::new();
+        conn.read_to_string(&mut s)?;
+        Ok(s.trim().parse()?)
+    })
+}

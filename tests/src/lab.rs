@@ -1,0 +1,771 @@
+//! A lab: an underlay namespace with a bridge, a namespace per node (ztunnel
+//! runs there), a namespace per pod wired to its node by a veth pair.
+//!
+//! ```text
+//!  pod ns: eth0 10.244.N.x/32 ─veth─ p<k> (169.254.1.1) node ns: eth0 10.240.0.(10+N) ─veth─ n<N> [br0] underlay ns
+//! ```
+//! Pods route everything to 169.254.1.1 (their node); nodes route remote pods
+//! via the other node's underlay address. Service VIPs have no route: only
+//! ztunnel resolves them, as in ambient mode.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, Once};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use weft_controller::translate::{self, Mesh};
+use weft_controller::{Snapshot, manifests};
+use weft_hbone::ca::Ca;
+
+use crate::netns::{self, NetNs};
+
+/// Where labs register themselves, so a crashed one can be found and removed.
+const REGISTRY: &str = "/run/weft-lab";
+/// The pods' gateway: an address on every pod-facing veth of a node.
+pub const POD_GATEWAY: &str = "169.254.1.1";
+/// ztunnel's ports, as seen from inside a node.
+pub const READINESS_PORT: u16 = 15021;
+pub const STATS_PORT: u16 = 15020;
+pub const ADMIN_PORT: u16 = 15000;
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    /// Short name for logs and the lab id (e.g. the test's name).
+    pub name: String,
+    /// The scenario: Kubernetes YAML (Namespaces, Pods, Services, Nodes).
+    pub manifests: String,
+    /// The ztunnel binary.
+    pub ztunnel_bin: PathBuf,
+    /// Extra environment for every ztunnel.
+    pub ztunnel_env: Vec<(String, String)>,
+}
+
+/// A node of the lab.
+#[derive(Clone, Debug)]
+pub struct LabNode {
+    pub name: String,
+    pub netns: NetNs,
+    pub underlay_ip: Ipv4Addr,
+    /// The node's underlay interface (inside its namespace).
+    pub underlay_iface: String,
+}
+
+/// A pod of the lab.
+#[derive(Clone, Debug)]
+pub struct LabPod {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub netns: NetNs,
+}
+
+/// A running lab. Dropping it tears everything down.
+#[derive(Debug)]
+pub struct Lab {
+    id: String,
+    dir: PathBuf,
+    opts: LabOptions,
+    snapshot: Snapshot,
+    nodes: BTreeMap<String, LabNode>,
+    pods: BTreeMap<String, LabPod>,
+    ztunnels: BTreeMap<String, Child>,
+    torn_down: bool,
+}
+
+/// Labs alive in this process, for the Ctrl-C handler.
+static ACTIVE: Mutex<Vec<(String, Vec<u32>)>> = Mutex::new(Vec::new());
+static INTERRUPT: Once = Once::new();
+
+// === impl LabOptions ===
+
+impl LabOptions {
+    pub fn new(name: &str, manifests: &str) -> Self {
+        LabOptions {
+            name: name.to_string(),
+            manifests: manifests.to_string(),
+            ztunnel_bin: bin_path("ztunnel"),
+            ztunnel_env: Vec::new(),
+        }
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.ztunnel_env.push((key.to_string(), value.to_string()));
+        self
+    }
+}
+
+/// A binary of this workspace: `$WEFT_BIN_DIR/<name>`, else `target/debug/<name>`.
+pub fn bin_path(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("WEFT_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/debug")
+        .join(name)
+}
+
+fn lab_id() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mix = std::process::id()
+        .wrapping_mul(2654435761)
+        .wrapping_add(nanos)
+        .wrapping_add(N.fetch_add(1, Ordering::Relaxed).wrapping_mul(40503));
+    format!("w{:06x}", mix & 0xff_ffff)
+}
+
+fn short(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(24)
+        .collect()
+}
+
+// === impl Lab ===
+
+impl Lab {
+    /// Builds the topology, writes config and certificates, starts one ztunnel
+    /// per node and waits until each is ready.
+    pub fn up(opts: LabOptions) -> Result<Lab> {
+        if !nix::unistd::Uid::effective().is_root() {
+            bail!("the lab needs root (network namespaces, eBPF): run as root");
+        }
+        if !opts.ztunnel_bin.exists() {
+            bail!(
+                "{} not found: build it first (`cargo build -p weft-ztunnel`) or set WEFT_BIN_DIR",
+                opts.ztunnel_bin.display()
+            );
+        }
+        install_interrupt_cleanup();
+        down_stale()?;
+        let id = lab_id();
+        let dir = std::env::temp_dir().join(format!("weft-lab-{id}"));
+        fs::create_dir_all(&dir)?;
+        fs::create_dir_all(REGISTRY)?;
+        let mut lab = Lab {
+            id,
+            dir,
+            opts,
+            snapshot: Snapshot::default(),
+            nodes: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            ztunnels: BTreeMap::new(),
+            torn_down: false,
+        };
+        lab.register()?;
+        // From here on, Drop cleans up whatever was made.
+        lab.build()?;
+        Ok(lab)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let errors = manifests::parse(&self.opts.manifests, "scenario", &mut self.snapshot);
+        if let Some(e) = errors.first() {
+            bail!("scenario: {e}");
+        }
+        self.place_pods()?;
+
+        let ul = NetNs::create(&format!("{}-ul", self.id))?;
+        ul.ip(&["link", "add", "br0", "type", "bridge"])?;
+        ul.ip(&["link", "set", "br0", "up"])?;
+
+        let node_names: Vec<String> = self.node_names();
+        for (i, name) in node_names.iter().enumerate() {
+            let ns = NetNs::create(&format!("{}-{}", self.id, short(name)))?;
+            let ul_end = format!("n{i}");
+            netns::run(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    "eth0",
+                    "netns",
+                    ns.name(),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &ul_end,
+                    "netns",
+                    ul.name(),
+                ],
+            )?;
+            ul.ip(&["link", "set", &ul_end, "master", "br0", "up"])?;
+            let ip = Ipv4Addr::new(10, 240, 0, 10 + i as u8);
+            ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+            self.nodes.insert(
+                name.clone(),
+                LabNode {
+                    name: name.clone(),
+                    netns: ns,
+                    underlay_ip: ip,
+                    underlay_iface: "eth0".into(),
+                },
+            );
+        }
+
+        let pods: Vec<(String, String, String, Ipv4Addr)> = self
+            .snapshot
+            .pods
+            .values()
+            .map(|p| {
+                let spec = p.spec.clone().unwrap_or_default();
+                let ip = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.pod_ip.as_ref())
+                    .and_then(|ip| ip.parse().ok())
+                    .unwrap_or(Ipv4Addr::UNSPECIFIED);
+                (
+                    p.metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| "default".into()),
+                    p.metadata.name.clone().unwrap_or_default(),
+                    spec.node_name.unwrap_or_default(),
+                    ip,
+                )
+            })
+            .collect();
+        let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+        for (namespace, name, node, ip) in pods {
+            let k = per_node.entry(node.clone()).or_default();
+            let host_end = format!("p{k}");
+            *k += 1;
+            let node_ns = self.nodes[&node].netns.clone();
+            let ns = NetNs::create(&format!(
+                "{}-{}-{}",
+                self.id,
+                short(&namespace),
+                short(&name)
+            ))?;
+            netns::run(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    "eth0",
+                    "netns",
+                    ns.name(),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &host_end,
+                    "netns",
+                    node_ns.name(),
+                ],
+            )?;
+            ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+            ns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
+            ns.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
+            node_ns.ip(&[
+                "addr",
+                "add",
+                &format!("{POD_GATEWAY}/32"),
+                "dev",
+                &host_end,
+            ])?;
+            node_ns.ip(&["link", "set", &host_end, "up"])?;
+            node_ns.ip(&[
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                &host_end,
+                "scope",
+                "link",
+            ])?;
+            for (other, n) in &self.nodes {
+                if *other != node {
+                    let via = self.nodes[&node].underlay_ip.to_string();
+                    n.netns
+                        .ip(&["route", "add", &format!("{ip}/32"), "via", &via])?;
+                }
+            }
+            self.pods.insert(
+                format!("{namespace}/{name}"),
+                LabPod {
+                    namespace,
+                    name,
+                    node,
+                    ip,
+                    netns: ns,
+                },
+            );
+        }
+
+        let ca = Ca::generate("cluster.local")?;
+        fs::write(self.dir.join("ca.pem"), ca.cert_pem())?;
+        fs::write(self.dir.join("ca.key"), ca.key_pem())?;
+        self.write_config()?;
+        for node in node_names {
+            self.start_ztunnel(&node)?;
+        }
+        for node in self.node_names() {
+            self.wait_ready(&node)?;
+        }
+        Ok(())
+    }
+
+    /// Gives every pod a node and an address when the scenario left them out.
+    fn place_pods(&mut self) -> Result<()> {
+        let mut nodes: Vec<String> = self.snapshot.nodes.keys().cloned().collect();
+        for p in self.snapshot.pods.values() {
+            if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
+                if !nodes.contains(&n) {
+                    nodes.push(n);
+                }
+            }
+        }
+        nodes.sort();
+        if nodes.is_empty() {
+            nodes = vec!["node-1".into(), "node-2".into()];
+        }
+        if nodes.len() > 200 {
+            bail!(
+                "scenario has {} nodes; the lab takes at most 200",
+                nodes.len()
+            );
+        }
+        let mut next: BTreeMap<String, u8> = BTreeMap::new();
+        for (i, pod) in self.snapshot.pods.values_mut().enumerate() {
+            let spec = pod.spec.get_or_insert_with(PodSpec::default);
+            let node = spec
+                .node_name
+                .get_or_insert_with(|| nodes[i % nodes.len()].clone())
+                .clone();
+            let idx = nodes.iter().position(|n| *n == node).unwrap_or(0);
+            let status = pod.status.get_or_insert_with(PodStatus::default);
+            if status.pod_ip.is_none() {
+                let host = next.entry(node).or_insert(10);
+                status.pod_ip = Some(Ipv4Addr::new(10, 244, idx as u8 + 1, *host).to_string());
+                *host = host
+                    .checked_add(1)
+                    .ok_or_else(|| anyhow!("too many pods on a node"))?;
+            }
+        }
+        // Keep an explicit Node list so node_names() is stable.
+        for n in nodes {
+            self.snapshot.nodes.entry(n.clone()).or_insert_with(|| {
+                let mut node = k8s_openapi::api::core::v1::Node::default();
+                node.metadata.name = Some(n);
+                node
+            });
+        }
+        Ok(())
+    }
+
+    fn node_names(&self) -> Vec<String> {
+        self.snapshot.nodes.keys().cloned().collect()
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("ztunnel.yaml")
+    }
+
+    /// Translates the current snapshot and writes ztunnel's config atomically.
+    fn write_config(&self) -> Result<()> {
+        let (cfg, errors) = translate::workloads(&self.snapshot, &Mesh::default());
+        if let Some(e) = errors.first() {
+            bail!("scenario: {e}");
+        }
+        let tmp = self.dir.join("ztunnel.yaml.tmp");
+        fs::write(&tmp, serde_yaml::to_string(&cfg)?)?;
+        fs::rename(&tmp, self.config_path())?;
+        Ok(())
+    }
+
+    fn start_ztunnel(&mut self, node: &str) -> Result<()> {
+        let ns = self.nodes[node].netns.clone();
+        let log = fs::File::create(self.dir.join(format!("ztunnel-{node}.log")))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()])
+            .arg(&self.opts.ztunnel_bin)
+            .env("NODE_NAME", node)
+            .env("LOCAL_XDS_PATH", self.config_path())
+            .env("LOCAL_CA_CERT", self.dir.join("ca.pem"))
+            .env("LOCAL_CA_KEY", self.dir.join("ca.key"))
+            .env("LOG_FORMAT", "json")
+            .env(
+                "RUST_LOG",
+                std::env::var("WEFT_ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (k, v) in &self.opts.ztunnel_env {
+            cmd.env(k, v);
+        }
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().context("starting ztunnel")?;
+        self.ztunnels.insert(node.to_string(), child);
+        self.register()
+    }
+
+    fn wait_ready(&mut self, node: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(child) = self.ztunnels.get_mut(node) {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "ztunnel on {node} exited ({status}) before ready:\n{}",
+                        self.ztunnel_log(node)
+                    );
+                }
+            }
+            if let Ok((200, _)) = self.http_get(node, READINESS_PORT, "/healthz/ready") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "ztunnel on {node} not ready in 20s:\n{}",
+                    self.ztunnel_log(node)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &LabNode> {
+        self.nodes.values()
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &LabPod> {
+        self.pods.values()
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> &LabNode {
+        self.nodes
+            .get(name)
+            .unwrap_or_else(|| panic!("no node {name} in the lab"))
+    }
+
+    /// A pod by `namespace/name`.
+    pub fn pod(&self, key: &str) -> &LabPod {
+        self.pods
+            .get(key)
+            .unwrap_or_else(|| panic!("no pod {key} in the lab"))
+    }
+
+    /// GET `path` on a node-local ztunnel port; (status, body).
+    pub fn http_get(&self, node: &str, port: u16, path: &str) -> Result<(u16, String)> {
+        let path = path.to_string();
+        self.node(node)
+            .netns
+            .run(move || http_get(("127.0.0.1", port), &path))
+    }
+
+    /// ztunnel's Prometheus text on a node.
+    pub fn metrics(&self, node: &str) -> Result<String> {
+        let (status, body) = self.http_get(node, STATS_PORT, "/metrics")?;
+        if status != 200 {
+            bail!("metrics on {node}: HTTP {status}");
+        }
+        Ok(body)
+    }
+
+    /// ztunnel's config dump on a node.
+    pub fn config_dump(&self, node: &str) -> Result<serde_json::Value> {
+        let (status, body) = self.http_get(node, ADMIN_PORT, "/config_dump")?;
+        if status != 200 {
+            bail!("config_dump on {node}: HTTP {status}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Everything ztunnel on `node` has logged so far.
+    pub fn ztunnel_log(&self, node: &str) -> String {
+        fs::read_to_string(self.dir.join(format!("ztunnel-{node}.log"))).unwrap_or_default()
+    }
+
+    /// Sets (or with `None`, removes) a label on a Namespace (`key` = name) or a
+    /// Pod (`key` = namespace/name), and rewrites ztunnel's config: what a
+    /// `kubectl label` does to the mesh.
+    pub fn label(&mut self, kind: &str, key: &str, label: &str, value: Option<&str>) -> Result<()> {
+        let meta = match kind {
+            "Namespace" => self
+                .snapshot
+                .namespaces
+                .entry(key.to_string())
+                .or_insert_with(|| {
+                    let mut ns = k8s_openapi::api::core::v1::Namespace::default();
+                    ns.metadata.name = Some(key.to_string());
+                    ns
+                })
+                .metadata
+                .clone(),
+            "Pod" => self
+                .snapshot
+                .pods
+                .get(key)
+                .ok_or_else(|| anyhow!("no pod {key}"))?
+                .metadata
+                .clone(),
+            _ => bail!("cannot label a {kind}"),
+        };
+        let mut labels = meta.labels.unwrap_or_default();
+        match value {
+            Some(v) => labels.insert(label.to_string(), v.to_string()),
+            None => labels.remove(label),
+        };
+        match kind {
+            "Namespace" => {
+                if let Some(ns) = self.snapshot.namespaces.get_mut(key) {
+                    ns.metadata.labels = Some(labels);
+                }
+            }
+            _ => {
+                if let Some(p) = self.snapshot.pods.get_mut(key) {
+                    p.metadata.labels = Some(labels);
+                }
+            }
+        }
+        self.write_config()
+    }
+
+    /// Waits until ztunnel on the pod's node has (or has not) captured it.
+    pub fn wait_captured(&self, pod: &str, captured: bool) -> Result<()> {
+        let p = self.pod(pod);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let dump = self.config_dump(&p.node)?;
+            let now = dump["capture"]["captured"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|ip| ip.as_str() == Some(&p.ip.to_string())));
+            if now == captured {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("pod {pod}: captured is not {captured} after 10s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops everything and removes every namespace. Idempotent.
+    pub fn teardown(&mut self) -> Result<()> {
+        if std::mem::replace(&mut self.torn_down, true) {
+            return Ok(());
+        }
+        for child in self.ztunnels.values_mut() {
+            let pid = Pid::from_raw(child.id() as i32);
+            let _ = kill(pid, Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for child in self.ztunnels.values_mut() {
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        remove_namespaces(&self.id)?;
+        let _ = fs::remove_file(registry_file(&self.id));
+        ACTIVE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(id, _)| *id != self.id);
+        if std::thread::panicking() {
+            eprintln!("lab {}: logs kept in {}", self.id, self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+        Ok(())
+    }
+
+    fn register(&self) -> Result<()> {
+        let pids: Vec<u32> = self.ztunnels.values().map(Child::id).collect();
+        let entry = serde_json::json!({ "owner": std::process::id(), "children": pids });
+        fs::write(registry_file(&self.id), entry.to_string())?;
+        let mut active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner());
+        active.retain(|(id, _)| *id != self.id);
+        active.push((self.id.clone(), pids));
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            eprintln!("lab {}: teardown failed: {e:#}", self.id);
+        }
+    }
+}
+
+/// Makes the child die with us (SIGKILL), even if we are killed.
+fn die_with_parent(cmd: &mut Command) {
+    #[expect(
+        unsafe_code,
+        reason = "pre_exec runs between fork and exec; prctl is async-signal-safe"
+    )]
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+}
+
+fn registry_file(id: &str) -> PathBuf {
+    Path::new(REGISTRY).join(format!("{id}.json"))
+}
+
+fn remove_namespaces(id: &str) -> Result<()> {
+    let prefix = format!("{id}-");
+    let mut failed = Vec::new();
+    for ns in NetNs::list()? {
+        if ns.starts_with(&prefix) {
+            if let Err(e) = NetNs::delete(&ns) {
+                failed.push(format!("{ns}: {e}"));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("could not delete namespaces: {}", failed.join("; "));
+    }
+    Ok(())
+}
+
+/// Labs registered on this host: (id, owner pid, owner alive).
+pub fn registered() -> Result<Vec<(String, u32, bool)>> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(REGISTRY) else {
+        return Ok(out);
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(id) = path.file_stem().and_then(|s| s.to_str()).map(String::from) else {
+            continue;
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&path).unwrap_or_default())
+                .unwrap_or_default();
+        let owner = v["owner"].as_u64().unwrap_or(0) as u32;
+        let alive = owner != 0 && kill(Pid::from_raw(owner as i32), None).is_ok();
+        out.push((id, owner, alive));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn remove_registered(id: &str) -> Result<()> {
+    let path = registry_file(id);
+    let v: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&path).unwrap_or_default()).unwrap_or_default();
+    for pid in v["children"].as_array().into_iter().flatten() {
+        if let Some(pid) = pid.as_u64() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+    remove_namespaces(id)?;
+    let _ = fs::remove_file(&path);
+    let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("weft-lab-{id}")));
+    Ok(())
+}
+
+/// Removes labs whose owning process is gone (a crash, a kill -9).
+pub fn down_stale() -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for (id, _, alive) in registered()? {
+        if !alive {
+            remove_registered(&id)?;
+            removed.push(id);
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes every registered lab, stopping its owner first.
+pub fn down_all() -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for (id, owner, alive) in registered()? {
+        if alive && owner != std::process::id() {
+            let _ = kill(Pid::from_raw(owner as i32), Signal::SIGTERM);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        remove_registered(&id)?;
+        removed.push(id);
+    }
+    Ok(removed)
+}
+
+/// On SIGINT/SIGTERM: tear down this process's labs, then exit 130.
+pub fn install_interrupt_cleanup() {
+    INTERRUPT.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("lab-interrupt".into())
+            .spawn(|| {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async {
+                    use tokio::signal::unix::{SignalKind, signal};
+                    let Ok(mut term) = signal(SignalKind::terminate()) else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                });
+                let active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                for (id, _) in active {
+                    eprintln!("interrupted: removing lab {id}");
+                    let _ = remove_registered(&id);
+                }
+                std::process::exit(130);
+            });
+        if let Err(e) = spawned {
+            eprintln!("cannot install the lab's interrupt handler: {e}");
+        }
+    });
+}
+
+/// A minimal HTTP/1.0 GET (the lab's own probe; tests use curl for the real thing).
+pub fn http_get(addr: (&str, u16), path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", addr.0)?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("bad HTTP response: {resp:.80}"))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
