@@ -445,6 +445,19 @@ impl Lab {
         }
     }
 
+    /// The pid of ztunnel on `node`.
+    pub fn ztunnel_pid(&self, node: &str) -> Option<u32> {
+        self.ztunnels.get(node).map(Child::id)
+    }
+
+    /// The lab's mesh CA (what ztunnels were given).
+    pub fn ca(&self) -> Result<Ca> {
+        Ok(Ca::from_files(
+            &self.dir.join("ca.pem"),
+            &self.dir.join("ca.key"),
+        )?)
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }

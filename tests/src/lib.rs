@@ -10,6 +10,7 @@ pub mod apps;
 pub mod check;
 pub mod lab;
 pub mod netns;
+pub mod peer;
 pub mod tcpdump;
 
 pub use lab::{Lab, LabOptions};

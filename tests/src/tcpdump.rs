@@ -15,6 +15,7 @@ use crate::netns::NetNs;
 pub struct Tcpdump {
     child: Child,
     file: PathBuf,
+    report: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Tcpdump {
@@ -35,6 +36,7 @@ impl Tcpdump {
             ])
             .arg(file)
             .arg("tcp")
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -49,18 +51,37 @@ impl Tcpdump {
             let _ = child.kill();
             bail!("tcpdump did not start: {line}");
         }
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        let report = std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
+            rest
+        });
+        // "listening" is printed before the filter is attached, and libpcap
+        // drops what arrived before that: give it a moment.
+        std::thread::sleep(Duration::from_millis(500));
         Ok(Tcpdump {
             child,
             file: file.to_path_buf(),
+            report: Some(report),
         })
     }
 
     /// Stops the capture and returns the pcap file's path.
     pub fn stop(mut self) -> Result<PathBuf> {
-        std::thread::sleep(Duration::from_millis(200));
+        // libpcap hands packets over in ring blocks retired at most once a
+        // second; stopping sooner loses the last block (seen: "0 packets
+        // captured, 23 received by filter").
+        std::thread::sleep(Duration::from_millis(1200));
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT);
         self.child.wait()?;
+        let report = self
+            .report
+            .take()
+            .and_then(|r| r.join().ok())
+            .unwrap_or_default();
+        if std::env::var_os("WEFT_DEBUG_TCPDUMP").is_some() {
+            eprintln!("tcpdump: {report}");
+        }
         Ok(self.file.clone())
     }
 }

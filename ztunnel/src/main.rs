@@ -15,6 +15,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         builder.with_ansi(false).init();
     }
+    raise_fd_limit();
     let cfg = Config::from_lookup(&|k| std::env::var(k).ok())?;
     info!(config = ?cfg, "starting ztunnel");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -22,4 +23,15 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(app::run(cfg))?;
     Ok(())
+}
+
+/// Every proxied connection holds two sockets: lift the soft file limit to the
+/// hard one, as a node proxy must.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
 }

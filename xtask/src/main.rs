@@ -1,0 +1,45 @@
+//! `cargo xtask <command>`: Weft's developer commands.
+//!
+//! Each command is a function in its own module; this file only dispatches.
+
+mod bench;
+mod demo;
+mod ebpf;
+mod lab;
+mod test;
+mod util;
+
+use anyhow::{Result, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+  demo                     run a two-node mesh on this host, send traffic, show what happened (root)
+  test                     every check CI runs: format, eBPF object, unit and end-to-end tests (root)
+  lab up [SCENARIO]        start a lab from examples/SCENARIO (default l4); Ctrl-C removes it (root)
+  lab down                 remove every lab on this host, also ones left by a crash
+  lab status               list the labs on this host
+  ebpf [--check]           rebuild ebpf/bpf/capture.bpf.o with clang (--check: fail if it is stale)
+  bench l4                 pod-to-pod throughput and latency, plain vs mesh; ztunnel memory (root)
+";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["demo"] => demo::run(),
+        ["test", rest @ ..] => test::run(rest),
+        ["lab", "up"] => lab::up("l4"),
+        ["lab", "up", scenario] => lab::up(scenario),
+        ["lab", "down"] => lab::down(),
+        ["lab", "status"] => lab::status(),
+        ["ebpf"] => ebpf::build(false),
+        ["ebpf", "--check"] => ebpf::build(true),
+        ["bench", "l4"] => bench::l4(),
+        ["help"] | ["--help"] | ["-h"] | [] => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        _ => bail!("unknown command {:?}\n\n{USAGE}", args.join(" ")),
+    }
+}
