@@ -445,6 +445,13 @@ impl Lab {
         }
     }
 
+    /// Whether ztunnel on `node` is still running (it must never crash on bad input).
+    pub fn ztunnel_alive(&mut self, node: &str) -> bool {
+        self.ztunnels
+            .get_mut(node)
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
     /// The pid of ztunnel on `node`.
     pub fn ztunnel_pid(&self, node: &str) -> Option<u32> {
         self.ztunnels.get(node).map(Child::id)

@@ -35,8 +35,8 @@ pub struct Attempt {
     pub server: SocketAddr,
     /// The identity the server must prove.
     pub expect: Identity,
-    /// Our certificate.
-    pub cert: IssuedCert,
+    /// Our certificate; `None` offers none.
+    pub cert: Option<IssuedCert>,
     /// The roots we verify the server with.
     pub roots: TrustRoots,
     /// `:authority` of the CONNECT.
@@ -60,7 +60,10 @@ pub fn attempt(pod: &LabPod, attempt: Attempt) -> Result<Outcome> {
 
 async fn run(a: Attempt) -> Result<Outcome> {
     let tcp = tokio::net::TcpStream::connect(a.server).await?;
-    let tls = client_config(&a.cert, &a.roots, vec![a.expect.clone()])?;
+    let tls = match &a.cert {
+        Some(cert) => client_config(cert, &a.roots, vec![a.expect.clone()])?,
+        None => anonymous::config(),
+    };
     let tls = match TlsConnector::from(tls)
         .connect(server_name(a.server.ip()), tcp)
         .await
@@ -86,5 +89,64 @@ async fn run(a: Attempt) -> Result<Outcome> {
         }
         Err(ConnectError::Refused { status, .. }) => Ok(Outcome::Refused(status.as_u16())),
         Err(e) => Ok(Outcome::Failed(e.to_string())),
+    }
+}
+
+/// A TLS client with no certificate that accepts any server: the probe for
+/// "TLS without a client certificate".
+mod anonymous {
+    use std::sync::Arc;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+
+    #[derive(Debug)]
+    struct AcceptAny;
+
+    impl ServerCertVerifier for AcceptAny {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    pub fn config() -> Arc<ClientConfig> {
+        let mut cfg =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("TLS 1.3 is supported by ring")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAny))
+                .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(cfg)
     }
 }

@@ -126,3 +126,165 @@ fn cross_node_mtls_bulk() -> Result<()> {
     );
     Ok(())
 }
+
+/// Every kind of path gives the server the real client address, and each is
+/// accounted as what it is: service round robin (other node over HBONE, same
+/// node in-process), passthrough to a pod outside the mesh, plaintext into the
+/// mesh (PERMISSIVE), and pods outside the mesh untouched.
+#[test]
+fn paths_and_client_addresses() -> Result<()> {
+    let lab = Lab::up(LabOptions::new("paths", SCENARIO))?;
+    let (client, outsider) = (lab.pod("shop/client"), lab.pod("legacy/outsider"));
+    let (web1, web2, plain) = (
+        lab.pod("shop/web-1"),
+        lab.pod("shop/web-2"),
+        lab.pod("legacy/plain"),
+    );
+    let s1 = apps::serve(web1, 8080, App::WhoAmI)?;
+    let s2 = apps::serve(web2, 8080, App::WhoAmI)?;
+    let _s3 = apps::serve(plain, 8080, App::WhoAmI)?;
+    let vip: SocketAddr = "10.96.0.10:80".parse()?;
+
+    for _ in 0..4 {
+        let seen = apps::whoami(client, vip)?;
+        ensure!(seen.ip() == client.ip, "via the VIP the server saw {seen}");
+    }
+    let hits = |s: &apps::Server| s.accepted.load(std::sync::atomic::Ordering::Acquire);
+    ensure!(
+        hits(&s1) == 2 && hits(&s2) == 2,
+        "round robin: web-1 {} web-2 {}",
+        hits(&s1),
+        hits(&s2)
+    );
+
+    for (from, to) in [
+        (client, plain),
+        (outsider, web1),
+        (outsider, plain),
+        (client, web2),
+    ] {
+        let seen = apps::whoami(from, addr(to, 8080))?;
+        ensure!(
+            seen.ip() == from.ip,
+            "{} -> {}: server saw {seen}",
+            from.name,
+            to.name
+        );
+    }
+
+    let n1 = [("reporter", "source"), ("source_workload", "client")];
+    eventually("node-1 metrics", Duration::from_secs(5), || {
+        let m = lab.metrics("node-1")?;
+        let opened = |dst: &str, svc: &str, sec: &str| {
+            let mut l = n1.to_vec();
+            l.extend([
+                ("destination_workload", dst),
+                ("destination_service", svc),
+                ("connection_security_policy", sec),
+            ]);
+            metric_sum(&m, "istio_tcp_connections_closed_total", &l)
+        };
+        let svc = "web.shop.svc.cluster.local";
+        Ok(opened("web-1", svc, "mutual_tls") == 2.0
+            && opened("web-2", svc, "mutual_tls") == 3.0
+            && opened("plain", "unknown", "unknown") == 1.0)
+    })?;
+    eventually("node-2 plaintext inbound", Duration::from_secs(5), || {
+        let m = lab.metrics("node-2")?;
+        let l = [
+            ("reporter", "destination"),
+            ("source_workload", "outsider"),
+            ("destination_workload", "web-1"),
+            ("connection_security_policy", "none"),
+        ];
+        Ok(metric_sum(&m, "istio_tcp_connections_closed_total", &l) == 1.0)
+    })?;
+    // legacy -> legacy never touched either ztunnel.
+    for node in ["node-1", "node-2"] {
+        let m = lab.metrics(node)?;
+        let l = [
+            ("source_workload", "outsider"),
+            ("destination_workload", "plain"),
+        ];
+        ensure!(
+            metric_sum(&m, "istio_tcp_connections_opened_total", &l) == 0.0,
+            "{node} saw outsider -> plain"
+        );
+    }
+    Ok(())
+}
+
+fn round_trip(conn: &mut std::net::TcpStream, msg: &[u8]) -> Result<()> {
+    use std::io::{Read, Write};
+    conn.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    conn.read_exact(&mut back)?;
+    ensure!(back == msg, "echo mismatch");
+    Ok(())
+}
+
+/// Labelling a running pod captures its new connections and leaves its open
+/// ones alone; unlabelling releases new connections while connections already
+/// through ztunnel keep working (draining).
+#[test]
+fn capture_follows_label_on_running_pod() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("toggle", SCENARIO))?;
+    let outsider = lab.pod("legacy/outsider").clone();
+    let plain = lab.pod("legacy/plain").clone();
+    let _echo = apps::serve(&plain, 7000, App::Echo)?;
+    let dst = addr(&plain, 7000);
+    let open = |pod: &weft_tests::lab::LabPod| -> Result<std::net::TcpStream> {
+        let c = pod.netns.run(move || {
+            Ok(std::net::TcpStream::connect_timeout(
+                &dst,
+                Duration::from_secs(5),
+            )?)
+        })?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(c)
+    };
+    let through_ztunnel = |lab: &Lab| -> Result<f64> {
+        let m = lab.metrics("node-1")?;
+        let l = [
+            ("reporter", "source"),
+            ("source_workload", "outsider"),
+            ("destination_workload", "plain"),
+        ];
+        Ok(metric_sum(&m, "istio_tcp_connections_opened_total", &l))
+    };
+
+    let mut a = open(&outsider)?;
+    round_trip(&mut a, b"before")?;
+    lab.label(
+        "Pod",
+        "legacy/outsider",
+        "istio.io/dataplane-mode",
+        Some("ambient"),
+    )?;
+    lab.wait_captured("legacy/outsider", true)?;
+    round_trip(&mut a, b"a still direct")?;
+    let mut b = open(&outsider)?;
+    round_trip(&mut b, b"b through the mesh")?;
+    ensure!(through_ztunnel(&lab)? == 1.0, "only b goes through ztunnel");
+
+    lab.label("Pod", "legacy/outsider", "istio.io/dataplane-mode", None)?;
+    lab.wait_captured("legacy/outsider", false)?;
+    round_trip(&mut b, b"b drains")?;
+    round_trip(&mut a, b"a unaffected")?;
+    let mut c = open(&outsider)?;
+    round_trip(&mut c, b"c direct again")?;
+    ensure!(
+        through_ztunnel(&lab)? == 1.0,
+        "c must not go through ztunnel"
+    );
+    drop((a, b, c));
+    eventually("b closed", Duration::from_secs(5), || {
+        let m = lab.metrics("node-1")?;
+        Ok(metric_sum(
+            &m,
+            "istio_tcp_connections_closed_total",
+            &[("source_workload", "outsider")],
+        ) == 1.0)
+    })?;
+    Ok(())
+}

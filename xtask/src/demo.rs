@@ -101,7 +101,7 @@ pub fn run() -> Result<()> {
         Attempt {
             server: SocketAddr::new(web.ip.into(), 15008),
             expect: web_id,
-            cert,
+            cert: Some(cert),
             roots,
             target: SocketAddr::new(web.ip.into(), 8080),
             forwarded: Some(lab.pod("shop/client").ip.into()),
