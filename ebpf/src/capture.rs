@@ -288,10 +288,10 @@ fn parse_fib_trie(trie: &str) -> BTreeSet<Ipv4Addr> {
         let t = line.trim_start_matches([' ', '|', '+', '-']).trim();
         if let Ok(ip) = t.parse::<Ipv4Addr>() {
             last = Some(ip);
-        } else if t.contains("/32 host LOCAL") {
-            if let Some(ip) = last {
-                out.insert(ip);
-            }
+        } else if t.contains("/32 host LOCAL")
+            && let Some(ip) = last
+        {
+            out.insert(ip);
         }
     }
     out

@@ -31,7 +31,9 @@ pub fn log_lines(log: &str, fields: &[(&str, &str)]) -> Vec<serde_json::Value> {
             fields.iter().all(|(k, want)| match &v[*k] {
                 serde_json::Value::String(s) => s == want,
                 serde_json::Value::Null => false,
-                other => other.to_string() == *want,
+                serde_json::Value::Number(n) => n.to_string() == *want,
+                serde_json::Value::Bool(b) => want.parse() == Ok(*b),
+                _ => false,
             })
         })
         .collect()

@@ -330,10 +330,10 @@ impl Lab {
     fn place_pods(&mut self) -> Result<()> {
         let mut nodes: Vec<String> = self.snapshot.nodes.keys().cloned().collect();
         for p in self.snapshot.pods.values() {
-            if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
-                if !nodes.contains(&n) {
-                    nodes.push(n);
-                }
+            if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.clone())
+                && !nodes.contains(&n)
+            {
+                nodes.push(n);
             }
         }
         nodes.sort();
@@ -424,13 +424,13 @@ impl Lab {
     fn wait_ready(&mut self, node: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(child) = self.ztunnels.get_mut(node) {
-                if let Some(status) = child.try_wait()? {
-                    bail!(
-                        "ztunnel on {node} exited ({status}) before ready:\n{}",
-                        self.ztunnel_log(node)
-                    );
-                }
+            if let Some(child) = self.ztunnels.get_mut(node)
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "ztunnel on {node} exited ({status}) before ready:\n{}",
+                    self.ztunnel_log(node)
+                );
             }
             if let Ok((200, _)) = self.http_get(node, READINESS_PORT, "/healthz/ready") {
                 return Ok(());
@@ -661,10 +661,10 @@ fn remove_namespaces(id: &str) -> Result<()> {
     let prefix = format!("{id}-");
     let mut failed = Vec::new();
     for ns in NetNs::list()? {
-        if ns.starts_with(&prefix) {
-            if let Err(e) = NetNs::delete(&ns) {
-                failed.push(format!("{ns}: {e}"));
-            }
+        if ns.starts_with(&prefix)
+            && let Err(e) = NetNs::delete(&ns)
+        {
+            failed.push(format!("{ns}: {e}"));
         }
     }
     if !failed.is_empty() {

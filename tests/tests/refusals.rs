@@ -100,7 +100,8 @@ fn hbone_refusals() -> Result<()> {
         other => anyhow::bail!("control attempt: {other:?}"),
     }
 
-    let cases: Vec<(&str, Attempt, fn(&Outcome) -> bool, &str)> = vec![
+    type Case<'a> = (&'a str, Attempt, fn(&Outcome) -> bool, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (
             "no client certificate",
             Attempt {

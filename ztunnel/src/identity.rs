@@ -77,10 +77,10 @@ impl CertManager {
 
     fn issued(&self, id: &Identity) -> Result<Arc<Issued>, IdentityError> {
         let mut certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(issued) = certs.get(id) {
-            if SystemTime::now() < issued.renew_at {
-                return Ok(issued.clone());
-            }
+        if let Some(issued) = certs.get(id)
+            && SystemTime::now() < issued.renew_at
+        {
+            return Ok(issued.clone());
         }
         // Issuing with the local CA is a few hundred microseconds; holding the
         // lock keeps concurrent first connections from issuing twice.
