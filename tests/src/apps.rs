@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
+use std::os::fd::AsFd;
+
 use anyhow::{Context, Result};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use ring::digest::{Context as Digest, SHA256};
 
 use crate::lab::LabPod;
@@ -60,21 +63,22 @@ pub fn serve(pod: &LabPod, port: u16, app: App) -> Result<Server> {
                 return Ok(());
             }
         };
-        listener.set_nonblocking(true)?;
+        // Blocking accept after poll(2): immediate when a client arrives, and
+        // the stop flag is seen within POLL_MS (a sleep loop would add its
+        // period to every connection's latency).
+        const POLL_MS: u16 = 50;
         while !s.load(Ordering::Acquire) {
-            match listener.accept() {
-                Ok((conn, peer)) => {
-                    a.fetch_add(1, Ordering::AcqRel);
-                    let name = name.clone();
-                    thread::spawn(move || {
-                        let _ = conn.set_nonblocking(false);
-                        let _ = handle(conn, peer, app, &name);
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    thread::sleep(Duration::from_millis(5));
-                }
-                Err(_) => thread::sleep(Duration::from_millis(5)),
+            let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(POLL_MS)) {
+                Ok(n) if n > 0 => {}
+                _ => continue,
+            }
+            if let Ok((conn, peer)) = listener.accept() {
+                a.fetch_add(1, Ordering::AcqRel);
+                let name = name.clone();
+                thread::spawn(move || {
+                    let _ = handle(conn, peer, app, &name);
+                });
             }
         }
         Ok(())
