@@ -15,6 +15,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use ring::digest::{Context as Digest, SHA256};
 
 use crate::lab::LabPod;
+use crate::netns::NetNs;
 
 /// What a server does with each connection.
 #[derive(Clone, Copy, Debug)]
@@ -47,11 +48,17 @@ impl Drop for Server {
 
 /// Starts `app` on `port` inside `pod`.
 pub fn serve(pod: &LabPod, port: u16, app: App) -> Result<Server> {
+    serve_in(&pod.netns, &pod.name, port, app)
+}
+
+/// Starts `app` on `port` in any namespace of the lab (a node's, say); `name`
+/// is what [`App::Http`] says it is.
+pub fn serve_in(netns: &NetNs, name: &str, port: u16, app: App) -> Result<Server> {
     let stop = Arc::new(AtomicBool::new(false));
     let accepted = Arc::new(AtomicU64::new(0));
     let (tx, rx) = std::sync::mpsc::channel();
-    let (s, a, name) = (stop.clone(), accepted.clone(), pod.name.clone());
-    pod.netns.spawn(move || {
+    let (s, a, name) = (stop.clone(), accepted.clone(), name.to_string());
+    netns.spawn(move || {
         let listener = TcpListener::bind(("0.0.0.0", port));
         let listener = match listener {
             Ok(l) => {
@@ -84,7 +91,7 @@ pub fn serve(pod: &LabPod, port: u16, app: App) -> Result<Server> {
         Ok(())
     })?;
     rx.recv()?
-        .with_context(|| format!("binding port {port} in pod {}", pod.name))?;
+        .with_context(|| format!("binding port {port} in {}", netns.name()))?;
     Ok(Server { stop, accepted })
 }
 

@@ -199,6 +199,19 @@ fn paths_and_client_addresses() -> Result<()> {
         ];
         Ok(metric_sum(&m, "istio_tcp_connections_closed_total", &l) == 1.0)
     })?;
+    // Node-local traffic is never captured: a captured pod reaching its own
+    // node's address goes straight there.
+    let node1 = lab.node("node-1");
+    let _on_node = apps::serve_in(&node1.netns, "node-1", 9100, App::WhoAmI)?;
+    let before = lab.config_dump("node-1")?["capture"]["counters"]["outbound"].as_u64();
+    let seen = apps::whoami(client, SocketAddr::new(node1.underlay_ip.into(), 9100))?;
+    ensure!(seen.ip() == client.ip, "node saw {seen}");
+    let after = lab.config_dump("node-1")?["capture"]["counters"]["outbound"].as_u64();
+    ensure!(
+        before == after,
+        "node-local connection was captured ({before:?} -> {after:?})"
+    );
+
     // legacy -> legacy never touched either ztunnel.
     for node in ["node-1", "node-2"] {
         let m = lab.metrics(node)?;
