@@ -90,18 +90,12 @@ impl Capture {
             .override_global(names::GLOBAL_REDIRECT_MARK, &cfg.redirect_mark, true)
             .load(OBJECT)
             .map_err(CaptureError::Load)?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(names::PROGRAM)
-            .ok_or(CaptureError::MissingProgram(names::PROGRAM))?
-            .try_into()
+        program(&mut ebpf)?
+            .load()
             .map_err(|source| CaptureError::Program {
                 name: names::PROGRAM,
                 source,
             })?;
-        program.load().map_err(|source| CaptureError::Program {
-            name: names::PROGRAM,
-            source,
-        })?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))
         };
@@ -128,15 +122,7 @@ impl Capture {
     pub fn sync_interfaces(&mut self) -> Result<Vec<String>, CaptureError> {
         let ifaces = interfaces().map_err(CaptureError::Interfaces)?;
         self.attached.retain(|i| ifaces.contains(i));
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(names::PROGRAM)
-            .ok_or(CaptureError::MissingProgram(names::PROGRAM))?
-            .try_into()
-            .map_err(|source| CaptureError::Program {
-                name: names::PROGRAM,
-                source,
-            })?;
+        let program = program(&mut self.ebpf)?;
         let mut added = Vec::new();
         let new: Vec<&String> = ifaces
             .iter()
@@ -248,6 +234,16 @@ impl Capture {
             })
             .collect()
     }
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, CaptureError> {
+    ebpf.program_mut(names::PROGRAM)
+        .ok_or(CaptureError::MissingProgram(names::PROGRAM))?
+        .try_into()
+        .map_err(|source| CaptureError::Program {
+            name: names::PROGRAM,
+            source,
+        })
 }
 
 fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError {

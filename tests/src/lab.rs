@@ -188,23 +188,7 @@ impl Lab {
         for (i, name) in node_names.iter().enumerate() {
             let ns = NetNs::create(&format!("{}-{}", self.id, short(name)))?;
             let ul_end = format!("n{i}");
-            netns::run(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    "eth0",
-                    "netns",
-                    ns.name(),
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &ul_end,
-                    "netns",
-                    ul.name(),
-                ],
-            )?;
+            veth(&ns, "eth0", &ul, &ul_end)?;
             ul.ip(&["link", "set", &ul_end, "master", "br0", "up"])?;
             let ip = Ipv4Addr::new(10, 240, 0, 10 + i as u8);
             ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
@@ -256,23 +240,7 @@ impl Lab {
                 short(&namespace),
                 short(&name)
             ))?;
-            netns::run(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    "eth0",
-                    "netns",
-                    ns.name(),
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &host_end,
-                    "netns",
-                    node_ns.name(),
-                ],
-            )?;
+            veth(&ns, "eth0", &node_ns, &host_end)?;
             ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
             ns.ip(&["link", "set", "eth0", "up"])?;
             ns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
@@ -638,6 +606,28 @@ impl Drop for Lab {
             eprintln!("lab {}: teardown failed: {e:#}", self.id);
         }
     }
+}
+
+/// A veth pair: `a_name` in `a`, `b_name` in `b`.
+fn veth(a: &NetNs, a_name: &str, b: &NetNs, b_name: &str) -> Result<()> {
+    netns::run(
+        "ip",
+        &[
+            "link",
+            "add",
+            a_name,
+            "netns",
+            a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_name,
+            "netns",
+            b.name(),
+        ],
+    )
+    .map(drop)
 }
 
 /// Makes the child die with us (SIGKILL), even if we are killed.

@@ -183,6 +183,35 @@ where
     }
 }
 
+/// Connects to `target` from `src` (transparent) and splices `client` to it.
+/// A failed connect is counted and logged as a refusal. Returns (bytes
+/// client→target, bytes target→client, error).
+pub async fn forward<C>(
+    metrics: &Metrics,
+    direction: Direction,
+    client: &mut C,
+    src: SocketAddr,
+    target: SocketAddr,
+) -> (u64, u64, Option<io::Error>)
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    match transparent_connect(src.ip(), target).await {
+        Ok(mut upstream) => splice(client, &mut upstream).await,
+        Err(e) => {
+            refused(
+                metrics,
+                direction,
+                RefusalReason::upstream_connect,
+                src,
+                target,
+                &e,
+            );
+            (0, 0, Some(e))
+        }
+    }
+}
+
 /// One proxied connection's metrics and access log, from open to close.
 #[derive(Debug)]
 pub struct ConnectionLog {

@@ -7,7 +7,7 @@
 //! the client address in `Forwarded` belongs to a workload with the peer's
 //! verified identity (a peer cannot speak for another identity's pods).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::StatusCode;
@@ -18,9 +18,12 @@ use weft_api::{Identity, Service, Workload};
 use weft_hbone::server::ConnectRequest;
 use weft_hbone::tls::peer_identity;
 
-use super::{ConnectionLog, ProxyInputs, identity_of, peer, refused, splice, transparent_connect};
+use super::{
+    ConnectionLog, ProxyInputs, forward, identity_of, peer, refused, splice, transparent_connect,
+};
 use crate::config::HBONE_PORT;
 use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
+use crate::state::State;
 
 const DIR: Direction = Direction::inbound;
 
@@ -87,6 +90,86 @@ pub async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer_addr: SocketAddr)
     }
 }
 
+/// Why a CONNECT stream is refused: what is counted, answered and logged.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Denial {
+    pub reason: RefusalReason,
+    pub code: StatusCode,
+    pub why: String,
+}
+
+/// A CONNECT stream that may proceed.
+#[derive(Debug)]
+pub struct Admitted {
+    pub dst: Arc<Workload>,
+    pub src: Arc<Workload>,
+    pub client_ip: IpAddr,
+}
+
+/// Decides one CONNECT on a connection where this ztunnel presented
+/// `conn_id` and the peer proved `peer_id`. Pure: state in, decision out.
+///
+/// The target must be a captured pod of `node` with identity `conn_id` (so one
+/// connection serves every pod of that identity here) and not the HBONE port;
+/// the `Forwarded` client must be a workload whose identity is `peer_id`, so a
+/// peer can only speak for its own workloads.
+pub fn admit(
+    state: &State,
+    node: &str,
+    target: SocketAddr,
+    forwarded: Option<IpAddr>,
+    peer_id: &Identity,
+    conn_id: &Identity,
+) -> Result<Admitted, Denial> {
+    let deny = |reason, code, why: String| Denial { reason, code, why };
+    let Some(dst) = state.local_captured(target.ip(), node).cloned() else {
+        return Err(deny(
+            RefusalReason::unknown_destination,
+            StatusCode::BAD_REQUEST,
+            format!("CONNECT {target}: no captured pod with that address on node {node}"),
+        ));
+    };
+    if identity_of(&dst).as_ref() != Some(conn_id) {
+        return Err(deny(
+            RefusalReason::identity_mismatch,
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "CONNECT {target}: pod {} is not {conn_id}, the identity this connection verified",
+                dst.uid
+            ),
+        ));
+    }
+    if target.port() == HBONE_PORT {
+        return Err(deny(
+            RefusalReason::loop_detected,
+            StatusCode::BAD_REQUEST,
+            format!("CONNECT {target}: tunnelling to the HBONE port is a loop"),
+        ));
+    }
+    let Some(client_ip) = forwarded else {
+        return Err(deny(
+            RefusalReason::bad_request,
+            StatusCode::BAD_REQUEST,
+            format!("CONNECT {target}: no client address in Forwarded: for="),
+        ));
+    };
+    let src = state.workload_by_ip(client_ip).cloned();
+    match src {
+        Some(src) if identity_of(&src).as_ref() == Some(peer_id) => Ok(Admitted {
+            dst,
+            src,
+            client_ip,
+        }),
+        _ => Err(deny(
+            RefusalReason::identity_mismatch,
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "CONNECT {target}: peer {peer_id} speaks for client {client_ip}, which is not one of its workloads"
+            ),
+        )),
+    }
+}
+
 /// One CONNECT stream on an authenticated HBONE connection.
 async fn connect(
     pi: Arc<ProxyInputs>,
@@ -96,7 +179,6 @@ async fn connect(
     conn_id: Identity,
 ) {
     let m = &pi.metrics;
-    let node = &pi.cfg.node_name;
     let target = match req.target() {
         Ok(t) => t,
         Err(e) => {
@@ -105,72 +187,32 @@ async fn connect(
         }
     };
     let state = pi.state.snapshot();
-    let Some(dst) = state.local_captured(target.ip(), node).cloned() else {
-        let why = format!("CONNECT {target}: no captured pod with that address on node {node}");
-        refused(
-            m,
-            DIR,
-            RefusalReason::unknown_destination,
-            peer_addr,
-            target,
-            &why,
-        );
-        return req.refuse(StatusCode::BAD_REQUEST);
+    let forwarded = req.forwarded_for();
+    let Admitted {
+        dst,
+        src,
+        client_ip,
+    } = match admit(
+        &state,
+        &pi.cfg.node_name,
+        target,
+        forwarded,
+        &peer_id,
+        &conn_id,
+    ) {
+        Ok(a) => a,
+        Err(d) => {
+            refused(m, DIR, d.reason, peer_addr, target, &d.why);
+            return req.refuse(d.code);
+        }
     };
-    if identity_of(&dst).as_ref() != Some(&conn_id) {
-        let why = format!(
-            "CONNECT {target}: pod {} is not {conn_id}, the identity this connection verified",
-            dst.uid
-        );
-        refused(
-            m,
-            DIR,
-            RefusalReason::identity_mismatch,
-            peer_addr,
-            target,
-            &why,
-        );
-        return req.refuse(StatusCode::UNAUTHORIZED);
-    }
-    if target.port() == HBONE_PORT {
-        let why = format!("CONNECT {target}: tunnelling to the HBONE port is a loop");
-        refused(
-            m,
-            DIR,
-            RefusalReason::loop_detected,
-            peer_addr,
-            target,
-            &why,
-        );
-        return req.refuse(StatusCode::BAD_REQUEST);
-    }
-    let Some(client_ip) = req.forwarded_for() else {
-        let why = format!("CONNECT {target}: no client address in Forwarded: for=");
-        refused(m, DIR, RefusalReason::bad_request, peer_addr, target, &why);
-        return req.refuse(StatusCode::BAD_REQUEST);
-    };
-    let src = state.workload_by_ip(client_ip).cloned();
-    if src.as_deref().and_then(identity_of).as_ref() != Some(&peer_id) {
-        let why = format!(
-            "CONNECT {target}: peer {peer_id} speaks for client {client_ip}, which is not one of its workloads"
-        );
-        refused(
-            m,
-            DIR,
-            RefusalReason::identity_mismatch,
-            peer_addr,
-            target,
-            &why,
-        );
-        return req.refuse(StatusCode::UNAUTHORIZED);
-    }
     let client = SocketAddr::new(client_ip, peer_addr.port());
     let log = ConnectionLog::open(
         m,
         DIR,
         client,
         target,
-        peer(src.as_deref(), Some(&peer_id), None),
+        peer(Some(&src), Some(&peer_id), None),
         peer(Some(&dst), Some(&conn_id), None),
         SecurityPolicy::mutual_tls,
     );
@@ -226,23 +268,146 @@ pub async fn deliver_local(
         dst_peer,
         SecurityPolicy::mutual_tls,
     );
-    match transparent_connect(client_addr.ip(), target).await {
-        Ok(mut upstream) => {
-            let (up, down, err) = splice(&mut client, &mut upstream).await;
-            out.close(m, up, down, err.as_ref());
-            inb.close(m, up, down, err.as_ref());
+    let (up, down, err) = forward(m, DIR, &mut client, client_addr, target).await;
+    out.close(m, up, down, err.as_ref());
+    inb.close(m, up, down, err.as_ref());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use weft_api::{LocalConfig, TunnelProtocol};
+
+    use super::*;
+
+    fn pod(name: &str, ns: &str, sa: &str, ip: &str, node: &str, meshed: bool) -> Workload {
+        Workload {
+            uid: format!("Kubernetes//Pod/{ns}/{name}"),
+            name: name.into(),
+            namespace: ns.into(),
+            workload_name: name.into(),
+            canonical_name: name.into(),
+            canonical_revision: "v1".into(),
+            service_account: sa.into(),
+            trust_domain: "cluster.local".into(),
+            node: node.into(),
+            addresses: vec![ip.parse().unwrap()],
+            protocol: if meshed {
+                TunnelProtocol::Hbone
+            } else {
+                TunnelProtocol::None
+            },
+            named_ports: BTreeMap::new(),
         }
-        Err(e) => {
-            refused(
-                m,
-                DIR,
-                RefusalReason::upstream_connect,
-                client_addr,
-                target,
-                &e,
-            );
-            out.close(m, 0, 0, Some(&e));
-            inb.close(m, 0, 0, Some(&e));
+    }
+
+    fn id(ns: &str, sa: &str) -> Identity {
+        Identity::new("cluster.local", ns, sa).unwrap()
+    }
+
+    /// Every CONNECT refusal, with the reason and status the peer gets; and the one admission.
+    #[test]
+    fn admission_table() {
+        let state = State::new(LocalConfig {
+            workloads: vec![
+                pod("web", "shop", "web", "10.0.2.10", "n2", true),
+                pod("db", "shop", "db", "10.0.2.11", "n2", true),
+                pod("plain", "legacy", "default", "10.0.2.20", "n2", false),
+                pod("remote", "shop", "web", "10.0.1.10", "n1", true),
+                pod("client", "shop", "client", "10.0.1.11", "n1", true),
+                pod("outsider", "legacy", "default", "10.0.1.20", "n1", false),
+            ],
+            services: vec![],
+        });
+        let (web, client) = (id("shop", "web"), id("shop", "client"));
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        use RefusalReason as R;
+        type Case<'a> = (
+            &'a str,
+            SocketAddr,
+            Option<IpAddr>,
+            &'a Identity,
+            Result<(), (R, u16)>,
+        );
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "admitted",
+                sa("10.0.2.10:8080"),
+                ip("10.0.1.11"),
+                &client,
+                Ok(()),
+            ),
+            (
+                "pod outside the mesh",
+                sa("10.0.2.20:8080"),
+                ip("10.0.1.11"),
+                &client,
+                Err((R::unknown_destination, 400)),
+            ),
+            (
+                "pod on another node",
+                sa("10.0.1.10:8080"),
+                ip("10.0.1.11"),
+                &client,
+                Err((R::unknown_destination, 400)),
+            ),
+            (
+                "unknown address",
+                sa("192.0.2.1:80"),
+                ip("10.0.1.11"),
+                &client,
+                Err((R::unknown_destination, 400)),
+            ),
+            (
+                "pod of another identity",
+                sa("10.0.2.11:5432"),
+                ip("10.0.1.11"),
+                &client,
+                Err((R::identity_mismatch, 401)),
+            ),
+            (
+                "HBONE port",
+                sa("10.0.2.10:15008"),
+                ip("10.0.1.11"),
+                &client,
+                Err((R::loop_detected, 400)),
+            ),
+            (
+                "no Forwarded",
+                sa("10.0.2.10:8080"),
+                None,
+                &client,
+                Err((R::bad_request, 400)),
+            ),
+            (
+                "Forwarded of another identity",
+                sa("10.0.2.10:8080"),
+                ip("10.0.1.20"),
+                &client,
+                Err((R::identity_mismatch, 401)),
+            ),
+            (
+                "Forwarded unknown",
+                sa("10.0.2.10:8080"),
+                ip("192.0.2.7"),
+                &client,
+                Err((R::identity_mismatch, 401)),
+            ),
+            (
+                "peer speaks for another",
+                sa("10.0.2.10:8080"),
+                ip("10.0.1.11"),
+                &web,
+                Err((R::identity_mismatch, 401)),
+            ),
+        ];
+        for (name, target, fwd, peer_id, want) in cases {
+            let got = admit(&state, "n2", target, fwd, peer_id, &web)
+                .map(|_| ())
+                .map_err(|d| (d.reason, d.code.as_u16()));
+            assert_eq!(got, want, "{name}");
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::{ConnectionLog, ProxyInputs, identity_of, peer, refused, splice, transparent_connect};
+use super::{ConnectionLog, ProxyInputs, forward, identity_of, peer, refused};
 use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
 
 const DIR: Direction = Direction::inbound_plaintext;
@@ -41,21 +41,6 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
         peer(Some(&dst), dst_id.as_ref(), None),
         SecurityPolicy::none,
     );
-    match transparent_connect(peer_addr.ip(), orig_dst).await {
-        Ok(mut upstream) => {
-            let (up, down, err) = splice(&mut client, &mut upstream).await;
-            log.close(m, up, down, err.as_ref());
-        }
-        Err(e) => {
-            refused(
-                m,
-                DIR,
-                RefusalReason::upstream_connect,
-                peer_addr,
-                orig_dst,
-                &e,
-            );
-            log.close(m, 0, 0, Some(&e));
-        }
-    }
+    let (up, down, err) = forward(m, DIR, &mut client, peer_addr, orig_dst).await;
+    log.close(m, up, down, err.as_ref());
 }

@@ -18,7 +18,7 @@ use weft_hbone::client::ConnectError;
 use weft_hbone::server::forwarded_header;
 use weft_hbone::tls::server_name;
 
-use super::{ConnectionLog, ProxyInputs, identity_of, peer, refused, splice, transparent_connect};
+use super::{ConnectionLog, ProxyInputs, forward, identity_of, peer, refused, splice};
 use crate::config::{CONNECT_TIMEOUT, HBONE_PORT};
 use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
 use crate::state::{ResolveError, Upstream};
@@ -144,23 +144,8 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
                 peer(workload.as_deref(), dst_id.as_ref(), service.as_deref()),
                 SecurityPolicy::unknown,
             );
-            match transparent_connect(peer_addr.ip(), target).await {
-                Ok(mut upstream) => {
-                    let (up, down, err) = splice(&mut client, &mut upstream).await;
-                    log.close(m, up, down, err.as_ref());
-                }
-                Err(e) => {
-                    refused(
-                        m,
-                        DIR,
-                        RefusalReason::upstream_connect,
-                        peer_addr,
-                        target,
-                        &e,
-                    );
-                    log.close(m, 0, 0, Some(&e));
-                }
-            }
+            let (up, down, err) = forward(m, DIR, &mut client, peer_addr, target).await;
+            log.close(m, up, down, err.as_ref());
         }
     }
 }
