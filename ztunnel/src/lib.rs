@@ -14,3 +14,5 @@ pub mod identity;
 pub mod metrics;
 pub mod proxy;
 pub mod state;
+#[cfg(test)]
+mod test_helpers;

@@ -243,32 +243,12 @@ mod tests {
     use weft_api::{Endpoint, ServicePort};
 
     use super::*;
-
-    fn pod(name: &str, ip: &str, node: &str, meshed: bool) -> Workload {
-        Workload {
-            uid: format!("Kubernetes//Pod/shop/{name}"),
-            name: name.into(),
-            namespace: "shop".into(),
-            workload_name: name.into(),
-            canonical_name: name.into(),
-            canonical_revision: "v1".into(),
-            service_account: "default".into(),
-            trust_domain: "cluster.local".into(),
-            node: node.into(),
-            addresses: vec![ip.parse().unwrap()],
-            protocol: if meshed {
-                TunnelProtocol::Hbone
-            } else {
-                TunnelProtocol::None
-            },
-            named_ports: BTreeMap::new(),
-        }
-    }
+    use crate::test_helpers::pod;
 
     fn state() -> State {
-        let a = pod("a", "10.244.1.10", "n1", true);
-        let b = pod("b", "10.244.2.10", "n2", true);
-        let c = pod("c", "10.244.2.11", "n2", false);
+        let a = pod("a", "shop", "default", "10.244.1.10", "n1", true);
+        let b = pod("b", "shop", "default", "10.244.2.10", "n2", true);
+        let c = pod("c", "shop", "default", "10.244.2.11", "n2", false);
         let ep = |w: &Workload| Endpoint {
             workload_uid: w.uid.clone(),
             ports: BTreeMap::from([(80, 8080)]),

@@ -275,32 +275,10 @@ pub async fn deliver_local(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use weft_api::{LocalConfig, TunnelProtocol};
+    use weft_api::LocalConfig;
 
     use super::*;
-
-    fn pod(name: &str, ns: &str, sa: &str, ip: &str, node: &str, meshed: bool) -> Workload {
-        Workload {
-            uid: format!("Kubernetes//Pod/{ns}/{name}"),
-            name: name.into(),
-            namespace: ns.into(),
-            workload_name: name.into(),
-            canonical_name: name.into(),
-            canonical_revision: "v1".into(),
-            service_account: sa.into(),
-            trust_domain: "cluster.local".into(),
-            node: node.into(),
-            addresses: vec![ip.parse().unwrap()],
-            protocol: if meshed {
-                TunnelProtocol::Hbone
-            } else {
-                TunnelProtocol::None
-            },
-            named_ports: BTreeMap::new(),
-        }
-    }
+    use crate::test_helpers::pod;
 
     fn id(ns: &str, sa: &str) -> Identity {
         Identity::new("cluster.local", ns, sa).unwrap()
