@@ -539,6 +539,14 @@ impl Lab {
         self.write_config()
     }
 
+    /// Overwrites ztunnel's config file with `text` as is: what a bad edit does.
+    pub fn write_raw_config(&self, text: &str) -> Result<()> {
+        let tmp = self.dir.join("ztunnel.yaml.tmp");
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, self.config_path())?;
+        Ok(())
+    }
+
     /// Waits until ztunnel on the pod's node has (or has not) captured it.
     pub fn wait_captured(&self, pod: &str, captured: bool) -> Result<()> {
         let p = self.pod(pod);

@@ -301,3 +301,44 @@ fn capture_follows_label_on_running_pod() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// A broken config file is reported and ignored: ztunnel keeps the last good
+/// state, keeps capturing, and keeps serving the mesh.
+#[test]
+fn bad_config_keeps_last_good_state() -> Result<()> {
+    let lab = Lab::up(LabOptions::new("badcfg", SCENARIO))?;
+    let (client, web) = (lab.pod("shop/client"), lab.pod("shop/web-1"));
+    let _who = apps::serve(web, 8080, App::WhoAmI)?;
+    lab.write_raw_config("workloads: [ {uid: 42, name: \n  - not: [closed\n")?;
+    eventually("the bad config is reported", Duration::from_secs(5), || {
+        Ok(lab
+            .ztunnel_log("node-1")
+            .contains("keeping the last good config"))
+    })?;
+    let seen = apps::whoami(client, addr(web, 8080))?;
+    ensure!(seen.ip() == client.ip, "server saw {seen}");
+    let dump = lab.config_dump("node-2")?;
+    ensure!(
+        dump["workloads"].as_array().is_some_and(|w| w.len() == 5),
+        "state lost: {}",
+        dump["workloads"]
+    );
+    ensure!(
+        dump["capture"]["captured"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty()),
+        "capture lost: {}",
+        dump["capture"]
+    );
+    let line = log_lines(
+        &lab.ztunnel_log("node-1"),
+        &[("message", "keeping the last good config")],
+    );
+    ensure!(
+        line.first()
+            .and_then(|l| l["error"].as_str())
+            .is_some_and(|e| e.contains("ztunnel.yaml")),
+        "the error does not name the file: {line:?}"
+    );
+    Ok(())
+}

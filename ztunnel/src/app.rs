@@ -114,6 +114,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     info!(node = %cfg.node_name, "ztunnel ready");
 
     let mut tick = tokio::time::interval(CAPTURE_SYNC_INTERVAL);
+    let mut config_error: Option<String> = None;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -124,13 +125,21 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         // Local config changes (development mode): keep the last good state on error.
         match read_local_config(&cfg.local_xds_path) {
             Ok((local, text)) if text != last_text => {
+                config_error = None;
                 last_text = text;
                 state.replace(local);
                 prefetch(&state, &certs, &cfg.node_name);
                 info!(path = %cfg.local_xds_path.display(), "local config reloaded");
             }
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "keeping the last good config"),
+            Ok(_) => config_error = None,
+            Err(e) => {
+                // Once per distinct error, not once per tick.
+                let text = e.to_string();
+                if config_error.as_ref() != Some(&text) {
+                    warn!(error = %text, "keeping the last good config");
+                    config_error = Some(text);
+                }
+            }
         }
         if let Some(capture) = &capture {
             let mut c = capture.lock().unwrap_or_else(|p| p.into_inner());
