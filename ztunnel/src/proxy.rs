@@ -5,6 +5,7 @@
 //! to captured pods (15006). All upstream sockets toward pods are transparent,
 //! so applications see real peer addresses on both sides.
 
+mod copy;
 pub mod inbound;
 pub mod inbound_plaintext;
 pub mod outbound;
@@ -170,17 +171,13 @@ pub async fn transparent_connect(src: IpAddr, dst: SocketAddr) -> io::Result<Tcp
 }
 
 /// Copies both ways until both sides have closed, forwarding half-closes.
-/// Returns (bytes client→upstream, bytes upstream→client).
+/// Returns (bytes client→upstream, bytes upstream→client, error if it ended early).
 pub async fn splice<A, B>(client: &mut A, upstream: &mut B) -> (u64, u64, Option<io::Error>)
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    const BUF: usize = 128 * 1024;
-    match tokio::io::copy_bidirectional_with_sizes(client, upstream, BUF, BUF).await {
-        Ok((up, down)) => (up, down, None),
-        Err(e) => (0, 0, Some(e)),
-    }
+    copy::copy_bidirectional(client, upstream).await
 }
 
 /// Connects to `target` from `src` (transparent) and splices `client` to it.
