@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Buffer a direction starts with.
 pub const INITIAL: usize = 16 * 1024;
 /// Buffer a bulk direction grows to.
-pub const LARGE: usize = 256 * 1024;
+pub const LARGE: usize = 128 * 1024;
 /// Reads that fill the buffer before it grows.
 const FULL_READS_TO_GROW: u32 = 2;
 
