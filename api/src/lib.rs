@@ -5,8 +5,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod authz;
 mod identity;
 mod workload;
 
+pub use authz::Authorization;
 pub use identity::{Identity, IdentityError};
 pub use workload::{Endpoint, LocalConfig, Service, ServicePort, TunnelProtocol, Workload};

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Identity;
+use crate::{Authorization, Identity};
 
 /// How traffic reaches a workload.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +44,9 @@ pub struct Workload {
     /// Named container ports, for Services whose targetPort is a name.
     #[serde(default)]
     pub named_ports: BTreeMap<String, u16>,
+    /// Selector-scoped authorization policies that apply, as `namespace/name`.
+    #[serde(default)]
+    pub authorization_policies: Vec<String>,
 }
 
 /// A port of a Service: traffic to `port` on a VIP goes to `target_port` on an endpoint.
@@ -83,6 +86,8 @@ pub struct LocalConfig {
     pub workloads: Vec<Workload>,
     #[serde(default)]
     pub services: Vec<Service>,
+    #[serde(default)]
+    pub policies: Vec<Authorization>,
 }
 
 // === impl Workload ===

@@ -196,6 +196,7 @@ fn workload(pod: &Pod, snap: &Snapshot, mesh: &Mesh) -> Result<Option<Workload>,
         node,
         addresses,
         named_ports,
+        authorization_policies: Vec::new(),
     }))
 }
 

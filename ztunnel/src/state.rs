@@ -274,6 +274,7 @@ mod tests {
         State::new(LocalConfig {
             workloads: vec![a, b, c],
             services: vec![svc, empty],
+            ..LocalConfig::default()
         })
     }
 

@@ -23,5 +23,6 @@ pub fn pod(name: &str, ns: &str, sa: &str, ip: &str, node: &str, meshed: bool) -
             TunnelProtocol::None
         },
         named_ports: BTreeMap::new(),
+        authorization_policies: Vec::new(),
     }
 }

@@ -296,7 +296,7 @@ mod tests {
                 pod("client", "shop", "client", "10.0.1.11", "n1", true),
                 pod("outsider", "legacy", "default", "10.0.1.20", "n1", false),
             ],
-            services: vec![],
+            ..LocalConfig::default()
         });
         let (web, client) = (id("shop", "web"), id("shop", "client"));
         let sa = |s: &str| s.parse::<SocketAddr>().unwrap();

@@ -1,0 +1,657 @@
+//! Weft's types ↔ Istio's wire messages. The controller encodes; ztunnel
+//! decodes and refuses, per resource, what does not make sense.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use weft_api::authz::{self, Action, Authorization, Scope, StringMatch};
+use weft_api::{Endpoint, LocalConfig, Service, ServicePort, TunnelProtocol, Workload};
+
+use crate::proto::security as sec;
+use crate::proto::workload as pw;
+
+/// A resource ztunnel cannot use, naming it and the field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{resource}: {field}: {message}")]
+pub struct ConvertError {
+    pub resource: String,
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// A workload as delivered: the workload and the services it backs
+/// (`namespace/hostname` → service port → target port).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdsWorkload {
+    pub workload: Workload,
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+}
+
+/// The xDS name of a service: `namespace/hostname`.
+pub fn service_key(svc: &Service) -> String {
+    format!("{}/{}", svc.namespace, svc.hostname)
+}
+
+fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
+    match b.len() {
+        4 => <[u8; 4]>::try_from(b)
+            .ok()
+            .map(|a| Ipv4Addr::from(a).into()),
+        16 => <[u8; 16]>::try_from(b)
+            .ok()
+            .map(|a| Ipv6Addr::from(a).into()),
+        _ => None,
+    }
+}
+
+// === encode (controller) ===
+
+/// Every workload and service of `cfg` as `istio.workload.Address`
+/// resources, keyed by their xDS names (workload uid, `namespace/hostname`).
+pub fn address_resources(cfg: &LocalConfig) -> Vec<(String, pw::Address)> {
+    let mut backs: BTreeMap<&str, BTreeMap<String, pw::PortList>> = BTreeMap::new();
+    for svc in &cfg.services {
+        for ep in &svc.endpoints {
+            let ports = ep
+                .ports
+                .iter()
+                .map(|(p, t)| pw::Port {
+                    service_port: u32::from(*p),
+                    target_port: u32::from(*t),
+                    app_protocol: 0,
+                })
+                .collect();
+            backs
+                .entry(ep.workload_uid.as_str())
+                .or_default()
+                .insert(service_key(svc), pw::PortList { ports });
+        }
+    }
+    let mut out = Vec::with_capacity(cfg.workloads.len() + cfg.services.len());
+    for w in &cfg.workloads {
+        let services = backs.remove(w.uid.as_str()).unwrap_or_default();
+        let wl = workload_to_proto(w, services);
+        out.push((
+            w.uid.clone(),
+            pw::Address {
+                r#type: Some(pw::address::Type::Workload(wl)),
+            },
+        ));
+    }
+    for svc in &cfg.services {
+        out.push((
+            service_key(svc),
+            pw::Address {
+                r#type: Some(pw::address::Type::Service(service_to_proto(svc))),
+            },
+        ));
+    }
+    out
+}
+
+fn workload_to_proto(w: &Workload, services: BTreeMap<String, pw::PortList>) -> pw::Workload {
+    pw::Workload {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        addresses: w.addresses.iter().map(ip_bytes).collect(),
+        network: String::new(),
+        tunnel_protocol: match w.protocol {
+            TunnelProtocol::None => pw::TunnelProtocol::None,
+            TunnelProtocol::Hbone => pw::TunnelProtocol::Hbone,
+        } as i32,
+        trust_domain: w.trust_domain.clone(),
+        service_account: w.service_account.clone(),
+        waypoint: None,
+        node: w.node.clone(),
+        canonical_name: w.canonical_name.clone(),
+        canonical_revision: w.canonical_revision.clone(),
+        workload_type: pw::WorkloadType::Pod as i32,
+        workload_name: w.workload_name.clone(),
+        authorization_policies: w.authorization_policies.clone(),
+        status: pw::WorkloadStatus::Healthy as i32,
+        cluster_id: String::new(),
+        services,
+    }
+}
+
+fn service_to_proto(svc: &Service) -> pw::Service {
+    pw::Service {
+        name: svc.name.clone(),
+        namespace: svc.namespace.clone(),
+        hostname: svc.hostname.clone(),
+        addresses: svc
+            .vips
+            .iter()
+            .map(|ip| pw::NetworkAddress {
+                network: String::new(),
+                address: ip_bytes(ip),
+                length: None,
+            })
+            .collect(),
+        ports: svc
+            .ports
+            .iter()
+            .map(|p| pw::Port {
+                service_port: u32::from(p.port),
+                target_port: u32::from(p.target_port),
+                app_protocol: 0,
+            })
+            .collect(),
+        subject_alt_names: Vec::new(),
+        waypoint: None,
+    }
+}
+
+/// A policy as `istio.security.Authorization`, with its xDS name.
+pub fn authorization_to_proto(p: &Authorization) -> (String, sec::Authorization) {
+    let strings = |v: &[StringMatch]| -> Vec<sec::StringMatch> {
+        v.iter()
+            .map(|m| sec::StringMatch {
+                match_type: Some(match m {
+                    StringMatch::Exact(s) => sec::string_match::MatchType::Exact(s.clone()),
+                    StringMatch::Prefix(s) => sec::string_match::MatchType::Prefix(s.clone()),
+                    StringMatch::Suffix(s) => sec::string_match::MatchType::Suffix(s.clone()),
+                    StringMatch::Presence => sec::string_match::MatchType::Presence(()),
+                }),
+            })
+            .collect()
+    };
+    let nets = |v: &[IpNet]| -> Vec<sec::Address> {
+        v.iter()
+            .map(|n| sec::Address {
+                address: ip_bytes(&n.network()),
+                length: u32::from(n.prefix_len()),
+            })
+            .collect()
+    };
+    let ports = |v: &[u16]| v.iter().map(|p| u32::from(*p)).collect();
+    let rules = p
+        .rules
+        .iter()
+        .map(|r| sec::Rule {
+            clauses: r
+                .clauses
+                .iter()
+                .map(|c| sec::Clause {
+                    matches: c
+                        .matches
+                        .iter()
+                        .map(|m| sec::Match {
+                            namespaces: strings(&m.namespaces),
+                            not_namespaces: strings(&m.not_namespaces),
+                            principals: strings(&m.principals),
+                            not_principals: strings(&m.not_principals),
+                            source_ips: nets(&m.source_ips),
+                            not_source_ips: nets(&m.not_source_ips),
+                            destination_ips: nets(&m.destination_ips),
+                            not_destination_ips: nets(&m.not_destination_ips),
+                            destination_ports: ports(&m.destination_ports),
+                            not_destination_ports: ports(&m.not_destination_ports),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    let msg = sec::Authorization {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        scope: match p.scope {
+            Scope::Global => sec::Scope::Global,
+            Scope::Namespace => sec::Scope::Namespace,
+            Scope::WorkloadSelector => sec::Scope::WorkloadSelector,
+        } as i32,
+        action: match p.action {
+            Action::Allow => sec::Action::Allow,
+            Action::Deny => sec::Action::Deny,
+        } as i32,
+        rules,
+        dry_run: p.dry_run,
+    };
+    (p.key(), msg)
+}
+
+// === decode (ztunnel) ===
+
+/// Decodes a workload; `name` is the xDS resource name, for errors.
+pub fn workload_from_proto(name: &str, p: pw::Workload) -> Result<XdsWorkload, ConvertError> {
+    let err = |field, message: String| ConvertError {
+        resource: format!("workload {name}"),
+        field,
+        message,
+    };
+    if p.uid.is_empty() {
+        return Err(err("uid", "empty".into()));
+    }
+    let addresses = p
+        .addresses
+        .iter()
+        .map(|b| {
+            ip_from_bytes(b)
+                .ok_or_else(|| err("addresses", format!("{} bytes is not an IP", b.len())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let protocol = match pw::TunnelProtocol::try_from(p.tunnel_protocol) {
+        Ok(pw::TunnelProtocol::None) => TunnelProtocol::None,
+        Ok(pw::TunnelProtocol::Hbone) => TunnelProtocol::Hbone,
+        Ok(other) => {
+            return Err(err(
+                "tunnel_protocol",
+                format!("{other:?} is not supported"),
+            ));
+        }
+        Err(_) => {
+            return Err(err(
+                "tunnel_protocol",
+                format!("unknown value {}", p.tunnel_protocol),
+            ));
+        }
+    };
+    let mut services = BTreeMap::new();
+    for (key, list) in p.services {
+        if !key.contains('/') {
+            return Err(err(
+                "services",
+                format!("key {key:?} is not namespace/hostname"),
+            ));
+        }
+        let mut ports = BTreeMap::new();
+        for port in list.ports {
+            let (Ok(sp), Ok(tp)) = (
+                u16::try_from(port.service_port),
+                u16::try_from(port.target_port),
+            ) else {
+                return Err(err("services", format!("{key}: port out of range")));
+            };
+            ports.insert(sp, tp);
+        }
+        services.insert(key, ports);
+    }
+    let or = |s: String, default: &str| if s.is_empty() { default.to_string() } else { s };
+    let workload = Workload {
+        uid: p.uid,
+        name: p.name,
+        namespace: p.namespace,
+        workload_name: p.workload_name,
+        canonical_name: p.canonical_name,
+        canonical_revision: p.canonical_revision,
+        service_account: or(p.service_account, "default"),
+        trust_domain: or(p.trust_domain, "cluster.local"),
+        node: p.node,
+        addresses,
+        protocol,
+        named_ports: BTreeMap::new(),
+        authorization_policies: p.authorization_policies,
+    };
+    if protocol == TunnelProtocol::Hbone {
+        workload
+            .identity()
+            .map_err(|e| err("service_account", e.to_string()))?;
+    }
+    Ok(XdsWorkload { workload, services })
+}
+
+/// Decodes a service (its endpoints come from the workloads that back it).
+pub fn service_from_proto(name: &str, p: pw::Service) -> Result<Service, ConvertError> {
+    let err = |field, message: String| ConvertError {
+        resource: format!("service {name}"),
+        field,
+        message,
+    };
+    if p.hostname.is_empty() {
+        return Err(err("hostname", "empty".into()));
+    }
+    let vips = p
+        .addresses
+        .iter()
+        .map(|a| {
+            ip_from_bytes(&a.address).ok_or_else(|| {
+                err(
+                    "addresses",
+                    format!("{} bytes is not an IP", a.address.len()),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ports = p
+        .ports
+        .iter()
+        .map(|port| {
+            match (
+                u16::try_from(port.service_port),
+                u16::try_from(port.target_port),
+            ) {
+                (Ok(port), Ok(target_port)) if port != 0 => Ok(ServicePort { port, target_port }),
+                _ => Err(err(
+                    "ports",
+                    format!(
+                        "{} → {} is out of range",
+                        port.service_port, port.target_port
+                    ),
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Service {
+        name: p.name,
+        namespace: p.namespace,
+        hostname: p.hostname,
+        vips,
+        ports,
+        endpoints: Vec::new(),
+    })
+}
+
+/// Decodes a policy; `name` is the xDS resource name.
+pub fn authorization_from_proto(
+    name: &str,
+    p: sec::Authorization,
+) -> Result<Authorization, ConvertError> {
+    let err = |field, message: String| ConvertError {
+        resource: format!("authorization {name}"),
+        field,
+        message,
+    };
+    let scope = match sec::Scope::try_from(p.scope) {
+        Ok(sec::Scope::Global) => Scope::Global,
+        Ok(sec::Scope::Namespace) => Scope::Namespace,
+        Ok(sec::Scope::WorkloadSelector) => Scope::WorkloadSelector,
+        Err(_) => return Err(err("scope", format!("unknown value {}", p.scope))),
+    };
+    let action = match sec::Action::try_from(p.action) {
+        Ok(sec::Action::Allow) => Action::Allow,
+        Ok(sec::Action::Deny) => Action::Deny,
+        Err(_) => return Err(err("action", format!("unknown value {}", p.action))),
+    };
+    let strings = |v: Vec<sec::StringMatch>| -> Vec<StringMatch> {
+        // A match with no variant set matches nothing; Istio drops it too.
+        v.into_iter()
+            .filter_map(|m| {
+                Some(match m.match_type? {
+                    sec::string_match::MatchType::Exact(s) => StringMatch::Exact(s),
+                    sec::string_match::MatchType::Prefix(s) => StringMatch::Prefix(s),
+                    sec::string_match::MatchType::Suffix(s) => StringMatch::Suffix(s),
+                    sec::string_match::MatchType::Presence(()) => StringMatch::Presence,
+                })
+            })
+            .collect()
+    };
+    let nets = |v: Vec<sec::Address>, field| -> Result<Vec<IpNet>, ConvertError> {
+        v.iter()
+            .map(|a| {
+                let ip = ip_from_bytes(&a.address)
+                    .ok_or_else(|| err(field, format!("{} bytes is not an IP", a.address.len())))?;
+                let len = u8::try_from(a.length).unwrap_or(u8::MAX);
+                IpNet::new(ip, len)
+                    .map_err(|_| err(field, format!("{ip}/{} is not a CIDR", a.length)))
+            })
+            .collect()
+    };
+    let ports = |v: Vec<u32>, field| -> Result<Vec<u16>, ConvertError> {
+        v.into_iter()
+            .map(|p| u16::try_from(p).map_err(|_| err(field, format!("port {p} is out of range"))))
+            .collect()
+    };
+    let mut rules = Vec::with_capacity(p.rules.len());
+    for r in p.rules {
+        let mut clauses = Vec::with_capacity(r.clauses.len());
+        for c in r.clauses {
+            let mut matches = Vec::with_capacity(c.matches.len());
+            for m in c.matches {
+                matches.push(authz::Match {
+                    namespaces: strings(m.namespaces),
+                    not_namespaces: strings(m.not_namespaces),
+                    principals: strings(m.principals),
+                    not_principals: strings(m.not_principals),
+                    source_ips: nets(m.source_ips, "source_ips")?,
+                    not_source_ips: nets(m.not_source_ips, "not_source_ips")?,
+                    destination_ips: nets(m.destination_ips, "destination_ips")?,
+                    not_destination_ips: nets(m.not_destination_ips, "not_destination_ips")?,
+                    destination_ports: ports(m.destination_ports, "destination_ports")?,
+                    not_destination_ports: ports(m.not_destination_ports, "not_destination_ports")?,
+                });
+            }
+            clauses.push(authz::Clause { matches });
+        }
+        rules.push(authz::Rule { clauses });
+    }
+    Ok(Authorization {
+        name: p.name,
+        namespace: p.namespace,
+        scope,
+        action,
+        dry_run: p.dry_run,
+        rules,
+    })
+}
+
+/// Joins decoded workloads, services and policies into the config ztunnel
+/// indexes: each service's endpoints are the workloads that back it.
+pub fn assemble<'a>(
+    workloads: impl IntoIterator<Item = &'a XdsWorkload>,
+    services: impl IntoIterator<Item = &'a Service>,
+    policies: impl IntoIterator<Item = &'a Authorization>,
+) -> LocalConfig {
+    let mut endpoints: BTreeMap<&str, Vec<Endpoint>> = BTreeMap::new();
+    let mut out = LocalConfig::default();
+    for xw in workloads {
+        for (key, ports) in &xw.services {
+            endpoints.entry(key.as_str()).or_default().push(Endpoint {
+                workload_uid: xw.workload.uid.clone(),
+                ports: ports.clone(),
+            });
+        }
+        out.workloads.push(xw.workload.clone());
+    }
+    for svc in services {
+        let mut svc = svc.clone();
+        svc.endpoints = endpoints
+            .remove(service_key(&svc).as_str())
+            .unwrap_or_default();
+        out.services.push(svc);
+    }
+    out.policies = policies.into_iter().cloned().collect();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    fn workload(name: &str, ip: &str, protocol: TunnelProtocol) -> Workload {
+        Workload {
+            uid: format!("Kubernetes//Pod/shop/{name}"),
+            name: name.into(),
+            namespace: "shop".into(),
+            workload_name: name.into(),
+            canonical_name: "web".into(),
+            canonical_revision: "v1".into(),
+            service_account: "web".into(),
+            trust_domain: "cluster.local".into(),
+            node: "node-2".into(),
+            addresses: vec![ip.parse().unwrap()],
+            protocol,
+            named_ports: BTreeMap::new(),
+            authorization_policies: vec!["shop/web-only".into()],
+        }
+    }
+
+    /// What the controller encodes, ztunnel decodes to the same config.
+    #[test]
+    fn round_trip() {
+        let cfg = LocalConfig {
+            workloads: vec![
+                workload("web-1", "10.0.2.10", TunnelProtocol::Hbone),
+                workload("web-2", "fd00::2", TunnelProtocol::None),
+            ],
+            services: vec![Service {
+                name: "web".into(),
+                namespace: "shop".into(),
+                hostname: "web.shop.svc.cluster.local".into(),
+                vips: vec!["10.96.0.10".parse().unwrap()],
+                ports: vec![ServicePort {
+                    port: 80,
+                    target_port: 8080,
+                }],
+                endpoints: vec![Endpoint {
+                    workload_uid: "Kubernetes//Pod/shop/web-1".into(),
+                    ports: BTreeMap::from([(80, 8080)]),
+                }],
+            }],
+            policies: vec![Authorization {
+                name: "web-only".into(),
+                namespace: "shop".into(),
+                scope: Scope::WorkloadSelector,
+                action: Action::Deny,
+                dry_run: false,
+                rules: vec![authz::Rule {
+                    clauses: vec![authz::Clause {
+                        matches: vec![authz::Match {
+                            not_principals: vec![StringMatch::Presence],
+                            source_ips: vec!["10.0.0.0/8".parse().unwrap()],
+                            not_destination_ports: vec![15021],
+                            ..authz::Match::default()
+                        }],
+                    }],
+                }],
+            }],
+        };
+        let mut workloads = Vec::new();
+        let mut services = Vec::new();
+        for (name, addr) in address_resources(&cfg) {
+            let addr = pw::Address::decode(addr.encode_to_vec().as_slice()).unwrap();
+            match addr.r#type.unwrap() {
+                pw::address::Type::Workload(w) => {
+                    assert_eq!(name, w.uid);
+                    workloads.push(workload_from_proto(&name, w).unwrap());
+                }
+                pw::address::Type::Service(s) => {
+                    assert_eq!(name, "shop/web.shop.svc.cluster.local");
+                    services.push(service_from_proto(&name, s).unwrap());
+                }
+            }
+        }
+        let policies: Vec<_> = cfg
+            .policies
+            .iter()
+            .map(|p| {
+                let (name, msg) = authorization_to_proto(p);
+                assert_eq!(name, "shop/web-only");
+                let msg = sec::Authorization::decode(msg.encode_to_vec().as_slice()).unwrap();
+                authorization_from_proto(&name, msg).unwrap()
+            })
+            .collect();
+        assert_eq!(assemble(&workloads, &services, &policies), cfg);
+    }
+
+    /// Each malformed field is refused with the resource and field named.
+    #[test]
+    fn refusals() {
+        let good = || match address_resources(&LocalConfig {
+            workloads: vec![workload("w", "10.0.0.1", TunnelProtocol::Hbone)],
+            ..LocalConfig::default()
+        })
+        .remove(0)
+        .1
+        .r#type
+        {
+            Some(pw::address::Type::Workload(w)) => w,
+            _ => unreachable!(),
+        };
+        let cases: Vec<(&str, pw::Workload, &str)> = vec![
+            (
+                "short ip",
+                pw::Workload {
+                    addresses: vec![vec![10, 0, 0]],
+                    ..good()
+                },
+                "addresses",
+            ),
+            (
+                "legacy mTLS",
+                pw::Workload {
+                    tunnel_protocol: 2,
+                    ..good()
+                },
+                "tunnel_protocol",
+            ),
+            (
+                "unknown protocol",
+                pw::Workload {
+                    tunnel_protocol: 9,
+                    ..good()
+                },
+                "tunnel_protocol",
+            ),
+            (
+                "no uid",
+                pw::Workload {
+                    uid: String::new(),
+                    ..good()
+                },
+                "uid",
+            ),
+            (
+                "bad identity",
+                pw::Workload {
+                    service_account: "a/b".into(),
+                    ..good()
+                },
+                "service_account",
+            ),
+            (
+                "service key",
+                pw::Workload {
+                    services: BTreeMap::from([("web".to_string(), pw::PortList::default())]),
+                    ..good()
+                },
+                "services",
+            ),
+        ];
+        for (name, w, field) in cases {
+            let err = workload_from_proto("w", w).unwrap_err();
+            assert_eq!(err.field, field, "{name}: {err}");
+            assert_eq!(err.resource, "workload w");
+        }
+        let bad_cidr = sec::Authorization {
+            rules: vec![sec::Rule {
+                clauses: vec![sec::Clause {
+                    matches: vec![sec::Match {
+                        source_ips: vec![sec::Address {
+                            address: vec![10, 0, 0, 0],
+                            length: 40,
+                        }],
+                        ..sec::Match::default()
+                    }],
+                }],
+            }],
+            ..sec::Authorization::default()
+        };
+        let err = authorization_from_proto("ns/p", bad_cidr).unwrap_err();
+        assert_eq!(
+            (err.field, err.resource.as_str()),
+            ("source_ips", "authorization ns/p")
+        );
+        let bad_action = sec::Authorization {
+            action: 7,
+            ..sec::Authorization::default()
+        };
+        assert_eq!(
+            authorization_from_proto("ns/p", bad_action)
+                .unwrap_err()
+                .field,
+            "action"
+        );
+    }
+}
