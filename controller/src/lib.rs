@@ -7,9 +7,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
+pub mod auth;
+pub mod ca;
 pub mod labels;
 pub mod manifests;
 mod snapshot;
+pub mod source;
 pub mod translate;
+pub mod xds;
 
 pub use snapshot::Snapshot;

@@ -21,6 +21,13 @@ pub struct ManifestError {
     pub message: String,
 }
 
+impl ManifestError {
+    /// The text is not YAML at all: nothing after this point was read.
+    pub fn is_syntax(&self) -> bool {
+        self.kind == "?"
+    }
+}
+
 /// Adds every resource in `text` (named `source_name` in errors) to `snapshot`.
 pub fn parse(text: &str, source_name: &str, snapshot: &mut Snapshot) -> Vec<ManifestError> {
     let mut errors = Vec::new();

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use weft_api::Identity;
 
@@ -45,6 +45,81 @@ pub enum CaError {
         #[source]
         source: rcgen::Error,
     },
+    #[error("certificate request is invalid: {0}")]
+    BadCsr(#[source] rcgen::Error),
+    #[error("certificate request asks for {got}, not {want}")]
+    CsrIdentity { got: String, want: String },
+}
+
+/// A key and a PEM certificate request for a workload identity, made where
+/// the key stays (ztunnel); the CA sees only the request.
+pub struct CertRequest {
+    pub identity: Identity,
+    pub csr_pem: String,
+    pub key_pem: String,
+}
+
+/// A certificate signed from a request.
+#[derive(Clone, Debug)]
+pub struct SignedCert {
+    pub cert_pem: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+fn workload_params(identity: &Identity, ttl: Duration) -> Result<(CertificateParams, SystemTime, SystemTime), rcgen::Error> {
+    let uri = rcgen::string::Ia5String::try_from(identity.to_string())?;
+    let mut params = CertificateParams::default();
+    // Istio workload certificates carry no subject; the identity is the URI SAN.
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let now = SystemTime::now();
+    // Backdated a minute for clock skew between nodes.
+    let not_before = now - Duration::from_secs(60);
+    let not_after = now + ttl;
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    Ok((params, not_before, not_after))
+}
+
+// === impl CertRequest ===
+
+impl CertRequest {
+    /// A fresh ECDSA P-256 key and a request with the identity as its one URI SAN.
+    pub fn new(identity: &Identity) -> Result<Self, CaError> {
+        let err = |source| CaError::Issue {
+            identity: identity.to_string(),
+            source,
+        };
+        let key = KeyPair::generate().map_err(err)?;
+        let uri = rcgen::string::Ia5String::try_from(identity.to_string()).map_err(err)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        let csr = params.serialize_request(&key).map_err(err)?;
+        Ok(CertRequest {
+            identity: identity.clone(),
+            csr_pem: csr.pem().map_err(err)?,
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+impl std::fmt::Debug for CertRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertRequest")
+            .field("identity", &self.identity.to_string())
+            .finish_non_exhaustive()
+    }
 }
 
 // === impl Ca ===
@@ -92,6 +167,71 @@ impl Ca {
         Ca::from_pem(&read(cert)?, &read(key)?)
     }
 
+    /// Signs a workload certificate for `identity` from a PEM request. The
+    /// request's signature must verify (proof of the key) and its one URI SAN
+    /// must be `identity`; everything else in it is ignored: the certificate
+    /// gets the workload profile and `ttl`, whatever was asked.
+    pub fn sign_csr(&self, csr_pem: &str, identity: &Identity, ttl: Duration) -> Result<SignedCert, CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
+        let uris: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .filter_map(|san| match san {
+                SanType::URI(u) => Some(u.as_str().to_string()),
+                _ => None,
+            })
+            .collect();
+        let want = identity.to_string();
+        if uris.len() != 1 || uris[0] != want {
+            return Err(CaError::CsrIdentity {
+                got: if uris.is_empty() { "no URI SAN".into() } else { uris.join(", ") },
+                want,
+            });
+        }
+        let err = |source| CaError::Issue {
+            identity: identity.to_string(),
+            source,
+        };
+        let (params, not_before, not_after) = workload_params(identity, ttl).map_err(err)?;
+        let signed = CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        }
+        .signed_by(&self.issuer)
+        .map_err(err)?;
+        Ok(SignedCert {
+            cert_pem: signed.pem(),
+            not_before,
+            not_after,
+        })
+    }
+
+    /// A serving certificate for the control plane: DNS names and IPs as SANs.
+    pub fn issue_server(&self, names: &[String], ttl: Duration) -> Result<(SignedCert, String), CaError> {
+        let err = |source| CaError::Issue {
+            identity: names.join(","),
+            source,
+        };
+        let key = KeyPair::generate().map_err(err)?;
+        let mut params = CertificateParams::new(names.to_vec()).map_err(err)?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = SystemTime::now();
+        let not_before = now - Duration::from_secs(60);
+        let not_after = now + ttl;
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
+        let signed = SignedCert {
+            cert_pem: cert.pem(),
+            not_before,
+            not_after,
+        };
+        Ok((signed, key.serialize_pem()))
+    }
+
     /// The CA certificate, PEM: what peers put in their trust store.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
@@ -109,25 +249,7 @@ impl Ca {
             source,
         };
         let key = KeyPair::generate().map_err(err)?;
-        let uri = rcgen::string::Ia5String::try_from(identity.to_string()).map_err(err)?;
-        let mut params = CertificateParams::default();
-        // Istio workload certificates carry no subject; the identity is the URI SAN.
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let now = SystemTime::now();
-        let not_before = now - Duration::from_secs(60);
-        let not_after = now + ttl;
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
+        let (params, not_before, not_after) = workload_params(identity, ttl).map_err(err)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
         Ok(IssuedCert {
             identity: identity.clone(),
@@ -151,5 +273,72 @@ impl std::fmt::Debug for IssuedCert {
             .field("identity", &self.identity.to_string())
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod csr_tests {
+    use super::*;
+
+    fn id(sa: &str) -> Identity {
+        Identity::new("cluster.local", "shop", sa).unwrap()
+    }
+
+    /// A request is signed for exactly the identity it names, with the CA's
+    /// lifetime; a request for another identity, or a tampered one, is refused.
+    #[test]
+    fn sign_and_refuse() {
+        let ca = Ca::generate("cluster.local").unwrap();
+        let req = CertRequest::new(&id("web")).unwrap();
+        let signed = ca.sign_csr(&req.csr_pem, &id("web"), Duration::from_secs(600)).unwrap();
+        let life = signed.not_after.duration_since(signed.not_before).unwrap();
+        assert_eq!(life, Duration::from_secs(660));
+        let issued = IssuedCert {
+            identity: id("web"),
+            chain_pem: signed.cert_pem,
+            key_pem: req.key_pem.clone(),
+            not_before: signed.not_before,
+            not_after: signed.not_after,
+        };
+        let roots = crate::tls::TrustRoots::from_pem(ca.cert_pem()).unwrap();
+        crate::tls::server_config(&issued, &roots).expect("leaf and key belong together");
+
+        let err = ca.sign_csr(&req.csr_pem, &id("db"), Duration::from_secs(600)).unwrap_err();
+        assert!(matches!(err, CaError::CsrIdentity { .. }), "{err}");
+
+        // Flip a byte in the middle of the DER body: the signature no longer verifies.
+        let mut lines: Vec<String> = req.csr_pem.lines().map(String::from).collect();
+        let mid = lines.len() / 2;
+        let mut bytes = lines[mid].clone().into_bytes();
+        bytes[10] = if bytes[10] == b'A' { b'B' } else { b'A' };
+        lines[mid] = String::from_utf8(bytes).unwrap();
+        let tampered = lines.join("\n");
+        let err = ca.sign_csr(&tampered, &id("web"), Duration::from_secs(600)).unwrap_err();
+        assert!(matches!(err, CaError::BadCsr(_)), "{err}");
+        assert!(ca.sign_csr("garbage", &id("web"), Duration::from_secs(1)).is_err());
+    }
+}
+
+/// The identity a PEM request names (its one URI SAN), after checking its signature.
+pub fn requested_identity(csr_pem: &str) -> Result<Identity, CaError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
+    let uris: Vec<&str> = csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|san| match san {
+            SanType::URI(u) => Some(u.as_str()),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => one.parse().map_err(|e: weft_api::IdentityError| CaError::CsrIdentity {
+            got: one.to_string(),
+            want: e.to_string(),
+        }),
+        _ => Err(CaError::CsrIdentity {
+            got: format!("{} URI SANs", uris.len()),
+            want: "exactly one SPIFFE identity".into(),
+        }),
     }
 }

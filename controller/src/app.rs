@@ -1,0 +1,202 @@
+//! The controller process: a source (manifests directory), translation,
+//! publishing, and the gRPC server (delta ADS and CA) over TLS.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{debug, info, warn};
+use weft_xds::grpc::Server;
+
+use crate::auth::NodeTokens;
+use crate::ca::{MeshCa, MeshCaError};
+use crate::source::ManifestsDir;
+use crate::translate::{self, Mesh};
+use crate::xds::{Controller, Published};
+
+pub const ENV_MANIFESTS_DIR: &str = "MANIFESTS_DIR";
+pub const ENV_CA_DIR: &str = "CA_DIR";
+pub const ENV_NODE_TOKENS: &str = "NODE_TOKENS";
+pub const ENV_XDS_ADDR: &str = "XDS_ADDR";
+pub const ENV_SERVER_NAMES: &str = "SERVER_NAMES";
+pub const ENV_MAX_CERT_TTL: &str = "MAX_CERT_TTL_SECONDS";
+pub const ENV_TRUST_DOMAIN: &str = "TRUST_DOMAIN";
+
+/// How often the manifests directory is checked: changes land well within a second.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// A TLS handshake that takes longer is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub manifests_dir: PathBuf,
+    pub ca_dir: PathBuf,
+    pub node_tokens: PathBuf,
+    pub xds_addr: SocketAddr,
+    pub server_names: Vec<String>,
+    pub max_cert_ttl: Duration,
+    pub mesh: Mesh,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Ca(#[from] MeshCaError),
+    #[error("cannot make the serving certificate: {0}")]
+    Serving(String),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+impl Config {
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Self, AppError> {
+        let req = |k: &str| get(k).filter(|v| !v.is_empty()).ok_or_else(|| AppError::Config(format!("{k} is required")));
+        let xds_addr = get(ENV_XDS_ADDR).unwrap_or_else(|| "0.0.0.0:15012".into());
+        let xds_addr = xds_addr
+            .parse()
+            .map_err(|e| AppError::Config(format!("{ENV_XDS_ADDR}={xds_addr:?}: {e}")))?;
+        let ttl = get(ENV_MAX_CERT_TTL).unwrap_or_else(|| "86400".into());
+        let max_cert_ttl = match ttl.parse::<u64>() {
+            Ok(s) if s >= 2 => Duration::from_secs(s),
+            _ => return Err(AppError::Config(format!("{ENV_MAX_CERT_TTL}={ttl:?}: want whole seconds, at least 2"))),
+        };
+        let names = get(ENV_SERVER_NAMES)
+            .unwrap_or_else(|| "weft-controller.istio-system.svc,istiod.istio-system.svc".into());
+        Ok(Config {
+            manifests_dir: PathBuf::from(req(ENV_MANIFESTS_DIR)?),
+            ca_dir: PathBuf::from(get(ENV_CA_DIR).unwrap_or_else(|| "/var/lib/weft/ca".into())),
+            node_tokens: PathBuf::from(req(ENV_NODE_TOKENS)?),
+            xds_addr,
+            server_names: names.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            max_cert_ttl,
+            mesh: Mesh {
+                trust_domain: get(ENV_TRUST_DOMAIN).unwrap_or_else(|| "cluster.local".into()),
+                ..Mesh::default()
+            },
+        })
+    }
+}
+
+/// Runs the controller until SIGTERM/SIGINT.
+pub async fn run(cfg: Config) -> Result<(), AppError> {
+    let ca = MeshCa::load_or_generate(&cfg.ca_dir, &cfg.mesh.trust_domain, cfg.max_cert_ttl)?;
+    let tokens = NodeTokens::load(&cfg.node_tokens).map_err(AppError::Config)?;
+    let (cert, key) = ca
+        .serving_cert(&cfg.server_names)
+        .map_err(|e| AppError::Serving(e.to_string()))?;
+    let tls = serving_tls(&cert, &key).map_err(AppError::Serving)?;
+
+    let (publish, published) = watch::channel(Arc::new(Published::default()));
+    let mut source = ManifestsDir::new(&cfg.manifests_dir);
+    // The first state is read before serving, so no client sees an empty mesh.
+    publish_changes(&mut source, &cfg.mesh, &publish);
+    let mesh = cfg.mesh.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        loop {
+            tick.tick().await;
+            publish_changes(&mut source, &mesh, &publish);
+        }
+    });
+
+    let controller = Arc::new(Controller::new(published, tokens, ca));
+    let listener = TcpListener::bind(cfg.xds_addr)
+        .await
+        .map_err(|source| AppError::Bind { addr: cfg.xds_addr, source })?;
+    info!(address = %cfg.xds_addr, "controller serving xDS and CA");
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                    }
+                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .serve_with_incoming_shutdown(Server::new(controller), ReceiverStream::new(rx), shutdown_signal());
+    server.await?;
+    info!("controller stopped");
+    Ok(())
+}
+
+fn publish_changes(source: &mut ManifestsDir, mesh: &Mesh, publish: &watch::Sender<Arc<Published>>) {
+    let (snap, problems) = match source.poll() {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(e) => {
+            warn!(error = %e, "cannot list the manifests directory; keeping the last good state");
+            return;
+        }
+    };
+    let (cfg, errors) = translate::workloads(&snap, mesh);
+    for p in &problems {
+        warn!(component = "source", problem = %p, "resource left out");
+    }
+    for e in &errors {
+        warn!(component = "translate", problem = %e, "resource left out");
+    }
+    let next = Published::build(&cfg, &publish.borrow());
+    info!(
+        workloads = cfg.workloads.len(),
+        services = cfg.services.len(),
+        policies = cfg.policies.len(),
+        "config published"
+    );
+    publish.send_replace(Arc::new(next));
+}
+
+fn serving_tls(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| e.to_string())?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,175 @@
+//! The mesh CA: a root (or a user's intermediate) persisted in a directory,
+//! signing workload certificates for the node agents entitled to them.
+//!
+//! Directory layout, as Istio's `cacerts` plug-in: `ca-cert.pem`, `ca-key.pem`,
+//! `root-cert.pem` and optionally `cert-chain.pem` for a user-supplied
+//! intermediate; otherwise `root-cert.pem` and `root-key.pem`, generated on
+//! first start.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use tracing::info;
+use weft_api::Identity;
+use weft_hbone::ca::{Ca, CaError, SignedCert};
+
+/// The CA and the chain that goes with every certificate it signs.
+#[derive(Debug)]
+pub struct MeshCa {
+    ca: Ca,
+    /// Intermediates between the signing CA and the root (the signing CA
+    /// itself included when it is not the root), leaf side first.
+    intermediates: Vec<String>,
+    root_pem: String,
+    max_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshCaError {
+    #[error("CA directory {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("CA directory {0}: {1}")]
+    Layout(String, String),
+}
+
+/// Splits concatenated PEM certificates into one string per certificate.
+pub fn split_pem(pem: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in pem.lines() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        cur.push_str(line);
+        cur.push('\n');
+        if line.starts_with("-----END") {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    out
+}
+
+// === impl MeshCa ===
+
+impl MeshCa {
+    /// Loads the CA from `dir`, or generates a root there on first start.
+    pub fn load_or_generate(dir: &Path, trust_domain: &str, max_ttl: Duration) -> Result<Self, MeshCaError> {
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| MeshCaError::Io { path, source }
+        };
+        let read = |name: &str| {
+            let p = dir.join(name);
+            fs::read_to_string(&p).map_err(io(&p))
+        };
+        let exists = |name: &str| dir.join(name).exists();
+        if exists("ca-cert.pem") || exists("ca-key.pem") {
+            if !(exists("ca-cert.pem") && exists("ca-key.pem") && exists("root-cert.pem")) {
+                return Err(MeshCaError::Layout(
+                    dir.display().to_string(),
+                    "a plugged-in CA needs ca-cert.pem, ca-key.pem and root-cert.pem".into(),
+                ));
+            }
+            let cert = read("ca-cert.pem")?;
+            let ca = Ca::from_pem(&cert, &read("ca-key.pem")?)?;
+            let root_pem = read("root-cert.pem")?;
+            // cert-chain.pem runs from the signing CA to the root; the root is sent separately.
+            let chain = if exists("cert-chain.pem") { read("cert-chain.pem")? } else { cert };
+            let root = split_pem(&root_pem);
+            let intermediates = split_pem(&chain)
+                .into_iter()
+                .filter(|c| !root.contains(c))
+                .collect();
+            info!(dir = %dir.display(), "mesh CA: plugged-in intermediate");
+            return Ok(MeshCa { ca, intermediates, root_pem, max_ttl });
+        }
+        if exists("root-cert.pem") && exists("root-key.pem") {
+            let root_pem = read("root-cert.pem")?;
+            let ca = Ca::from_pem(&root_pem, &read("root-key.pem")?)?;
+            info!(dir = %dir.display(), "mesh CA: existing root");
+            return Ok(MeshCa { ca, intermediates: Vec::new(), root_pem, max_ttl });
+        }
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let ca = Ca::generate(trust_domain)?;
+        let key_path = dir.join("root-key.pem");
+        fs::write(&key_path, ca.key_pem()).map_err(io(&key_path))?;
+        fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).map_err(io(&key_path))?;
+        let cert_path = dir.join("root-cert.pem");
+        fs::write(&cert_path, ca.cert_pem()).map_err(io(&cert_path))?;
+        info!(dir = %dir.display(), "mesh CA: generated a new root");
+        let root_pem = ca.cert_pem().to_string();
+        Ok(MeshCa { ca, intermediates: Vec::new(), root_pem, max_ttl })
+    }
+
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    pub fn max_ttl(&self) -> Duration {
+        self.max_ttl
+    }
+
+    /// Signs `csr_pem` for `identity` (already authorized by the caller) and
+    /// returns Istio's chain: leaf first, intermediates, root last.
+    pub fn sign(&self, csr_pem: &str, identity: &Identity, ttl: Duration) -> Result<(SignedCert, Vec<String>), CaError> {
+        let ttl = ttl.min(self.max_ttl);
+        let signed = self.ca.sign_csr(csr_pem, identity, ttl)?;
+        let mut chain = vec![signed.cert_pem.clone()];
+        chain.extend(self.intermediates.iter().cloned());
+        chain.push(self.root_pem.clone());
+        Ok((signed, chain))
+    }
+
+    /// The control plane's own serving certificate chain and key.
+    pub fn serving_cert(&self, names: &[String]) -> Result<(String, String), CaError> {
+        let (cert, key) = self.ca.issue_server(names, Duration::from_secs(365 * 24 * 3600))?;
+        let mut chain = cert.cert_pem;
+        for c in &self.intermediates {
+            chain.push_str(c);
+        }
+        Ok((chain, key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_hbone::ca::CertRequest;
+
+    use super::*;
+
+    /// First start generates and persists a root; the second start reuses it;
+    /// a half plugged-in CA is refused with what is missing.
+    #[test]
+    fn persisted_root() {
+        let dir = std::env::temp_dir().join(format!("weft-ca-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let ttl = Duration::from_secs(3600);
+        let first = MeshCa::load_or_generate(&dir, "cluster.local", ttl).unwrap();
+        let mode = fs::metadata(dir.join("root-key.pem")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let second = MeshCa::load_or_generate(&dir, "cluster.local", ttl).unwrap();
+        assert_eq!(first.root_pem(), second.root_pem());
+
+        let id = Identity::new("cluster.local", "shop", "web").unwrap();
+        let req = CertRequest::new(&id).unwrap();
+        let (signed, chain) = second.sign(&req.csr_pem, &id, Duration::from_secs(10 * 24 * 3600)).unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[1], first.root_pem());
+        let life = signed.not_after.duration_since(signed.not_before).unwrap();
+        assert_eq!(life, ttl + Duration::from_secs(60), "clamped to the maximum");
+
+        fs::write(dir.join("ca-cert.pem"), first.root_pem()).unwrap();
+        let err = MeshCa::load_or_generate(&dir, "cluster.local", ttl).unwrap_err();
+        assert!(err.to_string().contains("ca-key.pem"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,407 @@
+//! Serving the data plane: the delta ADS stream and the CA call.
+//!
+//! The translated config is published as a [`Published`] set of versioned
+//! resources. Each ADS stream remembers which version of each resource its
+//! client holds and, on every publish, sends only what differs: changed and
+//! new resources, and the names of removed ones.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prost_types::Any;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::Streaming;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+use weft_api::{Identity, LocalConfig};
+use weft_xds::convert::{address_resources, authorization_to_proto};
+use weft_xds::grpc::{ControlPlane, bearer_token};
+use weft_xds::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
+use weft_xds::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use weft_xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, to_any, version_of};
+
+use crate::auth::{Caller, NodeTokens};
+use crate::ca::MeshCa;
+
+/// One resource as served.
+#[derive(Debug)]
+pub struct Versioned {
+    pub version: String,
+    pub any: Any,
+}
+
+/// Everything the control plane serves at one moment.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// Type URL → resource name → resource.
+    pub resources: BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>>,
+    /// Node → identities of the pods on it: what that node's agent may get certificates for.
+    pub identities: BTreeMap<String, BTreeSet<Identity>>,
+}
+
+impl Published {
+    /// Encodes `cfg`, reusing the previous resource where the bytes are unchanged.
+    pub fn build(cfg: &LocalConfig, previous: &Published) -> Self {
+        let mut resources: BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>> = BTreeMap::new();
+        let mut put = |ty: &'static str, name: String, any: Any| {
+            let version = version_of(&any.value);
+            let reused = previous
+                .resources
+                .get(ty)
+                .and_then(|m| m.get(&name))
+                .filter(|v| v.version == version)
+                .cloned();
+            let v = reused.unwrap_or_else(|| Arc::new(Versioned { version, any }));
+            resources.entry(ty).or_default().insert(name, v);
+        };
+        for (name, addr) in address_resources(cfg) {
+            put(ADDRESS_TYPE, name, to_any(ADDRESS_TYPE, &addr));
+        }
+        for p in &cfg.policies {
+            let (name, msg) = authorization_to_proto(p);
+            put(AUTHORIZATION_TYPE, name, to_any(AUTHORIZATION_TYPE, &msg));
+        }
+        let mut identities: BTreeMap<String, BTreeSet<Identity>> = BTreeMap::new();
+        for w in &cfg.workloads {
+            if let Ok(id) = w.identity() {
+                identities.entry(w.node.clone()).or_default().insert(id);
+            }
+        }
+        Published { resources, identities }
+    }
+
+    fn of_type(&self, ty: &str) -> Option<&BTreeMap<String, Arc<Versioned>>> {
+        self.resources.get(ty)
+    }
+}
+
+/// Counters the controller reports.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub streams: AtomicU64,
+    pub pushes: AtomicU64,
+    pub nacks: AtomicU64,
+    pub certs_signed: AtomicU64,
+    pub certs_refused: AtomicU64,
+}
+
+/// The gRPC side of the controller.
+#[derive(Debug)]
+pub struct Controller {
+    published: watch::Receiver<Arc<Published>>,
+    tokens: NodeTokens,
+    ca: MeshCa,
+    pub stats: Stats,
+}
+
+impl Controller {
+    pub fn new(published: watch::Receiver<Arc<Published>>, tokens: NodeTokens, ca: MeshCa) -> Self {
+        Controller {
+            published,
+            tokens,
+            ca,
+            stats: Stats::default(),
+        }
+    }
+
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        self.tokens
+            .authenticate(bearer_token(req))
+            .map_err(|e| Status::unauthenticated(e.to_string()))
+    }
+
+    /// Checks and signs one certificate request.
+    fn sign(&self, caller: &Caller, req: &IstioCertificateRequest) -> Result<Vec<String>, Status> {
+        let requested = weft_hbone::ca::requested_identity(&req.csr)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // A node agent names the identity it asks for on a pod's behalf; it
+        // must be the one in the request.
+        if let Some(imp) = impersonated(req) {
+            if imp != requested.to_string() {
+                return Err(Status::invalid_argument(format!(
+                    "ImpersonatedIdentity {imp} differs from the request's {requested}"
+                )));
+            }
+        }
+        let entitled = self
+            .published
+            .borrow()
+            .identities
+            .get(&caller.node)
+            .is_some_and(|ids| ids.contains(&requested));
+        if !entitled {
+            return Err(Status::permission_denied(format!(
+                "node {} runs no pod with identity {requested}",
+                caller.node
+            )));
+        }
+        let ttl = match u64::try_from(req.validity_duration) {
+            Ok(s) if s > 0 => Duration::from_secs(s),
+            _ => self.ca.max_ttl(),
+        };
+        let (signed, chain) = self
+            .ca
+            .sign(&req.csr, &requested, ttl)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        info!(
+            component = "ca",
+            node = %caller.node,
+            identity = %requested,
+            not_after = ?signed.not_after,
+            "certificate signed"
+        );
+        Ok(chain)
+    }
+}
+
+fn impersonated(req: &IstioCertificateRequest) -> Option<String> {
+    let fields = &req.metadata.as_ref()?.fields;
+    match fields.get("ImpersonatedIdentity")?.kind.as_ref()? {
+        prost_types::value::Kind::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+impl ControlPlane for Controller {
+    type DeltaStream = DeltaStream;
+
+    async fn delta_aggregated_resources(
+        self: Arc<Self>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        let caller = self.caller(&request)?;
+        let requests = request.into_inner();
+        let (tx, rx) = mpsc::channel(8);
+        let published = self.published.clone();
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.stats.streams.fetch_add(1, Ordering::Relaxed);
+            let mut stream = AdsStream::new(caller, tx, published);
+            stream.run(requests, &this.stats).await;
+            this.stats.streams.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn create_certificate(
+        self: Arc<Self>,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let caller = match self.caller(&request) {
+            Ok(c) => c,
+            Err(e) => {
+                self.stats.certs_refused.fetch_add(1, Ordering::Relaxed);
+                warn!(component = "ca", error = %e.message(), "certificate request unauthenticated");
+                return Err(e);
+            }
+        };
+        match self.sign(&caller, request.get_ref()) {
+            Ok(cert_chain) => {
+                self.stats.certs_signed.fetch_add(1, Ordering::Relaxed);
+                Ok(Response::new(IstioCertificateResponse { cert_chain }))
+            }
+            Err(e) => {
+                self.stats.certs_refused.fetch_add(1, Ordering::Relaxed);
+                warn!(component = "ca", node = %caller.node, error = %e.message(), "certificate refused");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What one client has subscribed to for one type, and holds.
+#[derive(Debug, Default)]
+struct Subscription {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// Name → version the client holds.
+    sent: HashMap<String, String>,
+}
+
+impl Subscription {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+/// One client's delta ADS stream.
+struct AdsStream {
+    caller: Caller,
+    node_id: String,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    published: watch::Receiver<Arc<Published>>,
+    subs: BTreeMap<&'static str, Subscription>,
+    nonce: u64,
+}
+
+impl AdsStream {
+    fn new(
+        caller: Caller,
+        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+        published: watch::Receiver<Arc<Published>>,
+    ) -> Self {
+        AdsStream {
+            caller,
+            node_id: String::new(),
+            tx,
+            published,
+            subs: BTreeMap::new(),
+            nonce: 0,
+        }
+    }
+
+    async fn run(&mut self, mut requests: Streaming<DeltaDiscoveryRequest>, stats: &Stats) {
+        info!(component = "xds", node = %self.caller.node, "stream opened");
+        loop {
+            tokio::select! {
+                msg = requests.message() => match msg {
+                    Ok(Some(req)) => {
+                        if let Err(e) = self.on_request(req, stats).await {
+                            let _ = self.tx.send(Err(e)).await;
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        debug!(component = "xds", node = %self.caller.node, error = %e, "stream error");
+                        break;
+                    }
+                },
+                changed = self.published.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let types: Vec<&'static str> = self.subs.keys().copied().collect();
+                    for ty in types {
+                        if self.push(ty, false, stats).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        info!(component = "xds", node = %self.caller.node, id = %self.node_id, "stream closed");
+    }
+
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest, stats: &Stats) -> Result<(), Status> {
+        let ty: &'static str = match req.type_url.as_str() {
+            ADDRESS_TYPE => ADDRESS_TYPE,
+            AUTHORIZATION_TYPE => AUTHORIZATION_TYPE,
+            other => {
+                return Err(Status::invalid_argument(format!("unsupported type_url {other:?}")));
+            }
+        };
+        if let Some(node) = &req.node {
+            self.node_id = node.id.clone();
+        }
+        if !req.response_nonce.is_empty() {
+            match &req.error_detail {
+                Some(err) => {
+                    stats.nacks.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        component = "xds",
+                        node = %self.caller.node,
+                        type_url = ty,
+                        nonce = %req.response_nonce,
+                        reason = %err.message,
+                        "NACK: the client keeps its previous version of the rejected resources"
+                    );
+                }
+                None => debug!(component = "xds", node = %self.caller.node, type_url = ty, nonce = %req.response_nonce, "ACK"),
+            }
+        }
+        let first = !self.subs.contains_key(ty);
+        let sub = self.subs.entry(ty).or_default();
+        if first {
+            // Delta xDS: an initial request with no names is a wildcard subscription.
+            sub.wildcard = req.resource_names_subscribe.is_empty();
+            sub.sent = req.initial_resource_versions.into_iter().collect();
+        }
+        let mut changed = first;
+        for name in req.resource_names_subscribe {
+            changed = true;
+            if name == "*" {
+                sub.wildcard = true;
+            } else {
+                sub.names.insert(name);
+            }
+        }
+        for name in req.resource_names_unsubscribe {
+            changed = true;
+            if name == "*" {
+                sub.wildcard = false;
+            } else {
+                sub.names.remove(&name);
+            }
+        }
+        if changed {
+            // The first response goes out even when empty: clients wait for it to be ready.
+            self.push(ty, first, stats).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends what the client lacks of `ty`; with `always`, even when nothing differs.
+    async fn push(&mut self, ty: &'static str, always: bool, stats: &Stats) -> Result<(), Status> {
+        let published = self.published.borrow_and_update().clone();
+        let Some(sub) = self.subs.get_mut(ty) else {
+            return Ok(());
+        };
+        let empty = BTreeMap::new();
+        let current = published.of_type(ty).unwrap_or(&empty);
+        let mut resources = Vec::new();
+        for (name, res) in current {
+            if sub.wants(name) && sub.sent.get(name) != Some(&res.version) {
+                resources.push(Resource {
+                    version: res.version.clone(),
+                    resource: Some(res.any.clone()),
+                    name: name.clone(),
+                    aliases: Vec::new(),
+                });
+            }
+        }
+        let removed: Vec<String> = sub
+            .sent
+            .keys()
+            .filter(|name| !current.contains_key(*name) || !sub.wants(name))
+            .cloned()
+            .collect();
+        if resources.is_empty() && removed.is_empty() && !always {
+            return Ok(());
+        }
+        for r in &resources {
+            sub.sent.insert(r.name.clone(), r.version.clone());
+        }
+        for name in &removed {
+            sub.sent.remove(name);
+        }
+        self.nonce += 1;
+        debug!(
+            component = "xds",
+            node = %self.caller.node,
+            type_url = ty,
+            updated = resources.len(),
+            removed = removed.len(),
+            "push"
+        );
+        stats.pushes.fetch_add(1, Ordering::Relaxed);
+        let resp = DeltaDiscoveryResponse {
+            system_version_info: String::new(),
+            resources,
+            type_url: ty.to_string(),
+            nonce: self.nonce.to_string(),
+            removed_resources: removed,
+        };
+        self.tx
+            .send(Ok(resp))
+            .await
+            .map_err(|_| Status::cancelled("client gone"))
+    }
+}
