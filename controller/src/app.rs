@@ -64,7 +64,11 @@ pub enum AppError {
 
 impl Config {
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Self, AppError> {
-        let req = |k: &str| get(k).filter(|v| !v.is_empty()).ok_or_else(|| AppError::Config(format!("{k} is required")));
+        let req = |k: &str| {
+            get(k)
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| AppError::Config(format!("{k} is required")))
+        };
         let xds_addr = get(ENV_XDS_ADDR).unwrap_or_else(|| "0.0.0.0:15012".into());
         let xds_addr = xds_addr
             .parse()
@@ -72,7 +76,11 @@ impl Config {
         let ttl = get(ENV_MAX_CERT_TTL).unwrap_or_else(|| "86400".into());
         let max_cert_ttl = match ttl.parse::<u64>() {
             Ok(s) if s >= 2 => Duration::from_secs(s),
-            _ => return Err(AppError::Config(format!("{ENV_MAX_CERT_TTL}={ttl:?}: want whole seconds, at least 2"))),
+            _ => {
+                return Err(AppError::Config(format!(
+                    "{ENV_MAX_CERT_TTL}={ttl:?}: want whole seconds, at least 2"
+                )));
+            }
         };
         let names = get(ENV_SERVER_NAMES)
             .unwrap_or_else(|| "weft-controller.istio-system.svc,istiod.istio-system.svc".into());
@@ -81,7 +89,11 @@ impl Config {
             ca_dir: PathBuf::from(get(ENV_CA_DIR).unwrap_or_else(|| "/var/lib/weft/ca".into())),
             node_tokens: PathBuf::from(req(ENV_NODE_TOKENS)?),
             xds_addr,
-            server_names: names.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            server_names: names
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
             max_cert_ttl,
             mesh: Mesh {
                 trust_domain: get(ENV_TRUST_DOMAIN).unwrap_or_else(|| "cluster.local".into()),
@@ -116,7 +128,10 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let controller = Arc::new(Controller::new(published, tokens, ca));
     let listener = TcpListener::bind(cfg.xds_addr)
         .await
-        .map_err(|source| AppError::Bind { addr: cfg.xds_addr, source })?;
+        .map_err(|source| AppError::Bind {
+            addr: cfg.xds_addr,
+            source,
+        })?;
     info!(address = %cfg.xds_addr, "controller serving xDS and CA");
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(tls);
@@ -140,13 +155,21 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     });
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .serve_with_incoming_shutdown(Server::new(controller), ReceiverStream::new(rx), shutdown_signal());
+        .serve_with_incoming_shutdown(
+            Server::new(controller),
+            ReceiverStream::new(rx),
+            shutdown_signal(),
+        );
     server.await?;
     info!("controller stopped");
     Ok(())
 }
 
-fn publish_changes(source: &mut ManifestsDir, mesh: &Mesh, publish: &watch::Sender<Arc<Published>>) {
+fn publish_changes(
+    source: &mut ManifestsDir,
+    mesh: &Mesh,
+    publish: &watch::Sender<Arc<Published>>,
+) {
     let (snap, problems) = match source.poll() {
         Ok(Some(s)) => s,
         Ok(None) => return,

@@ -88,13 +88,27 @@ mod tests {
 
     #[test]
     fn tokens() {
-        let t = NodeTokens::parse("# lab\nnode-1 aaaaaaaaaaaaaaaa1\n\nnode-2 bbbbbbbbbbbbbbbb2\n").unwrap();
-        assert_eq!(t.authenticate(Some("aaaaaaaaaaaaaaaa1")).unwrap().node, "node-1");
-        assert_eq!(t.authenticate(Some("bbbbbbbbbbbbbbbb2")).unwrap().node, "node-2");
-        assert_eq!(t.authenticate(Some("aaaaaaaaaaaaaaaa2")), Err(AuthError::Unknown));
+        let t = NodeTokens::parse("# lab\nnode-1 aaaaaaaaaaaaaaaa1\n\nnode-2 bbbbbbbbbbbbbbbb2\n")
+            .unwrap();
+        assert_eq!(
+            t.authenticate(Some("aaaaaaaaaaaaaaaa1")).unwrap().node,
+            "node-1"
+        );
+        assert_eq!(
+            t.authenticate(Some("bbbbbbbbbbbbbbbb2")).unwrap().node,
+            "node-2"
+        );
+        assert_eq!(
+            t.authenticate(Some("aaaaaaaaaaaaaaaa2")),
+            Err(AuthError::Unknown)
+        );
         assert_eq!(t.authenticate(Some("")), Err(AuthError::Unknown));
         assert_eq!(t.authenticate(None), Err(AuthError::Missing));
-        assert!(NodeTokens::parse("node-1 short").unwrap_err().contains("line 1"));
+        assert!(
+            NodeTokens::parse("node-1 short")
+                .unwrap_err()
+                .contains("line 1")
+        );
         assert!(NodeTokens::parse("node-1 aaaaaaaaaaaaaaaa1 extra").is_err());
     }
 }

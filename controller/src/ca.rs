@@ -62,7 +62,11 @@ pub fn split_pem(pem: &str) -> Vec<String> {
 
 impl MeshCa {
     /// Loads the CA from `dir`, or generates a root there on first start.
-    pub fn load_or_generate(dir: &Path, trust_domain: &str, max_ttl: Duration) -> Result<Self, MeshCaError> {
+    pub fn load_or_generate(
+        dir: &Path,
+        trust_domain: &str,
+        max_ttl: Duration,
+    ) -> Result<Self, MeshCaError> {
         let io = |path: &Path| {
             let path = path.display().to_string();
             move |source| MeshCaError::Io { path, source }
@@ -83,20 +87,34 @@ impl MeshCa {
             let ca = Ca::from_pem(&cert, &read("ca-key.pem")?)?;
             let root_pem = read("root-cert.pem")?;
             // cert-chain.pem runs from the signing CA to the root; the root is sent separately.
-            let chain = if exists("cert-chain.pem") { read("cert-chain.pem")? } else { cert };
+            let chain = if exists("cert-chain.pem") {
+                read("cert-chain.pem")?
+            } else {
+                cert
+            };
             let root = split_pem(&root_pem);
             let intermediates = split_pem(&chain)
                 .into_iter()
                 .filter(|c| !root.contains(c))
                 .collect();
             info!(dir = %dir.display(), "mesh CA: plugged-in intermediate");
-            return Ok(MeshCa { ca, intermediates, root_pem, max_ttl });
+            return Ok(MeshCa {
+                ca,
+                intermediates,
+                root_pem,
+                max_ttl,
+            });
         }
         if exists("root-cert.pem") && exists("root-key.pem") {
             let root_pem = read("root-cert.pem")?;
             let ca = Ca::from_pem(&root_pem, &read("root-key.pem")?)?;
             info!(dir = %dir.display(), "mesh CA: existing root");
-            return Ok(MeshCa { ca, intermediates: Vec::new(), root_pem, max_ttl });
+            return Ok(MeshCa {
+                ca,
+                intermediates: Vec::new(),
+                root_pem,
+                max_ttl,
+            });
         }
         fs::create_dir_all(dir).map_err(io(dir))?;
         let ca = Ca::generate(trust_domain)?;
@@ -107,7 +125,12 @@ impl MeshCa {
         fs::write(&cert_path, ca.cert_pem()).map_err(io(&cert_path))?;
         info!(dir = %dir.display(), "mesh CA: generated a new root");
         let root_pem = ca.cert_pem().to_string();
-        Ok(MeshCa { ca, intermediates: Vec::new(), root_pem, max_ttl })
+        Ok(MeshCa {
+            ca,
+            intermediates: Vec::new(),
+            root_pem,
+            max_ttl,
+        })
     }
 
     pub fn root_pem(&self) -> &str {
@@ -120,7 +143,12 @@ impl MeshCa {
 
     /// Signs `csr_pem` for `identity` (already authorized by the caller) and
     /// returns Istio's chain: leaf first, intermediates, root last.
-    pub fn sign(&self, csr_pem: &str, identity: &Identity, ttl: Duration) -> Result<(SignedCert, Vec<String>), CaError> {
+    pub fn sign(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<(SignedCert, Vec<String>), CaError> {
         let ttl = ttl.min(self.max_ttl);
         let signed = self.ca.sign_csr(csr_pem, identity, ttl)?;
         let mut chain = vec![signed.cert_pem.clone()];
@@ -131,7 +159,9 @@ impl MeshCa {
 
     /// The control plane's own serving certificate chain and key.
     pub fn serving_cert(&self, names: &[String]) -> Result<(String, String), CaError> {
-        let (cert, key) = self.ca.issue_server(names, Duration::from_secs(365 * 24 * 3600))?;
+        let (cert, key) = self
+            .ca
+            .issue_server(names, Duration::from_secs(365 * 24 * 3600))?;
         let mut chain = cert.cert_pem;
         for c in &self.intermediates {
             chain.push_str(c);
@@ -154,18 +184,27 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         let ttl = Duration::from_secs(3600);
         let first = MeshCa::load_or_generate(&dir, "cluster.local", ttl).unwrap();
-        let mode = fs::metadata(dir.join("root-key.pem")).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.join("root-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let second = MeshCa::load_or_generate(&dir, "cluster.local", ttl).unwrap();
         assert_eq!(first.root_pem(), second.root_pem());
 
         let id = Identity::new("cluster.local", "shop", "web").unwrap();
         let req = CertRequest::new(&id).unwrap();
-        let (signed, chain) = second.sign(&req.csr_pem, &id, Duration::from_secs(10 * 24 * 3600)).unwrap();
+        let (signed, chain) = second
+            .sign(&req.csr_pem, &id, Duration::from_secs(10 * 24 * 3600))
+            .unwrap();
         assert_eq!(chain.len(), 2);
         assert_eq!(chain[1], first.root_pem());
         let life = signed.not_after.duration_since(signed.not_before).unwrap();
-        assert_eq!(life, ttl + Duration::from_secs(60), "clamped to the maximum");
+        assert_eq!(
+            life,
+            ttl + Duration::from_secs(60),
+            "clamped to the maximum"
+        );
 
         fs::write(dir.join("ca-cert.pem"), first.root_pem()).unwrap();
         let err = MeshCa::load_or_generate(&dir, "cluster.local", ttl).unwrap_err();

@@ -28,16 +28,30 @@ impl Snapshot {
         ) {
             for (k, v) in from {
                 if into.contains_key(k) {
-                    problems.push(format!("{source}: {kind} {k}: duplicate name; the first definition is kept"));
+                    problems.push(format!(
+                        "{source}: {kind} {k}: duplicate name; the first definition is kept"
+                    ));
                 } else {
                     into.insert(k.clone(), v.clone());
                 }
             }
         }
         let mut problems = Vec::new();
-        add(&mut self.namespaces, &other.namespaces, "Namespace", source, &mut problems);
+        add(
+            &mut self.namespaces,
+            &other.namespaces,
+            "Namespace",
+            source,
+            &mut problems,
+        );
         add(&mut self.pods, &other.pods, "Pod", source, &mut problems);
-        add(&mut self.services, &other.services, "Service", source, &mut problems);
+        add(
+            &mut self.services,
+            &other.services,
+            "Service",
+            source,
+            &mut problems,
+        );
         add(&mut self.nodes, &other.nodes, "Node", source, &mut problems);
         problems
     }

@@ -45,14 +45,22 @@ impl ManifestsDir {
             .collect();
         entries.sort();
         for path in entries {
-            let Ok(meta) = fs::metadata(&path) else { continue };
-            let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
+            let stamp = (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            );
             seen.push(path.clone());
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
             changed = true;
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let text = match fs::read_to_string(&path) {
                 Ok(t) => t,
                 Err(e) => {
@@ -71,7 +79,14 @@ impl ManifestsDir {
                     warn!(file = %path.display(), "manifest is not valid YAML; keeping its last good contents");
                 }
                 _ => {
-                    self.files.insert(path, FileState { stamp, snapshot, errors });
+                    self.files.insert(
+                        path,
+                        FileState {
+                            stamp,
+                            snapshot,
+                            errors,
+                        },
+                    );
                 }
             }
         }
@@ -85,7 +100,10 @@ impl ManifestsDir {
         let mut problems = Vec::new();
         for (path, f) in &self.files {
             problems.extend(f.errors.iter().map(ToString::to_string));
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             problems.extend(merged.merge(&f.snapshot, &name));
         }
         Ok(Some((merged, problems)))
@@ -103,7 +121,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("weft-manifests-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
-        let ns = |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
+        let ns =
+            |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
         fs::write(dir.join("a.yaml"), ns("shop")).unwrap();
         let mut src = ManifestsDir::new(&dir);
         let (snap, problems) = src.poll().unwrap().unwrap();
@@ -112,12 +131,20 @@ mod tests {
 
         fs::write(dir.join("a.yaml"), "apiVersion: v1\nkind: [oops\n").unwrap();
         let (snap, problems) = src.poll().unwrap().unwrap();
-        assert!(snap.namespaces.contains_key("shop"), "last good contents kept");
+        assert!(
+            snap.namespaces.contains_key("shop"),
+            "last good contents kept"
+        );
         assert!(problems[0].contains("a.yaml"), "{problems:?}");
 
         fs::write(dir.join("b.yml"), ns("shop")).unwrap();
         let (_, problems) = src.poll().unwrap().unwrap();
-        assert!(problems.iter().any(|p| p.contains("b.yml") && p.contains("Namespace shop")), "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("b.yml") && p.contains("Namespace shop")),
+            "{problems:?}"
+        );
 
         fs::remove_file(dir.join("a.yaml")).unwrap();
         fs::remove_file(dir.join("b.yml")).unwrap();

@@ -47,7 +47,8 @@ pub struct Published {
 impl Published {
     /// Encodes `cfg`, reusing the previous resource where the bytes are unchanged.
     pub fn build(cfg: &LocalConfig, previous: &Published) -> Self {
-        let mut resources: BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>> = BTreeMap::new();
+        let mut resources: BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>> =
+            BTreeMap::new();
         let mut put = |ty: &'static str, name: String, any: Any| {
             let version = version_of(&any.value);
             let reused = previous
@@ -72,7 +73,10 @@ impl Published {
                 identities.entry(w.node.clone()).or_default().insert(id);
             }
         }
-        Published { resources, identities }
+        Published {
+            resources,
+            identities,
+        }
     }
 
     fn of_type(&self, ty: &str) -> Option<&BTreeMap<String, Arc<Versioned>>> {
@@ -121,12 +125,12 @@ impl Controller {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         // A node agent names the identity it asks for on a pod's behalf; it
         // must be the one in the request.
-        if let Some(imp) = impersonated(req) {
-            if imp != requested.to_string() {
-                return Err(Status::invalid_argument(format!(
-                    "ImpersonatedIdentity {imp} differs from the request's {requested}"
-                )));
-            }
+        if let Some(imp) = impersonated(req)
+            && imp != requested.to_string()
+        {
+            return Err(Status::invalid_argument(format!(
+                "ImpersonatedIdentity {imp} differs from the request's {requested}"
+            )));
         }
         let entitled = self
             .published
@@ -290,12 +294,18 @@ impl AdsStream {
         info!(component = "xds", node = %self.caller.node, id = %self.node_id, "stream closed");
     }
 
-    async fn on_request(&mut self, req: DeltaDiscoveryRequest, stats: &Stats) -> Result<(), Status> {
+    async fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        stats: &Stats,
+    ) -> Result<(), Status> {
         let ty: &'static str = match req.type_url.as_str() {
             ADDRESS_TYPE => ADDRESS_TYPE,
             AUTHORIZATION_TYPE => AUTHORIZATION_TYPE,
             other => {
-                return Err(Status::invalid_argument(format!("unsupported type_url {other:?}")));
+                return Err(Status::invalid_argument(format!(
+                    "unsupported type_url {other:?}"
+                )));
             }
         };
         if let Some(node) = &req.node {
@@ -314,7 +324,9 @@ impl AdsStream {
                         "NACK: the client keeps its previous version of the rejected resources"
                     );
                 }
-                None => debug!(component = "xds", node = %self.caller.node, type_url = ty, nonce = %req.response_nonce, "ACK"),
+                None => {
+                    debug!(component = "xds", node = %self.caller.node, type_url = ty, nonce = %req.response_nonce, "ACK")
+                }
             }
         }
         let first = !self.subs.contains_key(ty);

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use weft_api::Identity;
 
@@ -67,7 +67,10 @@ pub struct SignedCert {
     pub not_after: SystemTime,
 }
 
-fn workload_params(identity: &Identity, ttl: Duration) -> Result<(CertificateParams, SystemTime, SystemTime), rcgen::Error> {
+fn workload_params(
+    identity: &Identity,
+    ttl: Duration,
+) -> Result<(CertificateParams, SystemTime, SystemTime), rcgen::Error> {
     let uri = rcgen::string::Ia5String::try_from(identity.to_string())?;
     let mut params = CertificateParams::default();
     // Istio workload certificates carry no subject; the identity is the URI SAN.
@@ -171,7 +174,12 @@ impl Ca {
     /// request's signature must verify (proof of the key) and its one URI SAN
     /// must be `identity`; everything else in it is ignored: the certificate
     /// gets the workload profile and `ttl`, whatever was asked.
-    pub fn sign_csr(&self, csr_pem: &str, identity: &Identity, ttl: Duration) -> Result<SignedCert, CaError> {
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<SignedCert, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
         let uris: Vec<String> = csr
             .params
@@ -185,7 +193,11 @@ impl Ca {
         let want = identity.to_string();
         if uris.len() != 1 || uris[0] != want {
             return Err(CaError::CsrIdentity {
-                got: if uris.is_empty() { "no URI SAN".into() } else { uris.join(", ") },
+                got: if uris.is_empty() {
+                    "no URI SAN".into()
+                } else {
+                    uris.join(", ")
+                },
                 want,
             });
         }
@@ -208,7 +220,11 @@ impl Ca {
     }
 
     /// A serving certificate for the control plane: DNS names and IPs as SANs.
-    pub fn issue_server(&self, names: &[String], ttl: Duration) -> Result<(SignedCert, String), CaError> {
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(SignedCert, String), CaError> {
         let err = |source| CaError::Issue {
             identity: names.join(","),
             source,
@@ -276,6 +292,32 @@ impl std::fmt::Debug for IssuedCert {
     }
 }
 
+/// The identity a PEM request names (its one URI SAN), after checking its signature.
+pub fn requested_identity(csr_pem: &str) -> Result<Identity, CaError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
+    let uris: Vec<&str> = csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|san| match san {
+            SanType::URI(u) => Some(u.as_str()),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => one
+            .parse()
+            .map_err(|e: weft_api::IdentityError| CaError::CsrIdentity {
+                got: one.to_string(),
+                want: e.to_string(),
+            }),
+        _ => Err(CaError::CsrIdentity {
+            got: format!("{} URI SANs", uris.len()),
+            want: "exactly one SPIFFE identity".into(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod csr_tests {
     use super::*;
@@ -290,7 +332,9 @@ mod csr_tests {
     fn sign_and_refuse() {
         let ca = Ca::generate("cluster.local").unwrap();
         let req = CertRequest::new(&id("web")).unwrap();
-        let signed = ca.sign_csr(&req.csr_pem, &id("web"), Duration::from_secs(600)).unwrap();
+        let signed = ca
+            .sign_csr(&req.csr_pem, &id("web"), Duration::from_secs(600))
+            .unwrap();
         let life = signed.not_after.duration_since(signed.not_before).unwrap();
         assert_eq!(life, Duration::from_secs(660));
         let issued = IssuedCert {
@@ -303,7 +347,9 @@ mod csr_tests {
         let roots = crate::tls::TrustRoots::from_pem(ca.cert_pem()).unwrap();
         crate::tls::server_config(&issued, &roots).expect("leaf and key belong together");
 
-        let err = ca.sign_csr(&req.csr_pem, &id("db"), Duration::from_secs(600)).unwrap_err();
+        let err = ca
+            .sign_csr(&req.csr_pem, &id("db"), Duration::from_secs(600))
+            .unwrap_err();
         assert!(matches!(err, CaError::CsrIdentity { .. }), "{err}");
 
         // Flip a byte in the middle of the DER body: the signature no longer verifies.
@@ -313,32 +359,13 @@ mod csr_tests {
         bytes[10] = if bytes[10] == b'A' { b'B' } else { b'A' };
         lines[mid] = String::from_utf8(bytes).unwrap();
         let tampered = lines.join("\n");
-        let err = ca.sign_csr(&tampered, &id("web"), Duration::from_secs(600)).unwrap_err();
+        let err = ca
+            .sign_csr(&tampered, &id("web"), Duration::from_secs(600))
+            .unwrap_err();
         assert!(matches!(err, CaError::BadCsr(_)), "{err}");
-        assert!(ca.sign_csr("garbage", &id("web"), Duration::from_secs(1)).is_err());
-    }
-}
-
-/// The identity a PEM request names (its one URI SAN), after checking its signature.
-pub fn requested_identity(csr_pem: &str) -> Result<Identity, CaError> {
-    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
-    let uris: Vec<&str> = csr
-        .params
-        .subject_alt_names
-        .iter()
-        .filter_map(|san| match san {
-            SanType::URI(u) => Some(u.as_str()),
-            _ => None,
-        })
-        .collect();
-    match uris.as_slice() {
-        [one] => one.parse().map_err(|e: weft_api::IdentityError| CaError::CsrIdentity {
-            got: one.to_string(),
-            want: e.to_string(),
-        }),
-        _ => Err(CaError::CsrIdentity {
-            got: format!("{} URI SANs", uris.len()),
-            want: "exactly one SPIFFE identity".into(),
-        }),
+        assert!(
+            ca.sign_csr("garbage", &id("web"), Duration::from_secs(1))
+                .is_err()
+        );
     }
 }

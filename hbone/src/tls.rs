@@ -252,6 +252,39 @@ impl ServerCertVerifier for IdentityVerifier {
     }
 }
 
+/// Validity and identity of the first certificate in a PEM chain.
+pub fn leaf_info(
+    chain_pem: &str,
+) -> Result<(std::time::SystemTime, std::time::SystemTime, Identity), TlsError> {
+    let certs = parse_certs(chain_pem, "chain")?;
+    let leaf = certs.first().ok_or(TlsError::NoPeerCertificate)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf).map_err(|_| TlsError::BadPeerCertificate)?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        let secs = u64::try_from(t.timestamp()).unwrap_or(0);
+        std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+    };
+    let validity = cert.validity();
+    Ok((
+        at(validity.not_before),
+        at(validity.not_after),
+        identity_of(leaf)?,
+    ))
+}
+
+/// TLS 1.3 client config for the control plane: its certificate must chain to
+/// `roots_pem` and carry the server name dialled (standard WebPKI checks).
+pub fn control_plane_client_config(roots_pem: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = TrustRoots::from_pem(roots_pem)?;
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
+        .with_root_certificates(roots.0)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

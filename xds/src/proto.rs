@@ -91,7 +91,10 @@ pub mod workload {
         pub r#type: Option<address::Type>,
     }
 
-    #[allow(clippy::large_enum_variant, reason = "generated-style message; boxing would change the API peers expect")]
+    #[allow(
+        clippy::large_enum_variant,
+        reason = "generated-style message; boxing would change the API peers expect"
+    )]
     pub mod address {
         #[derive(Clone, PartialEq, prost::Oneof)]
         pub enum Type {

@@ -1,7 +1,7 @@
 //! The composition root: builds state, identity, capture, proxy and admin from
 //! [`Config`], then runs until SIGTERM/SIGINT and tears capture down.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,12 +18,14 @@ use weft_hbone::client::Pool;
 use crate::admin::{self, Handler, JSON, OPENMETRICS, TEXT};
 use crate::config::{
     CAPTURE_SYNC_INTERVAL, CaptureMode, Config, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT,
-    REDIRECT_MARK, REDIRECT_TABLE,
+    REDIRECT_MARK, REDIRECT_TABLE, RENEW_CHECK_INTERVAL, Source,
 };
-use crate::identity::{CertManager, IdentityError};
+use crate::identity::{CertManager, IdentityError, Signer};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyInputs};
 use crate::state::{Store, pod_map};
+use crate::xds::{Cache, XdsClient};
+use weft_xds::grpc::ControlPlaneAddress;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -41,6 +43,10 @@ pub enum AppError {
     },
     #[error(transparent)]
     Ca(#[from] CaError),
+    #[error(transparent)]
+    Tls(#[from] weft_hbone::tls::TlsError),
+    #[error("control plane address: {0}")]
+    ControlPlane(String),
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]
@@ -69,11 +75,62 @@ fn read_local_config(path: &Path) -> Result<(LocalConfig, String), AppError> {
 
 /// Runs ztunnel until a shutdown signal.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
-    let (local, mut last_text) = read_local_config(&cfg.local_xds_path)?;
-    let state = Arc::new(Store::new(local));
-    let ca = Ca::from_files(&cfg.ca_cert, &cfg.ca_key)?;
-    let certs = Arc::new(CertManager::new(ca, cfg.cert_ttl)?);
-    prefetch(&state, &certs, &cfg.node_name);
+    let state = Arc::new(Store::new(LocalConfig::default()));
+    let synced = Arc::new(AtomicBool::new(false));
+    let mut local_text = None;
+    let certs = match &cfg.source {
+        Source::Local {
+            xds_path,
+            ca_cert,
+            ca_key,
+        } => {
+            let (local, text) = read_local_config(xds_path)?;
+            state.replace(local);
+            local_text = Some(text);
+            synced.store(true, Ordering::Release);
+            let ca = Ca::from_files(ca_cert, ca_key)?;
+            let root = ca.cert_pem().to_string();
+            Arc::new(CertManager::new(
+                Signer::Local(Box::new(ca)),
+                &root,
+                cfg.cert_ttl,
+            )?)
+        }
+        Source::Controller {
+            address,
+            server_name,
+            root_cert,
+            token_path,
+        } => {
+            let root =
+                std::fs::read_to_string(root_cert).map_err(|source| AppError::ReadConfig {
+                    path: root_cert.display().to_string(),
+                    source,
+                })?;
+            let tls = weft_hbone::tls::control_plane_client_config(&root)?;
+            let cp = ControlPlaneAddress {
+                addr: *address,
+                server_name: server_name.clone(),
+                tls,
+            };
+            let channel =
+                weft_xds::grpc::connect(&cp).map_err(|e| AppError::ControlPlane(e.to_string()))?;
+            let client = XdsClient {
+                channel: channel.clone(),
+                token_path: token_path.clone(),
+                node_name: cfg.node_name.clone(),
+                state: state.clone(),
+                synced: synced.clone(),
+                cache: Cache::default(),
+            };
+            tokio::spawn(client.run());
+            let signer = Signer::Remote {
+                channel,
+                token_path: token_path.clone(),
+            };
+            Arc::new(CertManager::new(signer, &root, cfg.cert_ttl)?)
+        }
+    };
     let metrics = Arc::new(Metrics::default());
 
     let inputs = Arc::new(ProxyInputs {
@@ -110,11 +167,18 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let ready = Arc::new(AtomicBool::new(false));
     serve_admin(&cfg, &state, &certs, &metrics, capture.as_ref(), &ready).await?;
     tokio::spawn(proxy.run());
-    ready.store(true, Ordering::Release);
-    info!(node = %cfg.node_name, "ztunnel ready");
+    let renewer = certs.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RENEW_CHECK_INTERVAL);
+        loop {
+            tick.tick().await;
+            renewer.renew_due().await;
+        }
+    });
 
     let mut tick = tokio::time::interval(CAPTURE_SYNC_INTERVAL);
     let mut config_error: Option<String> = None;
+    let mut seen: Option<Arc<crate::state::State>> = None;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -123,23 +187,34 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             _ = tick.tick() => {}
         }
         // Local config changes (development mode): keep the last good state on error.
-        match read_local_config(&cfg.local_xds_path) {
-            Ok((local, text)) if text != last_text => {
-                config_error = None;
-                last_text = text;
-                state.replace(local);
-                prefetch(&state, &certs, &cfg.node_name);
-                info!(path = %cfg.local_xds_path.display(), "local config reloaded");
-            }
-            Ok(_) => config_error = None,
-            Err(e) => {
-                // Once per distinct error, not once per tick.
-                let text = e.to_string();
-                if config_error.as_ref() != Some(&text) {
-                    warn!(error = %text, "keeping the last good config");
-                    config_error = Some(text);
+        if let (Source::Local { xds_path, .. }, Some(last_text)) =
+            (&cfg.source, local_text.as_mut())
+        {
+            match read_local_config(xds_path) {
+                Ok((local, text)) if text != *last_text => {
+                    config_error = None;
+                    *last_text = text;
+                    state.replace(local);
+                    info!(path = %xds_path.display(), "local config reloaded");
+                }
+                Ok(_) => config_error = None,
+                Err(e) => {
+                    // Once per distinct error, not once per tick.
+                    let text = e.to_string();
+                    if config_error.as_ref() != Some(&text) {
+                        warn!(error = %text, "keeping the last good config");
+                        config_error = Some(text);
+                    }
                 }
             }
+        }
+        let snap = state.snapshot();
+        if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &snap)) {
+            seen = Some(snap.clone());
+            prefetch(&snap, &certs, &cfg.node_name);
+        }
+        if synced.load(Ordering::Acquire) && !ready.swap(true, Ordering::AcqRel) {
+            info!(node = %cfg.node_name, "ztunnel ready");
         }
         if let Some(capture) = &capture {
             let mut c = capture.lock().unwrap_or_else(|p| p.into_inner());
@@ -163,18 +238,19 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     Ok(())
 }
 
-fn prefetch(state: &Store, certs: &CertManager, node: &str) {
-    let snap = state.snapshot();
-    let ids: Vec<_> = snap
+/// Gets certificates for the identities of this node's captured pods in the
+/// background, and forgets those of identities gone from the node.
+fn prefetch(snap: &crate::state::State, certs: &Arc<CertManager>, node: &str) {
+    let ids: BTreeSet<_> = snap
         .config()
         .workloads
         .iter()
         .filter(|w| w.node == node && w.protocol == weft_api::TunnelProtocol::Hbone)
         .filter_map(|w| w.identity().ok())
         .collect();
-    if let Err(e) = certs.prefetch(&ids) {
-        error!(error = %e, "cannot issue workload certificates");
-    }
+    certs.retain(&ids);
+    let certs = certs.clone();
+    tokio::spawn(async move { certs.prefetch(ids).await });
 }
 
 async fn serve_admin(

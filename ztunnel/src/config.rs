@@ -11,6 +11,11 @@ pub const ENV_NODE_NAME: &str = "NODE_NAME";
 pub const ENV_LOCAL_XDS_PATH: &str = "LOCAL_XDS_PATH";
 pub const ENV_LOCAL_CA_CERT: &str = "LOCAL_CA_CERT";
 pub const ENV_LOCAL_CA_KEY: &str = "LOCAL_CA_KEY";
+pub const ENV_XDS_ADDRESS: &str = "XDS_ADDRESS";
+pub const ENV_XDS_SERVER_NAME: &str = "XDS_SERVER_NAME";
+pub const ENV_ROOT_CERT: &str = "ROOT_CERT";
+pub const ENV_TOKEN_PATH: &str = "TOKEN_PATH";
+pub const DEFAULT_XDS_SERVER_NAME: &str = "weft-controller.istio-system.svc";
 pub const ENV_CERT_TTL: &str = "CERT_TTL_SECONDS";
 pub const ENV_CAPTURE: &str = "CAPTURE";
 pub const ENV_ADMIN_ADDR: &str = "ADMIN_ADDR";
@@ -39,6 +44,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 /// How long an upstream connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often interfaces and captured pods are re-synced into the kernel.
+/// How often certificates are checked for renewal (at half-life).
+pub const RENEW_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 pub const CAPTURE_SYNC_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How pods' traffic reaches ztunnel.
@@ -50,16 +57,32 @@ pub enum CaptureMode {
     None,
 }
 
+/// Where config and certificates come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The controller: delta xDS and the mesh CA at `address`, whose serving
+    /// certificate must name `server_name` and chain to `root_cert`;
+    /// `token_path` holds this node's bearer token (re-read on every call).
+    Controller {
+        address: SocketAddr,
+        server_name: String,
+        root_cert: PathBuf,
+        token_path: PathBuf,
+    },
+    /// Development mode: static workloads and services from a file, and a
+    /// local CA (root certificate and key).
+    Local {
+        xds_path: PathBuf,
+        ca_cert: PathBuf,
+        ca_key: PathBuf,
+    },
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     /// This node's name: workloads whose `node` matches are local.
     pub node_name: String,
-    /// Static workloads and services (development mode, until xDS).
-    pub local_xds_path: PathBuf,
-    /// Root certificate of the local development CA.
-    pub ca_cert: PathBuf,
-    /// Private key of the local development CA.
-    pub ca_key: PathBuf,
+    pub source: Source,
     /// Lifetime of issued workload certificates; renewed at half-life.
     pub cert_ttl: Duration,
     /// How traffic is captured.
@@ -93,9 +116,31 @@ impl Config {
             })
         };
         let node_name = required(ENV_NODE_NAME);
-        let local_xds_path = PathBuf::from(required(ENV_LOCAL_XDS_PATH));
-        let ca_cert = PathBuf::from(required(ENV_LOCAL_CA_CERT));
-        let ca_key = PathBuf::from(required(ENV_LOCAL_CA_KEY));
+        let source = match get(ENV_XDS_ADDRESS).filter(|v| !v.is_empty()) {
+            Some(addr) => {
+                let root_cert = PathBuf::from(required(ENV_ROOT_CERT));
+                let token_path = PathBuf::from(required(ENV_TOKEN_PATH));
+                let server_name =
+                    get(ENV_XDS_SERVER_NAME).unwrap_or_else(|| DEFAULT_XDS_SERVER_NAME.to_string());
+                match addr.parse::<SocketAddr>() {
+                    Ok(address) => Some(Source::Controller {
+                        address,
+                        server_name,
+                        root_cert,
+                        token_path,
+                    }),
+                    Err(e) => {
+                        errors.push(format!("{ENV_XDS_ADDRESS}={addr:?}: {e}; want ip:port"));
+                        None
+                    }
+                }
+            }
+            None => Some(Source::Local {
+                xds_path: PathBuf::from(required(ENV_LOCAL_XDS_PATH)),
+                ca_cert: PathBuf::from(required(ENV_LOCAL_CA_CERT)),
+                ca_key: PathBuf::from(required(ENV_LOCAL_CA_KEY)),
+            }),
+        };
 
         let parse = |name: &str, default: &str| -> Option<String> {
             Some(get(name).unwrap_or_else(|| default.to_string()))
@@ -144,6 +189,7 @@ impl Config {
             }
         });
         match (
+            source,
             admin_addr,
             stats_addr,
             readiness_addr,
@@ -152,6 +198,7 @@ impl Config {
             max_connections,
         ) {
             (
+                Some(source),
                 Some(admin_addr),
                 Some(stats_addr),
                 Some(readiness_addr),
@@ -160,9 +207,7 @@ impl Config {
                 Some(max_connections),
             ) if errors.is_empty() => Ok(Config {
                 node_name,
-                local_xds_path,
-                ca_cert,
-                ca_key,
+                source,
                 cert_ttl,
                 capture,
                 listen_addr: DEFAULT_LISTEN_ADDR,
@@ -230,5 +275,27 @@ mod tests {
         ] {
             assert!(err.contains(want), "{want} missing from: {err}");
         }
+    }
+
+    /// With a controller address, the controller's settings are required instead.
+    #[test]
+    fn controller_source() {
+        let cfg = Config::from_lookup(&lookup(&[
+            (ENV_NODE_NAME, "n"),
+            (ENV_XDS_ADDRESS, "10.0.0.1:15012"),
+            (ENV_ROOT_CERT, "/r.pem"),
+            (ENV_TOKEN_PATH, "/t"),
+        ]))
+        .unwrap();
+        assert!(
+            matches!(cfg.source, Source::Controller { ref server_name, .. } if server_name == DEFAULT_XDS_SERVER_NAME)
+        );
+        let err = Config::from_lookup(&lookup(&[(ENV_NODE_NAME, "n"), (ENV_XDS_ADDRESS, "nope")]))
+            .unwrap_err()
+            .to_string();
+        for want in [ENV_XDS_ADDRESS, ENV_ROOT_CERT, ENV_TOKEN_PATH] {
+            assert!(err.contains(want), "{want} missing from: {err}");
+        }
+        assert!(!err.contains(ENV_LOCAL_XDS_PATH));
     }
 }

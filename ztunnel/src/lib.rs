@@ -16,3 +16,4 @@ pub mod proxy;
 pub mod state;
 #[cfg(test)]
 mod test_helpers;
+pub mod xds;

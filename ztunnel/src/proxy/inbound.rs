@@ -56,7 +56,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer_addr: SocketAddr)
             &why,
         );
     };
-    let server = match pi.certs.server_config(&dst_id) {
+    let server = match pi.certs.server_config(&dst_id).await {
         Ok(s) => s,
         Err(e) => return refused(m, DIR, RefusalReason::tls_handshake, peer_addr, local, &e),
     };

@@ -163,6 +163,7 @@ async fn hbone_stream(
     let tls = pi
         .certs
         .client_config(src_id, dst_id)
+        .await
         .map_err(|e| ConnectError::Dial(Box::new(e)))?;
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&forwarded_header(client.ip())) {
