@@ -44,10 +44,12 @@ pub struct LabOptions {
     pub name: String,
     /// The scenario: Kubernetes YAML (Namespaces, Pods, Services, Nodes).
     pub manifests: String,
-    /// The ztunnel binary.
-    pub ztunnel_bin: PathBuf,
+    /// Where the `ztunnel` and `weft-controller` binaries are.
+    pub bin_dir: PathBuf,
     /// Extra environment for every ztunnel.
     pub ztunnel_env: Vec<(String, String)>,
+    /// Extra environment for the controller.
+    pub controller_env: Vec<(String, String)>,
 }
 
 /// A node of the lab.
@@ -80,6 +82,8 @@ pub struct Lab {
     nodes: BTreeMap<String, LabNode>,
     pods: BTreeMap<String, LabPod>,
     ztunnels: BTreeMap<String, Child>,
+    controller: Option<Child>,
+    underlay: Option<NetNs>,
     torn_down: bool,
 }
 
@@ -94,8 +98,9 @@ impl LabOptions {
         LabOptions {
             name: name.to_string(),
             manifests: manifests.to_string(),
-            ztunnel_bin: bin_path("ztunnel"),
+            bin_dir: bin_dir(),
             ztunnel_env: Vec::new(),
+            controller_env: Vec::new(),
         }
     }
 
@@ -105,15 +110,18 @@ impl LabOptions {
     }
 }
 
-/// A binary of this workspace: `$WEFT_BIN_DIR/<name>`, else `target/debug/<name>`.
-pub fn bin_path(name: &str) -> PathBuf {
+/// Where this workspace's binaries are: `$WEFT_BIN_DIR`, else `target/debug`.
+pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("WEFT_BIN_DIR") {
-        return Path::new(&dir).join(name);
+        return PathBuf::from(dir);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/debug")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
 }
+
+/// The controller's address on the underlay (it runs in the underlay namespace).
+pub const CONTROLLER_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 2);
+pub const CONTROLLER_PORT: u16 = 15012;
+pub const CONTROLLER_NAME: &str = "weft-controller.istio-system.svc";
 
 fn lab_id() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -145,11 +153,13 @@ impl Lab {
         if !nix::unistd::Uid::effective().is_root() {
             bail!("the lab needs root (network namespaces, eBPF): run as root");
         }
-        if !opts.ztunnel_bin.exists() {
-            bail!(
-                "{} not found: build it first (`cargo build -p weft-ztunnel`) or set WEFT_BIN_DIR",
-                opts.ztunnel_bin.display()
-            );
+        for bin in ["ztunnel", "weft-controller"] {
+            if !opts.bin_dir.join(bin).exists() {
+                bail!(
+                    "{bin} not found in {}: build it first (`cargo build -p weft-ztunnel -p weft-controller`) or set WEFT_BIN_DIR",
+                    opts.bin_dir.display()
+                );
+            }
         }
         install_interrupt_cleanup();
         down_stale()?;
@@ -165,6 +175,8 @@ impl Lab {
             nodes: BTreeMap::new(),
             pods: BTreeMap::new(),
             ztunnels: BTreeMap::new(),
+            controller: None,
+            underlay: None,
             torn_down: false,
         };
         lab.register()?;
@@ -183,6 +195,9 @@ impl Lab {
         let ul = NetNs::create(&format!("{}-ul", self.id))?;
         ul.ip(&["link", "add", "br0", "type", "bridge"])?;
         ul.ip(&["link", "set", "br0", "up"])?;
+        ul.ip(&["addr", "add", &format!("{CONTROLLER_IP}/24"), "dev", "br0"])?;
+        ul.ip(&["link", "set", "lo", "up"])?;
+        self.underlay = Some(ul.clone());
 
         let node_names: Vec<String> = self.node_names();
         for (i, name) in node_names.iter().enumerate() {
@@ -281,10 +296,21 @@ impl Lab {
             );
         }
 
+        // The mesh root, as a user would supply it; the controller loads it.
         let ca = Ca::generate("cluster.local")?;
-        fs::write(self.dir.join("ca.pem"), ca.cert_pem())?;
-        fs::write(self.dir.join("ca.key"), ca.key_pem())?;
+        fs::create_dir_all(self.ca_dir())?;
+        fs::write(self.ca_dir().join("root-cert.pem"), ca.cert_pem())?;
+        fs::write(self.ca_dir().join("root-key.pem"), ca.key_pem())?;
+        let mut tokens = String::new();
+        for node in &node_names {
+            let token = random_token()?;
+            fs::write(self.token_path(node), &token)?;
+            tokens.push_str(&format!("{node} {token}\n"));
+        }
+        fs::write(self.dir.join("node-tokens"), tokens)?;
+        fs::create_dir_all(self.manifests_dir())?;
         self.write_config()?;
+        self.start_controller()?;
         for node in node_names {
             self.start_ztunnel(&node)?;
         }
@@ -346,20 +372,107 @@ impl Lab {
         self.snapshot.nodes.keys().cloned().collect()
     }
 
-    fn config_path(&self) -> PathBuf {
-        self.dir.join("ztunnel.yaml")
+    fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
     }
 
-    /// Translates the current snapshot and writes ztunnel's config atomically.
+    fn token_path(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("token-{node}"))
+    }
+
+    /// The directory the controller watches.
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+
+    /// Checks the snapshot translates cleanly and writes it, as manifests, to
+    /// the controller's directory (atomically: the controller never sees half a file).
     fn write_config(&self) -> Result<()> {
-        let (cfg, errors) = translate::workloads(&self.snapshot, &Mesh::default());
+        let (_, errors) = translate::workloads(&self.snapshot, &Mesh::default());
         if let Some(e) = errors.first() {
             bail!("scenario: {e}");
         }
-        let tmp = self.dir.join("ztunnel.yaml.tmp");
-        fs::write(&tmp, serde_yaml::to_string(&cfg)?)?;
-        fs::rename(&tmp, self.config_path())?;
+        let mut docs = Vec::new();
+        for ns in self.snapshot.namespaces.values() {
+            docs.push(serde_yaml::to_string(ns)?);
+        }
+        for n in self.snapshot.nodes.values() {
+            docs.push(serde_yaml::to_string(n)?);
+        }
+        for p in self.snapshot.pods.values() {
+            docs.push(serde_yaml::to_string(p)?);
+        }
+        for svc in self.snapshot.services.values() {
+            docs.push(serde_yaml::to_string(svc)?);
+        }
+        self.write_manifest("scenario.yaml", &docs.join("---\n"))
+    }
+
+    /// Writes (or replaces) one manifests file as is: what `kubectl apply` of
+    /// that file, or a bad edit of it, does.
+    pub fn write_manifest(&self, name: &str, text: &str) -> Result<()> {
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, self.manifests_dir().join(name))?;
         Ok(())
+    }
+
+    /// Starts the controller in the underlay namespace and waits until it listens.
+    pub fn start_controller(&mut self) -> Result<()> {
+        let ul = self.underlay.clone().context("no underlay")?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("controller.log"))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ul.name()])
+            .arg(self.opts.bin_dir.join("weft-controller"))
+            .env("MANIFESTS_DIR", self.manifests_dir())
+            .env("CA_DIR", self.ca_dir())
+            .env("NODE_TOKENS", self.dir.join("node-tokens"))
+            .env("XDS_ADDR", format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"))
+            .env("SERVER_NAMES", CONTROLLER_NAME)
+            .env(
+                "RUST_LOG",
+                std::env::var("WEFT_CONTROLLER_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (k, v) in &self.opts.controller_env {
+            cmd.env(k, v);
+        }
+        die_with_parent(&mut cmd);
+        self.controller = Some(cmd.spawn().context("starting the controller")?);
+        self.register()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.controller.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("controller exited ({status}) before listening:\n{}", self.controller_log());
+            }
+            let up = ul.run(|| Ok(TcpStream::connect((CONTROLLER_IP, CONTROLLER_PORT)).is_ok()))?;
+            if up {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("controller not listening in 20s:\n{}", self.controller_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the controller (SIGKILL: a crash, not a shutdown).
+    pub fn kill_controller(&mut self) -> Result<()> {
+        if let Some(mut c) = self.controller.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        self.register()
+    }
+
+    /// Everything the controller has logged so far.
+    pub fn controller_log(&self) -> String {
+        fs::read_to_string(self.dir.join("controller.log")).unwrap_or_default()
     }
 
     fn start_ztunnel(&mut self, node: &str) -> Result<()> {
@@ -367,11 +480,12 @@ impl Lab {
         let log = fs::File::create(self.dir.join(format!("ztunnel-{node}.log")))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns.name()])
-            .arg(&self.opts.ztunnel_bin)
+            .arg(self.opts.bin_dir.join("ztunnel"))
             .env("NODE_NAME", node)
-            .env("LOCAL_XDS_PATH", self.config_path())
-            .env("LOCAL_CA_CERT", self.dir.join("ca.pem"))
-            .env("LOCAL_CA_KEY", self.dir.join("ca.key"))
+            .env("XDS_ADDRESS", format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"))
+            .env("XDS_SERVER_NAME", CONTROLLER_NAME)
+            .env("ROOT_CERT", self.ca_dir().join("root-cert.pem"))
+            .env("TOKEN_PATH", self.token_path(node))
             .env("LOG_FORMAT", "json")
             .env(
                 "RUST_LOG",
@@ -425,11 +539,11 @@ impl Lab {
         self.ztunnels.get(node).map(Child::id)
     }
 
-    /// The lab's mesh CA (what ztunnels were given).
+    /// The lab's mesh CA (the root the controller signs with).
     pub fn ca(&self) -> Result<Ca> {
         Ok(Ca::from_files(
-            &self.dir.join("ca.pem"),
-            &self.dir.join("ca.key"),
+            &self.ca_dir().join("root-cert.pem"),
+            &self.ca_dir().join("root-key.pem"),
         )?)
     }
 
@@ -539,13 +653,6 @@ impl Lab {
         self.write_config()
     }
 
-    /// Overwrites ztunnel's config file with `text` as is: what a bad edit does.
-    pub fn write_raw_config(&self, text: &str) -> Result<()> {
-        let tmp = self.dir.join("ztunnel.yaml.tmp");
-        fs::write(&tmp, text)?;
-        fs::rename(&tmp, self.config_path())?;
-        Ok(())
-    }
 
     /// Waits until ztunnel on the pod's node has (or has not) captured it.
     pub fn wait_captured(&self, pod: &str, captured: bool) -> Result<()> {
@@ -571,12 +678,12 @@ impl Lab {
         if std::mem::replace(&mut self.torn_down, true) {
             return Ok(());
         }
-        for child in self.ztunnels.values_mut() {
+        for child in self.ztunnels.values_mut().chain(self.controller.as_mut()) {
             let pid = Pid::from_raw(child.id() as i32);
             let _ = kill(pid, Signal::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(3);
-        for child in self.ztunnels.values_mut() {
+        for child in self.ztunnels.values_mut().chain(self.controller.as_mut()) {
             while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -598,7 +705,12 @@ impl Lab {
     }
 
     fn register(&self) -> Result<()> {
-        let pids: Vec<u32> = self.ztunnels.values().map(Child::id).collect();
+        let pids: Vec<u32> = self
+            .ztunnels
+            .values()
+            .chain(self.controller.as_ref())
+            .map(Child::id)
+            .collect();
         let entry = serde_json::json!({ "owner": std::process::id(), "children": pids });
         fs::write(registry_file(&self.id), entry.to_string())?;
         let mut active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner());
@@ -614,6 +726,16 @@ impl Drop for Lab {
             eprintln!("lab {}: teardown failed: {e:#}", self.id);
         }
     }
+}
+
+/// 128 random bits, hex: a node's bootstrap token.
+fn random_token() -> Result<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| anyhow!("no randomness"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A veth pair: `a_name` in `a`, `b_name` in `b`.

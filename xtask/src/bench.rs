@@ -33,7 +33,7 @@ pub fn l4() -> Result<()> {
     raise_fd_limit();
     let bins = build_bins(true)?;
     let mut opts = LabOptions::new("bench", &scenario("l4")?);
-    opts.ztunnel_bin = bins.join("ztunnel");
+    opts.bin_dir = bins;
     let lab = Lab::up(opts)?;
     let plain = (lab.pod("legacy/outsider"), lab.pod("legacy/plain"));
     let mesh = (lab.pod("shop/client"), lab.pod("shop/web-1"));

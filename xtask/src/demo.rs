@@ -32,7 +32,7 @@ pub fn run() -> Result<()> {
     require_root("cargo xtask demo")?;
     let bins = build_bins(false)?;
     let mut opts = LabOptions::new("demo", &scenario("l4")?);
-    opts.ztunnel_bin = bins.join("ztunnel");
+    opts.bin_dir = bins;
     println!("\n== Weft demo: examples/l4 — namespace shop is ambient, legacy is not ==");
     let started = Instant::now();
     let lab = Lab::up(opts)?;

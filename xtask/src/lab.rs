@@ -30,7 +30,7 @@ pub fn up(name: &str) -> Result<()> {
     require_root("cargo xtask lab up")?;
     let bins = build_bins(false)?;
     let mut opts = LabOptions::new(name, &scenario(name)?);
-    opts.ztunnel_bin = bins.join("ztunnel");
+    opts.bin_dir = bins;
     let lab = Lab::up(opts)?;
     print_lab(&lab);
     println!(
