@@ -447,15 +447,25 @@ impl Lab {
         self.register()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(status) = self.controller.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("controller exited ({status}) before listening:\n{}", self.controller_log());
+            if let Some(status) = self
+                .controller
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "controller exited ({status}) before listening:\n{}",
+                    self.controller_log()
+                );
             }
             let up = ul.run(|| Ok(TcpStream::connect((CONTROLLER_IP, CONTROLLER_PORT)).is_ok()))?;
             if up {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("controller not listening in 20s:\n{}", self.controller_log());
+                bail!(
+                    "controller not listening in 20s:\n{}",
+                    self.controller_log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -652,7 +662,6 @@ impl Lab {
         }
         self.write_config()
     }
-
 
     /// Waits until ztunnel on the pod's node has (or has not) captured it.
     pub fn wait_captured(&self, pod: &str, captured: bool) -> Result<()> {

@@ -311,14 +311,18 @@ fn bad_config_keeps_last_good_state() -> Result<()> {
     let (client, web) = (lab.pod("shop/client"), lab.pod("shop/web-1"));
     let _who = apps::serve(web, 8080, App::WhoAmI)?;
     // A broken edit of the scenario file, and a file with one bad document.
-    lab.write_manifest("scenario.yaml", "apiVersion: v1\nkind: [Pod\n  - not: closed\n")?;
+    lab.write_manifest(
+        "scenario.yaml",
+        "apiVersion: v1\nkind: [Pod\n  - not: closed\n",
+    )?;
     lab.write_manifest(
         "extra.yaml",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: broken, namespace: shop}\nspec: {containers: 7}\n",
     )?;
     eventually("the bad files are reported", Duration::from_secs(5), || {
         let log = lab.controller_log();
-        Ok(log.contains("keeping its last good contents") && log.contains("extra.yaml document 0 (Pod broken)"))
+        Ok(log.contains("keeping its last good contents")
+            && log.contains("extra.yaml document 0 (Pod broken)"))
     })?;
     ensure!(
         lab.controller_log().contains("scenario.yaml"),

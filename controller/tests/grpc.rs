@@ -1,0 +1,368 @@
+//! The controller over its real gRPC/TLS endpoint, in process: the CA's
+//! refusals and signatures, and delta ADS (initial state, deltas of only what
+//! changed, ACK/NACK, reconnect with versions).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::codec::Streaming;
+use tonic::transport::Channel;
+use weft_api::Identity;
+use weft_controller::app::{self, Config};
+use weft_controller::translate::Mesh;
+use weft_hbone::ca::CertRequest;
+use weft_xds::grpc::{ControlPlaneAddress, connect, create_certificate, delta_ads};
+use weft_xds::proto::ca::IstioCertificateRequest;
+use weft_xds::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Status};
+use weft_xds::proto::workload::{Address, address};
+use weft_xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+
+const TOKEN_1: &str = "node-1-token-0123456789";
+const TOKEN_2: &str = "node-2-token-0123456789";
+
+fn pod(name: &str, node: &str, sa: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\n\
+         spec: {{nodeName: {node}, serviceAccountName: {sa}, containers: [{{name: app}}]}}\n\
+         status: {{podIP: {ip}}}\n"
+    )
+}
+
+fn manifests(web_label: &str) -> String {
+    [
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n".to_string(),
+        pod("client", "node-1", "client", "10.244.1.10"),
+        pod("web", "node-2", "web", "10.244.2.10").replace("namespace: shop}", &format!("namespace: shop, labels: {{version: {web_label}}}}}")),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80}]}\n".to_string(),
+    ]
+    .join("---\n")
+}
+
+struct Running {
+    dir: PathBuf,
+    channel: Channel,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn start(name: &str) -> Running {
+    let dir = std::env::temp_dir().join(format!("weft-ctl-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("manifests")).unwrap();
+    write(&dir.join("manifests/mesh.yaml"), &manifests("v1"));
+    std::fs::write(
+        dir.join("tokens"),
+        format!("node-1 {TOKEN_1}\nnode-2 {TOKEN_2}\n"),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = Config {
+        manifests_dir: dir.join("manifests"),
+        ca_dir: dir.join("ca"),
+        node_tokens: dir.join("tokens"),
+        xds_addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        server_names: vec!["weft-controller.istio-system.svc".into()],
+        max_cert_ttl: Duration::from_secs(3600),
+        mesh: Mesh::default(),
+    };
+    tokio::spawn(async move { app::run(cfg).await.unwrap() });
+    let root = loop {
+        if let Ok(r) = std::fs::read_to_string(dir.join("ca/root-cert.pem")) {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                break r;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let cp = ControlPlaneAddress {
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        server_name: "weft-controller.istio-system.svc".into(),
+        tls: weft_hbone::tls::control_plane_client_config(&root).unwrap(),
+    };
+    Running {
+        channel: connect(&cp).unwrap(),
+        dir,
+    }
+}
+
+fn csr_for(sa: &str) -> (Identity, IstioCertificateRequest) {
+    let id = Identity::new("cluster.local", "shop", sa).unwrap();
+    let req = CertRequest::new(&id).unwrap();
+    (
+        id,
+        IstioCertificateRequest {
+            csr: req.csr_pem,
+            validity_duration: 600,
+            metadata: None,
+        },
+    )
+}
+
+/// The CA signs only what the calling node is entitled to, and says why not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_signs_and_refuses() {
+    let ctl = start("ca").await;
+    let ch = || ctl.channel.clone();
+
+    let (id, req) = csr_for("web");
+    let resp = create_certificate(ch(), TOKEN_2, req.clone())
+        .await
+        .expect("node-2 runs web");
+    assert_eq!(resp.cert_chain.len(), 2, "leaf and root");
+    let (_, not_after, got) = weft_hbone::tls::leaf_info(&resp.cert_chain[0]).unwrap();
+    assert_eq!(got, id);
+    let life = not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(
+        life <= Duration::from_secs(600),
+        "lifetime as asked: {life:?}"
+    );
+
+    let refusals: Vec<(&str, Result<_, tonic::Status>, Code, &str)> = vec![
+        (
+            "another node's identity",
+            create_certificate(ch(), TOKEN_1, req.clone()).await,
+            Code::PermissionDenied,
+            "node node-1 runs no pod",
+        ),
+        (
+            "unknown token",
+            create_certificate(ch(), "x-not-a-token-at-all", req.clone()).await,
+            Code::Unauthenticated,
+            "unknown token",
+        ),
+        (
+            "no pod at all",
+            create_certificate(ch(), TOKEN_2, csr_for("ghost").1).await,
+            Code::PermissionDenied,
+            "no pod with identity",
+        ),
+        (
+            "garbage CSR",
+            create_certificate(
+                ch(),
+                TOKEN_2,
+                IstioCertificateRequest {
+                    csr: "junk".into(),
+                    ..req.clone()
+                },
+            )
+            .await,
+            Code::InvalidArgument,
+            "request is invalid",
+        ),
+        (
+            "impersonation mismatch",
+            create_certificate(
+                ch(),
+                TOKEN_2,
+                IstioCertificateRequest {
+                    metadata: Some(prost_types::Struct {
+                        fields: [(
+                            "ImpersonatedIdentity".to_string(),
+                            prost_types::Value {
+                                kind: Some(prost_types::value::Kind::StringValue(
+                                    "spiffe://cluster.local/ns/shop/sa/client".into(),
+                                )),
+                            },
+                        )]
+                        .into(),
+                    }),
+                    ..req.clone()
+                },
+            )
+            .await,
+            Code::InvalidArgument,
+            "differs",
+        ),
+        (
+            "oversize request",
+            create_certificate(
+                ch(),
+                TOKEN_2,
+                IstioCertificateRequest {
+                    csr: "A".repeat(200 << 10),
+                    ..req.clone()
+                },
+            )
+            .await,
+            Code::OutOfRange,
+            "",
+        ),
+    ];
+    for (name, got, code, text) in refusals {
+        let err = got.expect_err(name);
+        assert_eq!(err.code(), code, "{name}: {err:?}");
+        assert!(err.message().contains(text), "{name}: {}", err.message());
+    }
+    // After all that, the CA still serves.
+    create_certificate(ch(), TOKEN_2, csr_for("web").1)
+        .await
+        .expect("still serving");
+}
+
+async fn next(stream: &mut Streaming<DeltaDiscoveryResponse>) -> DeltaDiscoveryResponse {
+    tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .expect("a response within 2s")
+        .expect("stream ok")
+        .expect("stream open")
+}
+
+fn ack(resp: &DeltaDiscoveryResponse, nack: Option<&str>) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: resp.type_url.clone(),
+        response_nonce: resp.nonce.clone(),
+        error_detail: nack.map(|m| Status {
+            code: 0,
+            message: m.into(),
+            details: vec![],
+        }),
+        ..DeltaDiscoveryRequest::default()
+    }
+}
+
+async fn subscribe(
+    ch: Channel,
+    versions: std::collections::BTreeMap<String, String>,
+) -> (
+    mpsc::Sender<DeltaDiscoveryRequest>,
+    Streaming<DeltaDiscoveryResponse>,
+) {
+    let (tx, rx) = mpsc::channel(8);
+    for ty in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
+        tx.send(DeltaDiscoveryRequest {
+            type_url: ty.into(),
+            initial_resource_versions: if ty == ADDRESS_TYPE {
+                versions.clone()
+            } else {
+                Default::default()
+            },
+            ..DeltaDiscoveryRequest::default()
+        })
+        .await
+        .unwrap();
+    }
+    let stream = delta_ads(ch, TOKEN_1, ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    (tx, stream)
+}
+
+/// Initial state for both types (the empty one too), then only what changed;
+/// a NACK does not break the stream; a reconnect with current versions gets nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_ads_sends_only_changes() {
+    let ctl = start("ads").await;
+    let unauth = delta_ads(
+        ctl.channel.clone(),
+        "bad-token-0000000000",
+        tokio_stream::empty(),
+    )
+    .await;
+    assert_eq!(unauth.unwrap_err().code(), Code::Unauthenticated);
+
+    let (tx, mut stream) = subscribe(ctl.channel.clone(), Default::default()).await;
+    let first = next(&mut stream).await;
+    assert_eq!(first.type_url, ADDRESS_TYPE);
+    let mut names: Vec<&str> = first.resources.iter().map(|r| r.name.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "Kubernetes//Pod/shop/client",
+            "Kubernetes//Pod/shop/web",
+            "shop/web.shop.svc.cluster.local"
+        ]
+    );
+    let versions = first
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    tx.send(ack(&first, None)).await.unwrap();
+    let authz = next(&mut stream).await;
+    assert_eq!(
+        (authz.type_url.as_str(), authz.resources.len()),
+        (AUTHORIZATION_TYPE, 0),
+        "sent even when empty"
+    );
+    tx.send(ack(&authz, None)).await.unwrap();
+
+    // One pod changes: one resource is pushed, not the world.
+    write(&ctl.dir.join("manifests/mesh.yaml"), &manifests("v2"));
+    let delta = tokio::time::timeout(Duration::from_secs(1), stream.message())
+        .await
+        .expect("within a second")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        delta.resources.len(),
+        1,
+        "{:?}",
+        delta.resources.iter().map(|r| &r.name).collect::<Vec<_>>()
+    );
+    assert_eq!(delta.resources[0].name, "Kubernetes//Pod/shop/web");
+    let Some(address::Type::Workload(w)) = Address::decode(
+        delta.resources[0]
+            .resource
+            .as_ref()
+            .unwrap()
+            .value
+            .as_slice(),
+    )
+    .unwrap()
+    .r#type
+    else {
+        panic!("not a workload");
+    };
+    assert_eq!(w.canonical_revision, "v2");
+    // The client refuses it; the stream carries on.
+    tx.send(ack(&delta, Some("Kubernetes//Pod/shop/web: test refusal")))
+        .await
+        .unwrap();
+
+    // A removed pod is sent as a removal by name.
+    let only_client = manifests("v2")
+        .split("---\n")
+        .filter(|d| !d.contains("kind: Pod\nmetadata: {name: web,"))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    write(&ctl.dir.join("manifests/mesh.yaml"), &only_client);
+    let removal = next(&mut stream).await;
+    assert_eq!(removal.removed_resources, ["Kubernetes//Pod/shop/web"]);
+    assert!(removal.resources.is_empty());
+    drop((tx, stream));
+
+    // Reconnect holding the first versions: only what differs now comes back.
+    let (_tx, mut stream) = subscribe(ctl.channel.clone(), versions).await;
+    let again = next(&mut stream).await;
+    assert!(
+        again.resources.is_empty(),
+        "{:?}",
+        again.resources.iter().map(|r| &r.name).collect::<Vec<_>>()
+    );
+    assert_eq!(again.removed_resources, ["Kubernetes//Pod/shop/web"]);
+}
