@@ -2,6 +2,8 @@
 //! refusals and signatures, and delta ADS (initial state, deltas of only what
 //! changed, ACK/NACK, reconnect with versions).
 
+#![expect(clippy::unwrap_used, reason = "test helpers panic on setup failures")]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
