@@ -87,13 +87,12 @@ async fn start(name: &str) -> Running {
     };
     tokio::spawn(async move { app::run(cfg).await.unwrap() });
     let root = loop {
-        if let Ok(r) = std::fs::read_to_string(dir.join("ca/root-cert.pem")) {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+        if let Ok(r) = std::fs::read_to_string(dir.join("ca/root-cert.pem"))
+            && tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_ok()
-            {
-                break r;
-            }
+        {
+            break r;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
