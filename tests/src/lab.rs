@@ -108,6 +108,12 @@ impl LabOptions {
         self.ztunnel_env.push((key.to_string(), value.to_string()));
         self
     }
+
+    pub fn controller_env(mut self, key: &str, value: &str) -> Self {
+        self.controller_env
+            .push((key.to_string(), value.to_string()));
+        self
+    }
 }
 
 /// Where this workspace's binaries are: `$WEFT_BIN_DIR`, else `target/debug`.
