@@ -85,13 +85,18 @@ fn workload_params(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
+    let (not_before, not_after) = set_validity(&mut params, ttl);
+    Ok((params, not_before, not_after))
+}
+
+/// Valid from a minute ago (clock skew between nodes) for `ttl` from now.
+fn set_validity(params: &mut CertificateParams, ttl: Duration) -> (SystemTime, SystemTime) {
     let now = SystemTime::now();
-    // Backdated a minute for clock skew between nodes.
     let not_before = now - Duration::from_secs(60);
     let not_after = now + ttl;
     params.not_before = not_before.into();
     params.not_after = not_after.into();
-    Ok((params, not_before, not_after))
+    (not_before, not_after)
 }
 
 // === impl CertRequest ===
@@ -234,11 +239,7 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
-        let now = SystemTime::now();
-        let not_before = now - Duration::from_secs(60);
-        let not_after = now + ttl;
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
+        let (not_before, not_after) = set_validity(&mut params, ttl);
         let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
         let signed = SignedCert {
             cert_pem: cert.pem(),
