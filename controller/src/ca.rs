@@ -12,8 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tracing::info;
-use weft_api::Identity;
-use weft_hbone::ca::{Ca, CaError, SignedCert};
+use weft_hbone::ca::{Ca, CaError, SignedCert, VerifiedCsr};
 
 /// The CA and the chain that goes with every certificate it signs.
 #[derive(Debug)]
@@ -141,16 +140,15 @@ impl MeshCa {
         self.max_ttl
     }
 
-    /// Signs `csr_pem` for `identity` (already authorized by the caller) and
+    /// Signs `csr` (its identity already authorized by the caller) and
     /// returns Istio's chain: leaf first, intermediates, root last.
     pub fn sign(
         &self,
-        csr_pem: &str,
-        identity: &Identity,
+        csr: &VerifiedCsr,
         ttl: Duration,
     ) -> Result<(SignedCert, Vec<String>), CaError> {
         let ttl = ttl.min(self.max_ttl);
-        let signed = self.ca.sign_csr(csr_pem, identity, ttl)?;
+        let signed = self.ca.sign_csr(csr, ttl)?;
         let mut chain = vec![signed.cert_pem.clone()];
         chain.extend(self.intermediates.iter().cloned());
         chain.push(self.root_pem.clone());
@@ -172,6 +170,7 @@ impl MeshCa {
 
 #[cfg(test)]
 mod tests {
+    use weft_api::Identity;
     use weft_hbone::ca::CertRequest;
 
     use super::*;
@@ -194,8 +193,9 @@ mod tests {
 
         let id = Identity::new("cluster.local", "shop", "web").unwrap();
         let req = CertRequest::new(&id).unwrap();
+        let csr = VerifiedCsr::from_pem(&req.csr_pem).unwrap();
         let (signed, chain) = second
-            .sign(&req.csr_pem, &id, Duration::from_secs(10 * 24 * 3600))
+            .sign(&csr, Duration::from_secs(10 * 24 * 3600))
             .unwrap();
         assert_eq!(chain.len(), 2);
         assert_eq!(chain[1], first.root_pem());

@@ -27,6 +27,7 @@ use weft_xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, to_any, version_of};
 
 use crate::auth::{Caller, NodeTokens};
 use crate::ca::MeshCa;
+use weft_hbone::ca::VerifiedCsr;
 
 /// One resource as served.
 #[derive(Debug)]
@@ -121,8 +122,9 @@ impl Controller {
 
     /// Checks and signs one certificate request.
     fn sign(&self, caller: &Caller, req: &IstioCertificateRequest) -> Result<Vec<String>, Status> {
-        let requested = weft_hbone::ca::requested_identity(&req.csr)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let csr =
+            VerifiedCsr::from_pem(&req.csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let requested = csr.identity();
         // A node agent names the identity it asks for on a pod's behalf; it
         // must be the one in the request.
         if let Some(imp) = impersonated(req)
@@ -137,7 +139,7 @@ impl Controller {
             .borrow()
             .identities
             .get(&caller.node)
-            .is_some_and(|ids| ids.contains(&requested));
+            .is_some_and(|ids| ids.contains(requested));
         if !entitled {
             return Err(Status::permission_denied(format!(
                 "node {} runs no pod with identity {requested}",
@@ -150,7 +152,7 @@ impl Controller {
         };
         let (signed, chain) = self
             .ca
-            .sign(&req.csr, &requested, ttl)
+            .sign(&csr, ttl)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         info!(
             component = "ca",

@@ -175,37 +175,12 @@ impl Ca {
         Ca::from_pem(&read(cert)?, &read(key)?)
     }
 
-    /// Signs a workload certificate for `identity` from a PEM request. The
-    /// request's signature must verify (proof of the key) and its one URI SAN
-    /// must be `identity`; everything else in it is ignored: the certificate
-    /// gets the workload profile and `ttl`, whatever was asked.
-    pub fn sign_csr(
-        &self,
-        csr_pem: &str,
-        identity: &Identity,
-        ttl: Duration,
-    ) -> Result<SignedCert, CaError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
-        let uris: Vec<String> = csr
-            .params
-            .subject_alt_names
-            .iter()
-            .filter_map(|san| match san {
-                SanType::URI(u) => Some(u.as_str().to_string()),
-                _ => None,
-            })
-            .collect();
-        let want = identity.to_string();
-        if uris.len() != 1 || uris[0] != want {
-            return Err(CaError::CsrIdentity {
-                got: if uris.is_empty() {
-                    "no URI SAN".into()
-                } else {
-                    uris.join(", ")
-                },
-                want,
-            });
-        }
+    /// Signs a workload certificate from a verified request. Only its key and
+    /// identity are used: the certificate gets the workload profile and
+    /// `ttl`, whatever else was asked. Whether the asker is entitled to the
+    /// identity is the caller's decision.
+    pub fn sign_csr(&self, csr: &VerifiedCsr, ttl: Duration) -> Result<SignedCert, CaError> {
+        let identity = &csr.identity;
         let err = |source| CaError::Issue {
             identity: identity.to_string(),
             source,
@@ -213,7 +188,7 @@ impl Ca {
         let (params, not_before, not_after) = workload_params(identity, ttl).map_err(err)?;
         let signed = CertificateSigningRequestParams {
             params,
-            public_key: csr.public_key,
+            public_key: csr.public_key.clone(),
         }
         .signed_by(&self.issuer)
         .map_err(err)?;
@@ -293,29 +268,50 @@ impl std::fmt::Debug for IssuedCert {
     }
 }
 
-/// The identity a PEM request names (its one URI SAN), after checking its signature.
-pub fn requested_identity(csr_pem: &str) -> Result<Identity, CaError> {
-    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
-    let uris: Vec<&str> = csr
-        .params
-        .subject_alt_names
-        .iter()
-        .filter_map(|san| match san {
-            SanType::URI(u) => Some(u.as_str()),
-            _ => None,
+/// A certificate request whose signature verified (the asker holds the
+/// key) and the one SPIFFE identity it names.
+#[derive(Clone, Debug)]
+pub struct VerifiedCsr {
+    identity: Identity,
+    public_key: rcgen::PublicKey,
+}
+
+impl VerifiedCsr {
+    /// Parses a PEM request, checks its signature and reads its one URI SAN.
+    pub fn from_pem(csr_pem: &str) -> Result<Self, CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
+        let uris: Vec<&str> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .filter_map(|san| match san {
+                SanType::URI(u) => Some(u.as_str()),
+                _ => None,
+            })
+            .collect();
+        let identity = match uris.as_slice() {
+            [one] => one
+                .parse()
+                .map_err(|e: weft_api::IdentityError| CaError::CsrIdentity {
+                    got: one.to_string(),
+                    want: e.to_string(),
+                })?,
+            _ => {
+                return Err(CaError::CsrIdentity {
+                    got: format!("{} URI SANs", uris.len()),
+                    want: "exactly one SPIFFE identity".into(),
+                });
+            }
+        };
+        Ok(VerifiedCsr {
+            identity,
+            public_key: csr.public_key,
         })
-        .collect();
-    match uris.as_slice() {
-        [one] => one
-            .parse()
-            .map_err(|e: weft_api::IdentityError| CaError::CsrIdentity {
-                got: one.to_string(),
-                want: e.to_string(),
-            }),
-        _ => Err(CaError::CsrIdentity {
-            got: format!("{} URI SANs", uris.len()),
-            want: "exactly one SPIFFE identity".into(),
-        }),
+    }
+
+    /// The identity the request asks for.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
     }
 }
 
@@ -333,9 +329,9 @@ mod csr_tests {
     fn sign_and_refuse() {
         let ca = Ca::generate("cluster.local").unwrap();
         let req = CertRequest::new(&id("web")).unwrap();
-        let signed = ca
-            .sign_csr(&req.csr_pem, &id("web"), Duration::from_secs(600))
-            .unwrap();
+        let csr = VerifiedCsr::from_pem(&req.csr_pem).unwrap();
+        assert_eq!(csr.identity(), &id("web"));
+        let signed = ca.sign_csr(&csr, Duration::from_secs(600)).unwrap();
         let life = signed.not_after.duration_since(signed.not_before).unwrap();
         assert_eq!(life, Duration::from_secs(660));
         let issued = IssuedCert {
@@ -348,10 +344,27 @@ mod csr_tests {
         let roots = crate::tls::TrustRoots::from_pem(ca.cert_pem()).unwrap();
         crate::tls::server_config(&issued, &roots).expect("leaf and key belong together");
 
-        let err = ca
-            .sign_csr(&req.csr_pem, &id("db"), Duration::from_secs(600))
-            .unwrap_err();
-        assert!(matches!(err, CaError::CsrIdentity { .. }), "{err}");
+        // A request naming no identity, or two, is refused.
+        for sans in [
+            vec![],
+            vec![
+                "spiffe://cluster.local/ns/shop/sa/web",
+                "spiffe://cluster.local/ns/shop/sa/db",
+            ],
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = sans
+                .iter()
+                .map(|u| SanType::URI(rcgen::string::Ia5String::try_from(*u).unwrap()))
+                .collect();
+            let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+            let err = VerifiedCsr::from_pem(&pem).unwrap_err();
+            assert!(
+                matches!(err, CaError::CsrIdentity { .. }),
+                "{sans:?}: {err}"
+            );
+        }
 
         // Flip a byte in the middle of the DER body: the signature no longer verifies.
         let mut lines: Vec<String> = req.csr_pem.lines().map(String::from).collect();
@@ -359,14 +372,8 @@ mod csr_tests {
         let mut bytes = lines[mid].clone().into_bytes();
         bytes[10] = if bytes[10] == b'A' { b'B' } else { b'A' };
         lines[mid] = String::from_utf8(bytes).unwrap();
-        let tampered = lines.join("\n");
-        let err = ca
-            .sign_csr(&tampered, &id("web"), Duration::from_secs(600))
-            .unwrap_err();
+        let err = VerifiedCsr::from_pem(&lines.join("\n")).unwrap_err();
         assert!(matches!(err, CaError::BadCsr(_)), "{err}");
-        assert!(
-            ca.sign_csr("garbage", &id("web"), Duration::from_secs(1))
-                .is_err()
-        );
+        assert!(VerifiedCsr::from_pem("garbage").is_err());
     }
 }
