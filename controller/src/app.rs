@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -110,7 +109,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let (cert, key) = ca
         .serving_cert(&cfg.server_names)
         .map_err(|e| AppError::Serving(e.to_string()))?;
-    let tls = serving_tls(&cert, &key).map_err(AppError::Serving)?;
+    let tls = weft_hbone::tls::control_plane_server_config(&cert, &key)
+        .map_err(|e| AppError::Serving(e.to_string()))?;
 
     let (publish, published) = watch::channel(Arc::new(Published::default()));
     let mut source = ManifestsDir::new(&cfg.manifests_dir);
@@ -193,24 +193,6 @@ fn publish_changes(
         "config published"
     );
     publish.send_replace(Arc::new(next));
-}
-
-fn serving_tls(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| e.to_string())?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(cfg))
 }
 
 async fn shutdown_signal() {

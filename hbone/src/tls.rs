@@ -272,6 +272,22 @@ pub fn leaf_info(
     ))
 }
 
+/// TLS 1.3 server config for the control plane: presents `chain_pem`, asks
+/// no client certificate (node agents authenticate with a bearer token).
+pub fn control_plane_server_config(
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
+        .with_no_client_auth()
+        .with_single_cert(parse_certs(chain_pem, "chain")?, parse_key(key_pem)?)
+        .map_err(TlsError::Config)?;
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 /// TLS 1.3 client config for the control plane: its certificate must chain to
 /// `roots_pem` and carry the server name dialled (standard WebPKI checks).
 pub fn control_plane_client_config(roots_pem: &str) -> Result<Arc<ClientConfig>, TlsError> {
