@@ -122,6 +122,28 @@ pub enum DenyReason {
 
 // === impl Authorization ===
 
+/// A connection's attributes as policies compare them, derived once per check.
+struct Attrs<'a> {
+    conn: &'a Connection<'a>,
+    /// The peer identity without `spiffe://`, as Istio matches principals.
+    principal: Option<String>,
+    namespace: Option<&'a str>,
+}
+
+impl<'a> Attrs<'a> {
+    fn new(conn: &'a Connection<'a>) -> Self {
+        Attrs {
+            conn,
+            principal: conn.source.map(|id| {
+                let mut s = id.to_string();
+                s.replace_range(.."spiffe://".len(), "");
+                s
+            }),
+            namespace: conn.source.map(Identity::namespace),
+        }
+    }
+}
+
 impl Authorization {
     /// `namespace/name`: the xDS resource name, and how workloads refer to it.
     pub fn key(&self) -> String {
@@ -129,42 +151,43 @@ impl Authorization {
     }
 
     pub fn matches(&self, conn: &Connection<'_>) -> bool {
-        self.rules.iter().any(|r| r.matches(conn))
+        self.matches_attrs(&Attrs::new(conn))
+    }
+
+    fn matches_attrs(&self, a: &Attrs<'_>) -> bool {
+        self.rules.iter().any(|r| r.matches(a))
     }
 }
 
 impl Rule {
-    fn matches(&self, conn: &Connection<'_>) -> bool {
-        self.clauses.iter().all(|c| c.matches(conn))
+    fn matches(&self, a: &Attrs<'_>) -> bool {
+        self.clauses.iter().all(|c| c.matches(a))
     }
 }
 
 impl Clause {
-    fn matches(&self, conn: &Connection<'_>) -> bool {
-        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(conn))
+    fn matches(&self, a: &Attrs<'_>) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(a))
     }
 }
 
 impl Match {
-    fn matches(&self, conn: &Connection<'_>) -> bool {
-        let principal = conn.source.map(|id| {
-            let s = id.to_string();
-            s.strip_prefix("spiffe://").map(str::to_string).unwrap_or(s)
-        });
-        let namespace = conn.source.map(|id| id.namespace());
+    fn matches(&self, a: &Attrs<'_>) -> bool {
+        let conn = a.conn;
+        let principal = a.principal.as_deref();
         let strings =
             |pats: &[StringMatch], value: Option<&str>| pats.iter().any(|p| p.matches(value));
         let nets = |nets: &[IpNet], ip: IpAddr| nets.iter().any(|n| n.contains(&ip));
         let port = conn.destination_port;
 
-        let positive = (self.namespaces.is_empty() || strings(&self.namespaces, namespace))
-            && (self.principals.is_empty() || strings(&self.principals, principal.as_deref()))
+        let positive = (self.namespaces.is_empty() || strings(&self.namespaces, a.namespace))
+            && (self.principals.is_empty() || strings(&self.principals, principal))
             && (self.source_ips.is_empty() || nets(&self.source_ips, conn.source_ip))
             && (self.destination_ips.is_empty()
                 || nets(&self.destination_ips, conn.destination_ip))
             && (self.destination_ports.is_empty() || self.destination_ports.contains(&port));
-        let negative = strings(&self.not_namespaces, namespace)
-            || strings(&self.not_principals, principal.as_deref())
+        let negative = strings(&self.not_namespaces, a.namespace)
+            || strings(&self.not_principals, principal)
             || nets(&self.not_source_ips, conn.source_ip)
             || nets(&self.not_destination_ips, conn.destination_ip)
             || self.not_destination_ports.contains(&port);
@@ -194,11 +217,12 @@ pub fn evaluate<'a>(
     policies: impl IntoIterator<Item = &'a Authorization>,
     conn: &Connection<'_>,
 ) -> (Verdict, Vec<String>) {
+    let attrs = Attrs::new(conn);
     let mut dry_run_matches = Vec::new();
     let mut allow_seen = false;
     let mut allowed_by = None;
     for p in policies {
-        let hit = p.matches(conn);
+        let hit = p.matches_attrs(&attrs);
         if p.dry_run {
             if hit {
                 dry_run_matches.push(p.key());
