@@ -284,9 +284,10 @@ impl AdsStream {
                     if changed.is_err() {
                         break;
                     }
+                    let published = self.published.borrow_and_update().clone();
                     let types: Vec<&'static str> = self.subs.keys().copied().collect();
                     for ty in types {
-                        if self.push(ty, false, stats).await.is_err() {
+                        if self.push(ty, &published, false, stats).await.is_err() {
                             return;
                         }
                     }
@@ -356,15 +357,24 @@ impl AdsStream {
             }
         }
         if changed {
+            // Not `borrow_and_update`: a new state published meanwhile must
+            // still wake the loop, so the other types get it too.
+            let published = self.published.borrow().clone();
             // The first response goes out even when empty: clients wait for it to be ready.
-            self.push(ty, first, stats).await?;
+            self.push(ty, &published, first, stats).await?;
         }
         Ok(())
     }
 
-    /// Sends what the client lacks of `ty`; with `always`, even when nothing differs.
-    async fn push(&mut self, ty: &'static str, always: bool, stats: &Stats) -> Result<(), Status> {
-        let published = self.published.borrow_and_update().clone();
+    /// Sends what the client lacks of `ty` in `published`; with `always`,
+    /// even when nothing differs.
+    async fn push(
+        &mut self,
+        ty: &'static str,
+        published: &Published,
+        always: bool,
+        stats: &Stats,
+    ) -> Result<(), Status> {
         let Some(sub) = self.subs.get_mut(ty) else {
             return Ok(());
         };
