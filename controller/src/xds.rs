@@ -43,6 +43,10 @@ pub struct Published {
     pub resources: BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>>,
     /// Node → identities of the pods on it: what that node's agent may get certificates for.
     pub identities: BTreeMap<String, BTreeSet<Identity>>,
+    /// Counts publishes; `changes` is relative to generation - 1.
+    pub generation: u64,
+    /// Type URL → names added, changed or removed since the previous generation.
+    pub changes: BTreeMap<&'static str, BTreeSet<String>>,
 }
 
 impl Published {
@@ -50,6 +54,7 @@ impl Published {
     pub fn build(cfg: &LocalConfig, previous: &Published) -> Self {
         let mut resources: BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>> =
             BTreeMap::new();
+        let mut changes: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
         let mut put = |ty: &'static str, name: String, any: Any| {
             let version = version_of(&any.value);
             let reused = previous
@@ -58,7 +63,10 @@ impl Published {
                 .and_then(|m| m.get(&name))
                 .filter(|v| v.version == version)
                 .cloned();
-            let v = reused.unwrap_or_else(|| Arc::new(Versioned { version, any }));
+            let v = reused.unwrap_or_else(|| {
+                changes.entry(ty).or_default().insert(name.clone());
+                Arc::new(Versioned { version, any })
+            });
             resources.entry(ty).or_default().insert(name, v);
         };
         for (name, addr) in address_resources(cfg) {
@@ -67,6 +75,14 @@ impl Published {
         for p in &cfg.policies {
             let (name, msg) = authorization_to_proto(p);
             put(AUTHORIZATION_TYPE, name, to_any(AUTHORIZATION_TYPE, &msg));
+        }
+        for (ty, old) in &previous.resources {
+            let new = resources.get(ty);
+            for name in old.keys() {
+                if !new.is_some_and(|n| n.contains_key(name)) {
+                    changes.entry(ty).or_default().insert(name.clone());
+                }
+            }
         }
         let mut identities: BTreeMap<String, BTreeSet<Identity>> = BTreeMap::new();
         for w in &cfg.workloads {
@@ -77,11 +93,9 @@ impl Published {
         Published {
             resources,
             identities,
+            generation: previous.generation + 1,
+            changes,
         }
-    }
-
-    fn of_type(&self, ty: &str) -> Option<&BTreeMap<String, Arc<Versioned>>> {
-        self.resources.get(ty)
     }
 }
 
@@ -237,6 +251,17 @@ impl Subscription {
     }
 }
 
+/// How much of a type a push compares against what the client holds.
+#[derive(Clone, Copy, Debug)]
+enum Diff {
+    /// Only the names changed in the newest generation.
+    Changes,
+    /// Every name; send nothing if nothing differs.
+    Full,
+    /// Every name, and send a response even if nothing differs.
+    FullAlways,
+}
+
 /// One client's delta ADS stream.
 struct AdsStream {
     caller: Caller,
@@ -244,6 +269,8 @@ struct AdsStream {
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     published: watch::Receiver<Arc<Published>>,
     subs: BTreeMap<&'static str, Subscription>,
+    /// The generation the last publish-driven push brought every type up to.
+    seen: u64,
     nonce: u64,
 }
 
@@ -259,6 +286,7 @@ impl AdsStream {
             tx,
             published,
             subs: BTreeMap::new(),
+            seen: 0,
             nonce: 0,
         }
     }
@@ -285,12 +313,16 @@ impl AdsStream {
                         break;
                     }
                     let published = self.published.borrow_and_update().clone();
+                    // Right after the generation we last pushed, only the
+                    // changed names need a look; after a gap, everything.
+                    let diff = if published.generation == self.seen + 1 { Diff::Changes } else { Diff::Full };
                     let types: Vec<&'static str> = self.subs.keys().copied().collect();
                     for ty in types {
-                        if self.push(ty, &published, false, stats).await.is_err() {
+                        if self.push(ty, &published, diff, stats).await.is_err() {
                             return;
                         }
                     }
+                    self.seen = published.generation;
                 }
             }
         }
@@ -361,42 +393,54 @@ impl AdsStream {
             // still wake the loop, so the other types get it too.
             let published = self.published.borrow().clone();
             // The first response goes out even when empty: clients wait for it to be ready.
-            self.push(ty, &published, first, stats).await?;
+            let diff = if first { Diff::FullAlways } else { Diff::Full };
+            self.push(ty, &published, diff, stats).await?;
         }
         Ok(())
     }
 
-    /// Sends what the client lacks of `ty` in `published`; with `always`,
-    /// even when nothing differs.
+    /// Sends what the client lacks of `ty` in `published`.
     async fn push(
         &mut self,
         ty: &'static str,
         published: &Published,
-        always: bool,
+        diff: Diff,
         stats: &Stats,
     ) -> Result<(), Status> {
         let Some(sub) = self.subs.get_mut(ty) else {
             return Ok(());
         };
         let empty = BTreeMap::new();
-        let current = published.of_type(ty).unwrap_or(&empty);
+        let current = published.resources.get(ty).unwrap_or(&empty);
+        let no_changes = BTreeSet::new();
+        // The names to compare: those changed since the previous generation,
+        // or every name the client has or could have.
+        let names: Box<dyn Iterator<Item = &String>> = match diff {
+            Diff::Changes => Box::new(published.changes.get(ty).unwrap_or(&no_changes).iter()),
+            Diff::Full | Diff::FullAlways => Box::new(
+                current
+                    .keys()
+                    .chain(sub.sent.keys().filter(|n| !current.contains_key(*n))),
+            ),
+        };
         let mut resources = Vec::new();
-        for (name, res) in current {
-            if sub.wants(name) && sub.sent.get(name) != Some(&res.version) {
-                resources.push(Resource {
-                    version: res.version.clone(),
-                    resource: Some(res.any.clone()),
-                    name: name.clone(),
-                    aliases: Vec::new(),
-                });
+        let mut removed = Vec::new();
+        for name in names {
+            match current.get(name).filter(|_| sub.wants(name)) {
+                Some(res) if sub.sent.get(name) != Some(&res.version) => {
+                    resources.push(Resource {
+                        version: res.version.clone(),
+                        resource: Some(res.any.clone()),
+                        name: name.clone(),
+                        aliases: Vec::new(),
+                    });
+                }
+                Some(_) => {}
+                None if sub.sent.contains_key(name) => removed.push(name.clone()),
+                None => {}
             }
         }
-        let removed: Vec<String> = sub
-            .sent
-            .keys()
-            .filter(|name| !current.contains_key(*name) || !sub.wants(name))
-            .cloned()
-            .collect();
+        let always = matches!(diff, Diff::FullAlways);
         if resources.is_empty() && removed.is_empty() && !always {
             return Ok(());
         }
@@ -427,5 +471,69 @@ impl AdsStream {
             .send(Ok(resp))
             .await
             .map_err(|_| Status::cancelled("client gone"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use weft_api::{TunnelProtocol, Workload};
+
+    use super::*;
+
+    fn workload(name: &str, revision: &str) -> Workload {
+        Workload {
+            uid: format!("Kubernetes//Pod/shop/{name}"),
+            name: name.into(),
+            namespace: "shop".into(),
+            workload_name: name.into(),
+            canonical_name: name.into(),
+            canonical_revision: revision.into(),
+            service_account: name.into(),
+            trust_domain: "cluster.local".into(),
+            node: "node-1".into(),
+            addresses: vec![],
+            protocol: TunnelProtocol::Hbone,
+            named_ports: BTreeMap::new(),
+            authorization_policies: vec![],
+        }
+    }
+
+    /// A publish records exactly what was added, changed or removed, and
+    /// reuses the unchanged resources as they were.
+    #[test]
+    fn changes_between_generations() {
+        let cfg = |ws: Vec<Workload>| LocalConfig {
+            workloads: ws,
+            ..LocalConfig::default()
+        };
+        let first = Published::build(
+            &cfg(vec![workload("a", "v1"), workload("b", "v1")]),
+            &Published::default(),
+        );
+        assert_eq!(first.generation, 1);
+        assert_eq!(first.changes[ADDRESS_TYPE].len(), 2);
+        let second = Published::build(&cfg(vec![workload("a", "v1"), workload("c", "v1")]), &first);
+        let third = Published::build(
+            &cfg(vec![workload("a", "v2"), workload("c", "v1")]),
+            &second,
+        );
+        let names = |p: &Published| p.changes.get(ADDRESS_TYPE).cloned().unwrap_or_default();
+        assert_eq!(
+            names(&second),
+            BTreeSet::from([
+                "Kubernetes//Pod/shop/b".to_string(),
+                "Kubernetes//Pod/shop/c".to_string()
+            ])
+        );
+        assert_eq!(
+            names(&third),
+            BTreeSet::from(["Kubernetes//Pod/shop/a".to_string()])
+        );
+        let a = |p: &Published| p.resources[ADDRESS_TYPE]["Kubernetes//Pod/shop/a"].clone();
+        assert!(Arc::ptr_eq(&a(&first), &a(&second)), "unchanged: reused");
+        assert!(!Arc::ptr_eq(&a(&second), &a(&third)));
+        assert_eq!(third.identities["node-1"].len(), 2);
     }
 }
