@@ -211,4 +211,64 @@ mod tests {
         assert!(err.to_string().contains("ca-key.pem"), "{err}");
         fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A user's intermediate (Istio's `cacerts` layout) signs leaves that
+    /// chain through it to the root, and the chain sent is leaf, intermediate, root.
+    #[test]
+    fn plugged_in_intermediate() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, UnixTime};
+
+        let dir = std::env::temp_dir().join(format!("weft-ca-int-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let ca_params = || {
+            let mut p = CertificateParams::default();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            p
+        };
+        let root_key = KeyPair::generate().unwrap();
+        let root = ca_params().self_signed(&root_key).unwrap();
+        let root_issuer = Issuer::new(ca_params(), root_key);
+        let int_key = KeyPair::generate().unwrap();
+        let int = ca_params().signed_by(&int_key, &root_issuer).unwrap();
+        fs::write(dir.join("root-cert.pem"), root.pem()).unwrap();
+        fs::write(dir.join("ca-cert.pem"), int.pem()).unwrap();
+        fs::write(dir.join("ca-key.pem"), int_key.serialize_pem()).unwrap();
+        fs::write(
+            dir.join("cert-chain.pem"),
+            format!("{}{}", int.pem(), root.pem()),
+        )
+        .unwrap();
+
+        let ca = MeshCa::load_or_generate(&dir, "cluster.local", Duration::from_secs(600)).unwrap();
+        let id = Identity::new("cluster.local", "shop", "web").unwrap();
+        let csr = VerifiedCsr::from_pem(&CertRequest::new(&id).unwrap().csr_pem).unwrap();
+        let (_, chain) = ca.sign(&csr, Duration::from_secs(600)).unwrap();
+        assert_eq!(chain.len(), 3, "leaf, intermediate, root");
+        assert_eq!(
+            (chain[1].as_str(), chain[2].as_str()),
+            (int.pem().as_str(), root.pem().as_str())
+        );
+        assert!(
+            !dir.join("root-key.pem").exists(),
+            "a plugged-in CA never generates a root"
+        );
+
+        let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der(&chain[2])).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        verifier
+            .verify_client_cert(&der(&chain[0]), &[der(&chain[1])], UnixTime::now())
+            .expect("the leaf chains through the intermediate to the root");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -366,4 +366,43 @@ async fn delta_ads_sends_only_changes() {
         again.resources.iter().map(|r| &r.name).collect::<Vec<_>>()
     );
     assert_eq!(again.removed_resources, ["Kubernetes//Pod/shop/web"]);
+
+    // By name, as Istio's on-demand mode does: "*" in both lists means
+    // nothing, then one name at a time; unsubscribing sends a removal.
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE.into(),
+        resource_names_subscribe: vec!["*".into()],
+        resource_names_unsubscribe: vec!["*".into()],
+        ..DeltaDiscoveryRequest::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = delta_ads(ctl.channel.clone(), TOKEN_1, ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let nothing = next(&mut stream).await;
+    assert!(nothing.resources.is_empty() && nothing.removed_resources.is_empty());
+    let client = "Kubernetes//Pod/shop/client".to_string();
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE.into(),
+        resource_names_subscribe: vec![client.clone()],
+        ..DeltaDiscoveryRequest::default()
+    })
+    .await
+    .unwrap();
+    let one = next(&mut stream).await;
+    assert_eq!(
+        one.resources.iter().map(|r| &r.name).collect::<Vec<_>>(),
+        [&client]
+    );
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE.into(),
+        resource_names_unsubscribe: vec![client.clone()],
+        ..DeltaDiscoveryRequest::default()
+    })
+    .await
+    .unwrap();
+    let gone = next(&mut stream).await;
+    assert_eq!(gone.removed_resources, [client]);
 }
