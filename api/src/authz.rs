@@ -150,6 +150,16 @@ impl Authorization {
         format!("{}/{}", self.namespace, self.name)
     }
 
+    /// Whether the policy applies to a destination workload in `namespace`
+    /// that references the selector-scoped policies `selected` (by key).
+    pub fn applies_to(&self, namespace: &str, selected: &[String]) -> bool {
+        match self.scope {
+            Scope::Global => true,
+            Scope::Namespace => self.namespace == namespace,
+            Scope::WorkloadSelector => selected.contains(&self.key()),
+        }
+    }
+
     pub fn matches(&self, conn: &Connection<'_>) -> bool {
         self.matches_attrs(&Attrs::new(conn))
     }

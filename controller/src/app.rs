@@ -16,7 +16,7 @@ use weft_xds::grpc::Server;
 use crate::auth::NodeTokens;
 use crate::ca::{MeshCa, MeshCaError};
 use crate::source::ManifestsDir;
-use crate::translate::{self, Mesh};
+use crate::translate::{self, Mesh, Translation};
 use crate::xds::{Controller, Published};
 
 pub const ENV_MANIFESTS_DIR: &str = "MANIFESTS_DIR";
@@ -26,6 +26,7 @@ pub const ENV_XDS_ADDR: &str = "XDS_ADDR";
 pub const ENV_SERVER_NAMES: &str = "SERVER_NAMES";
 pub const ENV_MAX_CERT_TTL: &str = "MAX_CERT_TTL_SECONDS";
 pub const ENV_TRUST_DOMAIN: &str = "TRUST_DOMAIN";
+pub const ENV_ROOT_NAMESPACE: &str = "ROOT_NAMESPACE";
 
 /// How often the manifests directory is checked: changes land well within a second.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -96,6 +97,7 @@ impl Config {
             max_cert_ttl,
             mesh: Mesh {
                 trust_domain: get(ENV_TRUST_DOMAIN).unwrap_or_else(|| "cluster.local".into()),
+                root_namespace: get(ENV_ROOT_NAMESPACE).unwrap_or_else(|| "istio-system".into()),
                 ..Mesh::default()
             },
         })
@@ -115,13 +117,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let (publish, published) = watch::channel(Arc::new(Published::default()));
     let mut source = ManifestsDir::new(&cfg.manifests_dir);
     // The first state is read before serving, so no client sees an empty mesh.
-    publish_changes(&mut source, &cfg.mesh, &publish);
+    let mut last = None;
+    publish_changes(&mut source, &cfg.mesh, &publish, &mut last);
     let mesh = cfg.mesh.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(POLL_INTERVAL);
         loop {
             tick.tick().await;
-            publish_changes(&mut source, &mesh, &publish);
+            publish_changes(&mut source, &mesh, &publish, &mut last);
         }
     });
 
@@ -169,6 +172,7 @@ fn publish_changes(
     source: &mut ManifestsDir,
     mesh: &Mesh,
     publish: &watch::Sender<Arc<Published>>,
+    last: &mut Option<Translation>,
 ) {
     let (snap, problems) = match source.poll() {
         Ok(Some(s)) => s,
@@ -178,14 +182,23 @@ fn publish_changes(
             return;
         }
     };
-    let (cfg, errors) = translate::workloads(&snap, mesh);
+    let t = translate::translate(&snap, mesh, last.as_ref());
     for p in &problems {
         warn!(component = "source", problem = %p, "resource left out");
     }
-    for e in &errors {
+    for e in &t.errors {
         warn!(component = "translate", problem = %e, "resource left out");
     }
-    let next = Published::build(&cfg, &publish.borrow());
+    for s in &t.policies.statuses {
+        let resource = format!("{} {}/{}", s.kind, s.namespace, s.name);
+        if s.accepted && s.reason == "Accepted" {
+            debug!(%resource, reason = s.reason, message = %s.message, "status");
+        } else {
+            warn!(%resource, accepted = s.accepted, reason = s.reason, message = %s.message, "status");
+        }
+    }
+    let cfg = &t.config;
+    let next = Published::build(cfg, &publish.borrow());
     info!(
         workloads = cfg.workloads.len(),
         services = cfg.services.len(),
@@ -193,6 +206,7 @@ fn publish_changes(
         "config published"
     );
     publish.send_replace(Arc::new(next));
+    *last = Some(t);
 }
 
 async fn shutdown_signal() {

@@ -8,7 +8,10 @@ use serde::Deserialize;
 use tracing::debug;
 
 use crate::Snapshot;
+use crate::policy::{AuthorizationPolicy, PeerAuthentication};
 use crate::snapshot::key;
+
+const SECURITY_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 
 /// A document that could not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -18,6 +21,9 @@ pub struct ManifestError {
     pub index: usize,
     pub kind: String,
     pub name: String,
+    /// `namespace/name` for namespaced kinds, the name otherwise: the
+    /// snapshot key of the resource the document meant to define.
+    pub key: String,
     pub message: String,
 }
 
@@ -32,18 +38,19 @@ impl ManifestError {
 pub fn parse(text: &str, source_name: &str, snapshot: &mut Snapshot) -> Vec<ManifestError> {
     let mut errors = Vec::new();
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let err = |kind: &str, name: &str, message: String| ManifestError {
+        let err = |kind: &str, name: &str, key: String, message: String| ManifestError {
             source_name: source_name.to_string(),
             index,
             kind: kind.to_string(),
             name: name.to_string(),
+            key,
             message,
         };
         let value = match serde_yaml::Value::deserialize(doc) {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
-                errors.push(err("?", "?", format!("not YAML: {e}")));
+                errors.push(err("?", "?", String::new(), format!("not YAML: {e}")));
                 // The YAML stream cannot be resumed after a syntax error.
                 break;
             }
@@ -57,8 +64,21 @@ pub fn parse(text: &str, source_name: &str, snapshot: &mut Snapshot) -> Vec<Mani
             .and_then(|v| v.as_str())
             .unwrap_or_default()
             .to_string();
+        let namespace = value
+            .get("metadata")
+            .and_then(|m| m.get("namespace"))
+            .and_then(|v| v.as_str());
+        let doc_key = match kind.as_str() {
+            "Namespace" | "Node" => name.clone(),
+            _ => key(namespace, Some(&name)),
+        };
         if name.is_empty() && !kind.is_empty() {
-            errors.push(err(&kind, "?", "metadata.name is required".into()));
+            errors.push(err(
+                &kind,
+                "?",
+                String::new(),
+                "metadata.name is required".into(),
+            ));
             continue;
         }
         let result = match (api_version.as_str(), kind.as_str()) {
@@ -76,8 +96,23 @@ pub fn parse(text: &str, source_name: &str, snapshot: &mut Snapshot) -> Vec<Mani
             ("v1", "Node") => serde_yaml::from_value::<Node>(value).map(|n| {
                 snapshot.nodes.insert(name.clone(), n);
             }),
+            (v, "AuthorizationPolicy") if SECURITY_VERSIONS.contains(&v) => {
+                serde_yaml::from_value::<AuthorizationPolicy>(value).map(|p| {
+                    snapshot.authorization_policies.insert(doc_key.clone(), p);
+                })
+            }
+            (v, "PeerAuthentication") if SECURITY_VERSIONS.contains(&v) => {
+                serde_yaml::from_value::<PeerAuthentication>(value).map(|p| {
+                    snapshot.peer_authentications.insert(doc_key.clone(), p);
+                })
+            }
             ("", _) | (_, "") => {
-                errors.push(err(&kind, &name, "apiVersion and kind are required".into()));
+                errors.push(err(
+                    &kind,
+                    &name,
+                    doc_key,
+                    "apiVersion and kind are required".into(),
+                ));
                 continue;
             }
             _ => {
@@ -86,7 +121,7 @@ pub fn parse(text: &str, source_name: &str, snapshot: &mut Snapshot) -> Vec<Mani
             }
         };
         if let Err(e) = result {
-            errors.push(err(&kind, &name, e.to_string()));
+            errors.push(err(&kind, &name, doc_key, e.to_string()));
         }
     }
     errors

@@ -1,6 +1,7 @@
 //! The manifests-directory source: every `*.yaml` / `*.yml` file in a
 //! directory, re-read when it changes. A file that stops parsing keeps its
-//! last good contents; a bad document is left out and the rest still load.
+//! last good contents; a bad document keeps its last good version (or is
+//! left out if it never had one), and the rest still load.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -71,6 +72,14 @@ impl ManifestsDir {
             let mut snapshot = Snapshot::default();
             let errors = manifests::parse(&text, &name, &mut snapshot);
             let syntax = errors.iter().any(ManifestError::is_syntax);
+            if let Some(prev) = self.files.get(&path) {
+                // A document that no longer reads keeps its last good version.
+                for e in &errors {
+                    if snapshot.keep_previous(&prev.snapshot, &e.kind, &e.key) {
+                        warn!(file = %path.display(), kind = %e.kind, name = %e.key, "keeping the last good version");
+                    }
+                }
+            }
             match self.files.get_mut(&path) {
                 Some(prev) if syntax => {
                     // Half a file is worse than the last whole one.
@@ -136,6 +145,26 @@ mod tests {
             "last good contents kept"
         );
         assert!(problems[0].contains("a.yaml"), "{problems:?}");
+
+        // One document stops reading (a misspelt field): that resource keeps
+        // its last good version, the others in the file change.
+        let policy = |field: &str| {
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: shop}}\nspec: {{{field}: {{mode: STRICT}}}}\n---\n{}",
+                ns("shop")
+            )
+        };
+        fs::write(dir.join("a.yaml"), policy("mtls")).unwrap();
+        let (snap, _) = src.poll().unwrap().unwrap();
+        let good = snap.peer_authentications["shop/default"].clone();
+        fs::write(dir.join("a.yaml"), policy("mtsl") + "---\n" + &ns("ops")).unwrap();
+        let (snap, problems) = src.poll().unwrap().unwrap();
+        assert_eq!(snap.peer_authentications["shop/default"], good);
+        assert!(snap.namespaces.contains_key("ops"));
+        assert!(
+            problems[0].contains("(PeerAuthentication default)") && problems[0].contains("mtsl"),
+            "{problems:?}"
+        );
 
         fs::write(dir.join("b.yml"), ns("shop")).unwrap();
         let (_, problems) = src.poll().unwrap().unwrap();

@@ -8,24 +8,27 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use weft_api::{Endpoint, Identity, LocalConfig, Service, ServicePort, TunnelProtocol, Workload};
 
-use crate::Snapshot;
-use crate::labels;
+use crate::policy::{self, Policies};
+use crate::{Snapshot, labels};
 
 /// Translation settings.
 #[derive(Clone, Debug)]
 pub struct Mesh {
     pub trust_domain: String,
     pub cluster_id: String,
+    /// Policies here without a selector apply to the whole mesh (Istio's root namespace).
+    pub root_namespace: String,
 }
 
 /// A resource left out of the output, and why.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{kind} {namespace}/{name}: {field}: {message}")]
 pub struct TranslateError {
     pub kind: &'static str,
     pub namespace: String,
     pub name: String,
-    pub field: &'static str,
+    /// A path into the resource, as `kubectl explain` writes it.
+    pub field: String,
     pub message: String,
 }
 
@@ -34,6 +37,7 @@ impl Default for Mesh {
         Mesh {
             trust_domain: "cluster.local".into(),
             cluster_id: "Kubernetes".into(),
+            root_namespace: "istio-system".into(),
         }
     }
 }
@@ -84,13 +88,30 @@ fn first_label(pod: &Pod, keys: &[&str]) -> Option<String> {
     keys.iter().find_map(|k| labels.get(*k).cloned())
 }
 
-/// Translates pods and services. Returns the config and what was left out.
-pub fn workloads(snap: &Snapshot, mesh: &Mesh) -> (LocalConfig, Vec<TranslateError>) {
+/// One translation of a snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct Translation {
+    pub config: LocalConfig,
+    /// Resources left out (or kept at their last accepted version), and why.
+    pub errors: Vec<TranslateError>,
+    /// Policies as translated, kept so the next translation can fall back on them.
+    pub policies: Policies,
+}
+
+/// Translates pods, services and security policies. `previous` is the last
+/// translation: a policy that no longer translates keeps its last accepted
+/// version (see [`policy::translate`]).
+pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -> Translation {
+    let policies = policy::translate(snap, mesh, previous.map(|t| &t.policies));
     let mut errors = Vec::new();
     let mut out = LocalConfig::default();
     for pod in snap.pods.values() {
         match workload(pod, snap, mesh) {
-            Ok(Some(w)) => out.workloads.push(w),
+            Ok(Some(mut w)) => {
+                let labels = pod.metadata.labels.clone().unwrap_or_default();
+                w.authorization_policies = policies.for_workload(&w.namespace, &labels);
+                out.workloads.push(w);
+            }
             Ok(None) => {}
             Err(e) => errors.push(e),
         }
@@ -106,7 +127,30 @@ pub fn workloads(snap: &Snapshot, mesh: &Mesh) -> (LocalConfig, Vec<TranslateErr
         }
     }
     out.services = services;
-    (out, errors)
+    // Istio's static STRICT policy goes out only once a workload needs it.
+    let strict = policies.static_strict_key();
+    let referenced = out
+        .workloads
+        .iter()
+        .any(|w| w.authorization_policies.contains(&strict));
+    out.policies = policies
+        .authorizations
+        .values()
+        .filter(|a| referenced || a.key() != strict)
+        .cloned()
+        .collect();
+    errors.extend(policies.errors.iter().cloned());
+    Translation {
+        config: out,
+        errors,
+        policies,
+    }
+}
+
+/// Translates a snapshot with no history. Returns the config and what was left out.
+pub fn workloads(snap: &Snapshot, mesh: &Mesh) -> (LocalConfig, Vec<TranslateError>) {
+    let t = translate(snap, mesh, None);
+    (t.config, t.errors)
 }
 
 fn workload(pod: &Pod, snap: &Snapshot, mesh: &Mesh) -> Result<Option<Workload>, TranslateError> {
@@ -116,11 +160,11 @@ fn workload(pod: &Pod, snap: &Snapshot, mesh: &Mesh) -> Result<Option<Workload>,
         .clone()
         .unwrap_or_else(|| "default".into());
     let name = pod.metadata.name.clone().unwrap_or_default();
-    let err = |field, message: String| TranslateError {
+    let err = |field: &str, message: String| TranslateError {
         kind: "Pod",
         namespace: namespace.clone(),
         name: name.clone(),
-        field,
+        field: field.into(),
         message,
     };
     let spec = pod.spec.as_ref();
@@ -212,11 +256,11 @@ fn service(
         .clone()
         .unwrap_or_else(|| "default".into());
     let name = svc.metadata.name.clone().unwrap_or_default();
-    let err = |field, message: String| TranslateError {
+    let err = |field: &str, message: String| TranslateError {
         kind: "Service",
         namespace: namespace.clone(),
         name: name.clone(),
-        field,
+        field: field.into(),
         message,
     };
     let Some(spec) = svc.spec.as_ref() else {
