@@ -118,6 +118,8 @@ pub enum DenyReason {
     DenyMatched,
     /// ALLOW policies apply and none matched.
     NoAllowMatched,
+    /// The destination references a policy the data plane does not have yet.
+    Unavailable,
 }
 
 // === impl Authorization ===

@@ -68,6 +68,26 @@ pub enum RefusalReason {
     upstream_connect,
     hbone_connect,
     overloaded,
+    /// An authorization policy (or PeerAuthentication STRICT) denied it.
+    policy_denied,
+}
+
+/// A policy decision that denied, or a dry-run policy that matched.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub direction: Direction,
+    /// `namespace/name`; empty for a default deny (ALLOW policies apply, none matched).
+    pub policy: String,
+    pub reason: PolicyReason,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum PolicyReason {
+    deny_matched,
+    no_allow_matched,
+    policy_unavailable,
+    dry_run_matched,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,6 +119,8 @@ pub struct Metrics {
     pub received: Family<TcpLabels, Counter>,
     pub refused: Family<RefusalLabels, Counter>,
     pub redirects: Family<RedirectLabels, Counter>,
+    pub policy_denials: Family<PolicyLabels, Counter>,
+    pub policy_dry_run: Family<PolicyLabels, Counter>,
 }
 
 /// One side of a connection, as the labels describe it.
@@ -122,6 +144,8 @@ impl Default for Metrics {
             received: Family::default(),
             refused: Family::default(),
             redirects: Family::default(),
+            policy_denials: Family::default(),
+            policy_dry_run: Family::default(),
         };
         registry.register(
             "istio_tcp_connections_opened",
@@ -152,6 +176,16 @@ impl Default for Metrics {
             "weft_capture_redirects",
             "TCP segments and SYNs steered by the eBPF capture program, by path",
             m.redirects.clone(),
+        );
+        registry.register(
+            "weft_policy_denials",
+            "Connections denied by authorization policy, by deciding policy",
+            m.policy_denials.clone(),
+        );
+        registry.register(
+            "weft_policy_dry_run_matches",
+            "Connections a dry-run (or AUDIT) policy matched; never enforced",
+            m.policy_dry_run.clone(),
         );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m

@@ -21,15 +21,17 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
+use weft_api::authz::{Connection, DenyReason, Verdict};
 use weft_api::{Identity, Service, Workload};
 use weft_hbone::client::Pool;
 
 use crate::config::{CONNECT_TIMEOUT, Config};
 use crate::identity::CertManager;
 use crate::metrics::{
-    Direction, Metrics, Peer, RefusalReason, Reporter, SecurityPolicy, TcpLabels,
+    Direction, Metrics, Peer, PolicyLabels, PolicyReason, RefusalReason, Reporter, SecurityPolicy,
+    TcpLabels,
 };
-use crate::state::Store;
+use crate::state::{State, Store};
 
 /// Pooled HBONE connections: (source identity, destination identity, destination node).
 pub type PoolKey = (Identity, Identity, String);
@@ -300,6 +302,69 @@ pub fn refused(
         error = %detail,
         "connection refused"
     );
+}
+
+/// Decides a connection to `dst` by its policies. A denial is counted (by
+/// reason and by deciding policy) and logged with the policy's name; a
+/// dry-run policy that matched is counted and logged, never enforced.
+#[allow(clippy::too_many_arguments)]
+pub fn authorize(
+    metrics: &Metrics,
+    state: &State,
+    direction: Direction,
+    dst: &Workload,
+    conn: &Connection<'_>,
+    src_addr: SocketAddr,
+    dst_addr: SocketAddr,
+) -> bool {
+    let (verdict, dry_run) = state.authorize(dst, conn);
+    let src_identity = conn.source.map(ToString::to_string).unwrap_or_default();
+    for policy in dry_run {
+        info!(
+            target: "access",
+            ?direction,
+            src.addr = %src_addr,
+            src.identity = %src_identity,
+            dst.addr = %dst_addr,
+            dst.workload = %format!("{}/{}", dst.namespace, dst.name),
+            %policy,
+            "dry-run policy matched (not enforced)"
+        );
+        let labels = PolicyLabels {
+            direction,
+            policy,
+            reason: PolicyReason::dry_run_matched,
+        };
+        metrics.policy_dry_run.get_or_create(&labels).inc();
+    }
+    let Verdict::Deny { policy, reason } = verdict else {
+        return true;
+    };
+    let policy = policy.unwrap_or_default();
+    let reason = match reason {
+        DenyReason::DenyMatched => PolicyReason::deny_matched,
+        DenyReason::NoAllowMatched => PolicyReason::no_allow_matched,
+        DenyReason::Unavailable => PolicyReason::policy_unavailable,
+    };
+    metrics.refuse(direction, RefusalReason::policy_denied);
+    warn!(
+        target: "access",
+        ?direction,
+        src.addr = %src_addr,
+        src.identity = %src_identity,
+        dst.addr = %dst_addr,
+        dst.workload = %format!("{}/{}", dst.namespace, dst.name),
+        %policy,
+        ?reason,
+        "connection denied by policy"
+    );
+    let labels = PolicyLabels {
+        direction,
+        policy,
+        reason,
+    };
+    metrics.policy_denials.get_or_create(&labels).inc();
+    false
 }
 
 /// A workload's identity when its fields form a valid one.

@@ -8,14 +8,21 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use weft_api::{LocalConfig, Service, TunnelProtocol, Workload};
+use weft_api::authz::{self, Connection, DenyReason, Scope, Verdict};
+use weft_api::{Authorization, LocalConfig, Service, TunnelProtocol, Workload};
 
-/// Indexed workloads and services.
+/// Indexed workloads, services and policies.
 #[derive(Debug, Default)]
 pub struct State {
     workloads: HashMap<IpAddr, Arc<Workload>>,
     by_uid: HashMap<String, Arc<Workload>>,
     services: HashMap<IpAddr, Arc<Service>>,
+    /// Root-namespace policies: every destination.
+    global_policies: Vec<Arc<Authorization>>,
+    /// Namespace-wide policies, by namespace.
+    namespace_policies: HashMap<String, Vec<Arc<Authorization>>>,
+    /// Selector-scoped policies, by `namespace/name`, as workloads name them.
+    selected_policies: HashMap<String, Arc<Authorization>>,
     config: LocalConfig,
 }
 
@@ -69,8 +76,50 @@ impl State {
                 s.services.insert(*vip, svc.clone());
             }
         }
+        for p in &config.policies {
+            let p = Arc::new(p.clone());
+            match p.scope {
+                Scope::Global => s.global_policies.push(p),
+                Scope::Namespace => s
+                    .namespace_policies
+                    .entry(p.namespace.clone())
+                    .or_default()
+                    .push(p),
+                Scope::WorkloadSelector => {
+                    s.selected_policies.insert(p.key(), p);
+                }
+            }
+        }
         s.config = config;
         s
+    }
+
+    /// Decides a connection to `w` by the policies that apply to it: global,
+    /// its namespace's, and the selector-scoped ones it references. A
+    /// referenced policy this state lacks denies (fail closed): the
+    /// controller sends it, and until it arrives its rules are unknown.
+    pub fn authorize(&self, w: &Workload, conn: &Connection<'_>) -> (Verdict, Vec<String>) {
+        let mut selected = Vec::with_capacity(w.authorization_policies.len());
+        for key in &w.authorization_policies {
+            match self.selected_policies.get(key) {
+                Some(p) => selected.push(p.as_ref()),
+                None => {
+                    let verdict = Verdict::Deny {
+                        policy: Some(key.clone()),
+                        reason: DenyReason::Unavailable,
+                    };
+                    return (verdict, Vec::new());
+                }
+            }
+        }
+        let namespace = self
+            .namespace_policies
+            .get(&w.namespace)
+            .into_iter()
+            .flatten()
+            .map(Arc::as_ref);
+        let global = self.global_policies.iter().map(Arc::as_ref);
+        authz::evaluate(global.chain(namespace).chain(selected), conn)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
@@ -364,6 +413,78 @@ mod tests {
         assert!(
             st.local_captured("10.244.2.11".parse().unwrap(), "n2")
                 .is_none()
+        );
+    }
+
+    /// Policies in scope are the global ones, the destination namespace's and
+    /// those the workload references; a referenced policy not yet received
+    /// denies (fail closed).
+    #[test]
+    fn policies_in_scope() {
+        use weft_api::authz::{Action, Clause, Match, Rule, StringMatch};
+
+        let deny_plaintext = |name: &str, ns: &str, scope| Authorization {
+            name: name.into(),
+            namespace: ns.into(),
+            scope,
+            action: Action::Deny,
+            dry_run: false,
+            rules: vec![Rule {
+                clauses: vec![Clause {
+                    matches: vec![Match {
+                        not_principals: vec![StringMatch::Presence],
+                        ..Match::default()
+                    }],
+                }],
+            }],
+        };
+        let mut a = pod("a", "shop", "default", "10.244.1.10", "n1", true);
+        let b = pod("b", "shop", "default", "10.244.1.11", "n1", true);
+        let c = pod("c", "ops", "default", "10.244.1.12", "n1", true);
+        let mut d = pod("d", "ops", "default", "10.244.1.13", "n1", true);
+        a.authorization_policies = vec!["shop/strict-a".into()];
+        d.authorization_policies = vec!["ops/not-sent".into()];
+        let cfg = |policies| LocalConfig {
+            workloads: vec![a.clone(), b.clone(), c.clone(), d.clone()],
+            policies,
+            ..LocalConfig::default()
+        };
+        let plaintext = |w: &Workload| Connection {
+            source: None,
+            source_ip: "10.0.0.1".parse().unwrap(),
+            destination_ip: w.addresses[0],
+            destination_port: 80,
+        };
+        let denied_by = |s: &State, w: &Workload| match s.authorize(w, &plaintext(w)).0 {
+            Verdict::Deny { policy, reason } => Some((policy.unwrap_or_default(), reason)),
+            Verdict::Allow { .. } => None,
+        };
+        let selected = State::new(cfg(vec![deny_plaintext(
+            "strict-a",
+            "shop",
+            Scope::WorkloadSelector,
+        )]));
+        assert_eq!(
+            denied_by(&selected, &a),
+            Some(("shop/strict-a".into(), DenyReason::DenyMatched))
+        );
+        assert_eq!(denied_by(&selected, &b), None, "not referenced");
+        let ns = State::new(cfg(vec![deny_plaintext(
+            "strict",
+            "shop",
+            Scope::Namespace,
+        )]));
+        assert!(denied_by(&ns, &b).is_some());
+        assert_eq!(denied_by(&ns, &c), None, "other namespace");
+        let global = State::new(cfg(vec![deny_plaintext(
+            "strict",
+            "istio-system",
+            Scope::Global,
+        )]));
+        assert!(denied_by(&global, &c).is_some());
+        assert_eq!(
+            denied_by(&global, &d),
+            Some(("ops/not-sent".into(), DenyReason::Unavailable))
         );
     }
 }

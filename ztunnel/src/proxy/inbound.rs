@@ -5,7 +5,8 @@
 //! A stream is accepted only when: its target is a captured pod of this node
 //! with the identity this connection presented; it does not target 15008; and
 //! the client address in `Forwarded` belongs to a workload with the peer's
-//! verified identity (a peer cannot speak for another identity's pods).
+//! verified identity (a peer cannot speak for another identity's pods); and
+//! the destination's authorization policies allow it (401 otherwise).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -18,8 +19,11 @@ use weft_api::{Identity, Service, Workload};
 use weft_hbone::server::ConnectRequest;
 use weft_hbone::tls::peer_identity;
 
+use weft_api::authz::Connection;
+
 use super::{
-    ConnectionLog, ProxyInputs, forward, identity_of, peer, refused, splice, transparent_connect,
+    ConnectionLog, ProxyInputs, authorize, forward, identity_of, peer, refused, splice,
+    transparent_connect,
 };
 use crate::config::HBONE_PORT;
 use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
@@ -207,6 +211,15 @@ async fn connect(
         }
     };
     let client = SocketAddr::new(client_ip, peer_addr.port());
+    let conn = Connection {
+        source: Some(&peer_id),
+        source_ip: client_ip,
+        destination_ip: target.ip(),
+        destination_port: target.port(),
+    };
+    if !authorize(m, &state, DIR, &dst, &conn, client, target) {
+        return req.refuse(StatusCode::UNAUTHORIZED);
+    }
     let log = ConnectionLog::open(
         m,
         DIR,
@@ -248,6 +261,25 @@ pub async fn deliver_local(
     target: SocketAddr,
 ) {
     let m = &pi.metrics;
+    let conn = Connection {
+        source: Some(src_id),
+        source_ip: client_addr.ip(),
+        destination_ip: target.ip(),
+        destination_port: target.port(),
+    };
+    if !authorize(
+        m,
+        &pi.state.snapshot(),
+        DIR,
+        dst,
+        &conn,
+        client_addr,
+        target,
+    ) {
+        // A reset, as across nodes when the far ztunnel refuses the CONNECT.
+        let _ = client.set_zero_linger();
+        return;
+    }
     let src_peer = peer(Some(src), Some(src_id), None);
     let dst_peer = peer(Some(dst), Some(dst_id), service);
     let out = ConnectionLog::open(

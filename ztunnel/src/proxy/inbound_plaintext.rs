@@ -1,13 +1,16 @@
 //! Inbound plaintext (15006): a connection to a captured pod that did not come
 //! through HBONE (a client outside the mesh). PERMISSIVE: forwarded to the pod
-//! from the client's own address; STRICT comes with PeerAuthentication.
+//! from the client's own address, unless a policy denies it (PeerAuthentication
+//! STRICT is a policy denying connections without a peer identity).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::{ConnectionLog, ProxyInputs, forward, identity_of, peer, refused};
+use weft_api::authz::Connection;
+
+use super::{ConnectionLog, ProxyInputs, authorize, forward, identity_of, peer, refused};
 use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
 
 const DIR: Direction = Direction::inbound_plaintext;
@@ -30,6 +33,17 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
             &why,
         );
     };
+    let conn = Connection {
+        source: None,
+        source_ip: peer_addr.ip(),
+        destination_ip: orig_dst.ip(),
+        destination_port: orig_dst.port(),
+    };
+    if !authorize(m, &state, DIR, &dst, &conn, peer_addr, orig_dst) {
+        // A reset: the client learns at once, as from a closed port.
+        let _ = client.set_zero_linger();
+        return;
+    }
     let dst_id = identity_of(&dst);
     let src = state.workload_by_ip(peer_addr.ip()).cloned();
     let log = ConnectionLog::open(
