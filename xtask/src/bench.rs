@@ -27,6 +27,14 @@ struct PathResult {
     crr: Vec<Duration>,
 }
 
+/// The controller's push benchmark (`controller/benches/push.rs`), optimized.
+pub fn controller() -> Result<()> {
+    crate::util::run(
+        &crate::util::cargo(),
+        &["bench", "-p", "weft-controller", "--bench", "push"],
+    )
+}
+
 pub fn l4() -> Result<()> {
     require_root("cargo xtask bench l4")?;
     ensure_tools(&[("iperf3", "iperf3")])?;

@@ -21,6 +21,7 @@ usage: cargo xtask <command>
   lab status               list the labs on this host
   ebpf [--check]           rebuild ebpf/bpf/capture.bpf.o with clang (--check: fail if it is stale)
   bench l4                 pod-to-pod throughput and latency, plain vs mesh; ztunnel memory (root)
+  bench controller         10 000 pods, 1 000 services, 100 xDS clients: first push, change latency, RSS
 ";
 
 fn main() -> Result<()> {
@@ -36,6 +37,7 @@ fn main() -> Result<()> {
         ["ebpf"] => ebpf::build(false),
         ["ebpf", "--check"] => ebpf::build(true),
         ["bench", "l4"] => bench::l4(),
+        ["bench", "controller"] => bench::controller(),
         ["help"] | ["--help"] | ["-h"] | [] => {
             print!("{USAGE}");
             Ok(())
