@@ -302,10 +302,10 @@ fn main() {
         .env("NODE_TOKENS", dir.join("tokens"))
         .env("XDS_ADDR", format!("127.0.0.1:{port}"))
         .env("SERVER_NAMES", SERVER_NAME)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("controller.log")).unwrap())
+        .stdout(std::fs::File::create(dir.join("controller.log")).unwrap())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let ctl = Controller {
@@ -396,5 +396,14 @@ fn main() {
         rss as f64 / 1024.0,
         peak as f64 / 1024.0
     );
+    let log = std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default();
+    let publishes: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("config published"))
+        .collect();
+    println!("controller's own account of its last publishes:");
+    for l in publishes.iter().rev().take(3).rev() {
+        println!("  {l}");
+    }
     drop(ctl);
 }

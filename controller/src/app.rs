@@ -174,6 +174,7 @@ fn publish_changes(
     publish: &watch::Sender<Arc<Published>>,
     last: &mut Option<Translation>,
 ) {
+    let started = std::time::Instant::now();
     let (snap, problems) = match source.poll() {
         Ok(Some(s)) => s,
         Ok(None) => return,
@@ -182,7 +183,9 @@ fn publish_changes(
             return;
         }
     };
+    let read = started.elapsed();
     let t = translate::translate(&snap, mesh, last.as_ref());
+    let translated = started.elapsed();
     for p in &problems {
         warn!(component = "source", problem = %p, "resource left out");
     }
@@ -203,6 +206,10 @@ fn publish_changes(
         workloads = cfg.workloads.len(),
         services = cfg.services.len(),
         policies = cfg.policies.len(),
+        changed = next.changed(),
+        read_ms = read.as_millis() as u64,
+        translate_ms = (translated - read).as_millis() as u64,
+        encode_ms = (started.elapsed() - translated).as_millis() as u64,
         "config published"
     );
     publish.send_replace(Arc::new(next));

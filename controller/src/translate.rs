@@ -108,8 +108,9 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
     for pod in snap.pods.values() {
         match workload(pod, snap, mesh) {
             Ok(Some(mut w)) => {
-                let labels = pod.metadata.labels.clone().unwrap_or_default();
-                w.authorization_policies = policies.for_workload(&w.namespace, &labels);
+                let no_labels = BTreeMap::new();
+                let labels = pod.metadata.labels.as_ref().unwrap_or(&no_labels);
+                w.authorization_policies = policies.for_workload(&w.namespace, labels);
                 out.workloads.push(w);
             }
             Ok(None) => {}
@@ -118,9 +119,19 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
     }
     let by_uid: BTreeMap<&str, &Workload> =
         out.workloads.iter().map(|w| (w.uid.as_str(), w)).collect();
+    let mut pods_by_namespace: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+    for pod in snap.pods.values() {
+        let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+        pods_by_namespace.entry(ns).or_default().push(pod);
+    }
     let mut services = Vec::new();
     for svc in snap.services.values() {
-        match service(svc, snap, mesh, &by_uid) {
+        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        let pods = pods_by_namespace
+            .get(ns)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        match service(svc, pods, mesh, &by_uid) {
             Ok(Some(s)) => services.push(s),
             Ok(None) => {}
             Err(e) => errors.push(e),
@@ -244,9 +255,10 @@ fn workload(pod: &Pod, snap: &Snapshot, mesh: &Mesh) -> Result<Option<Workload>,
     }))
 }
 
+/// `pods` are the pods of the service's namespace.
 fn service(
     svc: &K8sService,
-    snap: &Snapshot,
+    pods: &[&Pod],
     mesh: &Mesh,
     workloads: &BTreeMap<&str, &Workload>,
 ) -> Result<Option<Service>, TranslateError> {
@@ -324,12 +336,12 @@ fn service(
     let selector = spec.selector.clone().unwrap_or_default();
     let mut endpoints = Vec::new();
     if !selector.is_empty() {
-        for pod in snap.pods.values() {
-            if pod.metadata.namespace.as_deref().unwrap_or("default") != namespace {
-                continue;
-            }
-            let labels = pod.metadata.labels.clone().unwrap_or_default();
-            if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+        for pod in pods {
+            let labels = pod.metadata.labels.as_ref();
+            if !selector
+                .iter()
+                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+            {
                 continue;
             }
             let uid = format!(

@@ -51,6 +51,11 @@ pub struct Published {
 
 impl Published {
     /// Encodes `cfg`, reusing the previous resource where the bytes are unchanged.
+    /// How many resources this publish changed (added, updated or removed).
+    pub fn changed(&self) -> usize {
+        self.changes.values().map(BTreeSet::len).sum()
+    }
+
     pub fn build(cfg: &LocalConfig, previous: &Published) -> Self {
         let mut resources: BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>> =
             BTreeMap::new();
