@@ -302,6 +302,7 @@ fn main() {
         .env("NODE_TOKENS", dir.join("tokens"))
         .env("XDS_ADDR", format!("127.0.0.1:{port}"))
         .env("SERVER_NAMES", SERVER_NAME)
+        .env("METRICS_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(dir.join("controller.log")).unwrap())

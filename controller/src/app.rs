@@ -1,20 +1,25 @@
 //! The controller process: a source (manifests directory), translation,
 //! publishing, and the gRPC server (delta ADS and CA) over TLS.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http::StatusCode;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
+use weft_runtime::admin::{self, Handler, JSON, OPENMETRICS, TEXT};
+use weft_runtime::shutdown_signal;
 use weft_xds::grpc::Server;
 
 use crate::auth::NodeTokens;
 use crate::ca::{MeshCa, MeshCaError};
+use crate::metrics::{Metrics, TypeLabels};
 use crate::source::ManifestsDir;
 use crate::translate::{self, Mesh, Translation};
 use crate::xds::{Controller, Published};
@@ -27,6 +32,7 @@ pub const ENV_SERVER_NAMES: &str = "SERVER_NAMES";
 pub const ENV_MAX_CERT_TTL: &str = "MAX_CERT_TTL_SECONDS";
 pub const ENV_TRUST_DOMAIN: &str = "TRUST_DOMAIN";
 pub const ENV_ROOT_NAMESPACE: &str = "ROOT_NAMESPACE";
+pub const ENV_METRICS_ADDR: &str = "METRICS_ADDR";
 
 /// How often the manifests directory is checked: changes land well within a second.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -39,6 +45,8 @@ pub struct Config {
     pub ca_dir: PathBuf,
     pub node_tokens: PathBuf,
     pub xds_addr: SocketAddr,
+    /// Prometheus `/metrics`, `/ready` and `/debug/status` (Istio's monitoring port).
+    pub metrics_addr: SocketAddr,
     pub server_names: Vec<String>,
     pub max_cert_ttl: Duration,
     pub mesh: Mesh,
@@ -73,6 +81,10 @@ impl Config {
         let xds_addr = xds_addr
             .parse()
             .map_err(|e| AppError::Config(format!("{ENV_XDS_ADDR}={xds_addr:?}: {e}")))?;
+        let metrics_addr = get(ENV_METRICS_ADDR).unwrap_or_else(|| "0.0.0.0:15014".into());
+        let metrics_addr = metrics_addr
+            .parse()
+            .map_err(|e| AppError::Config(format!("{ENV_METRICS_ADDR}={metrics_addr:?}: {e}")))?;
         let ttl = get(ENV_MAX_CERT_TTL).unwrap_or_else(|| "86400".into());
         let max_cert_ttl = match ttl.parse::<u64>() {
             Ok(s) if s >= 2 => Duration::from_secs(s),
@@ -89,6 +101,7 @@ impl Config {
             ca_dir: PathBuf::from(get(ENV_CA_DIR).unwrap_or_else(|| "/var/lib/weft/ca".into())),
             node_tokens: PathBuf::from(req(ENV_NODE_TOKENS)?),
             xds_addr,
+            metrics_addr,
             server_names: names
                 .split(',')
                 .map(|s| s.trim().to_string())
@@ -115,20 +128,27 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         .map_err(|e| AppError::Serving(e.to_string()))?;
 
     let (publish, published) = watch::channel(Arc::new(Published::default()));
-    let mut source = ManifestsDir::new(&cfg.manifests_dir);
+    let metrics = Arc::new(Metrics::default());
+    let mut publisher = Publisher {
+        source: ManifestsDir::new(&cfg.manifests_dir),
+        mesh: cfg.mesh.clone(),
+        publish,
+        last: None,
+        metrics: metrics.clone(),
+        status: Arc::new(Mutex::new("[]\n".into())),
+    };
     // The first state is read before serving, so no client sees an empty mesh.
-    let mut last = None;
-    publish_changes(&mut source, &cfg.mesh, &publish, &mut last);
-    let mesh = cfg.mesh.clone();
+    publisher.poll();
+    serve_metrics(cfg.metrics_addr, metrics.clone(), publisher.status.clone()).await?;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(POLL_INTERVAL);
         loop {
             tick.tick().await;
-            publish_changes(&mut source, &mesh, &publish, &mut last);
+            publisher.poll();
         }
     });
 
-    let controller = Arc::new(Controller::new(published, tokens, ca));
+    let controller = Arc::new(Controller::new(published, tokens, ca, metrics));
     let listener = TcpListener::bind(cfg.xds_addr)
         .await
         .map_err(|source| AppError::Bind {
@@ -168,61 +188,122 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     Ok(())
 }
 
-fn publish_changes(
-    source: &mut ManifestsDir,
-    mesh: &Mesh,
-    publish: &watch::Sender<Arc<Published>>,
-    last: &mut Option<Translation>,
-) {
-    let started = std::time::Instant::now();
-    let (snap, problems) = match source.poll() {
-        Ok(Some(s)) => s,
-        Ok(None) => return,
-        Err(e) => {
-            warn!(error = %e, "cannot list the manifests directory; keeping the last good state");
-            return;
-        }
-    };
-    let read = started.elapsed();
-    let t = translate::translate(&snap, mesh, last.as_ref());
-    let translated = started.elapsed();
-    for p in &problems {
-        warn!(component = "source", problem = %p, "resource left out");
-    }
-    for e in &t.errors {
-        warn!(component = "translate", problem = %e, "resource left out");
-    }
-    for s in &t.policies.statuses {
-        let resource = format!("{} {}/{}", s.kind, s.namespace, s.name);
-        if s.accepted && s.reason == "Accepted" {
-            debug!(%resource, reason = s.reason, message = %s.message, "status");
-        } else {
-            warn!(%resource, accepted = s.accepted, reason = s.reason, message = %s.message, "status");
-        }
-    }
-    let cfg = &t.config;
-    let next = Published::build(cfg, &publish.borrow());
-    info!(
-        workloads = cfg.workloads.len(),
-        services = cfg.services.len(),
-        policies = cfg.policies.len(),
-        changed = next.changed(),
-        read_ms = read.as_millis() as u64,
-        translate_ms = (translated - read).as_millis() as u64,
-        encode_ms = (started.elapsed() - translated).as_millis() as u64,
-        "config published"
-    );
-    publish.send_replace(Arc::new(next));
-    *last = Some(t);
+/// Reads the source, translates, publishes; keeps what the next round needs.
+struct Publisher {
+    source: ManifestsDir,
+    mesh: Mesh,
+    publish: watch::Sender<Arc<Published>>,
+    last: Option<Translation>,
+    metrics: Arc<Metrics>,
+    /// `/debug/status`: every policy resource's status, as JSON.
+    status: Arc<Mutex<String>>,
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+impl Publisher {
+    fn poll(&mut self) {
+        let (source, mesh, publish, last) =
+            (&mut self.source, &self.mesh, &self.publish, &mut self.last);
+        let started = std::time::Instant::now();
+        let (snap, problems) = match source.poll() {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(error = %e, "cannot list the manifests directory; keeping the last good state");
+                return;
+            }
+        };
+        let read = started.elapsed();
+        let t = translate::translate(&snap, mesh, last.as_ref());
+        let translated = started.elapsed();
+        for p in &problems {
+            warn!(component = "source", problem = %p, "resource left out");
+        }
+        for e in &t.errors {
+            warn!(component = "translate", problem = %e, "resource left out");
+        }
+        for s in &t.policies.statuses {
+            let resource = format!("{} {}/{}", s.kind, s.namespace, s.name);
+            if s.accepted && s.reason == "Accepted" {
+                debug!(%resource, reason = s.reason, message = %s.message, "status");
+            } else {
+                warn!(%resource, accepted = s.accepted, reason = s.reason, message = %s.message, "status");
+            }
+        }
+        let cfg = &t.config;
+        let next = Published::build(cfg, &publish.borrow());
+        info!(
+            workloads = cfg.workloads.len(),
+            services = cfg.services.len(),
+            policies = cfg.policies.len(),
+            changed = next.changed(),
+            read_ms = read.as_millis() as u64,
+            translate_ms = (translated - read).as_millis() as u64,
+            encode_ms = (started.elapsed() - translated).as_millis() as u64,
+            "config published"
+        );
+        let m = &self.metrics;
+        m.publishes.inc();
+        m.publish_seconds.observe(started.elapsed().as_secs_f64());
+        m.config_errors
+            .set((problems.len() + t.errors.len()) as i64);
+        for ty in weft_xds::TYPES {
+            if let Some(g) = crate::metrics::xds_type(ty) {
+                let n = next.resources.get(ty).map_or(0, BTreeMap::len);
+                m.resources
+                    .get_or_create(&TypeLabels { r#type: g })
+                    .set(n as i64);
+            }
+        }
+        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status_json(&t);
+        publish.send_replace(Arc::new(next));
+        *last = Some(t);
     }
+}
+
+/// Every policy resource's status and every refusal, for `/debug/status`.
+fn status_json(t: &Translation) -> String {
+    let statuses: Vec<serde_json::Value> = t
+        .policies
+        .statuses
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "kind": s.kind,
+                "namespace": s.namespace,
+                "name": s.name,
+                "conditions": [{
+                    "type": "Accepted",
+                    "status": if s.accepted { "True" } else { "False" },
+                    "reason": s.reason,
+                    "message": s.message,
+                }],
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&statuses).unwrap_or_default() + "\n"
+}
+
+/// `/metrics` (OpenMetrics text), `/ready`, `/debug/status` (JSON).
+async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<String>>,
+) -> Result<(), AppError> {
+    let handler: Handler = Arc::new(move |path| match path {
+        "/metrics" => (StatusCode::OK, OPENMETRICS, metrics.encode()),
+        "/ready" => (StatusCode::OK, TEXT, "ready\n".into()),
+        "/debug/status" => (
+            StatusCode::OK,
+            JSON,
+            status.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "try /metrics, /ready or /debug/status\n".into(),
+        ),
+    });
+    admin::serve("metrics", addr, handler)
+        .await
+        .map_err(|source| AppError::Bind { addr, source })
 }

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod ca;
 pub mod labels;
 pub mod manifests;
+pub mod metrics;
 pub mod policy;
 mod snapshot;
 pub mod source;

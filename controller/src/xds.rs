@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prost_types::Any;
@@ -27,6 +26,7 @@ use weft_xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, to_any, version_of};
 
 use crate::auth::{Caller, NodeTokens};
 use crate::ca::MeshCa;
+use crate::metrics::{CertOutcome, Metrics};
 use weft_hbone::ca::VerifiedCsr;
 
 /// One resource as served.
@@ -104,32 +104,27 @@ impl Published {
     }
 }
 
-/// Counters the controller reports.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub streams: AtomicU64,
-    pub pushes: AtomicU64,
-    pub nacks: AtomicU64,
-    pub certs_signed: AtomicU64,
-    pub certs_refused: AtomicU64,
-}
-
 /// The gRPC side of the controller.
 #[derive(Debug)]
 pub struct Controller {
     published: watch::Receiver<Arc<Published>>,
     tokens: NodeTokens,
     ca: MeshCa,
-    pub stats: Stats,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Controller {
-    pub fn new(published: watch::Receiver<Arc<Published>>, tokens: NodeTokens, ca: MeshCa) -> Self {
+    pub fn new(
+        published: watch::Receiver<Arc<Published>>,
+        tokens: NodeTokens,
+        ca: MeshCa,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Controller {
             published,
             tokens,
             ca,
-            stats: Stats::default(),
+            metrics,
         }
     }
 
@@ -207,10 +202,10 @@ impl ControlPlane for Controller {
         let published = self.published.clone();
         let this = self.clone();
         tokio::spawn(async move {
-            this.stats.streams.fetch_add(1, Ordering::Relaxed);
+            this.metrics.xds_clients.inc();
             let mut stream = AdsStream::new(caller, tx, published);
-            stream.run(requests, &this.stats).await;
-            this.stats.streams.fetch_sub(1, Ordering::Relaxed);
+            stream.run(requests, &this.metrics).await;
+            this.metrics.xds_clients.dec();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -222,18 +217,18 @@ impl ControlPlane for Controller {
         let caller = match self.caller(&request) {
             Ok(c) => c,
             Err(e) => {
-                self.stats.certs_refused.fetch_add(1, Ordering::Relaxed);
+                self.metrics.certificate(CertOutcome::refused);
                 warn!(component = "ca", error = %e.message(), "certificate request unauthenticated");
                 return Err(e);
             }
         };
         match self.sign(&caller, request.get_ref()) {
             Ok(cert_chain) => {
-                self.stats.certs_signed.fetch_add(1, Ordering::Relaxed);
+                self.metrics.certificate(CertOutcome::signed);
                 Ok(Response::new(IstioCertificateResponse { cert_chain }))
             }
             Err(e) => {
-                self.stats.certs_refused.fetch_add(1, Ordering::Relaxed);
+                self.metrics.certificate(CertOutcome::refused);
                 warn!(component = "ca", node = %caller.node, error = %e.message(), "certificate refused");
                 Err(e)
             }
@@ -296,13 +291,13 @@ impl AdsStream {
         }
     }
 
-    async fn run(&mut self, mut requests: Streaming<DeltaDiscoveryRequest>, stats: &Stats) {
+    async fn run(&mut self, mut requests: Streaming<DeltaDiscoveryRequest>, metrics: &Metrics) {
         info!(component = "xds", node = %self.caller.node, "stream opened");
         loop {
             tokio::select! {
                 msg = requests.message() => match msg {
                     Ok(Some(req)) => {
-                        if let Err(e) = self.on_request(req, stats).await {
+                        if let Err(e) = self.on_request(req, metrics).await {
                             let _ = self.tx.send(Err(e)).await;
                             break;
                         }
@@ -323,7 +318,7 @@ impl AdsStream {
                     let diff = if published.generation == self.seen + 1 { Diff::Changes } else { Diff::Full };
                     let types: Vec<&'static str> = self.subs.keys().copied().collect();
                     for ty in types {
-                        if self.push(ty, &published, diff, stats).await.is_err() {
+                        if self.push(ty, &published, diff, metrics).await.is_err() {
                             return;
                         }
                     }
@@ -337,7 +332,7 @@ impl AdsStream {
     async fn on_request(
         &mut self,
         req: DeltaDiscoveryRequest,
-        stats: &Stats,
+        metrics: &Metrics,
     ) -> Result<(), Status> {
         let ty: &'static str = match req.type_url.as_str() {
             ADDRESS_TYPE => ADDRESS_TYPE,
@@ -354,7 +349,7 @@ impl AdsStream {
         if !req.response_nonce.is_empty() {
             match &req.error_detail {
                 Some(err) => {
-                    stats.nacks.fetch_add(1, Ordering::Relaxed);
+                    metrics.nack(ty);
                     warn!(
                         component = "xds",
                         node = %self.caller.node,
@@ -399,7 +394,7 @@ impl AdsStream {
             let published = self.published.borrow().clone();
             // The first response goes out even when empty: clients wait for it to be ready.
             let diff = if first { Diff::FullAlways } else { Diff::Full };
-            self.push(ty, &published, diff, stats).await?;
+            self.push(ty, &published, diff, metrics).await?;
         }
         Ok(())
     }
@@ -410,7 +405,7 @@ impl AdsStream {
         ty: &'static str,
         published: &Published,
         diff: Diff,
-        stats: &Stats,
+        metrics: &Metrics,
     ) -> Result<(), Status> {
         let Some(sub) = self.subs.get_mut(ty) else {
             return Ok(());
@@ -464,7 +459,7 @@ impl AdsStream {
             removed = removed.len(),
             "push"
         );
-        stats.pushes.fetch_add(1, Ordering::Relaxed);
+        metrics.push(ty);
         let resp = DeltaDiscoveryResponse {
             system_version_info: String::new(),
             resources,

@@ -47,6 +47,32 @@ fn manifests(web_label: &str) -> String {
 struct Running {
     dir: PathBuf,
     channel: Channel,
+    metrics: u16,
+}
+
+impl Running {
+    /// `GET path` on the metrics port: (status line, body).
+    async fn get(&self, path: &str) -> (String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics))
+            .await
+            .unwrap();
+        c.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).await.unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (head.lines().next().unwrap().to_string(), body.to_string())
+    }
+
+    /// The value of one sample line of `/metrics`, `name{labels}`.
+    async fn metric(&self, sample: &str) -> f64 {
+        let (_, body) = self.get("/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
 }
 
 impl Drop for Running {
@@ -71,16 +97,20 @@ async fn start(name: &str) -> Running {
         format!("node-1 {TOKEN_1}\nnode-2 {TOKEN_2}\n"),
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, metrics) = (free(), free());
     let cfg = Config {
         manifests_dir: dir.join("manifests"),
         ca_dir: dir.join("ca"),
         node_tokens: dir.join("tokens"),
         xds_addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        metrics_addr: format!("127.0.0.1:{metrics}").parse().unwrap(),
         server_names: vec!["weft-controller.istio-system.svc".into()],
         max_cert_ttl: Duration::from_secs(3600),
         mesh: Mesh::default(),
@@ -104,6 +134,7 @@ async fn start(name: &str) -> Running {
     Running {
         channel: connect(&cp).unwrap(),
         dir,
+        metrics,
     }
 }
 
@@ -213,6 +244,7 @@ async fn ca_signs_and_refuses() {
             "",
         ),
     ];
+    let refused = refusals.len() as f64;
     for (name, got, code, text) in refusals {
         let err = got.expect_err(name);
         assert_eq!(err.code(), code, "{name}: {err:?}");
@@ -222,6 +254,18 @@ async fn ca_signs_and_refuses() {
     create_certificate(ch(), TOKEN_2, csr_for("web").1)
         .await
         .expect("still serving");
+    // Counted by outcome on the metrics port.
+    let signed = ctl
+        .metric("weft_controller_certificates_total{outcome=\"signed\"}")
+        .await;
+    let denied = ctl
+        .metric("weft_controller_certificates_total{outcome=\"refused\"}")
+        .await;
+    assert_eq!(signed, 2.0);
+    assert!(
+        denied >= refused - 1.0,
+        "{denied} of {refused} refusals counted"
+    );
 }
 
 async fn next(stream: &mut Streaming<DeltaDiscoveryResponse>) -> DeltaDiscoveryResponse {
@@ -344,6 +388,21 @@ async fn delta_ads_sends_only_changes() {
     tx.send(ack(&delta, Some("Kubernetes//Pod/shop/web: test refusal")))
         .await
         .unwrap();
+    let nack = "weft_controller_xds_nacks_total{type=\"address\"}";
+    for _ in 0..100 {
+        if ctl.metric(nack).await == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ctl.metric(nack).await, 1.0, "the NACK is counted");
+    assert_eq!(ctl.metric("weft_controller_xds_clients ").await, 1.0);
+    assert_eq!(
+        ctl.metric("weft_controller_resources{type=\"address\"}")
+            .await,
+        3.0,
+        "two pods and a service"
+    );
 
     // A removed pod is sent as a removal by name.
     let only_client = manifests("v2")
@@ -405,4 +464,55 @@ async fn delta_ads_sends_only_changes() {
     .unwrap();
     let gone = next(&mut stream).await;
     assert_eq!(gone.removed_resources, [client]);
+}
+
+/// `/debug/status` shows each policy resource's Accepted condition, with the
+/// field a refusal is about; `/metrics` counts the refused resources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_metrics_endpoint() {
+    let ctl = start("status").await;
+    write(
+        &ctl.dir.join("manifests/policy.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: typo, namespace: shop}\nspec: {action: ALOW}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: fine, namespace: shop}\nspec: {action: DENY, rules: [{from: [{source: {namespaces: [ops]}}]}]}\n",
+    );
+    let mut status = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (line, body) = ctl.get("/debug/status").await;
+        assert!(line.contains("200"), "{line}");
+        status = serde_json::from_str(&body).unwrap();
+        if status.as_array().is_some_and(|a| a.len() == 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let condition = |name: &str| {
+        status
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .map(|s| s["conditions"][0].clone())
+            .unwrap_or_else(|| panic!("no status for {name}: {status}"))
+    };
+    let typo = condition("typo");
+    assert_eq!(typo["status"], "False");
+    assert_eq!(typo["reason"], "Invalid");
+    assert!(
+        typo["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.action: unknown action \"ALOW\""),
+        "{typo}"
+    );
+    assert_eq!(condition("fine")["status"], "True");
+    assert_eq!(ctl.metric("weft_controller_config_errors ").await, 1.0);
+    assert_eq!(
+        ctl.metric("weft_controller_resources{type=\"authorization\"}")
+            .await,
+        1.0,
+        "the valid policy is served"
+    );
+    let (line, _) = ctl.get("/nope").await;
+    assert!(line.contains("404"), "{line}");
 }

@@ -15,7 +15,6 @@ use weft_ebpf::{Capture, CaptureConfig, CaptureError};
 use weft_hbone::ca::{Ca, CaError};
 use weft_hbone::client::Pool;
 
-use crate::admin::{self, Handler, JSON, OPENMETRICS, TEXT};
 use crate::config::{
     CAPTURE_SYNC_INTERVAL, CaptureMode, Config, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT,
     REDIRECT_MARK, REDIRECT_TABLE, RENEW_CHECK_INTERVAL, Source,
@@ -25,6 +24,8 @@ use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyInputs};
 use crate::state::{Store, pod_map};
 use crate::xds::{Cache, XdsClient};
+use weft_runtime::admin::{self, Handler, JSON, OPENMETRICS, TEXT};
+use weft_runtime::shutdown_signal;
 use weft_xds::grpc::ControlPlaneAddress;
 
 #[derive(Debug, thiserror::Error)]
@@ -324,16 +325,4 @@ async fn serve_admin(
         .await
         .map_err(bind_err("readiness"))?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -7,7 +7,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod app;
 pub mod config;
 pub mod identity;
