@@ -17,9 +17,12 @@ use weft_runtime::admin::{self, Handler, JSON, OPENMETRICS, TEXT};
 use weft_runtime::shutdown_signal;
 use weft_xds::grpc::Server;
 
-use crate::auth::NodeTokens;
+use crate::Snapshot;
+use crate::auth::{Authenticator, NodeTokens};
 use crate::ca::{MeshCa, MeshCaError};
+use crate::kubernetes::{self, KubeSource, StatusWriter, TokenReviewer};
 use crate::metrics::{Metrics, TypeLabels};
+use crate::policy::Status;
 use crate::source::ManifestsDir;
 use crate::translate::{self, Mesh, Translation};
 use crate::xds::{Controller, Published};
@@ -33,17 +36,31 @@ pub const ENV_MAX_CERT_TTL: &str = "MAX_CERT_TTL_SECONDS";
 pub const ENV_TRUST_DOMAIN: &str = "TRUST_DOMAIN";
 pub const ENV_ROOT_NAMESPACE: &str = "ROOT_NAMESPACE";
 pub const ENV_METRICS_ADDR: &str = "METRICS_ADDR";
+pub const ENV_ZTUNNEL_SERVICE_ACCOUNT: &str = "ZTUNNEL_SERVICE_ACCOUNT";
 
 /// How often the manifests directory is checked: changes land well within a second.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// A TLS handshake that takes longer is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Where resources, node agents' credentials and the CA come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// One host: a manifests directory, a bootstrap token per node, the CA in a directory.
+    Manifests {
+        dir: PathBuf,
+        node_tokens: PathBuf,
+        ca_dir: PathBuf,
+    },
+    /// The API server (in-cluster, or the kubeconfig): node agents by
+    /// TokenReview as `ztunnel_service_account` (`namespace/name`), the CA in
+    /// Secrets of the root namespace.
+    Kubernetes { ztunnel_service_account: String },
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub manifests_dir: PathBuf,
-    pub ca_dir: PathBuf,
-    pub node_tokens: PathBuf,
+    pub source: SourceConfig,
     pub xds_addr: SocketAddr,
     /// Prometheus `/metrics`, `/ready` and `/debug/status` (Istio's monitoring port).
     pub metrics_addr: SocketAddr,
@@ -96,10 +113,20 @@ impl Config {
         };
         let names = get(ENV_SERVER_NAMES)
             .unwrap_or_else(|| "weft-controller.istio-system.svc,istiod.istio-system.svc".into());
+        // A manifests directory means one host; otherwise the API server.
+        let source = match get(ENV_MANIFESTS_DIR).filter(|v| !v.is_empty()) {
+            Some(dir) => SourceConfig::Manifests {
+                dir: PathBuf::from(dir),
+                node_tokens: PathBuf::from(req(ENV_NODE_TOKENS)?),
+                ca_dir: PathBuf::from(get(ENV_CA_DIR).unwrap_or_else(|| "/var/lib/weft/ca".into())),
+            },
+            None => SourceConfig::Kubernetes {
+                ztunnel_service_account: get(ENV_ZTUNNEL_SERVICE_ACCOUNT)
+                    .unwrap_or_else(|| "istio-system/ztunnel".into()),
+            },
+        };
         Ok(Config {
-            manifests_dir: PathBuf::from(req(ENV_MANIFESTS_DIR)?),
-            ca_dir: PathBuf::from(get(ENV_CA_DIR).unwrap_or_else(|| "/var/lib/weft/ca".into())),
-            node_tokens: PathBuf::from(req(ENV_NODE_TOKENS)?),
+            source,
             xds_addr,
             metrics_addr,
             server_names: names
@@ -119,8 +146,46 @@ impl Config {
 
 /// Runs the controller until SIGTERM/SIGINT.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
-    let ca = MeshCa::load_or_generate(&cfg.ca_dir, &cfg.mesh.trust_domain, cfg.max_cert_ttl)?;
-    let tokens = NodeTokens::load(&cfg.node_tokens).map_err(AppError::Config)?;
+    let metrics = Arc::new(Metrics::default());
+    let (source, auth, ca) = match &cfg.source {
+        SourceConfig::Manifests {
+            dir,
+            node_tokens,
+            ca_dir,
+        } => {
+            let ca = MeshCa::load_or_generate(ca_dir, &cfg.mesh.trust_domain, cfg.max_cert_ttl)?;
+            let tokens = NodeTokens::load(node_tokens).map_err(AppError::Config)?;
+            (
+                Source::Manifests(ManifestsDir::new(dir)),
+                Authenticator::Tokens(tokens),
+                ca,
+            )
+        }
+        SourceConfig::Kubernetes {
+            ztunnel_service_account,
+        } => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| AppError::Config(format!("no Kubernetes API server: {e}")))?;
+            let ca = kubernetes::load_or_create_ca(
+                client.clone(),
+                &cfg.mesh.root_namespace,
+                &cfg.mesh.trust_domain,
+                cfg.max_cert_ttl,
+            )
+            .await?;
+            let source = KubeSource::start(client.clone());
+            source.ready(ISTIO_CRD_GRACE).await;
+            let auth = Authenticator::Kubernetes(TokenReviewer::new(
+                client.clone(),
+                ztunnel_service_account,
+                Some(source.pods()),
+            ));
+            let (tx, rx) = watch::channel(Vec::new());
+            tokio::spawn(write_statuses(StatusWriter::new(client), rx));
+            (Source::Kubernetes(Box::new(source), tx), auth, ca)
+        }
+    };
     let (cert, key) = ca
         .serving_cert(&cfg.server_names)
         .map_err(|e| AppError::Serving(e.to_string()))?;
@@ -128,9 +193,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         .map_err(|e| AppError::Serving(e.to_string()))?;
 
     let (publish, published) = watch::channel(Arc::new(Published::default()));
-    let metrics = Arc::new(Metrics::default());
     let mut publisher = Publisher {
-        source: ManifestsDir::new(&cfg.manifests_dir),
+        source,
         mesh: cfg.mesh.clone(),
         publish,
         last: None,
@@ -148,7 +212,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         }
     });
 
-    let controller = Arc::new(Controller::new(published, tokens, ca, metrics));
+    let controller = Arc::new(Controller::new(published, auth, ca, metrics));
     let listener = TcpListener::bind(cfg.xds_addr)
         .await
         .map_err(|source| AppError::Bind {
@@ -188,9 +252,47 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     Ok(())
 }
 
+/// Where the publisher reads from.
+enum Source {
+    Manifests(ManifestsDir),
+    /// With where each translation's statuses go to be written back.
+    Kubernetes(Box<KubeSource>, watch::Sender<Vec<(Status, Option<i64>)>>),
+}
+
+impl Source {
+    /// The merged snapshot and the problems reading it, when anything changed.
+    fn poll(&mut self) -> Option<(Snapshot, Vec<String>)> {
+        match self {
+            Source::Manifests(dir) => match dir.poll() {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot list the manifests directory; keeping the last good state");
+                    None
+                }
+            },
+            Source::Kubernetes(k, _) => k.poll(),
+        }
+    }
+}
+
+/// How long to wait for the security.istio.io kinds to list before serving without them.
+const ISTIO_CRD_GRACE: Duration = Duration::from_secs(10);
+
+/// Writes each translation's statuses back, newest first; a slow API server
+/// delays status, never the data plane.
+async fn write_statuses(
+    mut writer: StatusWriter,
+    mut rx: watch::Receiver<Vec<(Status, Option<i64>)>>,
+) {
+    while rx.changed().await.is_ok() {
+        let statuses = rx.borrow_and_update().clone();
+        writer.write(&statuses).await;
+    }
+}
+
 /// Reads the source, translates, publishes; keeps what the next round needs.
 struct Publisher {
-    source: ManifestsDir,
+    source: Source,
     mesh: Mesh,
     publish: watch::Sender<Arc<Published>>,
     last: Option<Translation>,
@@ -204,13 +306,8 @@ impl Publisher {
         let (source, mesh, publish, last) =
             (&mut self.source, &self.mesh, &self.publish, &mut self.last);
         let started = std::time::Instant::now();
-        let (snap, problems) = match source.poll() {
-            Ok(Some(s)) => s,
-            Ok(None) => return,
-            Err(e) => {
-                warn!(error = %e, "cannot list the manifests directory; keeping the last good state");
-                return;
-            }
+        let Some((snap, problems)) = source.poll() else {
+            return;
         };
         let read = started.elapsed();
         let t = translate::translate(&snap, mesh, last.as_ref());
@@ -256,6 +353,24 @@ impl Publisher {
         }
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status_json(&t);
         publish.send_replace(Arc::new(next));
+        if let Source::Kubernetes(_, statuses) = source {
+            let generation = |s: &Status| {
+                let key = format!("{}/{}", s.namespace, s.name);
+                match s.kind {
+                    "AuthorizationPolicy" => {
+                        snap.authorization_policies.get(&key)?.metadata.generation
+                    }
+                    _ => snap.peer_authentications.get(&key)?.metadata.generation,
+                }
+            };
+            let with_generations = t
+                .policies
+                .statuses
+                .iter()
+                .map(|s| (s.clone(), generation(s)))
+                .collect();
+            statuses.send_replace(with_generations);
+        }
         *last = Some(t);
     }
 }

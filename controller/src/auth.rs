@@ -17,6 +17,30 @@ pub enum AuthError {
     Missing,
     #[error("unknown token")]
     Unknown,
+    /// The API server reviewed the token and it does not make a node agent.
+    #[error("{0}")]
+    Rejected(String),
+    /// The token could not be reviewed now.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// How node agents prove who they are.
+#[derive(Clone, Debug)]
+pub enum Authenticator {
+    /// Local mode: a bootstrap token per node.
+    Tokens(NodeTokens),
+    /// Kubernetes: the agent's service account token, reviewed by the API server.
+    Kubernetes(crate::kubernetes::TokenReviewer),
+}
+
+impl Authenticator {
+    pub async fn authenticate(&self, token: Option<&str>) -> Result<Caller, AuthError> {
+        match self {
+            Authenticator::Tokens(t) => t.authenticate(token),
+            Authenticator::Kubernetes(r) => r.authenticate(token.ok_or(AuthError::Missing)?).await,
+        }
+    }
 }
 
 /// Per-node bootstrap tokens.

@@ -6,6 +6,7 @@
 //! intermediate; otherwise `root-cert.pem` and `root-key.pem`, generated on
 //! first start.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -70,66 +71,103 @@ impl MeshCa {
             let path = path.display().to_string();
             move |source| MeshCaError::Io { path, source }
         };
-        let read = |name: &str| {
+        let files: BTreeMap<String, String> = [
+            "ca-cert.pem",
+            "ca-key.pem",
+            "root-cert.pem",
+            "root-key.pem",
+            "cert-chain.pem",
+        ]
+        .into_iter()
+        .filter_map(|name| {
             let p = dir.join(name);
-            fs::read_to_string(&p).map_err(io(&p))
-        };
-        let exists = |name: &str| dir.join(name).exists();
-        if exists("ca-cert.pem") || exists("ca-key.pem") {
-            if !(exists("ca-cert.pem") && exists("ca-key.pem") && exists("root-cert.pem")) {
-                return Err(MeshCaError::Layout(
-                    dir.display().to_string(),
-                    "a plugged-in CA needs ca-cert.pem, ca-key.pem and root-cert.pem".into(),
-                ));
+            p.exists().then(|| {
+                fs::read_to_string(&p)
+                    .map(|t| (name.to_string(), t))
+                    .map_err(io(&p))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+        if let Some(ca) = Self::from_files(&files, &dir.display().to_string(), max_ttl)? {
+            return Ok(ca);
+        }
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let (ca, files) = Self::generate(trust_domain, max_ttl)?;
+        for (name, text) in &files {
+            let path = dir.join(name);
+            fs::write(&path, text).map_err(io(&path))?;
+            if name.ends_with("key.pem") {
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(io(&path))?;
             }
-            let cert = read("ca-cert.pem")?;
-            let ca = Ca::from_pem(&cert, &read("ca-key.pem")?)?;
-            let root_pem = read("root-cert.pem")?;
-            // cert-chain.pem runs from the signing CA to the root; the root is sent separately.
-            let chain = if exists("cert-chain.pem") {
-                read("cert-chain.pem")?
-            } else {
-                cert
+        }
+        info!(dir = %dir.display(), "mesh CA: generated a new root");
+        Ok(ca)
+    }
+
+    /// The CA in `files` (file name → PEM, from a directory or a Secret named
+    /// `place`), if they hold one: Istio's `cacerts` layout (`ca-cert.pem`,
+    /// `ca-key.pem`, `root-cert.pem`, optional `cert-chain.pem`), or a root
+    /// (`root-cert.pem`, `root-key.pem`).
+    pub fn from_files(
+        files: &BTreeMap<String, String>,
+        place: &str,
+        max_ttl: Duration,
+    ) -> Result<Option<Self>, MeshCaError> {
+        let get = |name: &str| files.get(name).filter(|t| !t.trim().is_empty());
+        let layout = |m: &str| Err(MeshCaError::Layout(place.to_string(), m.to_string()));
+        if get("ca-cert.pem").is_some() || get("ca-key.pem").is_some() {
+            let (Some(cert), Some(key), Some(root_pem)) =
+                (get("ca-cert.pem"), get("ca-key.pem"), get("root-cert.pem"))
+            else {
+                return layout("a plugged-in CA needs ca-cert.pem, ca-key.pem and root-cert.pem");
             };
-            let root = split_pem(&root_pem);
-            let intermediates = split_pem(&chain)
+            let ca = Ca::from_pem(cert, key)?;
+            // cert-chain.pem runs from the signing CA to the root; the root is sent separately.
+            let chain = get("cert-chain.pem").unwrap_or(cert);
+            let root = split_pem(root_pem);
+            let intermediates = split_pem(chain)
                 .into_iter()
                 .filter(|c| !root.contains(c))
                 .collect();
-            info!(dir = %dir.display(), "mesh CA: plugged-in intermediate");
-            return Ok(MeshCa {
+            info!(%place, "mesh CA: plugged-in intermediate");
+            return Ok(Some(MeshCa {
                 ca,
                 intermediates,
-                root_pem,
+                root_pem: root_pem.clone(),
                 max_ttl,
-            });
+            }));
         }
-        if exists("root-cert.pem") && exists("root-key.pem") {
-            let root_pem = read("root-cert.pem")?;
-            let ca = Ca::from_pem(&root_pem, &read("root-key.pem")?)?;
-            info!(dir = %dir.display(), "mesh CA: existing root");
-            return Ok(MeshCa {
+        if let (Some(root_pem), Some(key)) = (get("root-cert.pem"), get("root-key.pem")) {
+            let ca = Ca::from_pem(root_pem, key)?;
+            info!(%place, "mesh CA: existing root");
+            return Ok(Some(MeshCa {
                 ca,
                 intermediates: Vec::new(),
-                root_pem,
+                root_pem: root_pem.clone(),
                 max_ttl,
-            });
+            }));
         }
-        fs::create_dir_all(dir).map_err(io(dir))?;
+        Ok(None)
+    }
+
+    /// A new self-signed root, and the files that persist it.
+    pub fn generate(
+        trust_domain: &str,
+        max_ttl: Duration,
+    ) -> Result<(Self, BTreeMap<String, String>), MeshCaError> {
         let ca = Ca::generate(trust_domain)?;
-        let key_path = dir.join("root-key.pem");
-        fs::write(&key_path, ca.key_pem()).map_err(io(&key_path))?;
-        fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).map_err(io(&key_path))?;
-        let cert_path = dir.join("root-cert.pem");
-        fs::write(&cert_path, ca.cert_pem()).map_err(io(&cert_path))?;
-        info!(dir = %dir.display(), "mesh CA: generated a new root");
         let root_pem = ca.cert_pem().to_string();
-        Ok(MeshCa {
+        let files = BTreeMap::from([
+            ("root-cert.pem".to_string(), root_pem.clone()),
+            ("root-key.pem".to_string(), ca.key_pem().to_string()),
+        ]);
+        let mesh = MeshCa {
             ca,
             intermediates: Vec::new(),
             root_pem,
             max_ttl,
-        })
+        };
+        Ok((mesh, files))
     }
 
     pub fn root_pem(&self) -> &str {

@@ -10,6 +10,7 @@
 pub mod app;
 pub mod auth;
 pub mod ca;
+pub mod kubernetes;
 pub mod labels;
 pub mod manifests;
 pub mod metrics;

@@ -24,7 +24,7 @@ use weft_xds::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
 use weft_xds::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use weft_xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, to_any, version_of};
 
-use crate::auth::{Caller, NodeTokens};
+use crate::auth::{AuthError, Authenticator, Caller};
 use crate::ca::MeshCa;
 use crate::metrics::{CertOutcome, Metrics};
 use weft_hbone::ca::VerifiedCsr;
@@ -108,7 +108,7 @@ impl Published {
 #[derive(Debug)]
 pub struct Controller {
     published: watch::Receiver<Arc<Published>>,
-    tokens: NodeTokens,
+    auth: Authenticator,
     ca: MeshCa,
     pub metrics: Arc<Metrics>,
 }
@@ -116,22 +116,26 @@ pub struct Controller {
 impl Controller {
     pub fn new(
         published: watch::Receiver<Arc<Published>>,
-        tokens: NodeTokens,
+        auth: Authenticator,
         ca: MeshCa,
         metrics: Arc<Metrics>,
     ) -> Self {
         Controller {
             published,
-            tokens,
+            auth,
             ca,
             metrics,
         }
     }
 
-    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        self.tokens
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        self.auth
             .authenticate(bearer_token(req))
-            .map_err(|e| Status::unauthenticated(e.to_string()))
+            .await
+            .map_err(|e| match e {
+                AuthError::Unavailable(m) => Status::unavailable(m),
+                e => Status::unauthenticated(e.to_string()),
+            })
     }
 
     /// Checks and signs one certificate request.
@@ -196,7 +200,7 @@ impl ControlPlane for Controller {
         self: Arc<Self>,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request).await?;
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(8);
         let published = self.published.clone();
@@ -214,7 +218,7 @@ impl ControlPlane for Controller {
         self: Arc<Self>,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let caller = match self.caller(&request) {
+        let caller = match self.caller(&request).await {
             Ok(c) => c,
             Err(e) => {
                 self.metrics.certificate(CertOutcome::refused);

@@ -14,7 +14,7 @@ use tonic::Code;
 use tonic::codec::Streaming;
 use tonic::transport::Channel;
 use weft_api::Identity;
-use weft_controller::app::{self, Config};
+use weft_controller::app::{self, Config, SourceConfig};
 use weft_controller::translate::Mesh;
 use weft_hbone::ca::CertRequest;
 use weft_xds::grpc::{ControlPlaneAddress, connect, create_certificate, delta_ads};
@@ -106,9 +106,11 @@ async fn start(name: &str) -> Running {
     };
     let (port, metrics) = (free(), free());
     let cfg = Config {
-        manifests_dir: dir.join("manifests"),
-        ca_dir: dir.join("ca"),
-        node_tokens: dir.join("tokens"),
+        source: SourceConfig::Manifests {
+            dir: dir.join("manifests"),
+            ca_dir: dir.join("ca"),
+            node_tokens: dir.join("tokens"),
+        },
         xds_addr: format!("127.0.0.1:{port}").parse().unwrap(),
         metrics_addr: format!("127.0.0.1:{metrics}").parse().unwrap(),
         server_names: vec!["weft-controller.istio-system.svc".into()],

@@ -1,0 +1,478 @@
+//! The Kubernetes source against kube's mock API (tower-test): list and watch
+//! events in, the typed snapshot (and its translation) out; status patches,
+//! TokenReview and the CA Secret as the API server sees them.
+
+#![expect(clippy::unwrap_used, reason = "test helpers panic on setup failures")]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use kube::Client;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use weft_api::TunnelProtocol;
+use weft_controller::auth::AuthError;
+use weft_controller::kubernetes::{self, KubeSource, StatusWriter, TokenReviewer};
+use weft_controller::translate::{self, Mesh};
+
+type Body = StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
+type Handle = tower_test::mock::Handle<Request<kube::client::Body>, Response<Body>>;
+type Events = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+
+fn body(bytes: Vec<u8>) -> Body {
+    let (tx, rx) = mpsc::channel(1);
+    tx.try_send(Ok(Frame::data(Bytes::from(bytes)))).unwrap();
+    StreamBody::new(ReceiverStream::new(rx))
+}
+
+fn reply(status: StatusCode, v: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(body(serde_json::to_vec(v).unwrap()))
+        .unwrap()
+}
+
+fn not_found(what: &str) -> Response<Body> {
+    reply(
+        StatusCode::NOT_FOUND,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{what} not found")}),
+    )
+}
+
+/// A pretend API server: lists, watches the test can push events into,
+/// TokenReview, Secrets, and a record of every write.
+#[derive(Clone, Default)]
+struct Fake {
+    /// Collection path → items.
+    lists: Arc<Mutex<HashMap<String, Vec<Value>>>>,
+    /// Collection path → the open watch's event stream.
+    watches: Arc<Mutex<HashMap<String, Events>>>,
+    /// Secret name → object.
+    secrets: Arc<Mutex<HashMap<String, Value>>>,
+    /// Every non-GET request: (method, path, body).
+    writes: Arc<Mutex<Vec<(Method, String, Value)>>>,
+    /// Another replica's Secret: a creation stores it instead and gets 409 Conflict.
+    race_winner: Arc<Mutex<Option<Value>>>,
+}
+
+impl Fake {
+    fn list(&self, path: &str, items: Vec<Value>) {
+        self.lists.lock().unwrap().insert(path.into(), items);
+    }
+
+    fn writes(&self) -> Vec<(Method, String, Value)> {
+        self.writes.lock().unwrap().clone()
+    }
+
+    /// Sends one watch event on `path`, once its watch is open.
+    async fn event(&self, path: &str, kind: &str, object: Value) {
+        for _ in 0..200 {
+            let tx = self.watches.lock().unwrap().get(path).cloned();
+            if let Some(tx) = tx {
+                let line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap();
+                tx.send(Ok(Frame::data(Bytes::from(
+                    [line, b"\n".to_vec()].concat(),
+                ))))
+                .await
+                .unwrap();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no watch opened on {path}");
+    }
+
+    fn serve(self, mut handle: Handle) {
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let resp = self.answer(req).await;
+                send.send_response(resp);
+            }
+        });
+    }
+
+    async fn answer(&self, req: Request<kube::client::Body>) -> Response<Body> {
+        let (parts, b) = req.into_parts();
+        let path = parts.uri.path().to_string();
+        let query = parts.uri.query().unwrap_or_default().to_string();
+        let bytes = b.collect().await.unwrap().to_bytes();
+        let sent: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if parts.method != Method::GET {
+            self.writes
+                .lock()
+                .unwrap()
+                .push((parts.method.clone(), path.clone(), sent.clone()));
+        }
+        if parts.method == Method::GET && query.contains("watch=true") {
+            let (tx, rx) = mpsc::channel(16);
+            self.watches.lock().unwrap().insert(path, tx);
+            return Response::new(StreamBody::new(ReceiverStream::new(rx)));
+        }
+        if let Some(items) = self.lists.lock().unwrap().get(&path) {
+            return reply(
+                StatusCode::OK,
+                &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+            );
+        }
+        if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+            let token = sent["spec"]["token"].as_str().unwrap_or_default();
+            let status = match token {
+                "node-token" => json!({"authenticated": true, "user": {
+                    "username": "system:serviceaccount:istio-system:ztunnel",
+                    "extra": {"authentication.kubernetes.io/node-name": ["n1"]}}}),
+                "pod-token" => json!({"authenticated": true, "user": {
+                    "username": "system:serviceaccount:istio-system:ztunnel",
+                    "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-abc"]}}}),
+                "app-token" => json!({"authenticated": true, "user": {
+                    "username": "system:serviceaccount:shop:a",
+                    "extra": {"authentication.kubernetes.io/node-name": ["n1"]}}}),
+                _ => json!({"authenticated": false, "error": "invalid bearer token"}),
+            };
+            let mut review = sent.clone();
+            review["status"] = status;
+            return reply(StatusCode::CREATED, &review);
+        }
+        if let Some(name) = path.strip_prefix("/api/v1/namespaces/istio-system/secrets/") {
+            return match self.secrets.lock().unwrap().get(name) {
+                Some(s) => reply(StatusCode::OK, s),
+                None => not_found(name),
+            };
+        }
+        if path == "/api/v1/namespaces/istio-system/secrets" && parts.method == Method::POST {
+            if let Some(winner) = self.race_winner.lock().unwrap().take() {
+                self.secrets
+                    .lock()
+                    .unwrap()
+                    .insert("istio-ca-secret".into(), winner);
+                return reply(
+                    StatusCode::CONFLICT,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "exists"}),
+                );
+            }
+            let name = sent["metadata"]["name"].as_str().unwrap().to_string();
+            self.secrets.lock().unwrap().insert(name, sent.clone());
+            return reply(StatusCode::CREATED, &sent);
+        }
+        if parts.method == Method::PATCH && path.ends_with("/status") {
+            let segs: Vec<&str> = path.split('/').collect();
+            let (ns, name) = (segs[5], segs[7]);
+            return reply(
+                StatusCode::OK,
+                &json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                        "metadata": {"name": name, "namespace": ns}}),
+            );
+        }
+        not_found(&path)
+    }
+}
+
+fn mock_client() -> (Client, Fake) {
+    let (svc, handle) = tower_test::mock::pair::<Request<kube::client::Body>, Response<Body>>();
+    let fake = Fake::default();
+    fake.clone().serve(handle);
+    (Client::new(svc, "default"), fake)
+}
+
+fn meta(name: &str, ns: Option<&str>, rv: &str) -> Value {
+    let mut m = json!({"name": name, "resourceVersion": rv, "generation": 3,
+                       "managedFields": [{"manager": "kubectl"}]});
+    if let Some(ns) = ns {
+        m["namespace"] = json!(ns);
+    }
+    m
+}
+
+fn namespace(name: &str, ambient: bool, rv: &str) -> Value {
+    let mut m = meta(name, None, rv);
+    if ambient {
+        m["labels"] = json!({"istio.io/dataplane-mode": "ambient"});
+    }
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": m})
+}
+
+fn pod(ns: &str, name: &str, node: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta(name, Some(ns), "1"),
+           "spec": {"nodeName": node, "serviceAccountName": name, "containers": [{"name": "app"}]},
+           "status": {"podIP": ip}})
+}
+
+fn policy(kind: &str, ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "security.istio.io/v1", "kind": kind, "metadata": meta(name, Some(ns), "1"), "spec": spec})
+}
+
+const AP: &str = "/apis/security.istio.io/v1/authorizationpolicies";
+const PA: &str = "/apis/security.istio.io/v1/peerauthentications";
+
+/// Lists and watch events become the same snapshot the manifests give:
+/// capture follows a namespace label change, a deleted pod leaves, an Istio
+/// object that does not read is named and left out; statuses are patched
+/// once per change, with the field of a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_events_make_the_snapshot_and_status_goes_back() {
+    let (client, fake) = mock_client();
+    fake.list(
+        "/api/v1/namespaces",
+        vec![
+            namespace("shop", true, "1"),
+            namespace("legacy", false, "1"),
+        ],
+    );
+    fake.list(
+        "/api/v1/pods",
+        vec![
+            pod("shop", "a", "n1", "10.244.1.10"),
+            pod("legacy", "b", "n2", "10.244.2.10"),
+            pod("istio-system", "ztunnel-abc", "n2", "10.244.2.2"),
+        ],
+    );
+    fake.list(
+        "/api/v1/services",
+        vec![json!({"apiVersion": "v1", "kind": "Service", "metadata": meta("web", Some("shop"), "1"),
+                    "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "a"}, "ports": [{"port": 80}]}})],
+    );
+    fake.list("/api/v1/nodes", vec![]);
+    fake.list(
+        AP,
+        vec![
+            policy("AuthorizationPolicy", "shop", "deny-ops", json!({"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["ops"]}}]}]})),
+            policy("AuthorizationPolicy", "shop", "typo", json!({"action": "PERMIT"})),
+        ],
+    );
+    fake.list(
+        PA,
+        vec![policy(
+            "PeerAuthentication",
+            "shop",
+            "bad",
+            json!({"mtsl": {"mode": "STRICT"}}),
+        )],
+    );
+
+    let mut source = KubeSource::start(client.clone());
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        source.ready(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap();
+    // The reflectors settle (every list applied); then nothing changes.
+    let (mut snap, mut problems) = source.poll().unwrap();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match source.poll() {
+            Some(next) => (snap, problems) = next,
+            None => break,
+        }
+    }
+    assert_eq!(snap.namespaces.len(), 2);
+    assert_eq!(snap.pods.len(), 3);
+    assert!(
+        snap.pods["shop/a"].metadata.managed_fields.is_none()
+            || snap.pods["shop/a"]
+                .metadata
+                .managed_fields
+                .as_ref()
+                .unwrap()
+                .is_empty(),
+        "managed fields are not kept"
+    );
+    assert_eq!(snap.authorization_policies.len(), 2);
+    assert!(snap.peer_authentications.is_empty());
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].starts_with("PeerAuthentication shop/bad:") && problems[0].contains("mtsl"),
+        "{problems:?}"
+    );
+
+    let t = translate::translate(&snap, &Mesh::default(), None);
+    let proto = |cfg: &weft_api::LocalConfig, name: &str| {
+        cfg.workloads
+            .iter()
+            .find(|w| w.name == name)
+            .map(|w| w.protocol)
+    };
+    assert_eq!(proto(&t.config, "a"), Some(TunnelProtocol::Hbone));
+    assert_eq!(proto(&t.config, "b"), Some(TunnelProtocol::None));
+    assert_eq!(t.config.services.len(), 1);
+    assert_eq!(t.config.policies.len(), 1, "deny-ops; typo is refused");
+    assert!(
+        t.errors.iter().any(|e| e
+            .to_string()
+            .starts_with("AuthorizationPolicy shop/typo: spec.action")),
+        "{:?}",
+        t.errors
+    );
+
+    // Status goes back: one patch per resource, the refusal names the field.
+    let mut writer = StatusWriter::new(client.clone());
+    let statuses: Vec<_> = t
+        .policies
+        .statuses
+        .iter()
+        .map(|s| (s.clone(), Some(3)))
+        .collect();
+    writer.write(&statuses).await;
+    let patches = fake.writes();
+    assert_eq!(patches.len(), 2, "{patches:?}");
+    let (method, path, body) = patches
+        .iter()
+        .find(|(_, p, _)| p.contains("/typo/"))
+        .unwrap();
+    assert_eq!(*method, Method::PATCH);
+    assert_eq!(
+        path,
+        "/apis/security.istio.io/v1/namespaces/shop/authorizationpolicies/typo/status"
+    );
+    let cond = &body["status"]["conditions"][0];
+    assert_eq!(cond["type"], "Accepted");
+    assert_eq!(cond["status"], "False");
+    assert_eq!(cond["reason"], "Invalid");
+    assert_eq!(cond["observedGeneration"], 3);
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.action:"),
+        "{cond}"
+    );
+    let (_, _, ok) = patches
+        .iter()
+        .find(|(_, p, _)| p.contains("/deny-ops/"))
+        .unwrap();
+    assert_eq!(ok["status"]["conditions"][0]["status"], "True");
+    assert_eq!(ok["status"]["conditions"][1]["type"], "Reconciled");
+    writer.write(&statuses).await;
+    assert_eq!(
+        fake.writes().len(),
+        2,
+        "unchanged statuses are not written again"
+    );
+
+    // Watch events: the legacy namespace joins the mesh, pod a goes away.
+    fake.event(
+        "/api/v1/namespaces",
+        "MODIFIED",
+        namespace("legacy", true, "2"),
+    )
+    .await;
+    fake.event(
+        "/api/v1/pods",
+        "DELETED",
+        pod("shop", "a", "n1", "10.244.1.10"),
+    )
+    .await;
+    let mut snap = None;
+    for _ in 0..200 {
+        if let Some((s, _)) = source.poll()
+            && !s.pods.contains_key("shop/a")
+            && s.namespaces["legacy"].metadata.labels.is_some()
+        {
+            snap = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let snap = snap.expect("the watch events reach the snapshot");
+    let t = translate::translate(&snap, &Mesh::default(), Some(&t));
+    assert_eq!(
+        proto(&t.config, "b"),
+        Some(TunnelProtocol::Hbone),
+        "captured by the label"
+    );
+    assert_eq!(proto(&t.config, "a"), None, "deleted");
+
+    // Node agents: by node-name in the token, or by the pod it names.
+    let reviewer = TokenReviewer::new(client, "istio-system/ztunnel", Some(source.pods()));
+    assert_eq!(
+        reviewer.authenticate("node-token").await.unwrap().node,
+        "n1"
+    );
+    assert_eq!(reviewer.authenticate("pod-token").await.unwrap().node, "n2");
+    let reviews = |f: &Fake| {
+        f.writes()
+            .iter()
+            .filter(|(_, p, _)| p.ends_with("tokenreviews"))
+            .count()
+    };
+    assert_eq!(reviews(&fake), 2);
+    assert_eq!(
+        reviewer.authenticate("node-token").await.unwrap().node,
+        "n1"
+    );
+    assert_eq!(reviews(&fake), 2, "a reviewed token is cached");
+    match reviewer.authenticate("app-token").await {
+        Err(AuthError::Rejected(m)) => assert!(m.contains("system:serviceaccount:shop:a"), "{m}"),
+        other => panic!("an app's token is not a node agent's: {other:?}"),
+    }
+    match reviewer.authenticate("forged").await {
+        Err(AuthError::Rejected(m)) => assert!(m.contains("invalid bearer token"), "{m}"),
+        other => panic!("a forged token: {other:?}"),
+    }
+}
+
+/// The CA root lives in a Secret: created on first start, read back after;
+/// a plugged-in `cacerts` wins; a lost creation race reads the winner's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_root_in_a_secret() {
+    let ttl = Duration::from_secs(3600);
+    let (client, fake) = mock_client();
+    let first = kubernetes::load_or_create_ca(client.clone(), "istio-system", "cluster.local", ttl)
+        .await
+        .unwrap();
+    let created = fake
+        .secrets
+        .lock()
+        .unwrap()
+        .get("istio-ca-secret")
+        .cloned()
+        .unwrap();
+    assert_eq!(created["type"], "istio.io/ca-root");
+    assert!(created["data"]["root-key.pem"].is_string());
+    let again = kubernetes::load_or_create_ca(client.clone(), "istio-system", "cluster.local", ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.root_pem(),
+        first.root_pem(),
+        "the stored root is reused"
+    );
+    let creates = |f: &Fake| {
+        f.writes()
+            .iter()
+            .filter(|(m, _, _)| *m == Method::POST)
+            .count()
+    };
+    assert_eq!(creates(&fake), 1);
+
+    // A creation race: another replica stores its root between our read and our create.
+    let (client, fake) = mock_client();
+    *fake.race_winner.lock().unwrap() = Some(created.clone());
+    let ca = kubernetes::load_or_create_ca(client, "istio-system", "cluster.local", ttl)
+        .await
+        .unwrap();
+    assert_eq!(ca.root_pem(), first.root_pem(), "the winner's root is used");
+
+    // A plugged-in CA in `cacerts` is used as is.
+    let (client, fake) = mock_client();
+    let root = weft_hbone::ca::Ca::generate("cluster.local").unwrap();
+    let data =
+        |s: &str| serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec())).unwrap();
+    fake.secrets.lock().unwrap().insert(
+        "cacerts".into(),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "cacerts", "namespace": "istio-system"},
+               "data": {"ca-cert.pem": data(root.cert_pem()), "ca-key.pem": data(&root.key_pem()), "root-cert.pem": data(root.cert_pem())}}),
+    );
+    let plugged = kubernetes::load_or_create_ca(client, "istio-system", "cluster.local", ttl)
+        .await
+        .unwrap();
+    assert_eq!(plugged.root_pem(), root.cert_pem());
+    assert_eq!(creates(&fake), 0, "nothing is created when cacerts exists");
+}
