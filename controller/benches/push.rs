@@ -333,11 +333,11 @@ fn main() {
     let mut bench = Bench {
         sizes,
         dir: dir.clone(),
-        cp: ControlPlaneAddress {
-            addr: format!("127.0.0.1:{port}").parse().unwrap(),
-            server_name: SERVER_NAME.into(),
-            tls: weft_hbone::tls::control_plane_client_config(&root).unwrap(),
-        },
+        cp: ControlPlaneAddress::fixed(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            SERVER_NAME,
+            weft_hbone::tls::control_plane_client_config(&root).unwrap(),
+        ),
         bumped: Vec::new(),
         revision: 0,
     };

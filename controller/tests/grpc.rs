@@ -128,11 +128,11 @@ async fn start(name: &str) -> Running {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let cp = ControlPlaneAddress {
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-        server_name: "weft-controller.istio-system.svc".into(),
-        tls: weft_hbone::tls::control_plane_client_config(&root).unwrap(),
-    };
+    let cp = ControlPlaneAddress::fixed(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        "weft-controller.istio-system.svc",
+        weft_hbone::tls::control_plane_client_config(&root).unwrap(),
+    );
     Running {
         channel: connect(&cp).unwrap(),
         dir,

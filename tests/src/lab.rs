@@ -378,7 +378,8 @@ impl Lab {
         self.snapshot.nodes.keys().cloned().collect()
     }
 
-    fn ca_dir(&self) -> PathBuf {
+    /// The controller's CA directory (Istio's `cacerts` layout, or a generated root).
+    pub fn ca_dir(&self) -> PathBuf {
         self.dir.join("ca")
     }
 

@@ -7,9 +7,13 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use weft_api::Identity;
+use weft_hbone::ca::Ca;
+use weft_hbone::tls::TrustRoots;
 use weft_tests::apps::{self, App};
 use weft_tests::check::eventually;
 use weft_tests::lab::LabPod;
+use weft_tests::peer::{self, Attempt, Outcome};
 use weft_tests::{Lab, LabOptions};
 
 const SCENARIO: &str = include_str!("../../examples/l4/mesh.yaml");
@@ -157,5 +161,101 @@ fn controller_outage_then_resync() -> Result<()> {
         lab.ztunnel_alive("node-1") && lab.ztunnel_alive("node-2"),
         "a ztunnel died"
     );
+    Ok(())
+}
+
+/// Root rotation as Istio does it: the new root joins the trust bundle, then
+/// the signing CA moves to it. With 4 s certificates renewing throughout, one
+/// connection carries traffic from start to end and never drops, and new
+/// connections work after each step. At the end both ztunnels present
+/// certificates of the new root and accept peers that only it vouches for.
+#[test]
+fn root_rotation_under_live_traffic() -> Result<()> {
+    let mut lab = Lab::up(
+        LabOptions::new("rotate", SCENARIO)
+            .env("CERT_TTL_SECONDS", "4")
+            .controller_env("MAX_CERT_TTL_SECONDS", "4"),
+    )?;
+    let (client, web1, web2, outsider) = (
+        lab.pod("shop/client").clone(),
+        lab.pod("shop/web-1").clone(),
+        lab.pod("shop/web-2").clone(),
+        lab.pod("legacy/outsider").clone(),
+    );
+    let _echo1 = apps::serve(&web1, 9000, App::Echo)?;
+    let _echo2 = apps::serve(&web2, 9000, App::Echo)?;
+    let (mut conn, mut reader) = connect(&client, addr(&web1, 9000))?;
+    round_trip(&mut conn, &mut reader, 0)?;
+    let mut i = 1;
+    // Round trips on the live connection for `secs`, then one on a new one.
+    let mut traffic = |conn: &mut TcpStream, reader: &mut BufReader<TcpStream>, secs: u64| {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(secs) {
+            round_trip(conn, reader, i)?;
+            i += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (mut fresh, mut fresh_reader) = connect(&client, addr(&web1, 9000))?;
+        round_trip(&mut fresh, &mut fresh_reader, 0)
+    };
+
+    let old = lab.ca()?;
+    let new = Ca::generate("cluster.local")?;
+    let dir = lab.ca_dir();
+    let bundle = format!("{}{}", old.cert_pem(), new.cert_pem());
+    let plug_in = |cert: &str, key: &str| -> Result<()> {
+        std::fs::write(dir.join("ca-cert.pem"), cert)?;
+        std::fs::write(dir.join("ca-key.pem"), key)?;
+        std::fs::write(dir.join("root-cert.pem"), &bundle)?;
+        Ok(())
+    };
+
+    // 1. Trust both roots; the old one still signs.
+    plug_in(old.cert_pem(), &old.key_pem())?;
+    lab.kill_controller()?;
+    lab.start_controller()?;
+    traffic(&mut conn, &mut reader, 5)?;
+    for node in ["node-1", "node-2"] {
+        ensure!(
+            lab.ztunnel_log(node).contains("mesh trust roots updated"),
+            "{node} never learned the bundle"
+        );
+    }
+
+    // 2. The new root signs.
+    plug_in(new.cert_pem(), &new.key_pem())?;
+    lab.kill_controller()?;
+    lab.start_controller()?;
+    traffic(&mut conn, &mut reader, 5)?;
+
+    // Both ztunnels now prove themselves with the new root, and accept a
+    // peer whose certificate only the new root vouches for (dialled from a
+    // pod outside the mesh, so no ztunnel tunnels it on the way out).
+    let client_id: Identity = "spiffe://cluster.local/ns/shop/sa/client".parse()?;
+    let web_id: Identity = "spiffe://cluster.local/ns/shop/sa/web".parse()?;
+    for (node, web) in [("node-2", &web1), ("node-1", &web2)] {
+        let outcome = peer::attempt(
+            &outsider,
+            Attempt {
+                server: addr(web, 15008),
+                expect: web_id.clone(),
+                cert: Some(new.issue(&client_id, Duration::from_secs(600))?),
+                roots: TrustRoots::from_pem(new.cert_pem())?,
+                target: addr(web, 9000),
+                forwarded: Some(client.ip.into()),
+                payload: b"new root\n".to_vec(),
+            },
+        )?;
+        ensure!(
+            outcome == Outcome::Open(b"new root\n".to_vec()),
+            "{node}: {outcome:?}\n{}",
+            lab.ztunnel_log(node)
+                .lines()
+                .filter(|l| l.contains("refused") || l.contains("roots") || l.contains("WARN"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    round_trip(&mut conn, &mut reader, i)?;
     Ok(())
 }

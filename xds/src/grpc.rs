@@ -109,14 +109,39 @@ impl<T: ControlPlane> tower_service::Service<http::Request<Body>> for Server<T> 
     }
 }
 
+/// The TLS client config for one dial. Asked again at every dial, so a
+/// control plane whose certificate moved to a new root (root rotation) is
+/// trusted once the new root is known, without a restart.
+pub type ClientTls = Arc<dyn Fn() -> Result<Arc<rustls::ClientConfig>, String> + Send + Sync>;
+
 /// Where the control plane is and how to trust it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ControlPlaneAddress {
     pub addr: SocketAddr,
     /// The name its certificate must carry.
     pub server_name: String,
     /// Trusts the mesh root (or whatever signs the control plane's certificate).
-    pub tls: Arc<rustls::ClientConfig>,
+    pub tls: ClientTls,
+}
+
+impl std::fmt::Debug for ControlPlaneAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlaneAddress")
+            .field("addr", &self.addr)
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+impl ControlPlaneAddress {
+    /// A control plane trusted by one fixed config.
+    pub fn fixed(addr: SocketAddr, server_name: &str, tls: Arc<rustls::ClientConfig>) -> Self {
+        ControlPlaneAddress {
+            addr,
+            server_name: server_name.to_string(),
+            tls: Arc::new(move || Ok(tls.clone())),
+        }
+    }
 }
 
 /// A lazily connecting channel over TLS; requests fail fast while the
@@ -129,11 +154,10 @@ pub fn connect(cp: &ControlPlaneAddress) -> Result<Channel, tonic::transport::Er
         async move {
             let name = ServerName::try_from(cp.server_name.clone())
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let config = (cp.tls)().map_err(std::io::Error::other)?;
             let tcp = TcpStream::connect(cp.addr).await?;
             tcp.set_nodelay(true)?;
-            let tls = TlsConnector::from(cp.tls.clone())
-                .connect(name, tcp)
-                .await?;
+            let tls = TlsConnector::from(config).connect(name, tcp).await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     });

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use http::StatusCode;
 use serde_json::json;
@@ -108,11 +108,26 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                     path: root_cert.display().to_string(),
                     source,
                 })?;
-            let tls = weft_hbone::tls::control_plane_client_config(&root)?;
+            // Checked now, so a bad file fails startup.
+            weft_hbone::tls::control_plane_client_config(&root)?;
+            // At each dial: the root file as it is now (Kubernetes updates a
+            // mounted ConfigMap in place) and every root the CA has sent, so
+            // a controller whose certificate moved to a new root is trusted.
+            let learned: Arc<OnceLock<Arc<CertManager>>> = Arc::new(OnceLock::new());
+            let (file, known) = (root_cert.clone(), learned.clone());
+            let tls = move || {
+                let mut pem = std::fs::read_to_string(&file)
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                if let Some(certs) = known.get() {
+                    pem.push('\n');
+                    pem.push_str(&certs.trusted_pem());
+                }
+                weft_hbone::tls::control_plane_client_config(&pem).map_err(|e| e.to_string())
+            };
             let cp = ControlPlaneAddress {
                 addr: *address,
                 server_name: server_name.clone(),
-                tls,
+                tls: Arc::new(tls),
             };
             let channel =
                 weft_xds::grpc::connect(&cp).map_err(|e| AppError::ControlPlane(e.to_string()))?;
@@ -129,7 +144,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 channel,
                 token_path: token_path.clone(),
             };
-            Arc::new(CertManager::new(signer, &root, cfg.cert_ttl)?)
+            let certs = Arc::new(CertManager::new(signer, &root, cfg.cert_ttl)?);
+            let _ = learned.set(certs.clone());
+            certs
         }
     };
     let metrics = Arc::new(Metrics::default());

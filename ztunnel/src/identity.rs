@@ -109,6 +109,15 @@ impl CertManager {
         })
     }
 
+    /// Every mesh root trusted now, PEM: the configured ones and those the CA sent.
+    pub fn trusted_pem(&self) -> String {
+        lock(&self.roots_pem)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The mesh trust roots.
     pub fn roots(&self) -> TrustRoots {
         lock(&self.roots).clone()
