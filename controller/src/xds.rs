@@ -10,7 +10,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost_types::Any;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,6 +20,7 @@ use weft_api::{Identity, LocalConfig};
 use weft_xds::convert::{address_resources, authorization_to_proto};
 use weft_xds::grpc::{ControlPlane, bearer_token};
 use weft_xds::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
+use weft_xds::proto::discovery::SharedAny as Any;
 use weft_xds::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use weft_xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, to_any, version_of};
 

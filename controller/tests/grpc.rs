@@ -372,16 +372,10 @@ async fn delta_ads_sends_only_changes() {
         delta.resources.iter().map(|r| &r.name).collect::<Vec<_>>()
     );
     assert_eq!(delta.resources[0].name, "Kubernetes//Pod/shop/web");
-    let Some(address::Type::Workload(w)) = Address::decode(
-        delta.resources[0]
-            .resource
-            .as_ref()
+    let Some(address::Type::Workload(w)) =
+        Address::decode(delta.resources[0].resource.as_ref().unwrap().value.as_ref())
             .unwrap()
-            .value
-            .as_slice(),
-    )
-    .unwrap()
-    .r#type
+            .r#type
     else {
         panic!("not a workload");
     };

@@ -20,10 +20,10 @@ pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authori
 pub const TYPES: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
 
 /// Packs a message into `Any` under `type_url`.
-pub fn to_any(type_url: &str, msg: &impl prost::Message) -> prost_types::Any {
-    prost_types::Any {
+pub fn to_any(type_url: &str, msg: &impl prost::Message) -> proto::discovery::SharedAny {
+    proto::discovery::SharedAny {
         type_url: type_url.to_string(),
-        value: msg.encode_to_vec(),
+        value: msg.encode_to_vec().into(),
     }
 }
 

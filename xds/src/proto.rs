@@ -67,12 +67,22 @@ pub mod discovery {
         pub removed_resources: Vec<String>,
     }
 
+    /// `google.protobuf.Any` on the wire, its value shared rather than
+    /// copied: a push to every client of the same resource clones a pointer.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SharedAny {
+        #[prost(string, tag = "1")]
+        pub type_url: String,
+        #[prost(bytes = "bytes", tag = "2")]
+        pub value: prost::bytes::Bytes,
+    }
+
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Resource {
         #[prost(string, tag = "1")]
         pub version: String,
         #[prost(message, optional, tag = "2")]
-        pub resource: Option<Any>,
+        pub resource: Option<SharedAny>,
         #[prost(string, tag = "3")]
         pub name: String,
         #[prost(string, repeated, tag = "4")]

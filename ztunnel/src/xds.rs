@@ -47,7 +47,7 @@ impl Cache {
             let value = r
                 .resource
                 .as_ref()
-                .map(|a| a.value.as_slice())
+                .map(|a| &a.value[..])
                 .unwrap_or_default();
             match resp.type_url.as_str() {
                 ADDRESS_TYPE => match decode_address(&r.name, value) {
