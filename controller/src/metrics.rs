@@ -2,8 +2,6 @@
 //! monitoring port with `/debug/status`, the accepted/refused state of every
 //! policy resource (what Kubernetes would show in status conditions).
 
-use std::sync::Mutex;
-
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -39,7 +37,7 @@ pub enum CertOutcome {
 /// Every family, registered once.
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Mutex<Registry>,
+    registry: Registry,
     pub xds_clients: Gauge,
     pub xds_pushes: Family<TypeLabels, Counter>,
     pub xds_nacks: Family<TypeLabels, Counter>,
@@ -52,9 +50,8 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut r = Registry::default();
-        let m = Metrics {
-            registry: Mutex::new(Registry::default()),
+        let mut m = Metrics {
+            registry: Registry::default(),
             xds_clients: Gauge::default(),
             xds_pushes: Family::default(),
             xds_nacks: Family::default(),
@@ -67,47 +64,46 @@ impl Default for Metrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
             ),
         };
-        r.register(
+        m.registry.register(
             "weft_controller_xds_clients",
             "Delta ADS streams open now",
             m.xds_clients.clone(),
         );
-        r.register(
+        m.registry.register(
             "weft_controller_xds_pushes",
             "Delta ADS responses sent, by type",
             m.xds_pushes.clone(),
         );
-        r.register(
+        m.registry.register(
             "weft_controller_xds_nacks",
             "Delta ADS responses a client rejected, by type",
             m.xds_nacks.clone(),
         );
-        r.register(
+        m.registry.register(
             "weft_controller_certificates",
             "Certificate requests, by outcome",
             m.certificates.clone(),
         );
-        r.register(
+        m.registry.register(
             "weft_controller_publishes",
             "Config generations published",
             m.publishes.clone(),
         );
-        r.register(
+        m.registry.register(
             "weft_controller_resources",
             "xDS resources in the published config, by type",
             m.resources.clone(),
         );
-        r.register(
+        m.registry.register(
             "weft_controller_config_errors",
             "Resources refused (left out, or kept at their last accepted version) in the current config",
             m.config_errors.clone(),
         );
-        r.register(
+        m.registry.register(
             "weft_controller_publish_seconds",
             "Time from reading a change to the published config: read, translate, encode",
             m.publish_seconds.clone(),
         );
-        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
         m
     }
 }
@@ -115,11 +111,7 @@ impl Default for Metrics {
 impl Metrics {
     /// OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-        out
+        weft_runtime::metrics::encode(&self.registry)
     }
 
     pub fn push(&self, ty: &str) {

@@ -1,9 +1,11 @@
 //! What every Weft process runs besides its job: small admin HTTP servers
-//! ([`admin::serve`]) and the shutdown signal ([`shutdown_signal`]).
+//! ([`admin::serve`]), Prometheus text ([`metrics::encode`]) and the shutdown
+//! signal ([`shutdown_signal`]).
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod metrics;
 
 /// Resolves on SIGTERM (how Kubernetes stops a pod) or SIGINT (Ctrl-C).
 pub async fn shutdown_signal() {

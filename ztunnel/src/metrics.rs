@@ -1,8 +1,6 @@
 //! Istio's standard TCP metrics, so existing dashboards work, plus capture and
 //! refusal counters of our own (`weft_*`).
 
-use std::sync::Mutex;
-
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -112,7 +110,7 @@ pub struct RedirectLabels {
 /// The registry and every family in it.
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Mutex<Registry>,
+    registry: Registry,
     pub opened: Family<TcpLabels, Counter>,
     pub closed: Family<TcpLabels, Counter>,
     pub sent: Family<TcpLabels, Counter>,
@@ -135,9 +133,8 @@ pub struct Peer<'a> {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::default();
-        let m = Metrics {
-            registry: Mutex::new(Registry::default()),
+        let mut m = Metrics {
+            registry: Registry::default(),
             opened: Family::default(),
             closed: Family::default(),
             sent: Family::default(),
@@ -147,47 +144,46 @@ impl Default for Metrics {
             policy_denials: Family::default(),
             policy_dry_run: Family::default(),
         };
-        registry.register(
+        m.registry.register(
             "istio_tcp_connections_opened",
             "Total TCP connections opened",
             m.opened.clone(),
         );
-        registry.register(
+        m.registry.register(
             "istio_tcp_connections_closed",
             "Total TCP connections closed",
             m.closed.clone(),
         );
-        registry.register(
+        m.registry.register(
             "istio_tcp_sent_bytes",
             "Bytes sent in response (destination to source)",
             m.sent.clone(),
         );
-        registry.register(
+        m.registry.register(
             "istio_tcp_received_bytes",
             "Bytes received in request (source to destination)",
             m.received.clone(),
         );
-        registry.register(
+        m.registry.register(
             "weft_connections_refused",
             "Connections refused before reaching an upstream, by reason",
             m.refused.clone(),
         );
-        registry.register(
+        m.registry.register(
             "weft_capture_redirects",
             "TCP segments and SYNs steered by the eBPF capture program, by path",
             m.redirects.clone(),
         );
-        registry.register(
+        m.registry.register(
             "weft_policy_denials",
             "Connections denied by authorization policy, by deciding policy",
             m.policy_denials.clone(),
         );
-        registry.register(
+        m.registry.register(
             "weft_policy_dry_run_matches",
             "Connections a dry-run (or AUDIT) policy matched; never enforced",
             m.policy_dry_run.clone(),
         );
-        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m
     }
 }
@@ -195,11 +191,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Prometheus (OpenMetrics) text of every metric.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-        out
+        weft_runtime::metrics::encode(&self.registry)
     }
 
     pub fn refuse(&self, direction: Direction, reason: RefusalReason) {
