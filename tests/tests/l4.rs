@@ -346,3 +346,66 @@ fn bad_config_keeps_last_good_state() -> Result<()> {
     );
     Ok(())
 }
+
+/// Labelling a namespace `istio.io/dataplane-mode=ambient` in its manifest
+/// captures every pod of it on its node, with nothing restarted: traffic
+/// between them then goes through both ztunnels as mTLS with their
+/// identities, and the server still sees the client's own address.
+/// Removing the label releases them.
+#[test]
+fn namespace_label_captures_its_pods() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("nslabel", SCENARIO))?;
+    let outsider = lab.pod("legacy/outsider").clone();
+    let plain = lab.pod("legacy/plain").clone();
+    let _who = apps::serve(&plain, 8080, App::WhoAmI)?;
+    let dst = addr(&plain, 8080);
+    let mtls = |lab: &Lab| -> Result<f64> {
+        Ok(metric_sum(
+            &lab.metrics("node-2")?,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_workload", "plain"),
+                (
+                    "source_principal",
+                    "spiffe://cluster.local/ns/legacy/sa/default",
+                ),
+                (
+                    "destination_principal",
+                    "spiffe://cluster.local/ns/legacy/sa/default",
+                ),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        ))
+    };
+    ensure!(apps::whoami(&outsider, dst)?.ip() == std::net::IpAddr::V4(outsider.ip));
+    ensure!(mtls(&lab)? == 0.0, "not in the mesh yet");
+
+    lab.label(
+        "Namespace",
+        "legacy",
+        "istio.io/dataplane-mode",
+        Some("ambient"),
+    )?;
+    lab.wait_captured("legacy/outsider", true)?;
+    lab.wait_captured("legacy/plain", true)?;
+    ensure!(
+        apps::whoami(&outsider, dst)?.ip() == std::net::IpAddr::V4(outsider.ip),
+        "the client's address survives the tunnel"
+    );
+    eventually(
+        "the mTLS connection is counted",
+        Duration::from_secs(5),
+        || Ok(mtls(&lab)? == 1.0),
+    )?;
+
+    lab.label("Namespace", "legacy", "istio.io/dataplane-mode", None)?;
+    lab.wait_captured("legacy/outsider", false)?;
+    lab.wait_captured("legacy/plain", false)?;
+    apps::whoami(&outsider, dst)?;
+    ensure!(
+        mtls(&lab)? == 1.0,
+        "released: the new connection went direct"
+    );
+    Ok(())
+}
