@@ -236,48 +236,29 @@ impl Policies {
 
     /// The converted PeerAuthentication policies a workload references.
     fn peer_authn_keys(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Vec<String> {
-        let oldest = |f: &dyn Fn(&PeerAuthn) -> bool| {
-            self.peer_authns
-                .values()
-                .filter(|p| f(p))
-                .min_by(|a, b| a.order.cmp(&b.order))
-        };
         let root = &self.root_namespace;
-        let mesh = oldest(&|p| p.namespace == *root && p.selector.is_none());
-        let ns =
-            oldest(&|p| p.namespace == namespace && *root != namespace && p.selector.is_none());
-        let workload = oldest(&|p| {
-            p.namespace == namespace
-                && *root != namespace
-                && p.selector
-                    .as_ref()
-                    .is_some_and(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
-        });
-        let inherited = [ns, mesh]
-            .into_iter()
-            .flatten()
-            .map(|p| p.mode)
-            .find(|m| *m != Mode::Unset)
-            .unwrap_or(Mode::Permissive);
-        let static_strict = || vec![format!("{root}/{STATIC_STRICT}")];
-        let Some(w) = workload else {
-            return if inherited == Mode::Strict {
-                static_strict()
-            } else {
-                vec![]
-            };
+        let workload = self
+            .peer_authns
+            .values()
+            .filter(|p| {
+                p.namespace == namespace
+                    && *root != namespace
+                    && p.selector
+                        .as_ref()
+                        .is_some_and(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            })
+            .min_by(|a, b| a.order.cmp(&b.order));
+        let inherited = self.inherited_mode(namespace);
+        let base = match workload {
+            Some(w) if w.mode != Mode::Unset => w.mode,
+            _ => inherited,
         };
-        let base = if w.mode == Mode::Unset {
-            inherited
-        } else {
-            w.mode
-        };
-        if converted_peer_authn(w, base).is_some() {
-            vec![format!("{}/{CONVERTED_PEER_AUTHN}{}", w.namespace, w.name)]
-        } else if base == Mode::Strict {
-            static_strict()
-        } else {
-            vec![]
+        match workload {
+            Some(w) if !differing_ports(w, base).is_empty() => {
+                vec![format!("{}/{CONVERTED_PEER_AUTHN}{}", w.namespace, w.name)]
+            }
+            _ if base == Mode::Strict => vec![self.static_strict_key()],
+            _ => vec![],
         }
     }
 
@@ -304,40 +285,57 @@ impl Policies {
     }
 }
 
+/// The ports of a workload PeerAuthentication whose effective mode differs
+/// from `base` in strictness.
+fn differing_ports(p: &PeerAuthn, base: Mode) -> Vec<u16> {
+    let strict = |m: Mode| m == Mode::Strict;
+    let effective = |m: Mode| if m == Mode::Unset { base } else { m };
+    p.ports
+        .iter()
+        .filter(|(_, m)| strict(effective(**m)) != strict(base))
+        .map(|(port, _)| *port)
+        .collect()
+}
+
 /// A workload PeerAuthentication with port-level modes, as one DENY policy:
 /// connections without a peer identity are denied on the ports whose
 /// effective mode is STRICT. `None` when no port differs from `base`.
 fn converted_peer_authn(p: &PeerAuthn, base: Mode) -> Option<Authorization> {
-    let strict = |m: Mode| m == Mode::Strict;
-    let effective = |m: Mode| if m == Mode::Unset { base } else { m };
-    let differing: Vec<u16> = p
-        .ports
-        .iter()
-        .filter(|(_, m)| strict(effective(**m)) != strict(base))
-        .map(|(port, _)| *port)
-        .collect();
+    let differing = differing_ports(p, base);
     if differing.is_empty() {
         return None;
     }
-    let mut m = Match {
-        not_principals: vec![StringMatch::Presence],
-        ..Match::default()
-    };
-    if strict(base) {
-        m.not_destination_ports = differing;
+    let mut ports = Match::default();
+    if base == Mode::Strict {
+        ports.not_destination_ports = differing;
     } else {
-        m.destination_ports = differing;
+        ports.destination_ports = differing;
     }
-    Some(Authorization {
-        name: format!("{CONVERTED_PEER_AUTHN}{}", p.name),
-        namespace: p.namespace.clone(),
+    Some(deny_without_principal(
+        &format!("{CONVERTED_PEER_AUTHN}{}", p.name),
+        &p.namespace,
+        ports,
+    ))
+}
+
+/// A selector-scoped DENY of connections without a peer identity that also
+/// match `m`: how STRICT mTLS is enforced.
+fn deny_without_principal(name: &str, namespace: &str, m: Match) -> Authorization {
+    Authorization {
+        name: name.into(),
+        namespace: namespace.into(),
         scope: Scope::WorkloadSelector,
         action: Action::Deny,
         dry_run: false,
         rules: vec![Rule {
-            clauses: vec![Clause { matches: vec![m] }],
+            clauses: vec![Clause {
+                matches: vec![Match {
+                    not_principals: vec![StringMatch::Presence],
+                    ..m
+                }],
+            }],
         }],
-    })
+    }
 }
 
 /// Translates every AuthorizationPolicy and PeerAuthentication in `snap`.
@@ -349,22 +347,8 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Policies>) -> P
         ..Policies::default()
     };
     out.authorizations.insert(
-        format!("{}/{STATIC_STRICT}", mesh.root_namespace),
-        Authorization {
-            name: STATIC_STRICT.into(),
-            namespace: mesh.root_namespace.clone(),
-            scope: Scope::WorkloadSelector,
-            action: Action::Deny,
-            dry_run: false,
-            rules: vec![Rule {
-                clauses: vec![Clause {
-                    matches: vec![Match {
-                        not_principals: vec![StringMatch::Presence],
-                        ..Match::default()
-                    }],
-                }],
-            }],
-        },
+        out.static_strict_key(),
+        deny_without_principal(STATIC_STRICT, &mesh.root_namespace, Match::default()),
     );
 
     for (key, ap) in &snap.authorization_policies {
@@ -397,21 +381,17 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Policies>) -> P
             }
             Ok(Translated::NotForZtunnel(why)) => status(true, "Accepted", why),
             Ok(Translated::Unsupported(why)) => status(false, "UnsupportedValue", why),
-            Err((field, message)) => {
+            Err(refusal) => {
                 let kept = previous.and_then(|p| p.authorizations.get(key));
-                let suffix = if kept.is_some() {
-                    "; the last accepted version stays in force"
-                } else {
-                    ""
-                };
-                status(false, "Invalid", format!("{field}: {message}{suffix}"));
-                out.errors.push(TranslateError {
-                    kind: "AuthorizationPolicy",
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                    field,
-                    message,
-                });
+                let (status, error) = refused(
+                    "AuthorizationPolicy",
+                    &namespace,
+                    &name,
+                    refusal,
+                    kept.is_some(),
+                );
+                out.statuses.push(status);
+                out.errors.push(error);
                 if let Some(auth) = kept {
                     out.selections.extend(selection(&ap.spec.selector));
                     out.authorizations.insert(key.clone(), auth.clone());
@@ -434,28 +414,17 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Policies>) -> P
                 });
                 out.peer_authns.insert(key.clone(), p);
             }
-            Err((field, message)) => {
+            Err(refusal) => {
                 let kept = previous.and_then(|p| p.peer_authns.get(key));
-                let suffix = if kept.is_some() {
-                    "; the last accepted version stays in force"
-                } else {
-                    ""
-                };
-                out.statuses.push(Status {
-                    kind: "PeerAuthentication",
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                    accepted: false,
-                    reason: "Invalid",
-                    message: format!("{field}: {message}{suffix}"),
-                });
-                out.errors.push(TranslateError {
-                    kind: "PeerAuthentication",
-                    namespace,
-                    name,
-                    field,
-                    message,
-                });
+                let (status, error) = refused(
+                    "PeerAuthentication",
+                    &namespace,
+                    &name,
+                    refusal,
+                    kept.is_some(),
+                );
+                out.statuses.push(status);
+                out.errors.push(error);
                 if let Some(p) = kept {
                     out.peer_authns.insert(key.clone(), p.clone());
                 }
@@ -478,6 +447,38 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Policies>) -> P
         out.authorizations.insert(a.key(), a);
     }
     out
+}
+
+/// The status and the error of a resource refused at a field; `kept` says
+/// whether its last accepted version stays in force.
+fn refused(
+    kind: &'static str,
+    namespace: &str,
+    name: &str,
+    (field, message): Refusal,
+    kept: bool,
+) -> (Status, TranslateError) {
+    let suffix = if kept {
+        "; the last accepted version stays in force"
+    } else {
+        ""
+    };
+    let status = Status {
+        kind,
+        namespace: namespace.into(),
+        name: name.into(),
+        accepted: false,
+        reason: "Invalid",
+        message: format!("{field}: {message}{suffix}"),
+    };
+    let error = TranslateError {
+        kind,
+        namespace: namespace.into(),
+        name: name.into(),
+        field,
+        message,
+    };
+    (status, error)
 }
 
 fn names(meta: &ObjectMeta) -> (String, String) {
