@@ -54,7 +54,8 @@ pub struct KubeSource {
     authorization_policies: Store<DynamicObject>,
     peer_authentications: Store<DynamicObject>,
     dirty: Arc<AtomicBool>,
-    /// The last snapshot: an Istio object that stops reading keeps its version from here.
+    /// The Istio objects of the last snapshot: one that stops reading keeps
+    /// its version from here.
     previous: Snapshot,
 }
 
@@ -193,7 +194,13 @@ impl KubeSource {
                 }
             }
         }
-        self.previous = snap.clone();
+        // Only the Istio objects can fall back on their last version: keep
+        // those, not a second copy of every pod.
+        self.previous = Snapshot {
+            authorization_policies: snap.authorization_policies.clone(),
+            peer_authentications: snap.peer_authentications.clone(),
+            ..Snapshot::default()
+        };
         Some((snap, problems))
     }
 
