@@ -318,7 +318,12 @@ pub fn authorize(
     dst_addr: SocketAddr,
 ) -> bool {
     let (verdict, dry_run) = state.authorize(dst, conn);
+    if dry_run.is_empty() && matches!(verdict, Verdict::Allow { .. }) {
+        return true;
+    }
+    // Only what is logged pays for these.
     let src_identity = conn.source.map(ToString::to_string).unwrap_or_default();
+    let dst_workload = format!("{}/{}", dst.namespace, dst.name);
     for policy in dry_run {
         info!(
             target: "access",
@@ -326,7 +331,7 @@ pub fn authorize(
             src.addr = %src_addr,
             src.identity = %src_identity,
             dst.addr = %dst_addr,
-            dst.workload = %format!("{}/{}", dst.namespace, dst.name),
+            dst.workload = %dst_workload,
             %policy,
             "dry-run policy matched (not enforced)"
         );
@@ -353,7 +358,7 @@ pub fn authorize(
         src.addr = %src_addr,
         src.identity = %src_identity,
         dst.addr = %dst_addr,
-        dst.workload = %format!("{}/{}", dst.namespace, dst.name),
+        dst.workload = %dst_workload,
         %policy,
         ?reason,
         "connection denied by policy"

@@ -115,10 +115,14 @@ impl State {
         let namespace = self
             .namespace_policies
             .get(&w.namespace)
-            .into_iter()
-            .flatten()
-            .map(Arc::as_ref);
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if selected.is_empty() && namespace.is_empty() && self.global_policies.is_empty() {
+            // Nothing applies: allowed, without deriving the peer's attributes.
+            return (Verdict::Allow { policy: None }, Vec::new());
+        }
         let global = self.global_policies.iter().map(Arc::as_ref);
+        let namespace = namespace.iter().map(Arc::as_ref);
         authz::evaluate(global.chain(namespace).chain(selected), conn)
     }
 
