@@ -71,7 +71,8 @@ fn denials(lab: &Lab, node: &str, labels: &[(&str, &str)]) -> Result<f64> {
 /// DENY policy by namespace refuses that namespace only. Across nodes
 /// (HBONE, answered 401) and on one node (in-process delivery) alike; each
 /// change takes effect on new connections within a second, and every denial
-/// is counted and logged with the deciding policy.
+/// is counted and logged with the deciding policy. As a dry run the DENY
+/// refuses nothing and counts what it would have refused.
 #[test]
 fn authorization_policy_by_principal_and_namespace() -> Result<()> {
     let lab = Lab::up(LabOptions::new("authz", &format!("{MESH}{OPS}")))?;
@@ -179,6 +180,57 @@ spec:
         !logged.is_empty(),
         "node-2's access log names the policy and the caller"
     );
+
+    // The same DENY as a dry run: ops is back, and each connection it would
+    // have refused is counted and logged, not refused.
+    let dry_run = |lab: &Lab, node: &str| -> Result<f64> {
+        Ok(metric_sum(
+            &lab.metrics(node)?,
+            "weft_policy_dry_run_matches_total",
+            &[("policy", "shop/no-ops"), ("reason", "dry_run_matched")],
+        ))
+    };
+    let before = (dry_run(&lab, "node-1")?, dry_run(&lab, "node-2")?);
+    ensure!(before == (0.0, 0.0), "no dry run yet: {before:?}");
+    apply(
+        &lab,
+        "policy.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: no-ops
+  namespace: shop
+  annotations: {istio.io/dry-run: "true"}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {namespaces: ["ops"]}
+"#,
+        || reaches(probe, remote),
+    )?;
+    ensure!(
+        reaches(probe, local),
+        "dry run: ops gets in on one node too"
+    );
+    ensure!(
+        dry_run(&lab, "node-2")? >= 1.0,
+        "node-2 counts the dry-run match"
+    );
+    ensure!(
+        dry_run(&lab, "node-1")? >= 1.0,
+        "node-1 counts the dry-run match"
+    );
+    let logged = log_lines(
+        &lab.ztunnel_log("node-2"),
+        &[
+            ("message", "dry-run policy matched (not enforced)"),
+            ("policy", "shop/no-ops"),
+        ],
+    );
+    ensure!(!logged.is_empty(), "node-2 logs the dry-run match");
+    ensure!(reaches(client, remote), "shop never matched");
 
     // The policy goes away: everyone is back.
     apply(&lab, "policy.yaml", "", || reaches(probe, remote))?;
