@@ -14,6 +14,13 @@
  * their direct path. Assigned segments get `redirect_mark`; the node has a
  * policy route sending that mark to a local table, so they are delivered to
  * the assigned socket instead of being forwarded.
+ *
+ * Capture fails closed: a SYN that should reach ztunnel but finds no listener,
+ * or that the kernel will not assign, is dropped (the client retries), and a
+ * segment of a flow that ztunnel owned (weft_flows) but whose socket is gone
+ * (ztunnel died or restarted) is dropped rather than forwarded in plaintext.
+ * The program, its links and these maps are pinned in bpffs by the loader, so
+ * all of this holds while no ztunnel runs.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -50,6 +57,16 @@ struct {
 	__type(key, __u32); /* node IPv4 address, network order */
 	__type(value, __u32);
 } weft_node_addrs SEC(".maps");
+
+/* Flows ztunnel took over, keyed by the tuple of the segments a local pod
+ * sends in them: the pod's SYN to a ztunnel listener, or the pod's SYN-ACK to a
+ * ztunnel upstream socket. Least recently used entries go first. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct weft_flow);
+	__type(value, __u8);
+} weft_flows SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -99,15 +116,25 @@ static __always_inline int node_local(__u32 daddr)
 	return bpf_map_lookup_elem(&weft_node_addrs, &daddr) != NULL;
 }
 
+/* Hands the segment to ztunnel's socket; a segment that cannot be handed over
+ * is dropped, never let through to its original destination. */
 static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk, __u32 counter)
 {
 	long rc = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
-	if (rc != 0)
-		return TC_ACT_OK;
+	if (rc != 0) {
+		count(WEFT_CNT_ASSIGN_FAILED);
+		return TC_ACT_SHOT;
+	}
 	skb->mark = redirect_mark;
 	count(counter);
 	return TC_ACT_OK;
+}
+
+static __always_inline void remember(struct weft_flow *f)
+{
+	__u8 one = 1;
+	bpf_map_update_elem(&weft_flows, f, &one, BPF_ANY);
 }
 
 SEC("classifier")
@@ -147,18 +174,40 @@ int weft_capture(struct __sk_buff *skb)
 	t.ipv4.daddr = daddr;
 	t.ipv4.sport = tcp->source;
 	t.ipv4.dport = tcp->dest;
+	struct weft_flow flow = {
+		.saddr = saddr, .daddr = daddr, .sport = tcp->source, .dport = tcp->dest,
+	};
 
 	/* A flow ztunnel owns: its accepted socket, its transparent upstream
-	 * socket, or a request socket mid-handshake. */
+	 * socket, or a request socket mid-handshake. A pod's SYN-ACK to one of
+	 * ztunnel's upstream sockets starts such a flow on the pod's side. */
 	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (sk) {
-		if (sk->state != BPF_TCP_LISTEN)
+		if (sk->state != BPF_TCP_LISTEN) {
+			if (src_known && tcp->syn)
+				remember(&flow);
 			return assign(skb, sk, WEFT_CNT_ESTABLISHED);
+		}
 		bpf_sk_release(sk);
 	}
 
-	if (!tcp->syn || tcp->ack)
+	if (!tcp->syn || tcp->ack) {
+		if (!src_known)
+			return TC_ACT_OK;
+		if (tcp->syn) {
+			/* The pod answers a direct connection: that tuple is no
+			 * longer one of ztunnel's. */
+			bpf_map_delete_elem(&weft_flows, &flow);
+			return TC_ACT_OK;
+		}
+		/* No socket: either a flow that predates capture (passes) or one
+		 * ztunnel owned and lost (dropped: it must not leave in plaintext). */
+		if (bpf_map_lookup_elem(&weft_flows, &flow)) {
+			count(WEFT_CNT_ORPHANED);
+			return TC_ACT_SHOT;
+		}
 		return TC_ACT_OK;
+	}
 
 	__u16 port;
 	__u32 counter;
@@ -174,8 +223,11 @@ int weft_capture(struct __sk_buff *skb)
 			goto lookup;
 		}
 	}
-	if (!dst_captured)
+	if (!dst_captured) {
+		if (src_known)
+			bpf_map_delete_elem(&weft_flows, &flow);
 		return TC_ACT_OK;
+	}
 	if (tcp->dest == bpf_htons(port_hbone)) {
 		port = port_hbone;
 		counter = WEFT_CNT_HBONE;
@@ -193,8 +245,11 @@ lookup:
 	}
 	if (sk->state != BPF_TCP_LISTEN) {
 		bpf_sk_release(sk);
-		return TC_ACT_OK;
+		count(WEFT_CNT_NO_LISTENER);
+		return TC_ACT_SHOT;
 	}
+	if (src_known)
+		remember(&flow);
 	return assign(skb, sk, counter);
 }
 

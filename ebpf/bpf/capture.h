@@ -1,4 +1,4 @@
-/* Shared between capture.bpf.c and the Rust loader (ebpf/src/maps.rs mirrors it). */
+/* Shared between capture.bpf.c and the Rust loader (ebpf/src/names.rs mirrors it). */
 #ifndef WEFT_CAPTURE_H
 #define WEFT_CAPTURE_H
 
@@ -16,7 +16,18 @@ enum weft_counter {
 	WEFT_CNT_ESTABLISHED = 3, /* packet of a flow ztunnel owns, assigned to its socket */
 	WEFT_CNT_NO_LISTENER = 4, /* SYN dropped: ztunnel's listener is missing (fail closed) */
 	WEFT_CNT_SPOOFED = 5,     /* SYN claiming a captured source but not from its veth */
-	WEFT_CNT_MAX = 6,
+	WEFT_CNT_ASSIGN_FAILED = 6, /* bpf_sk_assign refused: dropped (fail closed) */
+	WEFT_CNT_ORPHANED = 7,    /* segment of a flow ztunnel owned whose socket is gone: dropped */
+	WEFT_CNT_MAX = 8,
+};
+
+/* Key of weft_flows: a flow's 4-tuple as seen in a segment from a local pod,
+ * addresses and ports in network order. */
+struct weft_flow {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
 };
 
 #endif

@@ -1,22 +1,35 @@
 //! Loads the capture program, attaches it to the node's interfaces and keeps the
 //! captured-pod map in step with ztunnel's view of local workloads.
+//!
+//! Everything the kernel runs is pinned under [`CaptureConfig::pin_dir`] (a bpffs
+//! directory): the maps as `maps/<name>`, one TCX link per interface as
+//! `links/<ifindex>`. A ztunnel that exits, even by SIGKILL, leaves capture in
+//! place, so captured pods' traffic is dropped until a ztunnel listens again,
+//! never passed in plaintext. A starting ztunnel re-adopts the pinned maps as
+//! they are and swaps its program into the pinned links atomically; only
+//! [`uninstall`] removes capture.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
-use aya::programs::{SchedClassifier, TcAttachType, tc};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 use tracing::{debug, info, warn};
 
-use crate::names;
-
-/// `WEFT_POD_CAPTURE` in `bpf/capture.h`.
-const POD_CAPTURE: u32 = 1;
+use crate::names::{self, POD_CAPTURE};
 
 static OBJECT: &[u8] = include_bytes_aligned!("../bpf/capture.bpf.o");
 
-/// Where the capture program sends segments.
+/// Pinnable tc links (TCX) arrived in Linux 6.6; without them capture could not
+/// outlive ztunnel, so ztunnel refuses older kernels rather than fail open.
+pub const MIN_KERNEL: (u8, u8) = (6, 6);
+
+/// Where the capture program sends segments, and where it is pinned.
 #[derive(Clone, Debug)]
 pub struct CaptureConfig {
     pub port_outbound: u16,
@@ -26,15 +39,26 @@ pub struct CaptureConfig {
     pub listen_addr: Ipv4Addr,
     /// Mark put on assigned segments; see [`crate::routing`].
     pub redirect_mark: u32,
+    /// A directory on a bpf filesystem, one per node network namespace.
+    pub pin_dir: PathBuf,
 }
 
-/// The loaded program, its links and maps. Dropping it detaches everything.
+/// The loaded program, its links and maps. Dropping it closes ztunnel's
+/// handles only: the pinned links keep capturing.
 pub struct Capture {
     ebpf: Ebpf,
+    pin_dir: PathBuf,
     captured: HashMap<MapData, u32, u32>,
     node_addrs: HashMap<MapData, u32, u32>,
     counters: PerCpuArray<MapData, u64>,
-    attached: BTreeSet<String>,
+    /// Attached interfaces by ifindex: the name seen at attach, and the link.
+    attached: BTreeMap<u32, Attachment>,
+}
+
+struct Attachment {
+    name: String,
+    /// Held so the link is ours to drop when the interface goes away.
+    _link: FdLink,
 }
 
 /// Totals of the program's counters, summed over CPUs, by name.
@@ -43,7 +67,7 @@ pub type Counters = BTreeMap<&'static str, u64>;
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     #[error(
-        "cannot load the capture eBPF object (is this kernel ≥ 5.10 with BTF, and are we root?): {0}"
+        "cannot load the capture eBPF object (are we root, with CAP_BPF and CAP_NET_ADMIN?): {0}"
     )]
     Load(#[source] aya::EbpfError),
     #[error("eBPF program {0} is missing from the object")]
@@ -68,28 +92,129 @@ pub enum CaptureError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("the capture link of interface {iface}: {source}")]
+    Link {
+        iface: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("cannot pin the link of interface {iface} at {path}: {source}")]
+    PinLink {
+        iface: String,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
     #[error("cannot list network interfaces: {0}")]
     Interfaces(#[source] std::io::Error),
+    #[error(
+        "Linux {have} is too old: capture that survives ztunnel needs pinnable tc links (TCX), Linux {}.{} or later",
+        MIN_KERNEL.0, MIN_KERNEL.1
+    )]
+    KernelTooOld { have: String },
+    #[error("cannot read the kernel version: {0}")]
+    KernelVersion(String),
+    #[error(
+        "{} is not on a bpf filesystem, so capture could not outlive ztunnel; mount one (mount -t bpf bpf /sys/fs/bpf) or set BPF_PIN_DIR",
+        dir.display()
+    )]
+    NotBpffs { dir: PathBuf },
+    #[error("pin directory {}: {source}", dir.display())]
+    PinDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn key(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
+/// Refuses to run on a kernel without pinnable tc links.
+pub fn check_kernel() -> Result<(), CaptureError> {
+    let have = KernelVersion::current().map_err(|e| CaptureError::KernelVersion(e.to_string()))?;
+    if have < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0) {
+        return Err(CaptureError::KernelTooOld {
+            have: have.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that `dir` (created if missing) is on a bpf filesystem, where pins live.
+fn prepare_pin_dir(dir: &Path) -> Result<(), CaptureError> {
+    let pin_err = |source| CaptureError::PinDir {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir.join("maps")).map_err(pin_err)?;
+    std::fs::create_dir_all(dir.join("links")).map_err(pin_err)?;
+    let fs = nix::sys::statfs::statfs(dir).map_err(|e| pin_err(e.into()))?;
+    if fs.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
+        return Err(CaptureError::NotBpffs {
+            dir: dir.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+fn link_pin(dir: &Path, ifindex: u32) -> PathBuf {
+    dir.join("links").join(ifindex.to_string())
+}
+
+/// Removes capture for good: unpins (so detaches) every link and unpins the
+/// maps under `pin_dir`, then removes the directory. For an explicit uninstall;
+/// a ztunnel that merely exits leaves all of it in place.
+pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>, CaptureError> {
+    let pin_err = |source| CaptureError::PinDir {
+        dir: pin_dir.to_path_buf(),
+        source,
+    };
+    let mut removed = Vec::new();
+    if !pin_dir.exists() {
+        return Ok(removed);
+    }
+    for sub in ["links", "maps"] {
+        let Ok(entries) = std::fs::read_dir(pin_dir.join(sub)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            // Unlinking the pin drops the kernel's last reference once no
+            // process holds the object: a link detaches, a map is freed.
+            std::fs::remove_file(entry.path()).map_err(pin_err)?;
+            removed.push(format!("{sub}/{}", entry.file_name().to_string_lossy()));
+        }
+    }
+    std::fs::remove_dir_all(pin_dir).map_err(pin_err)?;
+    info!(component = "capture", dir = %pin_dir.display(), ?removed, "capture uninstalled");
+    Ok(removed)
+}
+
 // === impl Capture ===
 
 impl Capture {
-    /// Loads and verifies the program. Nothing is attached yet.
+    /// Loads and verifies the program, re-adopting the maps pinned under
+    /// `cfg.pin_dir` (or creating and pinning them). Nothing is attached yet.
     pub fn load(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
+        check_kernel()?;
+        prepare_pin_dir(&cfg.pin_dir)?;
         let listen_addr = u32::from(cfg.listen_addr);
-        let mut ebpf = EbpfLoader::new()
+        let map_paths: Vec<(&str, PathBuf)> = names::PINNED_MAPS
+            .iter()
+            .map(|name| (*name, cfg.pin_dir.join("maps").join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(names::GLOBAL_PORT_OUTBOUND, &cfg.port_outbound, true)
             .override_global(names::GLOBAL_PORT_INBOUND, &cfg.port_inbound, true)
             .override_global(names::GLOBAL_PORT_HBONE, &cfg.port_hbone, true)
             .override_global(names::GLOBAL_LISTEN_ADDR, &listen_addr, true)
-            .override_global(names::GLOBAL_REDIRECT_MARK, &cfg.redirect_mark, true)
-            .load(OBJECT)
-            .map_err(CaptureError::Load)?;
+            .override_global(names::GLOBAL_REDIRECT_MARK, &cfg.redirect_mark, true);
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(CaptureError::Load)?;
         program(&mut ebpf)?
             .load()
             .map_err(|source| CaptureError::Program {
@@ -99,53 +224,72 @@ impl Capture {
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))
         };
-        let map_err = |name| move |source| CaptureError::Map { name, source };
         let captured = HashMap::try_from(take(&mut ebpf, names::MAP_CAPTURED)?)
-            .map_err(map_err(names::MAP_CAPTURED))?;
+            .map_err(map_error(names::MAP_CAPTURED))?;
         let node_addrs = HashMap::try_from(take(&mut ebpf, names::MAP_NODE_ADDRS)?)
-            .map_err(map_err(names::MAP_NODE_ADDRS))?;
+            .map_err(map_error(names::MAP_NODE_ADDRS))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, names::MAP_COUNTERS)?)
-            .map_err(map_err(names::MAP_COUNTERS))?;
-        info!(component = "capture", "eBPF capture program loaded");
-        Ok(Capture {
+            .map_err(map_error(names::MAP_COUNTERS))?;
+        let capture = Capture {
             ebpf,
+            pin_dir: cfg.pin_dir.clone(),
             captured,
             node_addrs,
             counters,
-            attached: BTreeSet::new(),
-        })
+            attached: BTreeMap::new(),
+        };
+        info!(
+            component = "capture",
+            pin_dir = %cfg.pin_dir.display(),
+            pods = capture.pods().len(),
+            "eBPF capture program loaded; pinned maps adopted"
+        );
+        Ok(capture)
     }
 
     /// Attaches at tc ingress of every interface of this network namespace not
-    /// attached yet (pods come and go, so this is called again on changes), and
-    /// refreshes the node's own addresses. Returns the newly attached interfaces.
+    /// attached yet (pods come and go, so this is called again on changes),
+    /// detaches from interfaces gone, and refreshes the node's own addresses.
+    /// An interface with a pinned link (a previous ztunnel's) gets this
+    /// program swapped in atomically; others get a new link, pinned.
+    /// Returns the newly attached interfaces.
     pub fn sync_interfaces(&mut self) -> Result<Vec<String>, CaptureError> {
         let ifaces = interfaces().map_err(CaptureError::Interfaces)?;
-        self.attached.retain(|i| ifaces.contains(i));
-        let program = program(&mut self.ebpf)?;
-        let mut added = Vec::new();
-        let new: Vec<&String> = ifaces
+        // Gone, or a new device that reuses the index under another name.
+        let stale: Vec<u32> = self
+            .attached
             .iter()
-            .filter(|i| !self.attached.contains(*i))
+            .filter(|(i, a)| ifaces.get(i) != Some(&a.name))
+            .map(|(i, _)| *i)
             .collect();
-        for iface in new {
-            // Needed only for the netlink fallback on kernels before 6.6 (no TCX).
-            let _ = tc::qdisc_add_clsact(iface);
-            match program.attach(iface, TcAttachType::Ingress) {
-                Ok(_) => {
-                    self.attached.insert(iface.clone());
-                    added.push(iface.clone());
+        for ifindex in stale {
+            self.attached.remove(&ifindex);
+            let _ = std::fs::remove_file(link_pin(&self.pin_dir, ifindex));
+        }
+        self.remove_stale_pins(&ifaces);
+        let mut added = Vec::new();
+        let new: Vec<(u32, String)> = ifaces
+            .iter()
+            .filter(|(i, _)| !self.attached.contains_key(*i))
+            .map(|(i, n)| (*i, n.clone()))
+            .collect();
+        for (ifindex, iface) in new {
+            match self.attach(ifindex, &iface) {
+                Ok(link) => {
+                    self.attached.insert(
+                        ifindex,
+                        Attachment {
+                            name: iface.clone(),
+                            _link: link,
+                        },
+                    );
+                    added.push(iface);
                 }
                 // An interface can vanish between listing and attaching.
-                Err(source) if !interfaces().is_ok_and(|now| now.contains(iface)) => {
-                    debug!(%iface, %source, "interface went away before attach");
+                Err(e) if !interfaces().is_ok_and(|now| now.contains_key(&ifindex)) => {
+                    debug!(%iface, error = %e, "interface went away before attach");
                 }
-                Err(source) => {
-                    return Err(CaptureError::Attach {
-                        iface: iface.clone(),
-                        source,
-                    });
-                }
+                Err(e) => return Err(e),
             }
         }
         if !added.is_empty() {
@@ -163,6 +307,82 @@ impl Capture {
                 .map_err(map_error(names::MAP_NODE_ADDRS))?;
         }
         Ok(added)
+    }
+
+    /// This program on `iface`'s ingress through its pinned link: the pinned
+    /// one with the program replaced in place (no moment without capture), or
+    /// a new one, pinned.
+    fn attach(&mut self, ifindex: u32, iface: &str) -> Result<FdLink, CaptureError> {
+        let path = link_pin(&self.pin_dir, ifindex);
+        let attach_err = |source| CaptureError::Attach {
+            iface: iface.to_string(),
+            source,
+        };
+        let link_err = |source| CaptureError::Link {
+            iface: iface.to_string(),
+            source,
+        };
+        let program = program(&mut self.ebpf)?;
+        if let Ok(pinned) = PinnedLink::from_pin(&path) {
+            let adopted = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .map_err(link_err)
+                .and_then(|link| program.attach_to_link(link).map_err(attach_err))
+                .and_then(|id| program.take_link(id).map_err(attach_err))
+                .and_then(|link| FdLink::try_from(link).map_err(link_err));
+            match adopted {
+                Ok(link) => {
+                    debug!(component = "capture", %iface, ifindex, "pinned link adopted");
+                    return Ok(link);
+                }
+                // A link whose device is gone cannot be updated: replace it.
+                Err(e) => {
+                    warn!(component = "capture", %iface, error = %e, "pinned link unusable; attaching anew");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let id = program
+            .attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .map_err(attach_err)?;
+        let link = program.take_link(id).map_err(attach_err)?;
+        let link = FdLink::try_from(link).map_err(link_err)?;
+        let pinned = link.pin(&path).map_err(|source| CaptureError::PinLink {
+            iface: iface.to_string(),
+            path: path.clone(),
+            source,
+        })?;
+        Ok(FdLink::from(pinned))
+    }
+
+    /// Unpins links of interfaces no longer in this namespace (their devices
+    /// are gone, so the links are already inert); nothing leaks per pod.
+    fn remove_stale_pins(&self, ifaces: &BTreeMap<u32, String>) {
+        let Ok(entries) = std::fs::read_dir(self.pin_dir.join("links")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let index = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok());
+            if index.is_none_or(|i| !ifaces.contains_key(&i)) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// The pod map as the kernel has it: `true` captures new connections,
+    /// `false` drains. A starting ztunnel begins from this.
+    pub fn pods(&self) -> BTreeMap<Ipv4Addr, bool> {
+        self.captured
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, flags)| (Ipv4Addr::from(k.to_ne_bytes()), flags & POD_CAPTURE != 0))
+            .collect()
     }
 
     /// Makes the pod map exactly `pods`: `true` captures new connections of that
@@ -196,27 +416,23 @@ impl Capture {
 
     /// The pod addresses capturing new connections, as the kernel has them.
     pub fn captured(&self) -> BTreeSet<Ipv4Addr> {
-        self.captured
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, flags)| flags & POD_CAPTURE != 0)
-            .map(|(k, _)| Ipv4Addr::from(k.to_ne_bytes()))
+        self.pods()
+            .into_iter()
+            .filter_map(|(ip, capture)| capture.then_some(ip))
             .collect()
     }
 
     /// Released pods whose flows through ztunnel still drain.
     pub fn draining(&self) -> BTreeSet<Ipv4Addr> {
-        self.captured
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, flags)| flags & POD_CAPTURE == 0)
-            .map(|(k, _)| Ipv4Addr::from(k.to_ne_bytes()))
+        self.pods()
+            .into_iter()
+            .filter_map(|(ip, capture)| (!capture).then_some(ip))
             .collect()
     }
 
     /// The interfaces the program is attached to.
-    pub fn interfaces(&self) -> &BTreeSet<String> {
-        &self.attached
+    pub fn interfaces(&self) -> BTreeSet<&str> {
+        self.attached.values().map(|a| a.name.as_str()).collect()
     }
 
     /// Redirect counters, summed over CPUs.
@@ -253,20 +469,19 @@ fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError
 impl std::fmt::Debug for Capture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Capture")
-            .field("attached", &self.attached)
+            .field("pin_dir", &self.pin_dir)
+            .field("attached", &self.interfaces())
             .finish_non_exhaustive()
     }
 }
 
-/// Interfaces of the current network namespace, except loopback.
-fn interfaces() -> std::io::Result<BTreeSet<String>> {
-    let dev = std::fs::read_to_string("/proc/self/net/dev")?;
-    Ok(dev
-        .lines()
-        .skip(2)
-        .filter_map(|l| l.split(':').next())
-        .map(|n| n.trim().to_string())
-        .filter(|n| n != "lo" && !n.is_empty())
+/// Interfaces of the current network namespace by ifindex, except loopback.
+fn interfaces() -> std::io::Result<BTreeMap<u32, String>> {
+    let list = nix::net::if_::if_nameindex().map_err(std::io::Error::from)?;
+    Ok(list
+        .iter()
+        .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
+        .filter(|(_, n)| n != "lo" && !n.is_empty())
         .collect())
 }
 

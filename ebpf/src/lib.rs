@@ -11,4 +11,6 @@ mod capture;
 pub mod names;
 pub mod routing;
 
-pub use capture::{Capture, CaptureConfig, CaptureError, Counters};
+pub use capture::{
+    Capture, CaptureConfig, CaptureError, Counters, MIN_KERNEL, check_kernel, uninstall,
+};

@@ -8,13 +8,11 @@ use std::process::Command;
 
 use tracing::info;
 
-/// A policy route owned by ztunnel; removed by [`PolicyRoute::remove`] or on drop.
+/// The capture policy route. Like the pinned capture it outlives ztunnel (a
+/// restart must not stop assigned segments reaching the new listeners); only
+/// [`PolicyRoute::uninstall`] removes it.
 #[derive(Debug)]
-pub struct PolicyRoute {
-    mark: u32,
-    table: u32,
-    installed: bool,
-}
+pub struct PolicyRoute;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
@@ -50,7 +48,7 @@ fn ip(args: &[&str]) -> Result<String, RoutingError> {
 
 impl PolicyRoute {
     /// Installs the rule and route in the current network namespace (idempotent).
-    pub fn install(mark: u32, table: u32) -> Result<Self, RoutingError> {
+    pub fn install(mark: u32, table: u32) -> Result<(), RoutingError> {
         let mark_s = format!("{mark:#x}/{mark:#x}");
         let table_s = table.to_string();
         let rules = ip(&["-4", "rule", "show"])?;
@@ -72,28 +70,27 @@ impl PolicyRoute {
             &table_s,
         ])?;
         info!(component = "capture", mark = %format!("{mark:#x}"), table, "policy route installed");
-        Ok(PolicyRoute {
-            mark,
-            table,
-            installed: true,
-        })
-    }
-
-    /// Removes the rule and route.
-    pub fn remove(&mut self) -> Result<(), RoutingError> {
-        if !std::mem::take(&mut self.installed) {
-            return Ok(());
-        }
-        let mark_s = format!("{:#x}/{:#x}", self.mark, self.mark);
-        let table_s = self.table.to_string();
-        ip(&["-4", "rule", "del", "fwmark", &mark_s, "lookup", &table_s])?;
-        ip(&["-4", "route", "flush", "table", &table_s])?;
         Ok(())
     }
-}
 
-impl Drop for PolicyRoute {
-    fn drop(&mut self) {
-        let _ = self.remove();
+    /// Removes the rule and route from the current network namespace
+    /// (idempotent: what is not there is not an error).
+    pub fn uninstall(mark: u32, table: u32) -> Result<(), RoutingError> {
+        let mark_s = format!("{mark:#x}/{mark:#x}");
+        let table_s = table.to_string();
+        let want = format!("fwmark {mark:#x}/{mark:#x} lookup {table}");
+        while ip(&["-4", "rule", "show"])?
+            .lines()
+            .any(|l| l.contains(&want))
+        {
+            ip(&["-4", "rule", "del", "fwmark", &mark_s, "lookup", &table_s])?;
+        }
+        ip(&["-4", "route", "flush", "table", &table_s]).or_else(|e| match e {
+            // iproute2 reports an empty table as a failure.
+            RoutingError::Failed { .. } => Ok(String::new()),
+            e => Err(e),
+        })?;
+        info!(component = "capture", table, "policy route removed");
+        Ok(())
     }
 }

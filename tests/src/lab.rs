@@ -30,6 +30,10 @@ use crate::netns::{self, NetNs};
 
 /// Where labs register themselves, so a crashed one can be found and removed.
 const REGISTRY: &str = "/run/weft-lab";
+/// A bpf filesystem for the labs' pinned capture (`<id>/<node>` per ztunnel),
+/// mounted while a lab needs it: `ip netns exec` remounts `/sys`, so the
+/// host's `/sys/fs/bpf` is not visible to the nodes, while `/run` is.
+const BPFFS: &str = "/run/weft-lab/bpffs";
 /// The pods' gateway: an address on every pod-facing veth of a node.
 pub const POD_GATEWAY: &str = "169.254.1.1";
 /// ztunnel's ports, as seen from inside a node.
@@ -173,6 +177,7 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("weft-lab-{id}"));
         fs::create_dir_all(&dir)?;
         fs::create_dir_all(REGISTRY)?;
+        mount_bpffs(&id)?;
         let mut lab = Lab {
             id,
             dir,
@@ -494,7 +499,11 @@ impl Lab {
 
     fn start_ztunnel(&mut self, node: &str) -> Result<()> {
         let ns = self.nodes[node].netns.clone();
-        let log = fs::File::create(self.dir.join(format!("ztunnel-{node}.log")))?;
+        // Appended: a restarted ztunnel's log follows its predecessor's.
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("ztunnel-{node}.log")))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns.name()])
             .arg(self.opts.bin_dir.join("ztunnel"))
@@ -503,6 +512,7 @@ impl Lab {
             .env("XDS_SERVER_NAME", CONTROLLER_NAME)
             .env("ROOT_CERT", self.ca_dir().join("root-cert.pem"))
             .env("TOKEN_PATH", self.token_path(node))
+            .env("BPF_PIN_DIR", self.pin_dir(node))
             .env("LOG_FORMAT", "json")
             .env(
                 "RUST_LOG",
@@ -542,6 +552,37 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Where ztunnel on `node` pins its capture.
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        Path::new(BPFFS).join(&self.id).join(node)
+    }
+
+    /// Kills ztunnel on `node` with SIGKILL, as a crash or an OOM kill would,
+    /// and reaps it. Its pinned capture stays.
+    pub fn kill_ztunnel(&mut self, node: &str) -> Result<()> {
+        let mut child = self
+            .ztunnels
+            .remove(node)
+            .with_context(|| format!("no ztunnel on {node}"))?;
+        child.kill()?;
+        child.wait()?;
+        self.register()
+    }
+
+    /// Starts ztunnel on `node` again (after [`Lab::kill_ztunnel`]) without
+    /// waiting for it.
+    pub fn start_ztunnel_again(&mut self, node: &str) -> Result<()> {
+        if self.ztunnels.contains_key(node) {
+            bail!("ztunnel on {node} is still running");
+        }
+        self.start_ztunnel(node)
+    }
+
+    /// Waits until ztunnel on `node` reports ready.
+    pub fn wait_ztunnel_ready(&mut self, node: &str) -> Result<()> {
+        self.wait_ready(node)
     }
 
     /// Whether ztunnel on `node` is still running (it must never crash on bad input).
@@ -707,6 +748,7 @@ impl Lab {
             let _ = child.wait();
         }
         remove_namespaces(&self.id)?;
+        release_bpffs(&self.id)?;
         let _ = fs::remove_file(registry_file(&self.id));
         ACTIVE
             .lock()
@@ -817,6 +859,9 @@ pub fn registered() -> Result<Vec<(String, u32, bool)>> {
     };
     for entry in entries.flatten() {
         let path = entry.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
         let Some(id) = path.file_stem().and_then(|s| s.to_str()).map(String::from) else {
             continue;
         };
@@ -841,8 +886,59 @@ fn remove_registered(id: &str) -> Result<()> {
         }
     }
     remove_namespaces(id)?;
+    release_bpffs(id)?;
     let _ = fs::remove_file(&path);
     let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("weft-lab-{id}")));
+    Ok(())
+}
+
+/// Serialises mounting and unmounting the labs' bpffs within this process.
+static BPFFS_LOCK: Mutex<()> = Mutex::new(());
+
+fn on_bpffs(dir: &Path) -> bool {
+    nix::sys::statfs::statfs(dir)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+/// Mounts the labs' bpffs if it is not there, and makes lab `id`'s directory.
+fn mount_bpffs(id: &str) -> Result<()> {
+    let _guard = BPFFS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    fs::create_dir_all(BPFFS)?;
+    if !on_bpffs(Path::new(BPFFS)) {
+        nix::mount::mount(
+            Some("bpf"),
+            BPFFS,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting a bpf filesystem on {BPFFS}"))?;
+    }
+    fs::create_dir_all(Path::new(BPFFS).join(id))?;
+    Ok(())
+}
+
+/// Removes lab `id`'s pinned capture (freeing its links and maps), and the
+/// bpffs itself when no other lab uses it.
+fn release_bpffs(id: &str) -> Result<()> {
+    let _guard = BPFFS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let root = Path::new(BPFFS);
+    if !on_bpffs(root) {
+        let _ = fs::remove_dir(root);
+        return Ok(());
+    }
+    let lab = root.join(id);
+    if lab.exists() {
+        fs::remove_dir_all(&lab).with_context(|| format!("removing {}", lab.display()))?;
+    }
+    let others = fs::read_dir(root)?
+        .flatten()
+        .any(|e| e.file_type().is_ok_and(|t| t.is_dir()));
+    if !others {
+        nix::mount::umount2(root, nix::mount::MntFlags::MNT_DETACH)
+            .with_context(|| format!("unmounting {BPFFS}"))?;
+        let _ = fs::remove_dir(root);
+    }
     Ok(())
 }
 

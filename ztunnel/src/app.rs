@@ -1,10 +1,12 @@
 //! The composition root: builds state, identity, capture, proxy and admin from
-//! [`Config`], then runs until SIGTERM/SIGINT and tears capture down.
+//! [`Config`], then runs until SIGTERM/SIGINT. Capture stays pinned when
+//! ztunnel exits (fail closed); [`uninstall`] is what removes it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::json;
@@ -151,6 +153,45 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     };
     let metrics = Arc::new(Metrics::default());
 
+    // Capture first, adopting what a previous ztunnel pinned: its pod map
+    // stays as it is until this process knows the mesh, so pods captured
+    // before stay captured (their SYNs are dropped until we listen).
+    let mut pods = BTreeMap::new();
+    let capture = match cfg.capture {
+        CaptureMode::Ebpf => {
+            PolicyRoute::install(REDIRECT_MARK, REDIRECT_TABLE)?;
+            let mut capture = Capture::load(&CaptureConfig {
+                port_outbound: OUTBOUND_PORT,
+                port_inbound: INBOUND_PLAINTEXT_PORT,
+                port_hbone: HBONE_PORT,
+                listen_addr: cfg.listen_addr,
+                redirect_mark: REDIRECT_MARK,
+                pin_dir: cfg.bpf_pin_dir.clone(),
+            })?;
+            capture.sync_interfaces()?;
+            pods = capture.pods();
+            Some(Arc::new(Mutex::new(capture)))
+        }
+        CaptureMode::None => None,
+    };
+
+    let ready = Arc::new(AtomicBool::new(false));
+    serve_admin(&cfg, &state, &certs, &metrics, capture.as_ref(), &ready).await?;
+
+    // Listeners open once the first full state is here: before that a
+    // captured connection could only be refused, while a SYN that finds no
+    // listener is dropped and retried by the client.
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    while !synced.load(Ordering::Acquire) {
+        tokio::select! {
+            _ = &mut shutdown => {
+                info!("shut down before the first state; capture stays pinned");
+                return Ok(());
+            }
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
     let inputs = Arc::new(ProxyInputs {
         cfg: cfg.clone(),
         state: state.clone(),
@@ -162,28 +203,6 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         what: "capture listeners (15001, 15006, 15008)",
         source,
     })?;
-
-    let mut pods = BTreeMap::new();
-    let (capture, mut route) = match cfg.capture {
-        CaptureMode::Ebpf => {
-            let route = PolicyRoute::install(REDIRECT_MARK, REDIRECT_TABLE)?;
-            let mut capture = Capture::load(&CaptureConfig {
-                port_outbound: OUTBOUND_PORT,
-                port_inbound: INBOUND_PLAINTEXT_PORT,
-                port_hbone: HBONE_PORT,
-                listen_addr: cfg.listen_addr,
-                redirect_mark: REDIRECT_MARK,
-            })?;
-            capture.sync_interfaces()?;
-            pods = pod_map(&state.snapshot(), &cfg.node_name, &pods);
-            capture.set_pods(&pods)?;
-            (Some(Arc::new(Mutex::new(capture))), Some(route))
-        }
-        CaptureMode::None => (None, None),
-    };
-
-    let ready = Arc::new(AtomicBool::new(false));
-    serve_admin(&cfg, &state, &certs, &metrics, capture.as_ref(), &ready).await?;
     tokio::spawn(proxy.run());
     let renewer = certs.clone();
     tokio::spawn(async move {
@@ -197,8 +216,6 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let mut tick = tokio::time::interval(CAPTURE_SYNC_INTERVAL);
     let mut config_error: Option<String> = None;
     let mut seen: Option<Arc<crate::state::State>> = None;
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -248,11 +265,19 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             }
         }
     }
-    info!("shutting down: detaching capture");
+    // Capture stays: until a ztunnel listens again, captured pods' traffic
+    // is dropped, never sent in plaintext.
+    info!("shutting down; capture stays pinned (`ztunnel uninstall` removes it)");
     drop(capture);
-    if let Some(route) = route.as_mut() {
-        route.remove()?;
-    }
+    Ok(())
+}
+
+/// Removes capture from this node for good: every pinned link and map under
+/// `pin_dir`, and the policy route. Captured pods then talk directly again.
+pub fn uninstall(pin_dir: &Path) -> Result<(), AppError> {
+    let removed = weft_ebpf::uninstall(pin_dir)?;
+    PolicyRoute::uninstall(REDIRECT_MARK, REDIRECT_TABLE)?;
+    info!(pin_dir = %pin_dir.display(), pins = removed.len(), "capture uninstalled");
     Ok(())
 }
 

@@ -22,6 +22,10 @@ pub const ENV_ADMIN_ADDR: &str = "ADMIN_ADDR";
 pub const ENV_STATS_ADDR: &str = "STATS_ADDR";
 pub const ENV_READINESS_ADDR: &str = "READINESS_ADDR";
 pub const ENV_MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
+pub const ENV_BPF_PIN_DIR: &str = "BPF_PIN_DIR";
+/// Where capture is pinned: the node's bpffs (the DaemonSet mounts the host's
+/// `/sys/fs/bpf`), one directory per node network namespace.
+pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/weft";
 
 /// Istio's ports.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -43,9 +47,9 @@ pub const REDIRECT_TABLE: u32 = 15001;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 /// How long an upstream connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often interfaces and captured pods are re-synced into the kernel.
 /// How often certificates are checked for renewal (at half-life).
 pub const RENEW_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often interfaces and captured pods are re-synced into the kernel.
 pub const CAPTURE_SYNC_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How pods' traffic reaches ztunnel.
@@ -97,6 +101,8 @@ pub struct Config {
     pub readiness_addr: SocketAddr,
     /// Per-listener connection limit.
     pub max_connections: usize,
+    /// bpffs directory where capture's maps and links are pinned.
+    pub bpf_pin_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +217,7 @@ impl Config {
                 cert_ttl,
                 capture,
                 listen_addr: DEFAULT_LISTEN_ADDR,
+                bpf_pin_dir: bpf_pin_dir(get),
                 admin_addr,
                 stats_addr,
                 readiness_addr,
@@ -219,6 +226,15 @@ impl Config {
             _ => Err(ConfigError(errors)),
         }
     }
+}
+
+/// `BPF_PIN_DIR`, or its default: all `ztunnel uninstall` needs.
+pub fn bpf_pin_dir(get: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    PathBuf::from(
+        get(ENV_BPF_PIN_DIR)
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| DEFAULT_BPF_PIN_DIR.to_string()),
+    )
 }
 
 #[cfg(test)]
@@ -251,6 +267,7 @@ mod tests {
         assert_eq!(cfg.readiness_addr.port(), 15021);
         assert_eq!(cfg.cert_ttl, DEFAULT_CERT_TTL);
         assert_eq!(cfg.capture, CaptureMode::Ebpf);
+        assert_eq!(cfg.bpf_pin_dir, PathBuf::from(DEFAULT_BPF_PIN_DIR));
     }
 
     /// Every bad setting is reported in one error, by name.

@@ -1,8 +1,10 @@
 //! `ztunnel`: reads its configuration from the environment and runs.
+//! `ztunnel uninstall` removes this node's pinned capture and exits.
 
 use tracing::info;
 use tracing_subscriber::EnvFilter;
-use weft_ztunnel::{app, config::Config};
+use weft_ztunnel::app;
+use weft_ztunnel::config::{self, Config};
 
 fn main() -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -14,6 +16,16 @@ fn main() -> anyhow::Result<()> {
         builder.json().flatten_event(true).init();
     } else {
         builder.with_ansi(false).init();
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => {}
+        [cmd] if cmd == "uninstall" => {
+            let dir = config::bpf_pin_dir(&|k| std::env::var(k).ok());
+            app::uninstall(&dir)?;
+            return Ok(());
+        }
+        _ => anyhow::bail!("usage: ztunnel [uninstall] (configuration comes from the environment)"),
     }
     raise_fd_limit();
     let cfg = Config::from_lookup(&|k| std::env::var(k).ok())?;
