@@ -76,6 +76,18 @@ pub struct Match {
     pub not_destination_ips: Vec<IpNet>,
     pub destination_ports: Vec<u16>,
     pub not_destination_ports: Vec<u16>,
+    /// Istio's `source.serviceAccounts`: the peer identity's namespace and
+    /// service account, in any trust domain.
+    pub service_accounts: Vec<ServiceAccountMatch>,
+    pub not_service_accounts: Vec<ServiceAccountMatch>,
+}
+
+/// A service account by namespace and name (`istio.security.ServiceAccountMatch`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountMatch {
+    pub namespace: String,
+    pub service_account: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +142,7 @@ struct Attrs<'a> {
     /// The peer identity without `spiffe://`, as Istio matches principals.
     principal: Option<String>,
     namespace: Option<&'a str>,
+    identity: Option<&'a Identity>,
 }
 
 impl<'a> Attrs<'a> {
@@ -142,6 +155,7 @@ impl<'a> Attrs<'a> {
                 s
             }),
             namespace: conn.source.map(Identity::namespace),
+            identity: conn.source,
         }
     }
 }
@@ -190,6 +204,13 @@ impl Match {
         let strings =
             |pats: &[StringMatch], value: Option<&str>| pats.iter().any(|p| p.matches(value));
         let nets = |nets: &[IpNet], ip: IpAddr| nets.iter().any(|n| n.contains(&ip));
+        let accounts = |accounts: &[ServiceAccountMatch]| {
+            a.identity.is_some_and(|id| {
+                accounts.iter().any(|m| {
+                    m.namespace == id.namespace() && m.service_account == id.service_account()
+                })
+            })
+        };
         let port = conn.destination_port;
 
         let positive = (self.namespaces.is_empty() || strings(&self.namespaces, a.namespace))
@@ -197,12 +218,14 @@ impl Match {
             && (self.source_ips.is_empty() || nets(&self.source_ips, conn.source_ip))
             && (self.destination_ips.is_empty()
                 || nets(&self.destination_ips, conn.destination_ip))
-            && (self.destination_ports.is_empty() || self.destination_ports.contains(&port));
+            && (self.destination_ports.is_empty() || self.destination_ports.contains(&port))
+            && (self.service_accounts.is_empty() || accounts(&self.service_accounts));
         let negative = strings(&self.not_namespaces, a.namespace)
             || strings(&self.not_principals, principal)
             || nets(&self.not_source_ips, conn.source_ip)
             || nets(&self.not_destination_ips, conn.destination_ip)
-            || self.not_destination_ports.contains(&port);
+            || self.not_destination_ports.contains(&port)
+            || accounts(&self.not_service_accounts);
         positive && !negative
     }
 }

@@ -47,6 +47,11 @@ pub struct Workload {
     /// Selector-scoped authorization policies that apply, as `namespace/name`.
     #[serde(default)]
     pub authorization_policies: Vec<String>,
+    /// A host-network pod: its addresses are its node's, shared with every
+    /// other such pod there, so they never identify it (Istio's
+    /// `NetworkMode::HOST_NETWORK`); never captured.
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 /// A port of a Service: traffic to `port` on a VIP goes to `target_port` on an endpoint.

@@ -22,7 +22,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
-use weft_api::authz::{Action, Authorization, Clause, Match, Rule, Scope, StringMatch};
+use weft_api::authz::{
+    Action, Authorization, Clause, Match, Rule, Scope, ServiceAccountMatch, StringMatch,
+};
 
 use crate::Snapshot;
 use crate::translate::{Mesh, TranslateError};
@@ -392,8 +394,11 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Policies>) -> P
                 );
                 out.statuses.push(status);
                 out.errors.push(error);
-                if let Some(auth) = kept {
-                    out.selections.extend(selection(&ap.spec.selector));
+                // The kept version applies where it applied: its own
+                // selector, not the refused version's.
+                if let (Some(auth), Some(previous)) = (kept, previous) {
+                    let kept_selection = previous.selections.iter().filter(|s| s.key == *key);
+                    out.selections.extend(kept_selection.cloned());
                     out.authorizations.insert(key.clone(), auth.clone());
                 }
             }
@@ -650,21 +655,19 @@ fn source(s: &Source, at: &str, namespace: &str, l7: &mut Vec<String>) -> Result
             l7.push(field.to_string());
         }
     }
-    let mut principals = strings(&s.principals, &format!("{at}.principals"), principal)?;
-    let mut not_principals = strings(&s.not_principals, &format!("{at}.notPrincipals"), principal)?;
-    principals.extend(service_accounts(
-        &s.service_accounts,
-        &format!("{at}.serviceAccounts"),
-        namespace,
-    )?);
-    not_principals.extend(service_accounts(
-        &s.not_service_accounts,
-        &format!("{at}.notServiceAccounts"),
-        namespace,
-    )?);
     Ok(Match {
-        principals,
-        not_principals,
+        principals: strings(&s.principals, &format!("{at}.principals"), principal)?,
+        not_principals: strings(&s.not_principals, &format!("{at}.notPrincipals"), principal)?,
+        service_accounts: service_accounts(
+            &s.service_accounts,
+            &format!("{at}.serviceAccounts"),
+            namespace,
+        )?,
+        not_service_accounts: service_accounts(
+            &s.not_service_accounts,
+            &format!("{at}.notServiceAccounts"),
+            namespace,
+        )?,
         namespaces: strings(&s.namespaces, &format!("{at}.namespaces"), plain)?,
         not_namespaces: strings(&s.not_namespaces, &format!("{at}.notNamespaces"), plain)?,
         source_ips: nets(&s.ip_blocks, &format!("{at}.ipBlocks"))?,
@@ -772,12 +775,13 @@ fn principal(v: &str) -> &str {
     v.strip_prefix("spiffe://").unwrap_or(v)
 }
 
-/// `namespace/name`, or `name` in the policy's namespace: a principal in any trust domain.
+/// `namespace/name`, or `name` in the policy's namespace; matched in any trust
+/// domain, and sent as istiod sends them (`ServiceAccountMatch`).
 fn service_accounts(
     values: &[String],
     at: &str,
     namespace: &str,
-) -> Result<Vec<StringMatch>, Refusal> {
+) -> Result<Vec<ServiceAccountMatch>, Refusal> {
     values
         .iter()
         .enumerate()
@@ -792,7 +796,10 @@ fn service_accounts(
                     format!("{v:?}: want `name` or `namespace/name`"),
                 ));
             }
-            Ok(StringMatch::Suffix(format!("/ns/{ns}/sa/{sa}")))
+            Ok(ServiceAccountMatch {
+                namespace: ns.to_string(),
+                service_account: sa.to_string(),
+            })
         })
         .collect()
 }
@@ -1473,6 +1480,39 @@ spec: {action: DENY, rules: [{from: [{source: {namespaces: ["ops"]}}]}]}
         assert_eq!(second.config.policies, first.config.policies);
         // Without history it is left out.
         assert!(run(&broken, None).config.policies.is_empty());
+    }
+
+    /// A kept version keeps its own selector and scope: a refused edit that
+    /// also moved the selector (or dropped it) binds nothing new.
+    #[test]
+    fn kept_version_keeps_its_selector() {
+        let refs = |t: &Translation, pod: &str| {
+            let w = t.config.workloads.iter().find(|w| w.name == pod).unwrap();
+            w.authorization_policies.clone()
+        };
+        let good = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: guard, namespace: shop}
+spec: {selector: {matchLabels: {app: db}}, action: DENY, rules: [{from: [{source: {namespaces: ["ops"]}}]}]}
+"#;
+        let first = run(good, None);
+        assert_eq!(refs(&first, "db-1"), ["shop/guard"]);
+        assert!(refs(&first, "web-1").is_empty());
+        for edit in [
+            // Moved to app=web, with an error.
+            good.replace("app: db", "app: web")
+                .replace("[\"ops\"]", "[\"ops\"], ipBlocks: [\"nope\"]"),
+            // Selector dropped (namespace-wide), with an error.
+            good.replace("selector: {matchLabels: {app: db}}, ", "")
+                .replace("[\"ops\"]", "[\"ops\"], ipBlocks: [\"nope\"]"),
+        ] {
+            let second = run(&edit, Some(&first));
+            assert_eq!(second.errors.len(), 1, "{:?}", second.errors);
+            assert_eq!(refs(&second, "db-1"), ["shop/guard"], "{edit}");
+            assert!(refs(&second, "web-1").is_empty(), "{edit}");
+            assert_eq!(second.config.policies, first.config.policies, "same scope");
+        }
     }
 
     /// targetRef policies belong to waypoints; CUSTOM is not ztunnel's.

@@ -1,7 +1,7 @@
 //! Snapshot → workloads and services, as ztunnel consumes them. Pure: the same
 //! snapshot always gives the same output, and problems are returned, not logged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService};
@@ -105,18 +105,22 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
     let policies = policy::translate(snap, mesh, previous.map(|t| &t.policies));
     let mut errors = Vec::new();
     let mut out = LocalConfig::default();
+    let mut candidates = Vec::with_capacity(snap.pods.len());
     for pod in snap.pods.values() {
         match workload(pod, snap, mesh) {
             Ok(Some(mut w)) => {
                 let no_labels = BTreeMap::new();
                 let labels = pod.metadata.labels.as_ref().unwrap_or(&no_labels);
                 w.authorization_policies = policies.for_workload(&w.namespace, labels);
-                out.workloads.push(w);
+                candidates.push((w, pod.metadata.deletion_timestamp.is_some()));
             }
             Ok(None) => {}
             Err(e) => errors.push(e),
         }
     }
+    let (workloads, conflicts) = claim_addresses(candidates);
+    out.workloads = workloads;
+    errors.extend(conflicts);
     let by_uid: BTreeMap<&str, &Workload> =
         out.workloads.iter().map(|w| (w.uid.as_str(), w)).collect();
     let mut pods_by_namespace: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
@@ -164,6 +168,64 @@ pub fn workloads(snap: &Snapshot, mesh: &Mesh) -> (LocalConfig, Vec<TranslateErr
     (t.config, t.errors)
 }
 
+/// Gives each pod address to exactly one workload, so that no connection is
+/// ever attributed to another pod's identity. `candidates` pairs each workload
+/// with whether its pod is being deleted.
+/// - Host-network pods share their node's address by design: never a conflict.
+/// - A pod being deleted loses its address to one that is not (addresses are
+///   reused during pod churn) and is left out.
+/// - When two or more claimants remain, none is served, and each is reported.
+fn claim_addresses(candidates: Vec<(Workload, bool)>) -> (Vec<Workload>, Vec<TranslateError>) {
+    let mut claims: BTreeMap<IpAddr, Vec<usize>> = BTreeMap::new();
+    for (i, (w, _)) in candidates.iter().enumerate() {
+        if !w.host_network {
+            for ip in &w.addresses {
+                claims.entry(*ip).or_default().push(i);
+            }
+        }
+    }
+    let mut dropped = BTreeSet::new();
+    let mut errors = Vec::new();
+    for (ip, claimants) in claims.iter().filter(|(_, c)| c.len() > 1) {
+        let live: Vec<usize> = claimants
+            .iter()
+            .copied()
+            .filter(|i| !candidates[*i].1)
+            .collect();
+        if live.len() == 1 {
+            dropped.extend(claimants.iter().filter(|i| !live.contains(i)));
+            continue;
+        }
+        dropped.extend(claimants.iter().copied());
+        let name = |i: usize| format!("{}/{}", candidates[i].0.namespace, candidates[i].0.name);
+        for &i in claimants {
+            let others: Vec<String> = claimants
+                .iter()
+                .filter(|j| **j != i)
+                .map(|j| name(*j))
+                .collect();
+            let w = &candidates[i].0;
+            errors.push(TranslateError {
+                kind: "Pod",
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                field: "status.podIP".into(),
+                message: format!(
+                    "{ip} is also claimed by pod {}; none of them is served until one lets it go",
+                    others.join(", ")
+                ),
+            });
+        }
+    }
+    let workloads = candidates
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !dropped.contains(i))
+        .map(|(_, (w, _))| w)
+        .collect();
+    (workloads, errors)
+}
+
 fn workload(pod: &Pod, snap: &Snapshot, mesh: &Mesh) -> Result<Option<Workload>, TranslateError> {
     let namespace = pod
         .metadata
@@ -184,6 +246,14 @@ fn workload(pod: &Pod, snap: &Snapshot, mesh: &Mesh) -> Result<Option<Workload>,
         // Not scheduled yet: nothing to route to.
         return Ok(None);
     };
+    // A finished pod keeps its status IP, which the network may already have
+    // given to a new pod: it is no workload (as in Istio).
+    if matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
+        return Ok(None);
+    }
     let mut addresses = Vec::new();
     let ips = status
         .and_then(|s| s.pod_ips.as_ref())
@@ -252,6 +322,7 @@ fn workload(pod: &Pod, snap: &Snapshot, mesh: &Mesh) -> Result<Option<Workload>,
         addresses,
         named_ports,
         authorization_policies: Vec::new(),
+        host_network: spec.and_then(|s| s.host_network) == Some(true),
     }))
 }
 
@@ -534,5 +605,103 @@ spec: {clusterIP: "10.96.0", ports: [{port: 80}]}
         );
         assert_eq!(cfg.workloads.len(), 4);
         assert_eq!(cfg.services.len(), 1);
+    }
+
+    /// A pod in namespace shop on n1 at `ip`; `meta`, `spec` and `status`
+    /// add fields to those maps (each starts with ", ").
+    fn pod(name: &str, ip: &str, meta: &str, spec: &str, status: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop{meta}}}\nspec: {{nodeName: n1, containers: [{{name: app}}]{spec}}}\nstatus: {{podIP: {ip}{status}}}\n"
+        )
+    }
+
+    /// Each address identifies at most one workload: finished pods are none,
+    /// host-network pods never conflict, a pod being deleted loses its
+    /// address to a live one, and live pods that claim one address are all
+    /// left out and each reported, naming the others.
+    #[test]
+    fn one_workload_per_address() {
+        const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n";
+        let deleting = ", deletionTimestamp: \"2026-12-01T00:00:00Z\"";
+        let cases: Vec<(&str, String, Vec<&str>, Vec<&str>)> = vec![
+            (
+                "finished pods are not workloads; their address goes to the running one",
+                [
+                    pod("done", "10.244.1.5", "", "", ", phase: Succeeded"),
+                    pod("crashed", "10.244.1.5", "", "", ", phase: Failed"),
+                    pod("new", "10.244.1.5", "", "", ", phase: Running"),
+                ]
+                .concat(),
+                vec!["new"],
+                vec![],
+            ),
+            (
+                "host-network pods share the node's address without conflict",
+                [
+                    pod("agent-a", "10.240.0.10", "", ", hostNetwork: true", ""),
+                    pod("agent-b", "10.240.0.10", "", ", hostNetwork: true", ""),
+                ]
+                .concat(),
+                vec!["agent-a", "agent-b"],
+                vec![],
+            ),
+            (
+                "a pod being deleted loses its address to a live one",
+                [
+                    pod("old", "10.244.1.6", deleting, "", ""),
+                    pod("new", "10.244.1.6", "", "", ""),
+                ]
+                .concat(),
+                vec!["new"],
+                vec![],
+            ),
+            (
+                "two live claimants: neither is served, both reported",
+                [
+                    pod("a", "10.244.1.7", "", "", ""),
+                    pod("b", "10.244.1.7", "", "", ""),
+                    pod("c", "10.244.1.8", "", "", ""),
+                ]
+                .concat(),
+                vec!["c"],
+                vec![
+                    "Pod shop/a: status.podIP: 10.244.1.7 is also claimed by pod shop/b",
+                    "Pod shop/b: status.podIP: 10.244.1.7 is also claimed by pod shop/a",
+                ],
+            ),
+            (
+                "two claimants both being deleted: neither is served",
+                [
+                    pod("a", "10.244.1.9", deleting, "", ""),
+                    pod("b", "10.244.1.9", deleting, "", ""),
+                ]
+                .concat(),
+                vec![],
+                vec![
+                    "Pod shop/a: status.podIP: 10.244.1.9 is also claimed by pod shop/b",
+                    "Pod shop/b: status.podIP: 10.244.1.9 is also claimed by pod shop/a",
+                ],
+            ),
+        ];
+        for (what, pods, served, reported) in cases {
+            let (cfg, errors) = translate(&format!("{NS}{pods}"));
+            let names: Vec<&str> = cfg.workloads.iter().map(|w| w.name.as_str()).collect();
+            assert_eq!(names, served, "{what}");
+            assert_eq!(errors.len(), reported.len(), "{what}: {errors:?}");
+            for (got, want) in errors.iter().zip(&reported) {
+                assert!(got.starts_with(want), "{what}: {got:?} is not {want:?}…");
+            }
+            for w in &cfg.workloads {
+                let host = w.name.starts_with("agent");
+                assert_eq!(w.host_network, host, "{what}: {}", w.name);
+                if host {
+                    assert_eq!(
+                        w.protocol,
+                        TunnelProtocol::None,
+                        "{what}: host pods are never captured"
+                    );
+                }
+            }
+        }
     }
 }

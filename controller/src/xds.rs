@@ -501,6 +501,7 @@ mod tests {
             protocol: TunnelProtocol::Hbone,
             named_ports: BTreeMap::new(),
             authorization_policies: vec![],
+            host_network: false,
         }
     }
 

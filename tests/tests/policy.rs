@@ -72,7 +72,8 @@ fn denials(lab: &Lab, node: &str, labels: &[(&str, &str)]) -> Result<f64> {
 /// (HBONE, answered 401) and on one node (in-process delivery) alike; each
 /// change takes effect on new connections within a second, and every denial
 /// is counted and logged with the deciding policy. As a dry run the DENY
-/// refuses nothing and counts what it would have refused.
+/// refuses nothing and counts what it would have refused. An ALLOW by service
+/// account (Istio's ServiceAccountMatch on the wire) admits that account only.
 #[test]
 fn authorization_policy_by_principal_and_namespace() -> Result<()> {
     let lab = Lab::up(LabOptions::new("authz", &format!("{MESH}{OPS}")))?;
@@ -232,9 +233,33 @@ spec:
     ensure!(!logged.is_empty(), "node-2 logs the dry-run match");
     ensure!(reaches(client, remote), "shop never matched");
 
+    // ALLOW by service account: sent as istiod sends it (ServiceAccountMatch,
+    // fields 11 and 12 of istio.security.Match) and enforced by both nodes.
+    apply(
+        &lab,
+        "policy.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-from-probe, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - from:
+    - source: {serviceAccounts: ["ops/probe"], notServiceAccounts: ["shop/client"]}
+"#,
+        || !reaches(client, remote),
+    )?;
+    ensure!(
+        reaches(probe, remote) && reaches(probe, local),
+        "the allowed service account, across nodes and on one node"
+    );
+    ensure!(!reaches(client, local), "shop/client is not allowed");
+    ensure!(!reaches(web2, remote), "shop/web is not allowed");
+
     // The policy goes away: everyone is back.
-    apply(&lab, "policy.yaml", "", || reaches(probe, remote))?;
-    ensure!(reaches(probe, local));
+    apply(&lab, "policy.yaml", "", || reaches(client, remote))?;
+    ensure!(reaches(probe, local) && reaches(web2, remote));
     Ok(())
 }
 

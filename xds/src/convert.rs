@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use weft_api::authz::{self, Action, Authorization, Scope, StringMatch};
+use weft_api::authz::{self, Action, Authorization, Scope, ServiceAccountMatch, StringMatch};
 use weft_api::{Endpoint, LocalConfig, Service, ServicePort, TunnelProtocol, Workload};
 
 use crate::proto::security as sec;
@@ -18,6 +18,17 @@ pub struct ConvertError {
     pub resource: String,
     pub field: &'static str,
     pub message: String,
+}
+
+/// A policy condition ztunnel cannot evaluate, and what is enforced instead:
+/// the policy always ends up denying more than written, never less.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[error("authorization {resource}: rules[{rule}]: {field} cannot be enforced by ztunnel; {effect}")]
+pub struct Unenforceable {
+    pub resource: String,
+    pub rule: usize,
+    pub field: &'static str,
+    pub effect: &'static str,
 }
 
 /// A workload as delivered: the workload and the services it backs
@@ -120,6 +131,11 @@ fn workload_to_proto(w: &Workload, services: BTreeMap<String, pw::PortList>) -> 
         status: pw::WorkloadStatus::Healthy as i32,
         cluster_id: String::new(),
         services,
+        network_mode: if w.host_network {
+            pw::NetworkMode::HostNetwork
+        } else {
+            pw::NetworkMode::Standard
+        } as i32,
     }
 }
 
@@ -174,6 +190,14 @@ pub fn authorization_to_proto(p: &Authorization) -> (String, sec::Authorization)
             .collect()
     };
     let ports = |v: &[u16]| v.iter().map(|p| u32::from(*p)).collect();
+    let accounts = |v: &[ServiceAccountMatch]| {
+        v.iter()
+            .map(|m| sec::ServiceAccountMatch {
+                namespace: m.namespace.clone(),
+                service_account: m.service_account.clone(),
+            })
+            .collect()
+    };
     let rules = p
         .rules
         .iter()
@@ -196,6 +220,9 @@ pub fn authorization_to_proto(p: &Authorization) -> (String, sec::Authorization)
                             not_destination_ips: nets(&m.not_destination_ips),
                             destination_ports: ports(&m.destination_ports),
                             not_destination_ports: ports(&m.not_destination_ports),
+                            service_accounts: accounts(&m.service_accounts),
+                            not_service_accounts: accounts(&m.not_service_accounts),
+                            extensions: Vec::new(),
                         })
                         .collect(),
                 })
@@ -291,6 +318,7 @@ pub fn workload_from_proto(name: &str, p: pw::Workload) -> Result<XdsWorkload, C
         protocol,
         named_ports: BTreeMap::new(),
         authorization_policies: p.authorization_policies,
+        host_network: p.network_mode == pw::NetworkMode::HostNetwork as i32,
     };
     if protocol == TunnelProtocol::Hbone {
         workload
@@ -352,10 +380,16 @@ pub fn service_from_proto(name: &str, p: pw::Service) -> Result<Service, Convert
 }
 
 /// Decodes a policy; `name` is the xDS resource name.
+///
+/// Conditions ztunnel cannot evaluate (extensions) are applied in the safe
+/// direction, as istiod does when it translates: in an ALLOW policy the rule
+/// that has one matches nothing (it is left out); in a DENY policy only that
+/// condition is dropped, so the rule denies more. Each is returned, to be
+/// logged and counted.
 pub fn authorization_from_proto(
     name: &str,
     p: sec::Authorization,
-) -> Result<Authorization, ConvertError> {
+) -> Result<(Authorization, Vec<Unenforceable>), ConvertError> {
     let err = |field, message: String| ConvertError {
         resource: format!("authorization {name}"),
         field,
@@ -401,12 +435,23 @@ pub fn authorization_from_proto(
             .map(|p| u16::try_from(p).map_err(|_| err(field, format!("port {p} is out of range"))))
             .collect()
     };
+    let accounts = |v: Vec<sec::ServiceAccountMatch>| -> Vec<ServiceAccountMatch> {
+        v.into_iter()
+            .map(|m| ServiceAccountMatch {
+                namespace: m.namespace,
+                service_account: m.service_account,
+            })
+            .collect()
+    };
     let mut rules = Vec::with_capacity(p.rules.len());
-    for r in p.rules {
+    let mut unenforceable = Vec::new();
+    for (index, r) in p.rules.into_iter().enumerate() {
         let mut clauses = Vec::with_capacity(r.clauses.len());
+        let mut narrowed = false;
         for c in r.clauses {
             let mut matches = Vec::with_capacity(c.matches.len());
             for m in c.matches {
+                narrowed |= !m.extensions.is_empty();
                 matches.push(authz::Match {
                     namespaces: strings(m.namespaces),
                     not_namespaces: strings(m.not_namespaces),
@@ -418,20 +463,39 @@ pub fn authorization_from_proto(
                     not_destination_ips: nets(m.not_destination_ips, "not_destination_ips")?,
                     destination_ports: ports(m.destination_ports, "destination_ports")?,
                     not_destination_ports: ports(m.not_destination_ports, "not_destination_ports")?,
+                    service_accounts: accounts(m.service_accounts),
+                    not_service_accounts: accounts(m.not_service_accounts),
                 });
             }
             clauses.push(authz::Clause { matches });
         }
+        if narrowed {
+            let allow = action == Action::Allow;
+            unenforceable.push(Unenforceable {
+                resource: name.to_string(),
+                rule: index,
+                field: "extensions",
+                effect: if allow {
+                    "the rule matches nothing"
+                } else {
+                    "the condition is dropped, so the rule denies more"
+                },
+            });
+            if allow {
+                continue;
+            }
+        }
         rules.push(authz::Rule { clauses });
     }
-    Ok(Authorization {
+    let policy = Authorization {
         name: p.name,
         namespace: p.namespace,
         scope,
         action,
         dry_run: p.dry_run,
         rules,
-    })
+    };
+    Ok((policy, unenforceable))
 }
 
 /// Joins decoded workloads, services and policies into the config ztunnel
@@ -484,6 +548,7 @@ mod tests {
             protocol,
             named_ports: BTreeMap::new(),
             authorization_policies: vec!["shop/web-only".into()],
+            host_network: false,
         }
     }
 
@@ -493,7 +558,10 @@ mod tests {
         let cfg = LocalConfig {
             workloads: vec![
                 workload("web-1", "10.0.2.10", TunnelProtocol::Hbone),
-                workload("web-2", "fd00::2", TunnelProtocol::None),
+                Workload {
+                    host_network: true,
+                    ..workload("web-2", "fd00::2", TunnelProtocol::None)
+                },
             ],
             services: vec![Service {
                 name: "web".into(),
@@ -521,6 +589,14 @@ mod tests {
                             not_principals: vec![StringMatch::Presence],
                             source_ips: vec!["10.0.0.0/8".parse().unwrap()],
                             not_destination_ports: vec![15021],
+                            service_accounts: vec![ServiceAccountMatch {
+                                namespace: "ops".into(),
+                                service_account: "probe".into(),
+                            }],
+                            not_service_accounts: vec![ServiceAccountMatch {
+                                namespace: "ops".into(),
+                                service_account: "admin".into(),
+                            }],
                             ..authz::Match::default()
                         }],
                     }],
@@ -549,7 +625,9 @@ mod tests {
                 let (name, msg) = authorization_to_proto(p);
                 assert_eq!(name, "shop/web-only");
                 let msg = sec::Authorization::decode(msg.encode_to_vec().as_slice()).unwrap();
-                authorization_from_proto(&name, msg).unwrap()
+                let (policy, unenforceable) = authorization_from_proto(&name, msg).unwrap();
+                assert!(unenforceable.is_empty());
+                policy
             })
             .collect();
         assert_eq!(assemble(&workloads, &services, &policies), cfg);
@@ -652,6 +730,69 @@ mod tests {
                 .unwrap_err()
                 .field,
             "action"
+        );
+    }
+
+    /// A condition ztunnel cannot enforce never widens a policy: an ALLOW
+    /// rule that has one is left out (it matches nothing), a DENY rule keeps
+    /// its other conditions (it denies more); both are reported. Service
+    /// accounts (fields 11 and 12) are understood, so they are not reported.
+    #[test]
+    fn unenforceable_conditions_narrow_the_policy() {
+        let rule = |m: sec::Match| sec::Rule {
+            clauses: vec![sec::Clause { matches: vec![m] }],
+        };
+        let sa = sec::Match {
+            service_accounts: vec![sec::ServiceAccountMatch {
+                namespace: "ops".into(),
+                service_account: "probe".into(),
+            }],
+            ..sec::Match::default()
+        };
+        let ext = sec::Match {
+            destination_ports: vec![8080],
+            extensions: vec![vec![0x0a, 0x03, b'e', b'x', b't']],
+            ..sec::Match::default()
+        };
+        let policy = |action: sec::Action| sec::Authorization {
+            name: "p".into(),
+            namespace: "ns".into(),
+            action: action as i32,
+            rules: vec![rule(sa.clone()), rule(ext.clone())],
+            ..sec::Authorization::default()
+        };
+        let wire = |p: sec::Authorization| {
+            sec::Authorization::decode(p.encode_to_vec().as_slice()).unwrap()
+        };
+
+        let (allow, report) =
+            authorization_from_proto("ns/p", wire(policy(sec::Action::Allow))).unwrap();
+        assert_eq!(
+            allow.rules.len(),
+            1,
+            "the ALLOW rule with an extension is left out"
+        );
+        assert_eq!(
+            allow.rules[0].clauses[0].matches[0].service_accounts.len(),
+            1
+        );
+        assert_eq!(report.len(), 1);
+        assert_eq!(
+            report[0].to_string(),
+            "authorization ns/p: rules[1]: extensions cannot be enforced by ztunnel; the rule matches nothing"
+        );
+
+        let (deny, report) =
+            authorization_from_proto("ns/p", wire(policy(sec::Action::Deny))).unwrap();
+        assert_eq!(deny.rules.len(), 2, "the DENY rule stays");
+        assert_eq!(
+            deny.rules[1].clauses[0].matches[0].destination_ports,
+            vec![8080]
+        );
+        assert_eq!(report[0].rule, 1);
+        assert_eq!(
+            report[0].effect,
+            "the condition is dropped, so the rule denies more"
         );
     }
 }

@@ -3,8 +3,10 @@
 //! Field numbers, types and full message names are what matter on the wire;
 //! they follow Envoy's `envoy/service/discovery/v3/discovery.proto`, Istio's
 //! `workload.proto` and `authorization.proto` (as ztunnel vendors them) and
-//! `security/v1alpha1/ca.proto`. Fields Weft does not use yet are left out:
-//! protobuf skips unknown fields, so peers that send them are still understood.
+//! `security/v1alpha1/ca.proto`. Fields Weft does not use yet are left out
+//! where skipping them is harmless; in `istio.security.Match`, where a skipped
+//! condition would widen an ALLOW, every field is modelled (see
+//! `convert::authorization_from_proto` for what cannot be enforced).
 
 /// `envoy.service.discovery.v3` (delta ADS) and `google.rpc.Status`.
 pub mod discovery {
@@ -156,6 +158,8 @@ pub mod workload {
         /// Services this workload backs, keyed `namespace/hostname`.
         #[prost(btree_map = "string, message", tag = "22")]
         pub services: BTreeMap<String, PortList>,
+        #[prost(enumeration = "NetworkMode", tag = "25")]
+        pub network_mode: i32,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -245,6 +249,13 @@ pub mod workload {
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
     #[repr(i32)]
+    pub enum NetworkMode {
+        Standard = 0,
+        HostNetwork = 1,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+    #[repr(i32)]
     pub enum WorkloadType {
         Deployment = 0,
         Cronjob = 1,
@@ -320,6 +331,22 @@ pub mod security {
         pub destination_ports: Vec<u32>,
         #[prost(uint32, repeated, tag = "10")]
         pub not_destination_ports: Vec<u32>,
+        #[prost(message, repeated, tag = "11")]
+        pub service_accounts: Vec<ServiceAccountMatch>,
+        #[prost(message, repeated, tag = "12")]
+        pub not_service_accounts: Vec<ServiceAccountMatch>,
+        /// `istio.workload.Extension` conditions, kept opaque: a data plane
+        /// that runs none must only know there are some.
+        #[prost(bytes = "vec", repeated, tag = "13")]
+        pub extensions: Vec<Vec<u8>>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ServiceAccountMatch {
+        #[prost(string, tag = "1")]
+        pub namespace: String,
+        #[prost(string, tag = "2")]
+        pub service_account: String,
     }
 
     /// A CIDR: raw address bytes and prefix length.

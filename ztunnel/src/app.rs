@@ -79,6 +79,7 @@ fn read_local_config(path: &Path) -> Result<(LocalConfig, String), AppError> {
 /// Runs ztunnel until a shutdown signal.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
     let state = Arc::new(Store::new(LocalConfig::default()));
+    let metrics = Arc::new(Metrics::default());
     let synced = Arc::new(AtomicBool::new(false));
     let mut local_text = None;
     let certs = match &cfg.source {
@@ -140,6 +141,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 state: state.clone(),
                 synced: synced.clone(),
                 cache: Cache::default(),
+                metrics: metrics.clone(),
             };
             tokio::spawn(client.run());
             let signer = Signer::Remote {
@@ -151,7 +153,6 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             certs
         }
     };
-    let metrics = Arc::new(Metrics::default());
 
     // Capture first, adopting what a previous ztunnel pinned: its pod map
     // stays as it is until this process knows the mesh, so pods captured

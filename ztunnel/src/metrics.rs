@@ -66,6 +66,8 @@ pub enum RefusalReason {
     upstream_connect,
     hbone_connect,
     overloaded,
+    /// Several workloads claim the destination address.
+    ambiguous_address,
     /// An authorization policy (or PeerAuthentication STRICT) denied it.
     policy_denied,
 }
@@ -119,6 +121,7 @@ pub struct Metrics {
     pub redirects: Family<RedirectLabels, Counter>,
     pub policy_denials: Family<PolicyLabels, Counter>,
     pub policy_dry_run: Family<PolicyLabels, Counter>,
+    pub unenforceable: Counter,
 }
 
 /// One side of a connection, as the labels describe it.
@@ -143,6 +146,7 @@ impl Default for Metrics {
             redirects: Family::default(),
             policy_denials: Family::default(),
             policy_dry_run: Family::default(),
+            unenforceable: Counter::default(),
         };
         m.registry.register(
             "istio_tcp_connections_opened",
@@ -183,6 +187,11 @@ impl Default for Metrics {
             "weft_policy_dry_run_matches",
             "Connections a dry-run (or AUDIT) policy matched; never enforced",
             m.policy_dry_run.clone(),
+        );
+        m.registry.register(
+            "weft_policy_unenforceable_conditions",
+            "Policy conditions received that ztunnel cannot evaluate, applied so the policy denies more",
+            m.unenforceable.clone(),
         );
         m
     }

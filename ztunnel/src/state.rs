@@ -8,13 +8,18 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
+use tracing::warn;
 use weft_api::authz::{self, Connection, DenyReason, Scope, Verdict};
 use weft_api::{Authorization, LocalConfig, Service, TunnelProtocol, Workload};
 
 /// Indexed workloads, services and policies.
 #[derive(Debug, Default)]
 pub struct State {
+    /// The one workload each address resolves to (see [`rank`]).
     workloads: HashMap<IpAddr, Arc<Workload>>,
+    /// Addresses claimed by equally ranked workloads, with their uids: they
+    /// resolve to nothing, and connections to or from them are refused.
+    ambiguous: HashMap<IpAddr, Vec<String>>,
     by_uid: HashMap<String, Arc<Workload>>,
     services: HashMap<IpAddr, Arc<Service>>,
     /// Root-namespace policies: every destination.
@@ -56,6 +61,25 @@ pub enum ResolveError {
     NoServicePort { service: String, port: u16 },
     #[error("service {service} has no endpoints for port {port}")]
     NoEndpoints { service: String, port: u16 },
+    #[error("{ip} is claimed by several workloads ({}); refusing rather than guessing", .uids.join(", "))]
+    AmbiguousAddress { ip: IpAddr, uids: Vec<String> },
+}
+
+/// Istio's order among workloads that claim one address: a captured pod,
+/// then a pod, then another captured workload, then the rest. Host-network
+/// pods never claim an address (it is their node's).
+fn rank(w: &Workload) -> Option<u8> {
+    if w.host_network {
+        return None;
+    }
+    let pod = w.uid.contains("//Pod/");
+    let hbone = w.protocol == TunnelProtocol::Hbone;
+    Some(match (pod, hbone) {
+        (true, true) => 3,
+        (true, false) => 2,
+        (false, true) => 1,
+        (false, false) => 0,
+    })
 }
 
 // === impl State ===
@@ -63,12 +87,32 @@ pub enum ResolveError {
 impl State {
     pub fn new(config: LocalConfig) -> Self {
         let mut s = State::default();
+        let mut claims: HashMap<IpAddr, Vec<(u8, Arc<Workload>)>> = HashMap::new();
         for w in &config.workloads {
             let w = Arc::new(w.clone());
-            for ip in &w.addresses {
-                s.workloads.insert(*ip, w.clone());
+            if let Some(rank) = rank(&w) {
+                for ip in &w.addresses {
+                    claims.entry(*ip).or_default().push((rank, w.clone()));
+                }
             }
             s.by_uid.insert(w.uid.clone(), w);
+        }
+        // Never by arrival order: the best rank wins; a tie at the top is
+        // refused (a control plane should never send one; Weft's does not).
+        for (ip, mut claimants) in claims {
+            claimants.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.uid.cmp(&b.1.uid)));
+            let top = claimants[0].0;
+            let tied: Vec<String> = claimants
+                .iter()
+                .take_while(|(r, _)| *r == top)
+                .map(|(_, w)| w.uid.clone())
+                .collect();
+            if tied.len() > 1 {
+                warn!(%ip, workloads = ?tied, "several workloads claim one address; it resolves to none of them");
+                s.ambiguous.insert(ip, tied);
+            } else {
+                s.workloads.insert(ip, claimants.swap_remove(0).1);
+            }
         }
         for svc in &config.services {
             let svc = Arc::new(svc.clone());
@@ -225,6 +269,12 @@ pub fn resolve(state: &State, dst: SocketAddr, pick: usize) -> Result<Upstream, 
         let target = SocketAddr::new(w.addresses[0], target_port);
         return Ok(upstream_for(Some(w.clone()), Some(svc.clone()), target));
     }
+    if let Some(uids) = state.ambiguous.get(&dst.ip()) {
+        return Err(ResolveError::AmbiguousAddress {
+            ip: dst.ip(),
+            uids: uids.clone(),
+        });
+    }
     let workload = state.workload_by_ip(dst.ip()).cloned();
     let service = workload.as_ref().and_then(|w| {
         state
@@ -371,6 +421,76 @@ mod tests {
             let got = resolve(&st, sa(dst), pick).map(|u| kind(&u));
             assert_eq!(got, want.map(String::from), "{dst} pick {pick}");
         }
+    }
+
+    /// An address claimed by several workloads resolves by Istio's rank
+    /// (captured pod, pod, captured non-pod, other), whatever the order they
+    /// arrived in; a tie at the top resolves to none and is refused, and
+    /// host-network pods claim nothing.
+    #[test]
+    fn address_claims_ranked_never_by_order() {
+        let ip = "10.244.1.10";
+        let captured = pod("captured", "shop", "a", ip, "n1", true);
+        let plain = pod("plain", "shop", "b", ip, "n1", false);
+        let twin = pod("twin", "shop", "c", ip, "n1", true);
+        let mut host = pod("host", "kube-system", "d", ip, "n1", false);
+        host.host_network = true;
+        let mut entry = pod("entry", "shop", "e", ip, "n1", true);
+        entry.uid = "Kubernetes/networking.istio.io/ServiceEntry/shop/entry".into();
+        let cases: Vec<(&str, Vec<&Workload>, Option<&str>)> = vec![
+            (
+                "captured pod over plain pod",
+                vec![&captured, &plain],
+                Some("captured"),
+            ),
+            (
+                "same, other order",
+                vec![&plain, &captured],
+                Some("captured"),
+            ),
+            (
+                "pod over captured non-pod",
+                vec![&entry, &plain],
+                Some("plain"),
+            ),
+            (
+                "host-network claims nothing",
+                vec![&host, &plain],
+                Some("plain"),
+            ),
+            ("host-network alone: no address", vec![&host], None),
+            ("two captured pods: none", vec![&captured, &twin], None),
+            (
+                "same, other order: none",
+                vec![&twin, &plain, &captured],
+                None,
+            ),
+        ];
+        for (what, workloads, want) in cases {
+            let st = State::new(LocalConfig {
+                workloads: workloads.into_iter().cloned().collect(),
+                ..LocalConfig::default()
+            });
+            let got = st
+                .workload_by_ip(ip.parse().unwrap())
+                .map(|w| w.name.as_str());
+            assert_eq!(got, want, "{what}");
+        }
+        let st = State::new(LocalConfig {
+            workloads: vec![twin.clone(), captured.clone()],
+            ..LocalConfig::default()
+        });
+        assert_eq!(
+            resolve(&st, sa("10.244.1.10:80"), 0),
+            Err(ResolveError::AmbiguousAddress {
+                ip: ip.parse().unwrap(),
+                uids: vec![captured.uid.clone(), twin.uid.clone()],
+            })
+        );
+        assert!(
+            st.workload_by_uid(&twin.uid).is_some(),
+            "still known by uid"
+        );
     }
 
     /// Released pods drain while they stay on the node, then leave the map.

@@ -19,6 +19,7 @@ use weft_xds::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, 
 use weft_xds::proto::{security, workload};
 use weft_xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, TYPES};
 
+use crate::metrics::Metrics;
 use crate::state::Store;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -41,8 +42,9 @@ impl Cache {
     /// Applies one response. Good resources are applied even when others in
     /// the same response are refused; the refusals are returned for the NACK
     /// and the previous version of each refused resource stays.
-    pub fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<String> {
+    pub fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Applied {
         let mut errors = Vec::new();
+        let mut narrowed = Vec::new();
         for r in &resp.resources {
             let value = r
                 .resource
@@ -64,7 +66,8 @@ impl Cache {
                             convert::authorization_from_proto(&r.name, m).map_err(|e| e.to_string())
                         });
                     match decoded {
-                        Ok(p) => {
+                        Ok((p, unenforceable)) => {
+                            narrowed.extend(unenforceable.iter().map(ToString::to_string));
                             self.policies.insert(r.name.clone(), (r.version.clone(), p));
                         }
                         Err(e) => errors.push(e),
@@ -84,7 +87,7 @@ impl Cache {
                 _ => {}
             }
         }
-        errors
+        Applied { errors, narrowed }
     }
 
     /// What the proxy indexes.
@@ -130,6 +133,15 @@ fn decode_address(name: &str, value: &[u8]) -> Result<AddressEntry, String> {
     }
 }
 
+/// What applying one response did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Resources refused (NACKed); their previous version stays.
+    pub errors: Vec<String>,
+    /// Policy conditions ztunnel cannot enforce, applied in the safe direction.
+    pub narrowed: Vec<String>,
+}
+
 /// The client: one stream at a time, reconnecting with backoff.
 #[derive(Debug)]
 pub struct XdsClient {
@@ -140,6 +152,7 @@ pub struct XdsClient {
     /// Set once a first response of every type has been applied.
     pub synced: Arc<AtomicBool>,
     pub cache: Cache,
+    pub metrics: Arc<Metrics>,
 }
 
 impl XdsClient {
@@ -220,7 +233,11 @@ impl XdsClient {
                 Err(s) => return Err((progressed, format!("{:?}: {}", s.code(), s.message()))),
             };
             progressed = true;
-            let errors = self.cache.apply(&resp);
+            let Applied { errors, narrowed } = self.cache.apply(&resp);
+            for what in &narrowed {
+                warn!(component = "xds", message = %what, "policy condition not enforceable; applied in the safe direction");
+                self.metrics.unenforceable.inc();
+            }
             self.state.replace(self.cache.config());
             debug!(
                 component = "xds",

@@ -71,6 +71,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
             let reason = match e {
                 ResolveError::NoEndpoints { .. } => RefusalReason::no_endpoints,
                 ResolveError::NoServicePort { .. } => RefusalReason::unknown_destination,
+                ResolveError::AmbiguousAddress { .. } => RefusalReason::ambiguous_address,
             };
             return refused(m, DIR, reason, peer_addr, orig_dst, &e);
         }
