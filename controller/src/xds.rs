@@ -17,7 +17,7 @@ use tonic::codec::Streaming;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 use weft_api::{Identity, LocalConfig};
-use weft_xds::convert::{address_resources, authorization_to_proto};
+use weft_xds::convert::{address_alias, address_resources, authorization_to_proto, service_key};
 use weft_xds::grpc::{ControlPlane, bearer_token};
 use weft_xds::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
 use weft_xds::proto::discovery::SharedAny as Any;
@@ -34,6 +34,70 @@ use weft_hbone::ca::VerifiedCsr;
 pub struct Versioned {
     pub version: String,
     pub any: Any,
+    /// Other names it is known by (an Address's `network/ip`s), sent as
+    /// `Resource.aliases` as istiod does.
+    pub aliases: Vec<String>,
+}
+
+/// What on-demand Address subscriptions resolve through, as istiod serves
+/// Istio's ztunnel with `XDS_ON_DEMAND=true`: a node's own workloads unasked,
+/// names by uid, `network/ip` or `namespace/hostname`, and a service's
+/// workloads with it.
+#[derive(Debug, Default)]
+pub struct OnDemand {
+    /// `network/ip` → the Address resources at that address.
+    by_address: BTreeMap<String, BTreeSet<String>>,
+    /// Node → its workloads' resource names.
+    by_node: BTreeMap<String, BTreeSet<String>>,
+    /// Service resource name → the workloads behind it.
+    behind: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl OnDemand {
+    fn build(cfg: &LocalConfig) -> Self {
+        let mut index = OnDemand::default();
+        for w in &cfg.workloads {
+            index
+                .by_node
+                .entry(w.node.clone())
+                .or_default()
+                .insert(w.uid.clone());
+            for ip in &w.addresses {
+                index
+                    .by_address
+                    .entry(address_alias(ip))
+                    .or_default()
+                    .insert(w.uid.clone());
+            }
+        }
+        for svc in &cfg.services {
+            let key = service_key(svc);
+            for vip in &svc.vips {
+                index
+                    .by_address
+                    .entry(address_alias(vip))
+                    .or_default()
+                    .insert(key.clone());
+            }
+            let behind = svc.endpoints.iter().map(|ep| ep.workload_uid.clone());
+            index.behind.entry(key).or_default().extend(behind);
+        }
+        index
+    }
+
+    /// The Address resources `node`'s subscription to `names` covers.
+    fn resolve(&self, node: &str, names: &BTreeSet<String>) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self.by_node.get(node).cloned().unwrap_or_default();
+        for name in names {
+            let direct = std::iter::once(name);
+            let aliased = self.by_address.get(name).into_iter().flatten();
+            for resource in direct.chain(aliased) {
+                out.insert(resource.clone());
+                out.extend(self.behind.get(resource).into_iter().flatten().cloned());
+            }
+        }
+        out
+    }
 }
 
 /// Everything the control plane serves at one moment.
@@ -47,6 +111,8 @@ pub struct Published {
     pub generation: u64,
     /// Type URL → names added, changed or removed since the previous generation.
     pub changes: BTreeMap<&'static str, BTreeSet<String>>,
+    /// How on-demand Address subscriptions resolve.
+    pub on_demand: OnDemand,
 }
 
 impl Published {
@@ -60,7 +126,7 @@ impl Published {
         let mut resources: BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>> =
             BTreeMap::new();
         let mut changes: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
-        let mut put = |ty: &'static str, name: String, any: Any| {
+        let mut put = |ty: &'static str, name: String, any: Any, aliases: Vec<String>| {
             let version = version_of(&any.value);
             let reused = previous
                 .resources
@@ -70,16 +136,38 @@ impl Published {
                 .cloned();
             let v = reused.unwrap_or_else(|| {
                 changes.entry(ty).or_default().insert(name.clone());
-                Arc::new(Versioned { version, any })
+                Arc::new(Versioned {
+                    version,
+                    any,
+                    aliases,
+                })
             });
             resources.entry(ty).or_default().insert(name, v);
         };
+        let mut aliases: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for w in &cfg.workloads {
+            aliases.insert(&w.uid, w.addresses.iter().map(address_alias).collect());
+        }
+        let service_keys: Vec<(String, Vec<String>)> = cfg
+            .services
+            .iter()
+            .map(|s| (service_key(s), s.vips.iter().map(address_alias).collect()))
+            .collect();
+        for (key, vips) in &service_keys {
+            aliases.insert(key, vips.clone());
+        }
         for (name, addr) in address_resources(cfg) {
-            put(ADDRESS_TYPE, name, to_any(ADDRESS_TYPE, &addr));
+            let names = aliases.get(name.as_str()).cloned().unwrap_or_default();
+            put(ADDRESS_TYPE, name, to_any(ADDRESS_TYPE, &addr), names);
         }
         for p in &cfg.policies {
             let (name, msg) = authorization_to_proto(p);
-            put(AUTHORIZATION_TYPE, name, to_any(AUTHORIZATION_TYPE, &msg));
+            put(
+                AUTHORIZATION_TYPE,
+                name,
+                to_any(AUTHORIZATION_TYPE, &msg),
+                Vec::new(),
+            );
         }
         for (ty, old) in &previous.resources {
             let new = resources.get(ty);
@@ -100,6 +188,7 @@ impl Published {
             identities,
             generation: previous.generation + 1,
             changes,
+            on_demand: OnDemand::build(cfg),
         }
     }
 }
@@ -245,13 +334,16 @@ impl ControlPlane for Controller {
 struct Subscription {
     wildcard: bool,
     names: BTreeSet<String>,
+    /// Non-wildcard Address subscriptions: the resources `names` resolve to
+    /// (see [`OnDemand`]), as of the last push.
+    resolved: BTreeSet<String>,
     /// Name → version the client holds.
     sent: HashMap<String, String>,
 }
 
 impl Subscription {
     fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
+        self.wildcard || self.names.contains(name) || self.resolved.contains(name)
     }
 }
 
@@ -322,7 +414,7 @@ impl AdsStream {
                     let diff = if published.generation == self.seen + 1 { Diff::Changes } else { Diff::Full };
                     let types: Vec<&'static str> = self.subs.keys().copied().collect();
                     for ty in types {
-                        if self.push(ty, &published, diff, metrics).await.is_err() {
+                        if self.push(ty, &published, diff, Vec::new(), metrics).await.is_err() {
                             return;
                         }
                     }
@@ -342,9 +434,22 @@ impl AdsStream {
             ADDRESS_TYPE => ADDRESS_TYPE,
             AUTHORIZATION_TYPE => AUTHORIZATION_TYPE,
             other => {
-                return Err(Status::invalid_argument(format!(
-                    "unsupported type_url {other:?}"
-                )));
+                // Not ours to serve: an empty answer, so the client is not
+                // left waiting and the stream carries on (its ACK needs none).
+                if req.response_nonce.is_empty() {
+                    info!(component = "xds", node = %self.caller.node, type_url = other, "type not served; answering empty");
+                    self.nonce += 1;
+                    let empty = DeltaDiscoveryResponse {
+                        type_url: other.to_string(),
+                        nonce: self.nonce.to_string(),
+                        ..DeltaDiscoveryResponse::default()
+                    };
+                    self.tx
+                        .send(Ok(empty))
+                        .await
+                        .map_err(|_| Status::cancelled("client gone"))?;
+                }
+                return Ok(());
             }
         };
         if let Some(node) = &req.node {
@@ -376,11 +481,13 @@ impl AdsStream {
             sub.sent = req.initial_resource_versions.into_iter().collect();
         }
         let mut changed = first;
+        let mut asked = Vec::new();
         for name in req.resource_names_subscribe {
             changed = true;
             if name == "*" {
                 sub.wildcard = true;
             } else {
+                asked.push(name.clone());
                 sub.names.insert(name);
             }
         }
@@ -398,22 +505,48 @@ impl AdsStream {
             let published = self.published.borrow().clone();
             // The first response goes out even when empty: clients wait for it to be ready.
             let diff = if first { Diff::FullAlways } else { Diff::Full };
-            self.push(ty, &published, diff, metrics).await?;
+            // Istio's ztunnel waits for each name it asks for to come back as
+            // a resource name or a removal: names that are only aliases
+            // (`network/ip`) or unknown are answered as removed, beside the
+            // resources they resolve to.
+            let current = published.resources.get(ty);
+            let not_names: Vec<String> = asked
+                .into_iter()
+                .filter(|n| !current.is_some_and(|c| c.contains_key(n)))
+                .collect();
+            let diff = if not_names.is_empty() {
+                diff
+            } else {
+                Diff::FullAlways
+            };
+            self.push(ty, &published, diff, not_names, metrics).await?;
         }
         Ok(())
     }
 
-    /// Sends what the client lacks of `ty` in `published`.
+    /// Sends what the client lacks of `ty` in `published`; `not_found` are
+    /// names asked for that are no resource's, answered as removed.
     async fn push(
         &mut self,
         ty: &'static str,
         published: &Published,
         diff: Diff,
+        not_found: Vec<String>,
         metrics: &Metrics,
     ) -> Result<(), Status> {
         let Some(sub) = self.subs.get_mut(ty) else {
             return Ok(());
         };
+        let mut diff = diff;
+        if ty == ADDRESS_TYPE && !sub.wildcard {
+            let resolved = published.on_demand.resolve(&self.caller.node, &sub.names);
+            if resolved != sub.resolved {
+                sub.resolved = resolved;
+                if matches!(diff, Diff::Changes) {
+                    diff = Diff::Full;
+                }
+            }
+        }
         let empty = BTreeMap::new();
         let current = published.resources.get(ty).unwrap_or(&empty);
         let no_changes = BTreeSet::new();
@@ -436,7 +569,7 @@ impl AdsStream {
                         version: res.version.clone(),
                         resource: Some(res.any.clone()),
                         name: name.clone(),
-                        aliases: Vec::new(),
+                        aliases: res.aliases.clone(),
                     });
                 }
                 Some(_) => {}
@@ -444,6 +577,7 @@ impl AdsStream {
                 None => {}
             }
         }
+        removed.extend(not_found);
         let always = matches!(diff, Diff::FullAlways);
         if resources.is_empty() && removed.is_empty() && !always {
             return Ok(());

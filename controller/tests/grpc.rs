@@ -88,10 +88,15 @@ fn write(path: &Path, text: &str) {
 }
 
 async fn start(name: &str) -> Running {
+    start_with(name, &manifests("v1")).await
+}
+
+/// A controller serving `mesh` (manifests) from the start.
+async fn start_with(name: &str, mesh: &str) -> Running {
     let dir = std::env::temp_dir().join(format!("weft-ctl-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("manifests")).unwrap();
-    write(&dir.join("manifests/mesh.yaml"), &manifests("v1"));
+    write(&dir.join("manifests/mesh.yaml"), mesh);
     std::fs::write(
         dir.join("tokens"),
         format!("node-1 {TOKEN_1}\nnode-2 {TOKEN_2}\n"),
@@ -421,45 +426,116 @@ async fn delta_ads_sends_only_changes() {
         again.resources.iter().map(|r| &r.name).collect::<Vec<_>>()
     );
     assert_eq!(again.removed_resources, ["Kubernetes//Pod/shop/web"]);
+}
 
-    // By name, as Istio's on-demand mode does: "*" in both lists means
-    // nothing, then one name at a time; unsubscribing sends a removal.
+/// Istio's ztunnel with `XDS_ON_DEMAND=true`, as istiod serves it: "*" in
+/// both lists subscribes to nothing, yet the caller's node's workloads come
+/// unasked; names are asked by uid, `network/ip` or `namespace/hostname`; an
+/// address name comes back as the resource with that alias, and as removed
+/// (Istio's ztunnel waits for the very name it asked); a Service comes with
+/// its workloads; an unknown name is answered removed; a type the controller
+/// does not serve is answered empty and the stream carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_ads_on_demand_as_istio_asks() {
+    let mesh = manifests("v1").replace("labels: {version: v1}", "labels: {app: web, version: v1}");
+    let ctl = start_with("ondemand", &mesh).await;
+    let client = "Kubernetes//Pod/shop/client".to_string();
+    let web = "Kubernetes//Pod/shop/web".to_string();
+    let svc = "shop/web.shop.svc.cluster.local".to_string();
+    let names = |r: &DeltaDiscoveryResponse| {
+        let mut v: Vec<String> = r.resources.iter().map(|r| r.name.clone()).collect();
+        v.sort();
+        v
+    };
     let (tx, rx) = mpsc::channel(8);
-    tx.send(DeltaDiscoveryRequest {
+    let ask = |names: &[&str]| DeltaDiscoveryRequest {
         type_url: ADDRESS_TYPE.into(),
-        resource_names_subscribe: vec!["*".into()],
-        resource_names_unsubscribe: vec!["*".into()],
+        resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
         ..DeltaDiscoveryRequest::default()
+    };
+    tx.send(DeltaDiscoveryRequest {
+        resource_names_unsubscribe: vec!["*".into()],
+        ..ask(&["*"])
     })
     .await
     .unwrap();
     let mut stream = delta_ads(ctl.channel.clone(), TOKEN_1, ReceiverStream::new(rx))
         .await
         .unwrap();
-    let nothing = next(&mut stream).await;
-    assert!(nothing.resources.is_empty() && nothing.removed_resources.is_empty());
-    let client = "Kubernetes//Pod/shop/client".to_string();
+    let own = next(&mut stream).await;
+    assert_eq!(
+        names(&own),
+        [client.as_str()],
+        "node-1's own workload, unasked"
+    );
+    assert_eq!(own.resources[0].aliases, ["/10.244.1.10"]);
+
+    tx.send(ask(&["/10.244.2.10"])).await.unwrap();
+    let by_ip = next(&mut stream).await;
+    assert_eq!(names(&by_ip), [web.as_str()]);
+    assert_eq!(by_ip.resources[0].aliases, ["/10.244.2.10"]);
+    assert_eq!(
+        by_ip.removed_resources,
+        ["/10.244.2.10"],
+        "the asked name, released"
+    );
+
+    tx.send(ask(&["/10.96.0.10"])).await.unwrap();
+    let by_vip = next(&mut stream).await;
+    assert_eq!(
+        names(&by_vip),
+        [svc.as_str()],
+        "the pod behind it was sent already"
+    );
+    let decoded = Address::decode(
+        by_vip.resources[0]
+            .resource
+            .as_ref()
+            .unwrap()
+            .value
+            .as_ref(),
+    )
+    .unwrap();
+    match decoded.r#type {
+        Some(address::Type::Service(s)) => {
+            assert!(s.canonical, "a Kubernetes Service is canonical")
+        }
+        other => panic!("not a service: {other:?}"),
+    }
+
+    tx.send(ask(&["/10.9.9.9"])).await.unwrap();
+    let unknown = next(&mut stream).await;
+    assert!(unknown.resources.is_empty());
+    assert_eq!(unknown.removed_resources, ["/10.9.9.9"]);
+
+    let cluster = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
     tx.send(DeltaDiscoveryRequest {
-        type_url: ADDRESS_TYPE.into(),
-        resource_names_subscribe: vec![client.clone()],
+        type_url: cluster.into(),
         ..DeltaDiscoveryRequest::default()
     })
     .await
     .unwrap();
-    let one = next(&mut stream).await;
-    assert_eq!(
-        one.resources.iter().map(|r| &r.name).collect::<Vec<_>>(),
-        [&client]
-    );
+    let empty = next(&mut stream).await;
+    assert_eq!(empty.type_url, cluster);
+    assert!(empty.resources.is_empty() && empty.removed_resources.is_empty());
+    tx.send(ack(&empty, None)).await.unwrap();
+
+    // Unsubscribing the addresses removes what they brought; asking for the
+    // service by hostname brings it back with the pod behind it (and the
+    // stream still answers after the unserved type).
     tx.send(DeltaDiscoveryRequest {
-        type_url: ADDRESS_TYPE.into(),
-        resource_names_unsubscribe: vec![client.clone()],
-        ..DeltaDiscoveryRequest::default()
+        resource_names_unsubscribe: vec!["/10.244.2.10".into(), "/10.96.0.10".into()],
+        ..ask(&[])
     })
     .await
     .unwrap();
     let gone = next(&mut stream).await;
-    assert_eq!(gone.removed_resources, [client]);
+    let mut removed = gone.removed_resources.clone();
+    removed.sort();
+    assert_eq!(removed, [web.clone(), svc.clone()]);
+    tx.send(ask(&[&svc])).await.unwrap();
+    let with_pods = next(&mut stream).await;
+    assert_eq!(names(&with_pods), [web, svc]);
 }
 
 /// `/debug/status` shows each policy resource's Accepted condition, with the

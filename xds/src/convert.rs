@@ -164,7 +164,16 @@ fn service_to_proto(svc: &Service) -> pw::Service {
             .collect(),
         subject_alt_names: Vec::new(),
         waypoint: None,
+        // Every service here is a Kubernetes Service, which istiod always
+        // marks canonical.
+        canonical: true,
     }
+}
+
+/// The `network/ip` names an address is looked up by (Istio's on-demand
+/// keys; the network is empty here): `/10.244.1.10`.
+pub fn address_alias(ip: &IpAddr) -> String {
+    format!("/{ip}")
 }
 
 /// A policy as `istio.security.Authorization`, with its xDS name.

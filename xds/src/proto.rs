@@ -178,6 +178,10 @@ pub mod workload {
         pub subject_alt_names: Vec<String>,
         #[prost(message, optional, tag = "7")]
         pub waypoint: Option<GatewayAddress>,
+        /// Takes priority in hostname lookups outside the client's namespace;
+        /// istiod sets it on every Kubernetes Service.
+        #[prost(bool, tag = "11")]
+        pub canonical: bool,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
