@@ -336,3 +336,85 @@ spec:
     ensure!(reaches(outsider, metrics_port) && reaches(client, web));
     Ok(())
 }
+
+/// A second pod of shop's `client` service account, on node-1 beside `client`.
+const CLIENT_2: &str = r#"
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client-2
+  namespace: shop
+  labels: {app: client}
+spec:
+  nodeName: node-1
+  serviceAccountName: client
+  containers: [{name: app, image: client}]
+status:
+  podIP: 10.244.1.12
+"#;
+
+/// HBONE as Istio's ztunnel expects it: two pods of one service account on
+/// one node call one destination; each is seen there with its own address,
+/// over its own HBONE connection dialled from that address (Istio takes the
+/// TCP peer as the source and refuses a CONNECT to another address than the
+/// one dialled), never from the node's. An ipBlocks ALLOW on one pod's /32
+/// admits that pod and not its twin.
+#[test]
+fn hbone_dialled_from_each_source_pod() -> Result<()> {
+    let lab = Lab::up(LabOptions::new("hbone-src", &format!("{MESH}{CLIENT_2}")))?;
+    let (client, twin, web1) = (
+        lab.pod("shop/client"),
+        lab.pod("shop/client-2"),
+        lab.pod("shop/web-1"),
+    );
+    let _w1 = apps::serve(web1, 8080, App::WhoAmI)?;
+    let remote = addr(web1, 8080);
+    let node2 = lab.node("node-2");
+    let pcap = lab.dir().join("hbone.pcap");
+    let cap = weft_tests::tcpdump::Tcpdump::start(&node2.netns, &node2.underlay_iface, &pcap)?;
+    for from in [client, twin] {
+        ensure!(reaches(from, remote), "{} is not seen as itself", from.name);
+    }
+    let pcap = cap.stop()?;
+    // The opening SYN of every HBONE connection that reached node-2.
+    let syns = weft_tests::tcpdump::read(
+        &pcap,
+        "tcp dst port 15008 and tcp[tcpflags] & tcp-syn != 0 and tcp[tcpflags] & tcp-ack == 0",
+    )?;
+    let sources: std::collections::BTreeSet<String> = syns
+        .iter()
+        .filter_map(|l| {
+            l.split_once(" IP ")?
+                .1
+                .split_once(" > ")?
+                .0
+                .rsplit_once('.')
+        })
+        .map(|(ip, _port)| ip.to_string())
+        .collect();
+    let want: std::collections::BTreeSet<String> =
+        [client.ip.to_string(), twin.ip.to_string()].into();
+    ensure!(
+        sources == want,
+        "HBONE connections came from {sources:?}, want one from each pod {want:?}: {syns:?}"
+    );
+
+    apply(
+        &lab,
+        "policy.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-from-twin, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - from:
+    - source: {ipBlocks: ["10.244.1.12/32"]}
+"#,
+        || !reaches(client, remote),
+    )?;
+    ensure!(reaches(twin, remote), "the /32 of client-2 is allowed");
+    Ok(())
+}

@@ -33,8 +33,12 @@ use crate::metrics::{
 };
 use crate::state::{State, Store};
 
-/// Pooled HBONE connections: (source identity, destination identity, destination node).
-pub type PoolKey = (Identity, Identity, String);
+/// Pooled HBONE connections, keyed as Istio's ztunnel keys them: (source pod
+/// address, source identity, destination identity, destination pod
+/// address:15008). Istio refuses a CONNECT whose target is not the address
+/// the connection was dialled to, and takes the TCP peer as the source, so a
+/// connection serves one source pod and one destination pod.
+pub type PoolKey = (IpAddr, Identity, Identity, SocketAddr);
 
 /// Everything a connection handler needs.
 #[derive(Debug)]

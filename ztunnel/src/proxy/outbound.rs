@@ -12,14 +12,16 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderValue};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use weft_api::{Identity, Workload};
+use weft_api::Identity;
 use weft_hbone::H2Stream;
 use weft_hbone::client::ConnectError;
 use weft_hbone::server::forwarded_header;
 use weft_hbone::tls::server_name;
 
-use super::{ConnectionLog, ProxyInputs, forward, identity_of, peer, refused, splice};
-use crate::config::{CONNECT_TIMEOUT, HBONE_PORT};
+use super::{
+    ConnectionLog, ProxyInputs, forward, identity_of, peer, refused, splice, transparent_connect,
+};
+use crate::config::HBONE_PORT;
 use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
 use crate::state::{ResolveError, Upstream};
 
@@ -119,7 +121,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
                 peer(Some(&workload), Some(&dst_id), service.as_deref()),
                 SecurityPolicy::mutual_tls,
             );
-            match hbone_stream(&pi, &src_id, &dst_id, &workload, target, peer_addr).await {
+            match hbone_stream(&pi, &src_id, &dst_id, target, peer_addr).await {
                 Ok(mut tunnel) => {
                     let (up, down, err) = splice(&mut client, &mut tunnel).await;
                     log.close(m, up, down, err.as_ref());
@@ -151,13 +153,14 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
     }
 }
 
-/// A CONNECT stream to `target` on a pooled HBONE connection to the node of
-/// `dst`, authenticated as `src_id` and accepting only `dst_id`.
+/// A CONNECT stream to `target` on a pooled HBONE connection to
+/// `target`'s address on 15008, dialled from the client pod's own address
+/// (as Istio's in-pod ztunnel does: the far side takes the TCP peer as the
+/// source), authenticated as `src_id` and accepting only `dst_id`.
 async fn hbone_stream(
     pi: &ProxyInputs,
     src_id: &Identity,
     dst_id: &Identity,
-    dst: &Workload,
     target: SocketAddr,
     client: SocketAddr,
 ) -> Result<H2Stream, ConnectError> {
@@ -170,21 +173,20 @@ async fn hbone_stream(
     if let Ok(v) = HeaderValue::from_str(&forwarded_header(client.ip())) {
         headers.insert("forwarded", v);
     }
-    let key = (src_id.clone(), dst_id.clone(), dst.node.clone());
     let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
+    let key = (client.ip(), src_id.clone(), dst_id.clone(), hbone_addr);
     pi.pool
         .stream(&key, target, headers, || async move {
-            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(hbone_addr))
+            // Transparent, from the pod's address: the capture program hands
+            // the replies (to a local pod) back to this socket.
+            let tcp = transparent_connect(client.ip(), hbone_addr)
                 .await
-                .map_err(|_| {
+                .map_err(|e| {
                     std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "connect to {hbone_addr} timed out; is HBONE port 15008 reachable?"
-                        ),
+                        e.kind(),
+                        format!("connect to {hbone_addr}: {e}; is HBONE port 15008 reachable?"),
                     )
-                })??;
-            let _ = tcp.set_nodelay(true);
+                })?;
             let handshake = TlsConnector::from(tls).connect(server_name(hbone_addr.ip()), tcp);
             tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, handshake)
                 .await
