@@ -4,6 +4,7 @@
 //! Start at [`Pool::stream`]. The caller supplies how to open a connection (TCP +
 //! TLS with the right identities); the pool reuses it for up to
 //! [`MAX_STREAMS_PER_CONNECTION`] concurrent streams and opens more beyond that.
+//! [`Pool::evict_idle`] drops connections without streams, and empty keys.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,6 +12,7 @@ use std::hash::Hash;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -44,11 +46,16 @@ struct Shared {
     send: SendRequest<Bytes>,
     streams: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
+    /// When the last stream ended (or the connection opened).
+    idle_since: Arc<Mutex<Instant>>,
 }
 
 /// Decrements the connection's stream count when the stream ends.
 #[derive(Debug)]
-struct StreamGuard(Arc<AtomicUsize>);
+struct StreamGuard {
+    streams: Arc<AtomicUsize>,
+    idle_since: Arc<Mutex<Instant>>,
+}
 
 /// HBONE connections keyed by `K` (e.g. source identity, destination identity, peer).
 #[derive(Debug)]
@@ -151,6 +158,7 @@ impl<K: Hash + Eq + Clone> Pool<K> {
                         send,
                         streams: Arc::new(AtomicUsize::new(0)),
                         closed,
+                        idle_since: Arc::new(Mutex::new(Instant::now())),
                     };
                     list.push(c.clone());
                     c
@@ -158,23 +166,122 @@ impl<K: Hash + Eq + Clone> Pool<K> {
             }
         };
         shared.streams.fetch_add(1, Ordering::AcqRel);
-        let guard = StreamGuard(shared.streams.clone());
+        let guard = StreamGuard {
+            streams: shared.streams.clone(),
+            idle_since: shared.idle_since.clone(),
+        };
         let stream = connect(shared.send, target, headers).await?;
         Ok(stream.with_guard(Box::new(guard)))
     }
 
-    /// Open pooled connections, for metrics and tests.
-    pub fn connections(&self) -> usize {
-        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns
-            .values()
-            .map(|slot| slot.try_lock().map(|l| l.len()).unwrap_or(0))
-            .sum()
+    /// Drops connections that are closed or have had no stream for `idle`
+    /// (dropping the last handle closes the HTTP/2 connection), and keys left
+    /// with none, so the pool does not grow with every peer ever dialled.
+    /// A key being dialled right now is left alone. Returns the connections
+    /// still pooled.
+    pub fn evict_idle(&self, idle: Duration) -> usize {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = 0;
+        conns.retain(|_, slot| {
+            let Ok(mut list) = slot.try_lock() else {
+                return true;
+            };
+            list.retain(|c| {
+                let unused = c.streams.load(Ordering::Acquire) == 0
+                    && c.idle_since
+                        .lock()
+                        .map(|t| t.elapsed() >= idle)
+                        .unwrap_or(false);
+                !c.closed.load(Ordering::Acquire) && !unused
+            });
+            open += list.len();
+            !list.is_empty()
+        });
+        open
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if self.streams.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Ok(mut t) = self.idle_since.lock()
+        {
+            *t = Instant::now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::server::{ServeOptions, StreamBudget, serve};
+
+    /// A CONNECT server on the far end of an in-memory pipe that echoes
+    /// each tunnel; `budget` bounds its streams.
+    fn dial(
+        budget: Arc<StreamBudget>,
+    ) -> impl Future<Output = Result<tokio::io::DuplexStream, std::io::Error>> {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let opts = ServeOptions {
+            peer: IpAddr::from([10, 0, 0, 1]),
+            budget,
+            idle_timeout: Duration::from_secs(60),
+        };
+        tokio::spawn(serve(
+            far,
+            opts,
+            || {},
+            |req| async move {
+                if let Ok(mut tunnel) = req.accept() {
+                    let mut buf = [0u8; 5];
+                    if tunnel.read_exact(&mut buf).await.is_ok() {
+                        let _ = tunnel.write_all(&buf).await;
+                        let _ = tunnel.shutdown().await;
+                    }
+                }
+            },
+        ));
+        async move { Ok(near) }
+    }
+
+    /// A pooled connection is reused while it has streams, dropped once it has
+    /// had none for the idle time, and its key goes with it.
+    #[tokio::test]
+    async fn idle_connections_are_evicted() {
+        let pool: Pool<u8> = Pool::default();
+        let budget = StreamBudget::new(10, 10);
+        let target: SocketAddr = "10.0.0.2:80".parse().unwrap_or_else(|_| unreachable!());
+        let mut a = pool
+            .stream(&1, target, HeaderMap::new(), || dial(budget.clone()))
+            .await
+            .expect("first stream");
+        let _b = pool
+            .stream(&1, target, HeaderMap::new(), || dial(budget.clone()))
+            .await
+            .expect("second stream, same connection");
+        assert_eq!(
+            pool.evict_idle(Duration::ZERO),
+            1,
+            "in use: kept, and shared"
+        );
+        a.write_all(b"hello").await.expect("write");
+        let mut back = [0u8; 5];
+        a.read_exact(&mut back).await.expect("echo");
+        assert_eq!(&back, b"hello");
+        drop((a, _b));
+        assert_eq!(
+            pool.evict_idle(Duration::from_secs(60)),
+            1,
+            "not idle long enough"
+        );
+        assert_eq!(pool.evict_idle(Duration::ZERO), 0, "idle: dropped");
+        assert!(
+            pool.conns.lock().map(|c| c.is_empty()).unwrap_or(false),
+            "key removed"
+        );
     }
 }

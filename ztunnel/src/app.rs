@@ -16,10 +16,12 @@ use weft_ebpf::routing::{PolicyRoute, RoutingError};
 use weft_ebpf::{Capture, CaptureConfig, CaptureError};
 use weft_hbone::ca::{Ca, CaError};
 use weft_hbone::client::Pool;
+use weft_hbone::server::StreamBudget;
 
 use crate::config::{
-    CAPTURE_SYNC_INTERVAL, CaptureMode, Config, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT,
-    REDIRECT_MARK, REDIRECT_TABLE, RENEW_CHECK_INTERVAL, Source,
+    CAPTURE_SYNC_INTERVAL, CaptureMode, Config, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
+    INBOUND_STREAMS_PEER_SHARE, OUTBOUND_PORT, REDIRECT_MARK, REDIRECT_TABLE, RENEW_CHECK_INTERVAL,
+    Source,
 };
 use crate::identity::{CertManager, IdentityError, Signer};
 use crate::metrics::Metrics;
@@ -199,7 +201,12 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         certs: certs.clone(),
         metrics: metrics.clone(),
         pool: Pool::default(),
+        streams: StreamBudget::new(
+            cfg.max_connections,
+            cfg.max_connections / INBOUND_STREAMS_PEER_SHARE,
+        ),
     });
+    let pool_owner = inputs.clone();
     let proxy = Proxy::bind(inputs).map_err(|source| AppError::Bind {
         what: "capture listeners (15001, 15006, 15008)",
         source,
@@ -249,6 +256,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             seen = Some(snap.clone());
             prefetch(&snap, &certs, &cfg.node_name);
         }
+        pool_owner.pool.evict_idle(weft_hbone::POOL_IDLE_TIMEOUT);
         if synced.load(Ordering::Acquire) && !ready.swap(true, Ordering::AcqRel) {
             info!(node = %cfg.node_name, "ztunnel ready");
         }

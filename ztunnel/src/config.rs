@@ -45,6 +45,11 @@ pub const REDIRECT_MARK: u32 = 0x5e0;
 pub const REDIRECT_TABLE: u32 = 15001;
 /// Connections a listener holds at once before refusing new ones (storm guard).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+/// Inbound HBONE streams from one peer address (a pod, now that tunnels are
+/// dialled from the pod), as a share of all inbound streams (which are
+/// bounded like connections, `MAX_CONNECTIONS`: each holds an upstream
+/// socket): one noisy or hostile peer cannot take every stream.
+pub const INBOUND_STREAMS_PEER_SHARE: usize = 2;
 /// How long an upstream connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often certificates are checked for renewal (at half-life).

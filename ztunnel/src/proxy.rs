@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use weft_api::authz::{Connection, DenyReason, Verdict};
 use weft_api::{Identity, Service, Workload};
 use weft_hbone::client::Pool;
+use weft_hbone::server::StreamBudget;
 
 use crate::config::{CONNECT_TIMEOUT, Config};
 use crate::identity::CertManager;
@@ -48,6 +49,8 @@ pub struct ProxyInputs {
     pub certs: Arc<CertManager>,
     pub metrics: Arc<Metrics>,
     pub pool: Pool<PoolKey>,
+    /// Inbound HBONE streams, taken before a stream's task is spawned.
+    pub streams: Arc<StreamBudget>,
 }
 
 /// The bound listeners.

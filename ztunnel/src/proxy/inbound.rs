@@ -14,9 +14,9 @@ use std::sync::Arc;
 use http::StatusCode;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tracing::debug;
+use tracing::{debug, warn};
 use weft_api::{Identity, Service, Workload};
-use weft_hbone::server::ConnectRequest;
+use weft_hbone::server::{ConnectRequest, ServeOptions};
 use weft_hbone::tls::peer_identity;
 
 use weft_api::authz::Connection;
@@ -79,7 +79,13 @@ pub async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer_addr: SocketAddr)
     };
     debug!(peer = %peer_addr, identity = %peer_id, "HBONE connection established");
     let handler_pi = pi.clone();
-    let served = weft_hbone::server::serve(tls, move |req| {
+    let opts = ServeOptions {
+        peer: peer_addr.ip(),
+        budget: pi.streams.clone(),
+        idle_timeout: weft_hbone::SERVER_IDLE_TIMEOUT,
+    };
+    let overloaded = || m.refuse(DIR, RefusalReason::overloaded);
+    let served = weft_hbone::server::serve(tls, opts, overloaded, move |req| {
         connect(
             handler_pi.clone(),
             req,
@@ -89,8 +95,16 @@ pub async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer_addr: SocketAddr)
         )
     })
     .await;
-    if let Err(e) = served {
-        refused(m, DIR, RefusalReason::bad_request, peer_addr, local, &e);
+    match served {
+        Ok(s) if s.refused > 0 => {
+            let (total, mine) = pi.streams.in_use(peer_addr.ip());
+            warn!(
+                peer = %peer_addr, refused = s.refused, in_use = total, peer_in_use = mine,
+                "CONNECT streams refused on this connection: the inbound stream budget was spent"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => refused(m, DIR, RefusalReason::bad_request, peer_addr, local, &e),
     }
 }
 
