@@ -95,6 +95,29 @@ pub fn serve_in(netns: &NetNs, name: &str, port: u16, app: App) -> Result<Server
     Ok(Server { stop, accepted })
 }
 
+/// Echoes on `port` of the current network namespace until killed: one
+/// thread and tokio tasks, for benches that hold thousands of connections
+/// (run in a process of its own, so its sockets do not count against the
+/// client's file limit).
+pub fn echo_forever(port: u16) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+            .await
+            .with_context(|| format!("binding port {port}"))?;
+        loop {
+            if let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = conn.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        }
+    })
+}
+
 fn handle(mut conn: TcpStream, peer: SocketAddr, app: App, pod: &str) -> io::Result<()> {
     match app {
         App::Sink => {

@@ -819,7 +819,7 @@ fn veth(a: &NetNs, a_name: &str, b: &NetNs, b_name: &str) -> Result<()> {
 }
 
 /// Makes the child die with us (SIGKILL), even if we are killed.
-fn die_with_parent(cmd: &mut Command) {
+pub fn die_with_parent(cmd: &mut Command) {
     #[expect(
         unsafe_code,
         reason = "pre_exec runs between fork and exec; prctl is async-signal-safe"

@@ -1,7 +1,8 @@
 //! `cargo xtask bench l4`: pod-to-pod across two lab nodes, the plain path (two
 //! pods outside the mesh) against the mesh (two captured pods), same run, same
-//! nodes. Prints throughput, request latency, connection latency, the ratios,
-//! and ztunnel's memory idle and holding 1 000 connections.
+//! nodes. Prints throughput with ztunnel's CPU per GB, request latency,
+//! connection latency, a sustained connection-churn phase in 10 s windows,
+//! the ratios, and ztunnel's memory idle and holding 10 000 connections.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -18,11 +19,20 @@ use crate::util::{build_bins, ensure_tools, require_root};
 const THROUGHPUT_SECONDS: &str = "5";
 const RR_ROUNDS: usize = 20_000;
 const CRR_ROUNDS: usize = 2_000;
-const HELD_CONNECTIONS: usize = 1_000;
+const HELD_CONNECTIONS: usize = 10_000;
 const MESSAGE: usize = 64;
+/// Sustained connect+request+close: windows of this long, so a rate that
+/// decays (port exhaustion, leaks) shows.
+const CHURN_WINDOW: Duration = Duration::from_secs(10);
+const CHURN_WINDOWS_PLAIN: usize = 2;
+const CHURN_WINDOWS_MESH: usize = 6;
 
 struct PathResult {
     gbps: f64,
+    /// Bytes iperf3 moved in the throughput phase.
+    bytes: f64,
+    /// CPU seconds each ztunnel (node-1, node-2) spent in the throughput phase.
+    cpu: (f64, f64),
     rr: Vec<Duration>,
     crr: Vec<Duration>,
 }
@@ -43,19 +53,30 @@ pub fn l4() -> Result<()> {
     let mut opts = LabOptions::new("bench", &scenario("l4")?);
     opts.bin_dir = bins;
     let lab = Lab::up(opts)?;
+    // Every namespace that opens connections in the churn phase: the client
+    // pods and the nodes (ztunnel connects from pod addresses there). Without
+    // these the bench measures TIME_WAIT exhaustion, not the mesh.
+    let openers = ["legacy/outsider", "shop/client"]
+        .iter()
+        .map(|p| &lab.pod(p).netns)
+        .chain(lab.nodes().map(|n| &n.netns));
+    for ns in openers {
+        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+    }
     let plain = (lab.pod("legacy/outsider"), lab.pod("legacy/plain"));
     let mesh = (lab.pod("shop/client"), lab.pod("shop/web-1"));
     let _echo_plain = apps::serve(plain.1, 7000, App::Echo)?;
     let _echo_mesh = apps::serve(mesh.1, 7000, App::Echo)?;
+    let _echo_held = EchoProcess::start(mesh.1, 7001)?;
 
     let idle = (rss(&lab, "node-1")?, rss(&lab, "node-2")?);
     println!("\nbench l4: release ztunnel, 2 nodes, pod -> pod across nodes");
     println!(
         "  plain = legacy/outsider -> legacy/plain (no mesh); mesh = shop/client -> shop/web-1 (eBPF capture + HBONE mTLS)\n"
     );
-    let p = measure(plain.0, plain.1)?;
-    let m = measure(mesh.0, mesh.1)?;
-    let held = hold_connections(&lab, mesh.0, mesh.1)?;
+    let p = measure(&lab, plain.0, plain.1)?;
+    let m = measure(&lab, mesh.0, mesh.1)?;
 
     let row = |name: &str, plain: f64, mesh: f64, unit: &str, ratio: String| {
         println!("  {name:<28} {plain:>10.1} {unit:<7} {mesh:>10.1} {unit:<7} {ratio}");
@@ -83,13 +104,50 @@ pub fn l4() -> Result<()> {
             );
         }
     }
+    let gb = m.bytes / 1e9;
+    println!(
+        "\n  ztunnel CPU per GB (mesh throughput phase): node-1 {:.2} s, node-2 {:.2} s, both {:.2} CPU-s/GB (goal <= 1.8)",
+        m.cpu.0 / gb,
+        m.cpu.1 / gb,
+        (m.cpu.0 + m.cpu.1) / gb
+    );
+    let churn_plain = churn(plain.0, plain.1, CHURN_WINDOWS_PLAIN)?;
+    let churn_mesh = churn(mesh.0, mesh.1, CHURN_WINDOWS_MESH)?;
+    let direct = churn_plain.iter().sum::<f64>() / churn_plain.len() as f64;
+    println!(
+        "\n  sustained connect+request+close, {}s windows (plain mean {direct:.0}/s):",
+        CHURN_WINDOW.as_secs()
+    );
+    for (i, rate) in churn_plain.iter().enumerate() {
+        println!("    plain window {}: {rate:>8.0}/s", i + 1);
+    }
+    for (i, rate) in churn_mesh.iter().enumerate() {
+        println!(
+            "    mesh  window {}: {rate:>8.0}/s  {:.2}x plain",
+            i + 1,
+            rate / direct
+        );
+    }
+    let mesh_mean = churn_mesh.iter().sum::<f64>() / churn_mesh.len() as f64;
+    let (first, last) = (churn_mesh[0], churn_mesh[churn_mesh.len() - 1]);
+    println!(
+        "    mesh whole phase {mesh_mean:.0}/s = {:.2}x plain (goal >= 0.27); last window {:.2}x the first (goal >= 0.9)",
+        mesh_mean / direct,
+        last / first
+    );
+    let held = hold_connections(&lab, mesh.0, mesh.1)?;
     println!(
         "\n  ztunnel RSS idle:                          node-1 {:.1} MiB, node-2 {:.1} MiB",
         idle.0, idle.1
     );
     println!(
-        "  ztunnel RSS holding {HELD_CONNECTIONS} mesh connections:     node-1 {:.1} MiB, node-2 {:.1} MiB",
+        "  ztunnel RSS holding {HELD_CONNECTIONS} mesh connections:    node-1 {:.1} MiB, node-2 {:.1} MiB",
         held.0, held.1
+    );
+    println!(
+        "  RSS per held connection:                   node-1 {:.1} KiB, node-2 {:.1} KiB (goal <= 8)",
+        (held.0 - idle.0) * 1024.0 / HELD_CONNECTIONS as f64,
+        (held.1 - idle.1) * 1024.0 / HELD_CONNECTIONS as f64
     );
     println!(
         "\n  rounds: throughput {THROUGHPUT_SECONDS}s (iperf3), request/response {RR_ROUNDS} x {MESSAGE} B on one connection, connect+request+close {CRR_ROUNDS}"
@@ -97,8 +155,62 @@ pub fn l4() -> Result<()> {
     Ok(())
 }
 
-fn measure(client: &LabPod, server: &LabPod) -> Result<PathResult> {
-    let gbps = iperf(client, server)?;
+/// Connect+request+close in a loop for `windows` × [`CHURN_WINDOW`]; the
+/// rate of each window.
+fn churn(client: &LabPod, server: &LabPod, windows: usize) -> Result<Vec<f64>> {
+    let dst = SocketAddr::new(server.ip.into(), 7000);
+    client.netns.run(move || {
+        let msg = [7u8; MESSAGE];
+        let mut back = [0u8; MESSAGE];
+        let mut rates = Vec::with_capacity(windows);
+        for _ in 0..windows {
+            let start = Instant::now();
+            let mut n = 0u64;
+            while start.elapsed() < CHURN_WINDOW {
+                let mut c = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+                c.set_nodelay(true)?;
+                c.write_all(&msg)?;
+                c.read_exact(&mut back)?;
+                drop(c);
+                n += 1;
+            }
+            rates.push(n as f64 / start.elapsed().as_secs_f64());
+        }
+        Ok(rates)
+    })
+}
+
+/// User plus system CPU seconds of `pid` so far.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Ok((ticks(11) + ticks(12)) / hz)
+}
+
+fn measure(lab: &Lab, client: &LabPod, server: &LabPod) -> Result<PathResult> {
+    let pids = (
+        lab.ztunnel_pid("node-1").context("no ztunnel on node-1")?,
+        lab.ztunnel_pid("node-2").context("no ztunnel on node-2")?,
+    );
+    let before = (cpu_seconds(pids.0)?, cpu_seconds(pids.1)?);
+    let (gbps, bytes) = iperf(client, server)?;
+    let cpu = (
+        cpu_seconds(pids.0)? - before.0,
+        cpu_seconds(pids.1)? - before.1,
+    );
     let dst = SocketAddr::new(server.ip.into(), 7000);
     let rr = apps::client(client, dst, |mut c| {
         c.set_nodelay(true)?;
@@ -130,10 +242,17 @@ fn measure(client: &LabPod, server: &LabPod) -> Result<PathResult> {
         }
         Ok(out)
     })?;
-    Ok(PathResult { gbps, rr, crr })
+    Ok(PathResult {
+        gbps,
+        bytes,
+        cpu,
+        rr,
+        crr,
+    })
 }
 
-fn iperf(client: &LabPod, server: &LabPod) -> Result<f64> {
+/// Gbit/s and bytes received.
+fn iperf(client: &LabPod, server: &LabPod) -> Result<(f64, f64)> {
     let mut srv = std::process::Command::new("ip")
         .args([
             "netns",
@@ -170,30 +289,78 @@ fn iperf(client: &LabPod, server: &LabPod) -> Result<f64> {
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 output has no end.sum_received")?;
-    Ok(bps / 1e9)
+    let bytes = v["end"]["sum_received"]["bytes"]
+        .as_f64()
+        .context("iperf3 output has no end.sum_received.bytes")?;
+    Ok((bps / 1e9, bytes))
+}
+
+/// An echo server in a process of its own inside a pod (see
+/// [`apps::echo_forever`]); killed on drop.
+struct EchoProcess(std::process::Child);
+
+impl EchoProcess {
+    fn start(pod: &LabPod, port: u16) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", pod.netns.name()])
+            .arg(exe)
+            .args(["__echo-forever", &port.to_string()])
+            .stdin(std::process::Stdio::null());
+        // Gone with us, even on Ctrl-C or a crash.
+        weft_tests::lab::die_with_parent(&mut cmd);
+        let child = cmd.spawn().context("starting the echo process")?;
+        // Wait until it listens.
+        let dst = SocketAddr::new(pod.ip.into(), port);
+        for _ in 0..100 {
+            if pod
+                .netns
+                .run(move || Ok(TcpStream::connect_timeout(&dst, Duration::from_millis(100))))?
+                .is_ok()
+            {
+                return Ok(EchoProcess(child));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("the echo process did not listen on {dst}")
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Opens and holds connections through the mesh; returns both ztunnels' RSS.
 fn hold_connections(lab: &Lab, client: &LabPod, server: &LabPod) -> Result<(f64, f64)> {
-    let dst = SocketAddr::new(server.ip.into(), 7000);
+    let dst = SocketAddr::new(server.ip.into(), 7001);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = client.netns.spawn(move || {
         let mut conns = Vec::with_capacity(HELD_CONNECTIONS);
-        for _ in 0..HELD_CONNECTIONS {
-            let mut c = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
-            c.write_all(b"x")?;
-            let mut b = [0u8; 1];
-            c.read_exact(&mut b)?;
-            conns.push(c);
-        }
-        let _ = ready_tx.send(());
+        let opened = (|| -> Result<()> {
+            for i in 0..HELD_CONNECTIONS {
+                let mut c = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+                    .with_context(|| format!("connection {i}"))?;
+                c.write_all(b"x")?;
+                let mut b = [0u8; 1];
+                c.read_exact(&mut b)?;
+                conns.push(c);
+            }
+            Ok(())
+        })();
+        let failed = opened.as_ref().err().map(|e| format!("{e:#}"));
+        let _ = ready_tx.send(failed);
         let _ = rx.recv();
-        Ok(())
+        opened
     })?;
-    ready_rx
-        .recv_timeout(Duration::from_secs(120))
-        .context("opening the held connections")?;
+    match ready_rx.recv_timeout(Duration::from_secs(300)) {
+        Ok(None) => {}
+        Ok(Some(e)) => bail!("opening the held connections: {e}"),
+        Err(e) => bail!("opening the held connections: {e}"),
+    }
     std::thread::sleep(Duration::from_millis(500));
     let held = (rss(lab, "node-1")?, rss(lab, "node-2")?);
     let _ = tx.send(());
@@ -221,8 +388,18 @@ fn pct(samples: &[Duration], q: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
+/// The hold phase keeps both ends of 10 000 connections in this process:
+/// past the usual hard limit, which root may raise up to `fs.nr_open`.
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(max) = nr_open
+        && setrlimit(Resource::RLIMIT_NOFILE, max, max).is_ok()
+    {
+        return;
+    }
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }

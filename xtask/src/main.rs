@@ -38,6 +38,8 @@ fn main() -> Result<()> {
         ["ebpf", "--check"] => ebpf::build(true),
         ["bench", "l4"] => bench::l4(),
         ["bench", "controller"] => bench::controller(),
+        // Internal: the bench's echo server, run in a pod's namespace.
+        ["__echo-forever", port] => weft_tests::apps::echo_forever(port.parse()?),
         ["help"] | ["--help"] | ["-h"] | [] => {
             print!("{USAGE}");
             Ok(())

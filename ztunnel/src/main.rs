@@ -37,10 +37,19 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every proxied connection holds two sockets: lift the soft file limit to the
-/// hard one, as a node proxy must.
+/// Every proxied connection holds two sockets: lift the file limit as far as
+/// the kernel allows (`fs.nr_open`, when privileged, as a node proxy is),
+/// else the soft limit to the hard one.
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(max) = nr_open
+        && setrlimit(Resource::RLIMIT_NOFILE, max, max).is_ok()
+    {
+        return;
+    }
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
         && soft < hard
     {

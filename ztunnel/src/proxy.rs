@@ -170,6 +170,17 @@ pub async fn transparent_connect(src: IpAddr, dst: SocketAddr) -> io::Result<Tcp
     let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_ip_transparent_v4(true)?;
     socket.set_nonblocking(true)?;
+    // Without this, bind(src, 0) must find a port free for every destination
+    // from `src` at once: under connection churn the kernel searches the
+    // whole range on every connect (measured: 1,857/s falling to 164/s, a
+    // core spent searching). With it the port is chosen at connect time,
+    // unique per 4-tuple only.
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )
+    .map_err(io::Error::from)?;
     socket.bind(&SocketAddr::new(src, 0).into())?;
     let socket = TcpSocket::from_std_stream(socket.into());
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
