@@ -20,14 +20,13 @@ use weft_hbone::server::StreamBudget;
 
 use crate::config::{
     CAPTURE_SYNC_INTERVAL, CaptureMode, Config, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
-    INBOUND_STREAMS_PEER_SHARE, OUTBOUND_PORT, REDIRECT_MARK, REDIRECT_TABLE, RENEW_CHECK_INTERVAL,
-    Source,
+    INBOUND_STREAMS_PEER_SHARE, OUTBOUND_PORT, REDIRECT_MARK, REDIRECT_TABLE, Source,
 };
-use crate::identity::{CertManager, IdentityError, Signer};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyInputs};
 use crate::state::{Store, pod_map};
 use crate::xds::{Cache, XdsClient};
+use weft_identity::{CertManager, IdentityError, LocalSigner, RemoteSigner};
 use weft_runtime::admin::{self, Handler, JSON, OPENMETRICS, TEXT};
 use weft_runtime::shutdown_signal;
 use weft_xds::grpc::ControlPlaneAddress;
@@ -97,7 +96,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             let ca = Ca::from_files(ca_cert, ca_key)?;
             let root = ca.cert_pem().to_string();
             Arc::new(CertManager::new(
-                Signer::Local(Box::new(ca)),
+                Box::new(LocalSigner(ca)),
                 &root,
                 cfg.cert_ttl,
             )?)
@@ -146,11 +145,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 metrics: metrics.clone(),
             };
             tokio::spawn(client.run());
-            let signer = Signer::Remote {
+            let signer = RemoteSigner {
                 channel,
                 token_path: token_path.clone(),
             };
-            let certs = Arc::new(CertManager::new(signer, &root, cfg.cert_ttl)?);
+            let certs = Arc::new(CertManager::new(Box::new(signer), &root, cfg.cert_ttl)?);
             let _ = learned.set(certs.clone());
             certs
         }
@@ -212,14 +211,10 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         source,
     })?;
     tokio::spawn(proxy.run());
-    let renewer = certs.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(RENEW_CHECK_INTERVAL);
-        loop {
-            tick.tick().await;
-            renewer.renew_due().await;
-        }
-    });
+    // The one certificate refresher: this node's captured identities,
+    // fetched ahead of their first connection and renewed at half-life.
+    let (wanted, wanted_rx) = tokio::sync::watch::channel(BTreeSet::new());
+    tokio::spawn(certs.clone().refresh(wanted_rx));
 
     let mut tick = tokio::time::interval(CAPTURE_SYNC_INTERVAL);
     let mut config_error: Option<String> = None;
@@ -254,7 +249,12 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         let snap = state.snapshot();
         if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &snap)) {
             seen = Some(snap.clone());
-            prefetch(&snap, &certs, &cfg.node_name);
+            let ids = local_identities(&snap, &cfg.node_name);
+            wanted.send_if_modified(|w| {
+                let changed = *w != ids;
+                *w = ids;
+                changed
+            });
         }
         pool_owner.pool.evict_idle(weft_hbone::POOL_IDLE_TIMEOUT);
         if synced.load(Ordering::Acquire) && !ready.swap(true, Ordering::AcqRel) {
@@ -290,19 +290,14 @@ pub fn uninstall(pin_dir: &Path) -> Result<(), AppError> {
     Ok(())
 }
 
-/// Gets certificates for the identities of this node's captured pods in the
-/// background, and forgets those of identities gone from the node.
-fn prefetch(snap: &crate::state::State, certs: &Arc<CertManager>, node: &str) {
-    let ids: BTreeSet<_> = snap
-        .config()
+/// The identities of this node's captured pods: the certificates to hold.
+fn local_identities(snap: &crate::state::State, node: &str) -> BTreeSet<weft_api::Identity> {
+    snap.config()
         .workloads
         .iter()
         .filter(|w| w.node == node && w.protocol == weft_api::TunnelProtocol::Hbone)
         .filter_map(|w| w.identity().ok())
-        .collect();
-    certs.retain(&ids);
-    let certs = certs.clone();
-    tokio::spawn(async move { certs.prefetch(ids).await });
+        .collect()
 }
 
 async fn serve_admin(

@@ -52,8 +52,6 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 pub const INBOUND_STREAMS_PEER_SHARE: usize = 2;
 /// How long an upstream connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often certificates are checked for renewal (at half-life).
-pub const RENEW_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// How often interfaces and captured pods are re-synced into the kernel.
 pub const CAPTURE_SYNC_INTERVAL: Duration = Duration::from_millis(500);
 

@@ -27,12 +27,12 @@ use weft_hbone::client::Pool;
 use weft_hbone::server::StreamBudget;
 
 use crate::config::{CONNECT_TIMEOUT, Config};
-use crate::identity::CertManager;
 use crate::metrics::{
     Direction, Metrics, Peer, PolicyLabels, PolicyReason, RefusalReason, Reporter, SecurityPolicy,
     TcpLabels,
 };
 use crate::state::{State, Store};
+use weft_identity::CertManager;
 
 /// Pooled HBONE connections, keyed as Istio's ztunnel keys them: (source pod
 /// address, source identity, destination identity, destination pod
