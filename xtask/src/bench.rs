@@ -48,7 +48,8 @@ pub fn controller() -> Result<()> {
 pub fn l4() -> Result<()> {
     require_root("cargo xtask bench l4")?;
     ensure_tools(&[("iperf3", "iperf3")])?;
-    raise_fd_limit();
+    // The hold phase keeps 10 000 client sockets in this process.
+    weft_runtime::raise_fd_limit();
     let bins = build_bins(true)?;
     let mut opts = LabOptions::new("bench", &scenario("l4")?);
     opts.bin_dir = bins;
@@ -386,21 +387,4 @@ fn pct(samples: &[Duration], q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let i = ((q / 100.0) * (v.len() - 1) as f64).round() as usize;
     v[i.min(v.len() - 1)]
-}
-
-/// The hold phase keeps both ends of 10 000 connections in this process:
-/// past the usual hard limit, which root may raise up to `fs.nr_open`.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if let Some(max) = nr_open
-        && setrlimit(Resource::RLIMIT_NOFILE, max, max).is_ok()
-    {
-        return;
-    }
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
 }

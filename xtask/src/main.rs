@@ -5,6 +5,7 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod lab;
 mod test;
 mod util;
@@ -22,6 +23,7 @@ usage: cargo xtask <command>
   ebpf [--check]           rebuild ebpf/bpf/capture.bpf.o with clang (--check: fail if it is stale)
   bench l4                 pod-to-pod throughput and latency, plain vs mesh; ztunnel memory (root)
   bench controller         10 000 pods, 1 000 services, 100 xDS clients: first push, change latency, RSS
+  fuzz TARGET|all [--secs N]  run the fuzz targets in fuzz/ (libFuzzer)
 ";
 
 fn main() -> Result<()> {
@@ -38,6 +40,7 @@ fn main() -> Result<()> {
         ["ebpf", "--check"] => ebpf::build(true),
         ["bench", "l4"] => bench::l4(),
         ["bench", "controller"] => bench::controller(),
+        ["fuzz", rest @ ..] => fuzz::run(rest),
         // Internal: the bench's echo server, run in a pod's namespace.
         ["__echo-forever", port] => weft_tests::apps::echo_forever(port.parse()?),
         ["help"] | ["--help"] | ["-h"] | [] => {

@@ -1,4 +1,5 @@
-//! `cargo xtask test`: everything CI checks, in the order that fails fastest.
+//! `cargo xtask test`: everything CI checks, in the order that fails fastest;
+//! the fuzz targets last, for a few seconds each.
 
 use anyhow::Result;
 
@@ -41,5 +42,9 @@ pub fn run(extra: &[&str]) -> Result<()> {
         .env("WEFT_BIN_DIR", &bin_dir)
         .status()?;
     anyhow::ensure!(status.success(), "end-to-end tests failed");
-    Ok(())
+    // Each fuzz target briefly: a crash found fails CI with its input kept.
+    crate::fuzz::run(&["all", "--secs", FUZZ_SECONDS])
 }
+
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_SECONDS: &str = "15";

@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("usage: ztunnel [uninstall] (configuration comes from the environment)"),
     }
-    raise_fd_limit();
+    weft_runtime::raise_fd_limit();
     let cfg = Config::from_lookup(&|k| std::env::var(k).ok())?;
     info!(config = ?cfg, "starting ztunnel");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -35,24 +35,4 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(app::run(cfg))?;
     Ok(())
-}
-
-/// Every proxied connection holds two sockets: lift the file limit as far as
-/// the kernel allows (`fs.nr_open`, when privileged, as a node proxy is),
-/// else the soft limit to the hard one.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if let Some(max) = nr_open
-        && setrlimit(Resource::RLIMIT_NOFILE, max, max).is_ok()
-    {
-        return;
-    }
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-    {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
 }
