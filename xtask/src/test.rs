@@ -13,6 +13,8 @@ pub fn run(extra: &[&str]) -> Result<()> {
         ("curl", "curl"),
         ("clang", "clang"),
         ("llvm-strip", "llvm"),
+        // libFuzzer (the fuzz targets) is C++.
+        ("c++", "g++"),
     ])?;
     let cargo = cargo();
     util::run(&cargo, &["fmt", "--all", "--", "--check"])?;
