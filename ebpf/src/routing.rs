@@ -44,6 +44,14 @@ fn ip(args: &[&str]) -> Result<String, RoutingError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Sets `net.ipv4.tcp_migrate_req` in the current network namespace: when a
+/// listener in a SO_REUSEPORT group closes, connections in its accept queue
+/// move to another listener of the group (a restart handover) instead of
+/// being reset.
+pub fn enable_request_migration() -> std::io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")
+}
+
 // === impl PolicyRoute ===
 
 impl PolicyRoute {

@@ -125,7 +125,9 @@ impl<K: Hash + Eq + Clone> Default for Pool<K> {
 impl<K: Hash + Eq + Clone> Pool<K> {
     /// A CONNECT stream to `target` over a pooled connection for `key`, dialing
     /// a new one with `dial` when none has room. Concurrent callers for the same
-    /// key wait for one dial instead of each opening a connection.
+    /// key wait for one dial instead of each opening a connection. A stream the
+    /// peer never processed (it sent GOAWAY, draining for a restart, or
+    /// REFUSED_STREAM) is retried once on another connection.
     pub async fn stream<F, Fut, S, E>(
         &self,
         key: &K,
@@ -134,7 +136,35 @@ impl<K: Hash + Eq + Clone> Pool<K> {
         dial: F,
     ) -> Result<H2Stream, ConnectError>
     where
-        F: FnOnce() -> Fut,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<S, E>>,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let mut retried = false;
+        loop {
+            let shared = self.checkout(key, &dial).await?;
+            shared.streams.fetch_add(1, Ordering::AcqRel);
+            let guard = StreamGuard {
+                streams: shared.streams.clone(),
+                idle_since: shared.idle_since.clone(),
+            };
+            match connect(shared.send.clone(), target, headers.clone()).await {
+                Ok(stream) => return Ok(stream.with_guard(Box::new(guard))),
+                Err(ConnectError::H2(e)) if !retried && unprocessed(&e) => {
+                    debug!(error = %e, "HBONE connection going away; retrying on another");
+                    shared.closed.store(true, Ordering::Release);
+                    retried = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A pooled connection for `key` with room for a stream, dialled if needed.
+    async fn checkout<F, Fut, S, E>(&self, key: &K, dial: &F) -> Result<Shared, ConnectError>
+    where
+        F: Fn() -> Fut,
         Fut: Future<Output = Result<S, E>>,
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         E: std::error::Error + Send + Sync + 'static,
@@ -165,13 +195,7 @@ impl<K: Hash + Eq + Clone> Pool<K> {
                 }
             }
         };
-        shared.streams.fetch_add(1, Ordering::AcqRel);
-        let guard = StreamGuard {
-            streams: shared.streams.clone(),
-            idle_since: shared.idle_since.clone(),
-        };
-        let stream = connect(shared.send, target, headers).await?;
-        Ok(stream.with_guard(Box::new(guard)))
+        Ok(shared)
     }
 
     /// Drops connections that are closed or have had no stream for `idle`
@@ -199,6 +223,13 @@ impl<K: Hash + Eq + Clone> Pool<K> {
         });
         open
     }
+}
+
+/// Whether the peer refused a stream without processing it, so that it is
+/// safe to send again: the connection is going away, or the stream was
+/// refused (RFC 9113 §8.7).
+fn unprocessed(e: &h2::Error) -> bool {
+    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 impl Drop for StreamGuard {
@@ -230,6 +261,7 @@ mod tests {
             peer: IpAddr::from([10, 0, 0, 1]),
             budget,
             idle_timeout: Duration::from_secs(60),
+            drain: tokio::sync::watch::channel(false).1,
         };
         tokio::spawn(serve(
             far,

@@ -65,6 +65,8 @@ pub struct ServeOptions {
     pub budget: Arc<StreamBudget>,
     /// Close (GOAWAY) after this long without a stream.
     pub idle_timeout: std::time::Duration,
+    /// When this becomes `true`: GOAWAY, let open streams finish (drain).
+    pub drain: tokio::sync::watch::Receiver<bool>,
 }
 
 /// What a served connection came to.
@@ -132,11 +134,18 @@ where
     let active = Arc::new(AtomicUsize::new(0));
     let last_active = Arc::new(Mutex::new(Instant::now()));
     let mut closing = false;
+    let mut drain = opts.drain.clone();
     loop {
         let idle_for = last_active.lock().map(|t| t.elapsed()).unwrap_or_default();
         let wait = opts.idle_timeout.saturating_sub(idle_for);
         let next = tokio::select! {
             next = conn.accept() => next,
+            _ = drain.wait_for(|d| *d), if !closing => {
+                debug!(peer = %opts.peer, "draining: GOAWAY");
+                conn.graceful_shutdown();
+                closing = true;
+                continue;
+            }
             _ = tokio::time::sleep(wait), if !closing => {
                 let idle = active.load(Ordering::Acquire) == 0
                     && last_active.lock().map(|t| t.elapsed() >= opts.idle_timeout).unwrap_or(false);

@@ -15,6 +15,18 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
+/// A TCP listener on `addr` with SO_REUSEADDR and SO_REUSEPORT.
+pub fn reuse_port_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// A response: status, content type, body.
 pub type Reply = (StatusCode, &'static str, String);
 
@@ -26,9 +38,11 @@ pub const JSON: &str = "application/json";
 /// What Prometheus negotiates for the OpenMetrics text prometheus-client writes.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Binds `addr` now (so a busy port fails startup) and serves `handler` in the background.
+/// Binds `addr` now (so a busy port fails startup) and serves `handler` in
+/// the background. SO_REUSEPORT: a process taking over from a running one
+/// (a restart handover) binds beside it.
 pub async fn serve(name: &'static str, addr: SocketAddr, handler: Handler) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = reuse_port_listener(addr)?;
     info!(component = name, address = %addr, "listener established");
     tokio::spawn(async move {
         loop {

@@ -95,6 +95,86 @@ pub fn serve_in(netns: &NetNs, name: &str, port: u16, app: App) -> Result<Server
     Ok(Server { stop, accepted })
 }
 
+/// What a run of [`churn`] came to.
+#[derive(Debug, Default)]
+pub struct Churn {
+    pub ok: u64,
+    /// Each failed connection: what went wrong.
+    pub failed: Vec<String>,
+}
+
+/// From inside `pod`, opens a connection to an [`App::Echo`] at `dst`, makes
+/// one round trip and closes it, `rate` times a second for `time`.
+pub fn churn(pod: &LabPod, dst: SocketAddr, rate: u32, time: Duration) -> Result<Churn> {
+    let every = Duration::from_secs(1) / rate.max(1);
+    pod.netns.run(move || {
+        let mut out = Churn::default();
+        let start = std::time::Instant::now();
+        let mut next = start;
+        while start.elapsed() < time {
+            let once = || -> io::Result<()> {
+                let mut c = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+                c.set_read_timeout(Some(Duration::from_secs(5)))?;
+                c.write_all(b"ping")?;
+                let mut b = [0u8; 4];
+                c.read_exact(&mut b)?;
+                if &b != b"ping" {
+                    return Err(io::Error::other(format!("echo returned {b:?}")));
+                }
+                Ok(())
+            };
+            match once() {
+                Ok(()) => out.ok += 1,
+                Err(e) => out.failed.push(format!("{:?}: {e}", start.elapsed())),
+            }
+            next += every;
+            if let Some(wait) = next.checked_duration_since(std::time::Instant::now()) {
+                thread::sleep(wait);
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// From inside `pod`, uploads pattern bytes to an [`App::Sink`] at `dst` at
+/// about `bytes_per_sec` for `time`, then checks the count and SHA-256 the
+/// sink saw against what was sent. Returns the bytes sent.
+pub fn paced_upload(
+    pod: &LabPod,
+    dst: SocketAddr,
+    bytes_per_sec: u64,
+    time: Duration,
+) -> Result<u64> {
+    const CHUNK: usize = 64 * 1024;
+    client(pod, dst, move |mut conn| {
+        let mut digest = Digest::new(&SHA256);
+        let mut buf = vec![0u8; CHUNK];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut sent = 0u64;
+        let start = std::time::Instant::now();
+        while start.elapsed() < time {
+            fill_pattern(&mut buf, &mut state);
+            conn.write_all(&buf)?;
+            digest.update(&buf);
+            sent += CHUNK as u64;
+            let due = Duration::from_secs_f64(sent as f64 / bytes_per_sec as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                thread::sleep(wait);
+            }
+        }
+        conn.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply)?;
+        let want = format!("{sent} {}", hex(digest.finish().as_ref()));
+        anyhow::ensure!(
+            reply.trim() == want,
+            "sink saw {:?}, sent {want:?}",
+            reply.trim()
+        );
+        Ok(sent)
+    })
+}
+
 /// Echoes on `port` of the current network namespace until killed: one
 /// thread and tokio tasks, for benches that hold thousands of connections
 /// (run in a process of its own, so its sockets do not count against the

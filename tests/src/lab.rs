@@ -580,6 +580,37 @@ impl Lab {
         self.start_ztunnel(node)
     }
 
+    /// Restarts ztunnel on `node` as a rollout does: a new one starts beside
+    /// the running one (they share the listeners, SO_REUSEPORT), and once the
+    /// new one is ready the old one gets SIGTERM and drains. Returns the old
+    /// process, which exits by itself once drained.
+    pub fn restart_ztunnel(&mut self, node: &str) -> Result<Child> {
+        let old = self
+            .ztunnels
+            .remove(node)
+            .with_context(|| format!("no ztunnel on {node}"))?;
+        let readies = |lab: &Lab| lab.ztunnel_log(node).matches("\"ztunnel ready\"").count();
+        let before = readies(self);
+        self.start_ztunnel(node)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while readies(self) <= before {
+            if let Some(child) = self.ztunnels.get_mut(node)
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "the new ztunnel on {node} exited ({status}):\n{}",
+                    self.ztunnel_log(node)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("the new ztunnel on {node} not ready in 20s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        kill(Pid::from_raw(old.id() as i32), Signal::SIGTERM)?;
+        Ok(old)
+    }
+
     /// Waits until ztunnel on `node` reports ready.
     pub fn wait_ztunnel_ready(&mut self, node: &str) -> Result<()> {
         self.wait_ready(node)

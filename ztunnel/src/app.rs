@@ -162,6 +162,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let capture = match cfg.capture {
         CaptureMode::Ebpf => {
             PolicyRoute::install(REDIRECT_MARK, REDIRECT_TABLE)?;
+            if let Err(e) = weft_ebpf::routing::enable_request_migration() {
+                warn!(error = %e, "cannot set net.ipv4.tcp_migrate_req: a restart may reset connections queued on the old listeners");
+            }
             let mut capture = Capture::load(&CaptureConfig {
                 port_outbound: OUTBOUND_PORT,
                 port_inbound: INBOUND_PLAINTEXT_PORT,
@@ -194,12 +197,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let inputs = Arc::new(ProxyInputs {
         cfg: cfg.clone(),
         state: state.clone(),
         certs: certs.clone(),
         metrics: metrics.clone(),
         pool: Pool::default(),
+        drain: drain_rx,
         streams: StreamBudget::new(
             cfg.max_connections,
             cfg.max_connections / INBOUND_STREAMS_PEER_SHARE,
@@ -210,7 +215,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         what: "capture listeners (15001, 15006, 15008)",
         source,
     })?;
-    tokio::spawn(proxy.run());
+    let proxy = tokio::spawn(proxy.run());
     // The one certificate refresher: this node's captured identities,
     // fetched ahead of their first connection and renewed at half-life.
     let (wanted, wanted_rx) = tokio::sync::watch::channel(BTreeSet::new());
@@ -272,6 +277,18 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                     Err(e) => error!(error = %e, "capture map update failed"),
                 }
             }
+        }
+    }
+    // Drain: no longer ready, listeners close (a new ztunnel bound beside
+    // this one takes their queued connections), HBONE servers send GOAWAY,
+    // open connections get `drain_duration` to finish.
+    ready.store(false, Ordering::Release);
+    let _ = drain_tx.send(true);
+    info!(deadline = ?cfg.drain_duration, "draining");
+    match tokio::time::timeout(cfg.drain_duration, proxy).await {
+        Ok(_) => info!("drained: every connection finished"),
+        Err(_) => {
+            warn!(deadline = ?cfg.drain_duration, "drain deadline passed; closing the connections left")
         }
     }
     // Capture stays: until a ztunnel listens again, captured pods' traffic

@@ -23,6 +23,10 @@ pub const ENV_STATS_ADDR: &str = "STATS_ADDR";
 pub const ENV_READINESS_ADDR: &str = "READINESS_ADDR";
 pub const ENV_MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
 pub const ENV_BPF_PIN_DIR: &str = "BPF_PIN_DIR";
+pub const ENV_DRAIN_DURATION: &str = "DRAIN_DURATION";
+/// How long a stopping ztunnel lets open connections finish (Istio's and
+/// Kubernetes' default grace period).
+pub const DEFAULT_DRAIN_DURATION: Duration = Duration::from_secs(30);
 /// Where capture is pinned: the node's bpffs (the DaemonSet mounts the host's
 /// `/sys/fs/bpf`), one directory per node network namespace.
 pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/weft";
@@ -106,6 +110,9 @@ pub struct Config {
     pub max_connections: usize,
     /// bpffs directory where capture's maps and links are pinned.
     pub bpf_pin_dir: PathBuf,
+    /// On SIGTERM: stop accepting, GOAWAY, and give open connections this
+    /// long to finish.
+    pub drain_duration: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +174,10 @@ impl Config {
         let ttl = parse(ENV_CERT_TTL, &DEFAULT_CERT_TTL.as_secs().to_string());
         let capture = parse(ENV_CAPTURE, "ebpf");
         let max_conns = parse(ENV_MAX_CONNECTIONS, &DEFAULT_MAX_CONNECTIONS.to_string());
+        let drain = parse(
+            ENV_DRAIN_DURATION,
+            &DEFAULT_DRAIN_DURATION.as_secs().to_string(),
+        );
 
         let admin_addr = addr(ENV_ADMIN_ADDR, admin, &mut errors);
         let stats_addr = addr(ENV_STATS_ADDR, stats, &mut errors);
@@ -197,6 +208,15 @@ impl Config {
                 None
             }
         });
+        let drain_duration = drain.and_then(|v| match v.parse::<u64>() {
+            Ok(s) if s <= 3600 => Some(Duration::from_secs(s)),
+            _ => {
+                errors.push(format!(
+                    "{ENV_DRAIN_DURATION}={v:?}: want whole seconds, at most 3600"
+                ));
+                None
+            }
+        });
         match (
             source,
             admin_addr,
@@ -205,6 +225,7 @@ impl Config {
             cert_ttl,
             capture,
             max_connections,
+            drain_duration,
         ) {
             (
                 Some(source),
@@ -214,6 +235,7 @@ impl Config {
                 Some(cert_ttl),
                 Some(capture),
                 Some(max_connections),
+                Some(drain_duration),
             ) if errors.is_empty() => Ok(Config {
                 node_name,
                 source,
@@ -221,6 +243,7 @@ impl Config {
                 capture,
                 listen_addr: DEFAULT_LISTEN_ADDR,
                 bpf_pin_dir: bpf_pin_dir(get),
+                drain_duration,
                 admin_addr,
                 stats_addr,
                 readiness_addr,

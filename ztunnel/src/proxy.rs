@@ -51,6 +51,9 @@ pub struct ProxyInputs {
     pub pool: Pool<PoolKey>,
     /// Inbound HBONE streams, taken before a stream's task is spawned.
     pub streams: Arc<StreamBudget>,
+    /// Becomes `true` when ztunnel drains: listeners close, HBONE servers
+    /// send GOAWAY, open connections finish.
+    pub drain: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The bound listeners.
@@ -77,7 +80,8 @@ impl Proxy {
         })
     }
 
-    /// Accepts until the process stops.
+    /// Accepts until the drain starts, then returns once every connection
+    /// accepted has finished.
     pub async fn run(self) {
         let limit = self.inputs.cfg.max_connections;
         let pi = self.inputs;
@@ -122,8 +126,13 @@ async fn accept_loop<F, Fut>(
 {
     let permits = Arc::new(Semaphore::new(limit));
     let mut last_warn = Instant::now() - Duration::from_secs(60);
+    let mut drain = pi.drain.clone();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = drain.wait_for(|d| *d) => break,
+        };
+        let (stream, peer) = match accepted {
             Ok(c) => c,
             Err(error) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -150,6 +159,11 @@ async fn accept_loop<F, Fut>(
             drop(permit);
         });
     }
+    // Closing the listener hands its queued connections to the new ztunnel.
+    drop(listener);
+    info!(?direction, "listener closed; draining its connections");
+    let all = u32::try_from(limit).unwrap_or(u32::MAX);
+    let _ = permits.acquire_many(all).await;
 }
 
 /// A listener that accepts connections for any destination address steered to
@@ -157,6 +171,10 @@ async fn accept_loop<F, Fut>(
 pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    // A new ztunnel binds beside the running one and takes new connections
+    // from it; connections still queued when the old one closes its
+    // listener move to the new one (net.ipv4.tcp_migrate_req).
+    socket.set_reuse_port(true)?;
     socket.set_ip_transparent_v4(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;

@@ -83,6 +83,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer_addr: SocketAddr)
         peer: peer_addr.ip(),
         budget: pi.streams.clone(),
         idle_timeout: weft_hbone::SERVER_IDLE_TIMEOUT,
+        drain: pi.drain.clone(),
     };
     let overloaded = || m.refuse(DIR, RefusalReason::overloaded);
     let served = weft_hbone::server::serve(tls, opts, overloaded, move |req| {

@@ -176,23 +176,26 @@ async fn hbone_stream(
     let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
     let key = (client.ip(), src_id.clone(), dst_id.clone(), hbone_addr);
     pi.pool
-        .stream(&key, target, headers, || async move {
-            // Transparent, from the pod's address: the capture program hands
-            // the replies (to a local pod) back to this socket.
-            let tcp = transparent_connect(client.ip(), hbone_addr)
-                .await
-                .map_err(|e| {
-                    std::io::Error::new(
-                        e.kind(),
-                        format!("connect to {hbone_addr}: {e}; is HBONE port 15008 reachable?"),
-                    )
-                })?;
-            let handshake = TlsConnector::from(tls).connect(server_name(hbone_addr.ip()), tcp);
-            tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, handshake)
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
-                })?
+        .stream(&key, target, headers, || {
+            let tls = tls.clone();
+            async move {
+                // Transparent, from the pod's address: the capture program hands
+                // the replies (to a local pod) back to this socket.
+                let tcp = transparent_connect(client.ip(), hbone_addr)
+                    .await
+                    .map_err(|e| {
+                        std::io::Error::new(
+                            e.kind(),
+                            format!("connect to {hbone_addr}: {e}; is HBONE port 15008 reachable?"),
+                        )
+                    })?;
+                let handshake = TlsConnector::from(tls).connect(server_name(hbone_addr.ip()), tcp);
+                tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, handshake)
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+                    })?
+            }
         })
         .await
 }
