@@ -480,4 +480,42 @@ mod tests {
         assert!(!StringMatch::Presence.matches(None));
         assert!(!StringMatch::Suffix(String::new()).matches(None));
     }
+
+    /// `ServiceAccountMatch` compares namespace and service account in any
+    /// trust domain; a peer without an identity matches no account and so
+    /// passes the negated list, as in Istio's ztunnel.
+    #[test]
+    fn service_accounts() {
+        let sa = |ns: &str, name: &str| ServiceAccountMatch {
+            namespace: ns.into(),
+            service_account: name.into(),
+        };
+        let probe = id("ops", "probe");
+        let elsewhere = Identity::new("other.domain", "ops", "probe").unwrap();
+        let client = id("shop", "client");
+        let only = Match {
+            service_accounts: vec![sa("ops", "probe")],
+            ..Match::default()
+        };
+        let not = Match {
+            not_service_accounts: vec![sa("ops", "probe")],
+            ..Match::default()
+        };
+        let allow = policy("p", Action::Allow, only);
+        let deny_not = policy("n", Action::Allow, not);
+        for (who, want_only, want_not) in [
+            (Some(&probe), true, false),
+            (Some(&elsewhere), true, false),
+            (Some(&client), false, true),
+            (None, false, true),
+        ] {
+            let c = conn(who, "10.0.1.5", 80);
+            assert_eq!(allow.matches(&c), want_only, "{who:?} in serviceAccounts");
+            assert_eq!(
+                deny_not.matches(&c),
+                want_not,
+                "{who:?} in notServiceAccounts"
+            );
+        }
+    }
 }

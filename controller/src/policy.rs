@@ -655,19 +655,35 @@ fn source(s: &Source, at: &str, namespace: &str, l7: &mut Vec<String>) -> Result
             l7.push(field.to_string());
         }
     }
+    let mut principals = strings(&s.principals, &format!("{at}.principals"), principal)?;
+    let mut not_principals = strings(&s.not_principals, &format!("{at}.notPrincipals"), principal)?;
+    let accounts = service_accounts(
+        &s.service_accounts,
+        &format!("{at}.serviceAccounts"),
+        namespace,
+    )?;
+    let not_accounts = service_accounts(
+        &s.not_service_accounts,
+        &format!("{at}.notServiceAccounts"),
+        namespace,
+    )?;
+    // A ztunnel that predates fields 11 and 12 (Weft's before them, older
+    // Istio) skips them, which would widen an ALLOW. So the accounts also go
+    // as principal suffixes, which every ztunnel understands, wherever that
+    // means the same: the negatives always (ORed either way), the positives
+    // when no principals are given (else they would be ORed with them).
+    let as_principal = |m: &ServiceAccountMatch| {
+        StringMatch::Suffix(format!("/ns/{}/sa/{}", m.namespace, m.service_account))
+    };
+    not_principals.extend(not_accounts.iter().map(as_principal));
+    if principals.is_empty() {
+        principals.extend(accounts.iter().map(as_principal));
+    }
     Ok(Match {
-        principals: strings(&s.principals, &format!("{at}.principals"), principal)?,
-        not_principals: strings(&s.not_principals, &format!("{at}.notPrincipals"), principal)?,
-        service_accounts: service_accounts(
-            &s.service_accounts,
-            &format!("{at}.serviceAccounts"),
-            namespace,
-        )?,
-        not_service_accounts: service_accounts(
-            &s.not_service_accounts,
-            &format!("{at}.notServiceAccounts"),
-            namespace,
-        )?,
+        principals,
+        not_principals,
+        service_accounts: accounts,
+        not_service_accounts: not_accounts,
         namespaces: strings(&s.namespaces, &format!("{at}.namespaces"), plain)?,
         not_namespaces: strings(&s.not_namespaces, &format!("{at}.notNamespaces"), plain)?,
         source_ips: nets(&s.ip_blocks, &format!("{at}.ipBlocks"))?,

@@ -174,7 +174,10 @@ pub fn workloads(snap: &Snapshot, mesh: &Mesh) -> (LocalConfig, Vec<TranslateErr
 /// - Host-network pods share their node's address by design: never a conflict.
 /// - A pod being deleted loses its address to one that is not (addresses are
 ///   reused during pod churn) and is left out.
-/// - When two or more claimants remain, none is served, and each is reported.
+/// - When two or more claimants remain, each is reported, and all stay
+///   published: ztunnel resolves the address to none of them and refuses
+///   its connections, while the pods stay captured. Leaving them out would
+///   release capture, and their traffic would flow in plaintext.
 fn claim_addresses(candidates: Vec<(Workload, bool)>) -> (Vec<Workload>, Vec<TranslateError>) {
     let mut claims: BTreeMap<IpAddr, Vec<usize>> = BTreeMap::new();
     for (i, (w, _)) in candidates.iter().enumerate() {
@@ -184,7 +187,7 @@ fn claim_addresses(candidates: Vec<(Workload, bool)>) -> (Vec<Workload>, Vec<Tra
             }
         }
     }
-    let mut dropped = BTreeSet::new();
+    let mut dropped: BTreeSet<usize> = BTreeSet::new();
     let mut errors = Vec::new();
     for (ip, claimants) in claims.iter().filter(|(_, c)| c.len() > 1) {
         let live: Vec<usize> = claimants
@@ -196,7 +199,6 @@ fn claim_addresses(candidates: Vec<(Workload, bool)>) -> (Vec<Workload>, Vec<Tra
             dropped.extend(claimants.iter().filter(|i| !live.contains(i)));
             continue;
         }
-        dropped.extend(claimants.iter().copied());
         let name = |i: usize| format!("{}/{}", candidates[i].0.namespace, candidates[i].0.name);
         for &i in claimants {
             let others: Vec<String> = claimants
@@ -211,7 +213,7 @@ fn claim_addresses(candidates: Vec<(Workload, bool)>) -> (Vec<Workload>, Vec<Tra
                 name: w.name.clone(),
                 field: "status.podIP".into(),
                 message: format!(
-                    "{ip} is also claimed by pod {}; none of them is served until one lets it go",
+                    "{ip} is also claimed by pod {}; connections to and from it are refused until one lets it go",
                     others.join(", ")
                 ),
             });
@@ -617,8 +619,8 @@ spec: {clusterIP: "10.96.0", ports: [{port: 80}]}
 
     /// Each address identifies at most one workload: finished pods are none,
     /// host-network pods never conflict, a pod being deleted loses its
-    /// address to a live one, and live pods that claim one address are all
-    /// left out and each reported, naming the others.
+    /// address to a live one, and live pods that claim one address are each
+    /// reported, naming the others, and kept (so they stay captured).
     #[test]
     fn one_workload_per_address() {
         const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n";
@@ -656,27 +658,27 @@ spec: {clusterIP: "10.96.0", ports: [{port: 80}]}
                 vec![],
             ),
             (
-                "two live claimants: neither is served, both reported",
+                "two live claimants: both reported, both kept (ztunnel refuses the address, capture stays)",
                 [
                     pod("a", "10.244.1.7", "", "", ""),
                     pod("b", "10.244.1.7", "", "", ""),
                     pod("c", "10.244.1.8", "", "", ""),
                 ]
                 .concat(),
-                vec!["c"],
+                vec!["a", "b", "c"],
                 vec![
                     "Pod shop/a: status.podIP: 10.244.1.7 is also claimed by pod shop/b",
                     "Pod shop/b: status.podIP: 10.244.1.7 is also claimed by pod shop/a",
                 ],
             ),
             (
-                "two claimants both being deleted: neither is served",
+                "two claimants both being deleted: both reported, both kept",
                 [
                     pod("a", "10.244.1.9", deleting, "", ""),
                     pod("b", "10.244.1.9", deleting, "", ""),
                 ]
                 .concat(),
-                vec![],
+                vec!["a", "b"],
                 vec![
                     "Pod shop/a: status.podIP: 10.244.1.9 is also claimed by pod shop/b",
                     "Pod shop/b: status.podIP: 10.244.1.9 is also claimed by pod shop/a",

@@ -487,6 +487,11 @@ async fn delta_ads_on_demand_as_istio_asks() {
         [svc.as_str()],
         "the pod behind it was sent already"
     );
+    assert_eq!(
+        by_vip.removed_resources,
+        ["/10.96.0.10"],
+        "the asked name, released"
+    );
     let decoded = Address::decode(
         by_vip.resources[0]
             .resource

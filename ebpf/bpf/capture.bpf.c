@@ -10,8 +10,8 @@
  *     goes to the outbound listener (15001);
  *   - a SYN to a pod with WEFT_POD_CAPTURE goes to the HBONE listener (15008)
  *     when it is for port 15008, else to the inbound plaintext listener (15006).
- * Everything else passes untouched, so flows that existed before capture keep
- * their direct path. Assigned segments get `redirect_mark`; the node has a
+ * Everything else passes untouched (to the next program on the interface, if
+ * any), so flows that existed before capture keep their direct path. Assigned segments get `redirect_mark`; the node has a
  * policy route sending that mark to a local table, so they are delivered to
  * the assigned socket instead of being forwarded.
  *
@@ -36,6 +36,11 @@
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+
+/* What the program returns for segments it leaves alone: TC_ACT_UNSPEC, which
+ * TCX reads as "next program" (TCX_NEXT), so programs attached after ours (a
+ * CNI's) still see them. TC_ACT_OK would end the chain. */
+#define PASS TC_ACT_UNSPEC
 
 /* Set by the loader (EbpfLoader::set_global). Ports are in host order. */
 const volatile __u16 port_outbound = 15001;
@@ -145,15 +150,15 @@ int weft_capture(struct __sk_buff *skb)
 
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
+		return PASS;
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
-		return TC_ACT_OK;
+		return PASS;
 	if (ip->frag_off & bpf_htons(0x1fff)) /* non-first fragment: no TCP header */
-		return TC_ACT_OK;
+		return PASS;
 	struct tcphdr *tcp = (void *)ip + ip->ihl * 4;
 	if ((void *)(tcp + 1) > end)
-		return TC_ACT_OK;
+		return PASS;
 
 	__u32 saddr = ip->saddr, daddr = ip->daddr;
 	__u32 *src_pod = bpf_map_lookup_elem(&weft_captured, &saddr);
@@ -165,7 +170,7 @@ int weft_capture(struct __sk_buff *skb)
 	/* Keep clang from OR-ing the two map pointers, which the verifier refuses. */
 	asm volatile("" : "+r"(src_known), "+r"(dst_known));
 	if (!src_known && !dst_known)
-		return TC_ACT_OK;
+		return PASS;
 	int src_captured = (src_flags & WEFT_POD_CAPTURE) != 0;
 	int dst_captured = (dst_flags & WEFT_POD_CAPTURE) != 0;
 
@@ -184,8 +189,13 @@ int weft_capture(struct __sk_buff *skb)
 	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (sk) {
 		if (sk->state != BPF_TCP_LISTEN) {
-			if (src_known && tcp->syn)
+			/* Node-local peers (kubelet probes) are never captured:
+			 * nothing of theirs to remember. A pod's FIN or RST ends
+			 * what it can send on the flow: forget it. */
+			if (src_known && tcp->syn && !node_local(daddr))
 				remember(&flow);
+			else if (src_known && (tcp->fin || tcp->rst))
+				bpf_map_delete_elem(&weft_flows, &flow);
 			return assign(skb, sk, WEFT_CNT_ESTABLISHED);
 		}
 		bpf_sk_release(sk);
@@ -193,12 +203,12 @@ int weft_capture(struct __sk_buff *skb)
 
 	if (!tcp->syn || tcp->ack) {
 		if (!src_known)
-			return TC_ACT_OK;
+			return PASS;
 		if (tcp->syn) {
 			/* The pod answers a direct connection: that tuple is no
 			 * longer one of ztunnel's. */
 			bpf_map_delete_elem(&weft_flows, &flow);
-			return TC_ACT_OK;
+			return PASS;
 		}
 		/* No socket: either a flow that predates capture (passes) or one
 		 * ztunnel owned and lost (dropped: it must not leave in plaintext). */
@@ -206,7 +216,7 @@ int weft_capture(struct __sk_buff *skb)
 			count(WEFT_CNT_ORPHANED);
 			return TC_ACT_SHOT;
 		}
-		return TC_ACT_OK;
+		return PASS;
 	}
 
 	__u16 port;
@@ -226,7 +236,7 @@ int weft_capture(struct __sk_buff *skb)
 	if (!dst_captured) {
 		if (src_known)
 			bpf_map_delete_elem(&weft_flows, &flow);
-		return TC_ACT_OK;
+		return PASS;
 	}
 	if (tcp->dest == bpf_htons(port_hbone)) {
 		port = port_hbone;

@@ -51,6 +51,9 @@ pub struct Capture {
     captured: HashMap<MapData, u32, u32>,
     node_addrs: HashMap<MapData, u32, u32>,
     counters: PerCpuArray<MapData, u64>,
+    /// `weft_flows`: `struct weft_flow` (saddr, daddr, sport, dport; network
+    /// order) as bytes.
+    flows: HashMap<MapData, [u8; 12], u8>,
     /// Attached interfaces by ifindex: the name seen at attach, and the link.
     attached: BTreeMap<u32, Attachment>,
 }
@@ -230,12 +233,15 @@ impl Capture {
             .map_err(map_error(names::MAP_NODE_ADDRS))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, names::MAP_COUNTERS)?)
             .map_err(map_error(names::MAP_COUNTERS))?;
+        let flows = HashMap::try_from(take(&mut ebpf, names::MAP_FLOWS)?)
+            .map_err(map_error(names::MAP_FLOWS))?;
         let capture = Capture {
             ebpf,
             pin_dir: cfg.pin_dir.clone(),
             captured,
             node_addrs,
             counters,
+            flows,
             attached: BTreeMap::new(),
         };
         info!(
@@ -255,12 +261,12 @@ impl Capture {
     /// Returns the newly attached interfaces.
     pub fn sync_interfaces(&mut self) -> Result<Vec<String>, CaptureError> {
         let ifaces = interfaces().map_err(CaptureError::Interfaces)?;
-        // Gone, or a new device that reuses the index under another name.
+        // Gone (a renamed device keeps its index, and its link).
         let stale: Vec<u32> = self
             .attached
-            .iter()
-            .filter(|(i, a)| ifaces.get(i) != Some(&a.name))
-            .map(|(i, _)| *i)
+            .keys()
+            .filter(|i| !ifaces.contains_key(i))
+            .copied()
             .collect();
         for ifindex in stale {
             self.attached.remove(&ifindex);
@@ -393,11 +399,17 @@ impl Capture {
             .iter()
             .map(|(ip, capture)| (key(*ip), if *capture { POD_CAPTURE } else { 0 }))
             .collect();
-        for k in current.keys().filter(|k| !wanted.contains_key(k)) {
+        let gone: Vec<u32> = current
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for k in &gone {
             if let Err(e) = self.captured.remove(k) {
                 warn!(component = "capture", error = %e, "cannot remove pod from capture map");
             }
         }
+        self.forget_flows(&gone);
         for (k, flags) in &wanted {
             if current.get(k) == Some(flags) {
                 continue;
@@ -412,6 +424,26 @@ impl Capture {
             }
         }
         Ok(())
+    }
+
+    /// Drops the flow-table entries of pods gone from the node, so a new pod
+    /// that gets one of their addresses inherits none of their flows.
+    fn forget_flows(&mut self, gone: &[u32]) {
+        if gone.is_empty() {
+            return;
+        }
+        let stale: Vec<[u8; 12]> = self
+            .flows
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                let saddr = u32::from_ne_bytes([k[0], k[1], k[2], k[3]]);
+                gone.contains(&saddr)
+            })
+            .collect();
+        for k in &stale {
+            let _ = self.flows.remove(k);
+        }
     }
 
     /// The pod addresses capturing new connections, as the kernel has them.

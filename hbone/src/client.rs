@@ -143,8 +143,9 @@ impl<K: Hash + Eq + Clone> Pool<K> {
     {
         let mut retried = false;
         loop {
+            // Counted in `checkout`, under the key's lock, so eviction
+            // never takes a connection just handed out.
             let shared = self.checkout(key, &dial).await?;
-            shared.streams.fetch_add(1, Ordering::AcqRel);
             let guard = StreamGuard {
                 streams: shared.streams.clone(),
                 idle_since: shared.idle_since.clone(),
@@ -176,7 +177,7 @@ impl<K: Hash + Eq + Clone> Pool<K> {
         let shared = {
             let mut list = slot.lock().await;
             list.retain(|c| !c.closed.load(Ordering::Acquire));
-            match list
+            let chosen = match list
                 .iter()
                 .find(|c| c.streams.load(Ordering::Acquire) < MAX_STREAMS_PER_CONNECTION)
             {
@@ -193,7 +194,9 @@ impl<K: Hash + Eq + Clone> Pool<K> {
                     list.push(c.clone());
                     c
                 }
-            }
+            };
+            chosen.streams.fetch_add(1, Ordering::AcqRel);
+            chosen
         };
         Ok(shared)
     }

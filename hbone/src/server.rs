@@ -136,11 +136,17 @@ where
     let mut closing = false;
     let mut drain = opts.drain.clone();
     loop {
-        let idle_for = last_active.lock().map(|t| t.elapsed()).unwrap_or_default();
+        // While streams run the connection is not idle: look again a full
+        // timeout later (not at once, which would spin).
+        let idle_for = if active.load(Ordering::Acquire) > 0 {
+            std::time::Duration::ZERO
+        } else {
+            last_active.lock().map(|t| t.elapsed()).unwrap_or_default()
+        };
         let wait = opts.idle_timeout.saturating_sub(idle_for);
         let next = tokio::select! {
             next = conn.accept() => next,
-            _ = drain.wait_for(|d| *d), if !closing => {
+            _ = drained(&mut drain), if !closing => {
                 debug!(peer = %opts.peer, "draining: GOAWAY");
                 conn.graceful_shutdown();
                 closing = true;
@@ -188,6 +194,14 @@ where
         });
     }
     Ok(served)
+}
+
+/// Resolves once `drain` turns `true`; never, if its sender is gone without
+/// having asked for a drain.
+pub async fn drained(drain: &mut tokio::sync::watch::Receiver<bool>) {
+    if drain.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 // === impl StreamBudget ===

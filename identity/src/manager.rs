@@ -7,7 +7,7 @@
 //! [`MAX_CONCURRENT_REQUESTS`] are in flight, and one refresher task
 //! ([`CertManager::refresh`]) fetches what is wanted and renews what is due.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -29,6 +29,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONCURRENT_REQUESTS: usize = 8;
 /// How often the refresher looks for due renewals without being woken.
 pub const REFRESH_INTERVAL: Duration = Duration::from_millis(500);
+/// After a failed request for an identity, the refresher waits this long
+/// before asking again (connections still ask at once), so a failing CA is
+/// not hammered twice a second per identity.
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// Issues and caches certificates and TLS configs per identity.
 #[derive(Debug)]
@@ -252,7 +256,21 @@ impl CertManager {
             return Ok(());
         }
         let parsed = TrustRoots::from_pem(pem)?;
-        *roots = (pem.to_string(), parsed);
+        *roots = (pem.to_string(), parsed.clone());
+        drop(roots);
+        // Certificates issued before keep their keys but verify peers by
+        // the new roots from now on, without waiting for their renewal.
+        let mut certs = lock(&self.certs);
+        for issued in certs.values_mut() {
+            let server = tls::server_config(&issued.cert, &parsed)?;
+            *issued = Arc::new(Issued {
+                cert: issued.cert.clone(),
+                renew_at: issued.renew_at,
+                roots: parsed.clone(),
+                server,
+                clients: Mutex::new(HashMap::new()),
+            });
+        }
         info!(
             component = "identity",
             "mesh trust roots updated: the CA's bundle replaces the previous roots"
@@ -292,9 +310,22 @@ impl CertManager {
         if !due {
             return;
         }
-        if let Err(e) = self.issue(&id).await {
-            warn!(component = "identity", identity = %id, error = %e, "cannot get a certificate; keeping any current one, will retry");
+        match self.issue(&id).await {
+            Ok(_) => {
+                lock(&self.failures).remove(&id);
+            }
+            Err(e) => {
+                warn!(component = "identity", identity = %id, error = %e, "cannot get a certificate; keeping any current one, will retry");
+                lock(&self.failures).insert(id, (tokio::time::Instant::now(), e.to_string()));
+            }
         }
+    }
+
+    /// Whether a request for `id` failed less than [`RETRY_AFTER`] ago.
+    fn backing_off(&self, id: &Identity) -> bool {
+        lock(&self.failures)
+            .get(id)
+            .is_some_and(|(at, _)| at.elapsed() < RETRY_AFTER)
     }
 
     /// The one refresher: keeps a certificate for every identity in `wanted`
@@ -303,17 +334,20 @@ impl CertManager {
     /// Each identity is worked on by at most one task at a time; a CA that
     /// hangs for one identity holds up no other.
     pub async fn refresh(self: Arc<Self>, mut wanted: watch::Receiver<BTreeSet<Identity>>) {
-        let mut tasks: JoinSet<Identity> = JoinSet::new();
-        let mut busy: HashSet<Identity> = HashSet::new();
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut busy: HashMap<tokio::task::Id, Identity> = HashMap::new();
         let mut tick = tokio::time::interval(REFRESH_INTERVAL);
         loop {
             tokio::select! {
                 changed = wanted.changed() => if changed.is_err() { break },
                 _ = tick.tick() => {}
-                Some(done) = tasks.join_next() => {
-                    if let Ok(id) = done {
-                        busy.remove(&id);
-                    }
+                Some(done) = tasks.join_next_with_id() => {
+                    // Finished or failed alike: the identity is free again.
+                    let task = match done {
+                        Ok((task, ())) => task,
+                        Err(e) => e.id(),
+                    };
+                    busy.remove(&task);
                     continue;
                 }
             }
@@ -322,13 +356,12 @@ impl CertManager {
             let now = SystemTime::now();
             for id in ids {
                 let due = self.cached(&id).is_none_or(|i| now >= i.renew_at);
-                if due && busy.insert(id.clone()) {
-                    let this = self.clone();
-                    tasks.spawn(async move {
-                        this.refresh_one(id.clone()).await;
-                        id
-                    });
+                if !due || self.backing_off(&id) || busy.values().any(|b| *b == id) {
+                    continue;
                 }
+                let (this, which) = (self.clone(), id.clone());
+                let task = tasks.spawn(async move { this.refresh_one(which).await });
+                busy.insert(task.id(), id);
             }
         }
         tasks.abort_all();
@@ -482,8 +515,14 @@ mod tests {
         let both = format!("{initial}{other}");
         certs.set_roots(&both).unwrap();
         assert_eq!(lock(&certs.roots).0, both);
+        let before = certs.server_config(&id("a")).await.unwrap();
         certs.set_roots(&other).unwrap();
         assert_eq!(lock(&certs.roots).0, other, "the old root is gone");
+        let after = certs.server_config(&id("a")).await.unwrap();
+        assert!(
+            !Arc::ptr_eq(&before, &after),
+            "a cached certificate's TLS config follows the new roots"
+        );
     }
 
     /// The refresher fetches what is wanted, and forgets what is not.

@@ -246,7 +246,7 @@ spec:
   selector: {matchLabels: {app: web}}
   rules:
   - from:
-    - source: {serviceAccounts: ["ops/probe"], notServiceAccounts: ["shop/client"]}
+    - source: {serviceAccounts: ["ops/probe", "shop/client"], notServiceAccounts: ["shop/client"]}
 "#,
         || !reaches(client, remote),
     )?;
@@ -254,7 +254,10 @@ spec:
         reaches(probe, remote) && reaches(probe, local),
         "the allowed service account, across nodes and on one node"
     );
-    ensure!(!reaches(client, local), "shop/client is not allowed");
+    ensure!(
+        !reaches(client, local),
+        "shop/client is listed, but excluded by notServiceAccounts"
+    );
     ensure!(!reaches(web2, remote), "shop/web is not allowed");
 
     // The policy goes away: everyone is back.

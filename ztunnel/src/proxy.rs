@@ -130,7 +130,7 @@ async fn accept_loop<F, Fut>(
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = drain.wait_for(|d| *d) => break,
+            _ = weft_hbone::server::drained(&mut drain) => break,
         };
         let (stream, peer) = match accepted {
             Ok(c) => c,
