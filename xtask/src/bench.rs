@@ -388,3 +388,90 @@ fn pct(samples: &[Duration], q: f64) -> f64 {
     let i = ((q / 100.0) * (v.len() - 1) as f64).round() as usize;
     v[i.min(v.len() - 1)]
 }
+
+/// `cargo xtask bench restart`: release ztunnels on the lab. For each node, a
+/// rolling restart (new process beside the old one, which drains) while a
+/// pod opens connections at a fixed rate and an upload runs across it:
+/// failed and total connections, bytes intact. Then a crash (SIGKILL) and a
+/// cold start: how long captured pods could not connect.
+pub fn restart() -> Result<()> {
+    require_root("cargo xtask bench restart")?;
+    const RATE: u32 = 400;
+    const TIME: Duration = Duration::from_secs(10);
+    let bins = build_bins(true)?;
+    let mut opts = LabOptions::new("bench-restart", &scenario("l4")?);
+    opts.bin_dir = bins;
+    let mut lab = Lab::up(opts)?;
+    let client = lab.pod("shop/client").clone();
+    let web = lab.pod("shop/web-1").clone();
+    let _echo = apps::serve(&web, 7000, App::Echo)?;
+    let _sink = apps::serve(&web, 9000, App::Sink)?;
+    let echo = SocketAddr::new(web.ip.into(), 7000);
+    let sink = SocketAddr::new(web.ip.into(), 9000);
+    println!("\nbench restart: release ztunnel, shop/client (node-1) -> shop/web-1 (node-2)");
+    println!(
+        "  rolling restart under {RATE} connections/s for {}s and a 4 MB/s upload:",
+        TIME.as_secs()
+    );
+    for node in ["node-1", "node-2"] {
+        let (c, c2) = (client.clone(), client.clone());
+        let churn = std::thread::spawn(move || apps::churn(&c, echo, RATE, TIME));
+        let upload = std::thread::spawn(move || {
+            apps::paced_upload(&c2, sink, 4 * 1024 * 1024, TIME - Duration::from_secs(2))
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let mut old = lab.restart_ztunnel(node)?;
+        let churned = churn
+            .join()
+            .map_err(|_| anyhow::anyhow!("churn panicked"))??;
+        let uploaded = upload
+            .join()
+            .map_err(|_| anyhow::anyhow!("upload panicked"))?;
+        let drained = Instant::now();
+        let status = loop {
+            if let Some(s) = old.try_wait()? {
+                break s;
+            }
+            if drained.elapsed() > Duration::from_secs(40) {
+                bail!("the old ztunnel on {node} did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        println!(
+            "    {node}: {} failed of {} connections; upload {}; old process exited {status}",
+            churned.failed.len(),
+            churned.ok + churned.failed.len() as u64,
+            match uploaded {
+                Ok(n) => format!("{} MB intact (SHA-256)", n / (1024 * 1024)),
+                Err(e) => format!("FAILED: {e:#}"),
+            }
+        );
+    }
+    // A crash and a cold start: the pinned capture drops SYNs meanwhile.
+    lab.kill_ztunnel("node-1")?;
+    let killed = Instant::now();
+    lab.start_ztunnel_again("node-1")?;
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let ok = client.netns.run(move || {
+            Ok(
+                TcpStream::connect_timeout(&echo, Duration::from_millis(200)).is_ok_and(|mut c| {
+                    let mut b = [0u8; 4];
+                    c.write_all(b"ping").is_ok() && c.read_exact(&mut b).is_ok()
+                }),
+            )
+        })?;
+        if ok {
+            break;
+        }
+        if killed.elapsed() > Duration::from_secs(30) {
+            bail!("no connection 30 s after the crash");
+        }
+    }
+    println!(
+        "  crash (SIGKILL) and cold start of node-1's ztunnel: first good connection {:.0} ms after the kill ({tries} tries)",
+        killed.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}

@@ -22,6 +22,7 @@ usage: cargo xtask <command>
   lab status               list the labs on this host
   ebpf [--check]           rebuild ebpf/bpf/capture.bpf.o with clang (--check: fail if it is stale)
   bench l4                 pod-to-pod throughput and latency, plain vs mesh; ztunnel memory (root)
+  bench restart            connections failed across rolling restarts of each node, and the gap after a crash (root)
   bench controller         10 000 pods, 1 000 services, 100 xDS clients: first push, change latency, RSS
   fuzz TARGET|all [--secs N]  run the fuzz targets in fuzz/ (libFuzzer)
 ";
@@ -40,6 +41,7 @@ fn main() -> Result<()> {
         ["ebpf", "--check"] => ebpf::build(true),
         ["bench", "l4"] => bench::l4(),
         ["bench", "controller"] => bench::controller(),
+        ["bench", "restart"] => bench::restart(),
         ["fuzz", rest @ ..] => fuzz::run(rest),
         // Internal: the bench's echo server, run in a pod's namespace.
         ["__echo-forever", port] => weft_tests::apps::echo_forever(port.parse()?),
