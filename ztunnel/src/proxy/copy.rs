@@ -1,9 +1,9 @@
 //! Bidirectional copy with buffers that start small and grow for bulk flows.
 //!
 //! Most proxied connections are idle or chatty; a few move bulk data. Each
-//! direction starts with [`INITIAL`] bytes of buffer and grows to [`LARGE`]
-//! once reads keep filling it, so a thousand idle connections cost little and
-//! a bulk transfer makes few syscalls. Half-closes are forwarded: when one side
+//! direction starts with [`INITIAL`] bytes of buffer and grows eightfold, up
+//! to [`LARGE`], each time reads keep filling it, so ten thousand idle
+//! connections cost little and a bulk transfer makes few syscalls. Half-closes are forwarded: when one side
 //! reaches EOF, the other side's write half is shut down, and the copy ends
 //! when both directions are done.
 
@@ -14,11 +14,14 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Buffer a direction starts with.
-pub const INITIAL: usize = 16 * 1024;
-/// Buffer a bulk direction grows to.
+/// Buffer a direction starts with: enough for a request or a response of a
+/// chatty protocol, small for a held idle connection (two per connection).
+pub const INITIAL: usize = 2 * 1024;
+/// Buffer a bulk direction grows to (2 KiB, 16 KiB, then this).
 pub const LARGE: usize = 128 * 1024;
-/// Reads that fill the buffer before it grows.
+/// How much each growth step multiplies the buffer by.
+const GROWTH: usize = 8;
+/// Reads that fill the buffer before it grows a step.
 const FULL_READS_TO_GROW: u32 = 2;
 
 /// One direction: read into `buf`, write it all out, repeat.
@@ -90,7 +93,9 @@ impl Pipe {
                                 if self.full_reads >= FULL_READS_TO_GROW {
                                     // Safe to resize: the data is written out
                                     // from buf[..cap], which resize keeps.
-                                    self.buf.resize(LARGE, 0);
+                                    let next = (self.buf.len() * GROWTH).min(LARGE);
+                                    self.buf.resize(next, 0);
+                                    self.full_reads = 0;
                                 }
                             }
                         }
@@ -215,11 +220,12 @@ mod tests {
         assert_eq!(p.buf.len(), INITIAL);
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
-        let mut src: &[u8] = &vec![1u8; INITIAL * 4];
+        let bulk = LARGE * 4;
+        let mut src: &[u8] = &vec![1u8; bulk];
         let mut sink = Vec::new();
         let _ = p.poll_copy(&mut cx, Pin::new(&mut src), Pin::new(&mut sink));
         assert_eq!(p.buf.len(), LARGE);
-        assert_eq!(sink.len(), INITIAL * 4);
+        assert_eq!(sink.len(), bulk);
 
         let mut small = Pipe::new();
         let mut src: &[u8] = b"ping";
