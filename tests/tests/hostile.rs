@@ -139,3 +139,54 @@ fn stream_budget_per_peer() -> Result<()> {
     );
     Ok(())
 }
+
+/// Slowloris at scale: 10 000 TCP connections to web-1's HBONE port that
+/// never start TLS. ztunnel holds each only for the handshake timeout, at
+/// less than 16 KiB apiece (so at most MAX_CONNECTIONS × 16 KiB in all),
+/// serves a legitimate connection meanwhile, and then closes every one.
+#[test]
+fn idle_connections_on_hbone_port() -> Result<()> {
+    const HELD: usize = 10_000;
+    let mut lab = Lab::up(LabOptions::new("hostile-idle", SCENARIO))?;
+    let _echo = apps::serve(lab.pod("shop/web-1"), 7000, App::Echo)?;
+    round_trip(lab.pod("shop/client"), addr(lab.pod("shop/web-1"), 7000))?;
+    let base = rss_mib(&lab, "node-2")?;
+    let dst = addr(lab.pod("shop/web-1"), 15008);
+    let conns = lab.pod("legacy/outsider").netns.run(move || {
+        let mut conns = Vec::with_capacity(HELD);
+        for i in 0..HELD {
+            let c = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+                .with_context(|| format!("idle connection {i}"))?;
+            c.set_nonblocking(true)?;
+            conns.push(c);
+        }
+        Ok(conns)
+    })?;
+    round_trip(lab.pod("shop/client"), addr(lab.pod("shop/web-1"), 7000))
+        .context("a legitimate connection beside 10 000 idle ones")?;
+    let held = rss_mib(&lab, "node-2")?;
+    let per_conn_kib = (held - base) * 1024.0 / HELD as f64;
+    println!(
+        "ztunnel RSS holding {HELD} idle connections: {held:.1} MiB (from {base:.1}), {per_conn_kib:.1} KiB each"
+    );
+    ensure!(
+        per_conn_kib < 16.0,
+        "{per_conn_kib:.1} KiB per idle connection ({held:.1} MiB from {base:.1})"
+    );
+    // Past the 10 s handshake timeout every one is closed by ztunnel.
+    let closed = |conns: &mut Vec<std::net::TcpStream>| {
+        let mut b = [0u8; 1];
+        conns.retain_mut(
+            |c| matches!(c.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        );
+        conns.is_empty()
+    };
+    let mut open = conns;
+    weft_tests::check::eventually(
+        "ztunnel closes the idle connections",
+        Duration::from_secs(25),
+        || Ok(closed(&mut open)),
+    )?;
+    ensure!(lab.ztunnel_alive("node-2"), "ztunnel died");
+    Ok(())
+}

@@ -60,6 +60,30 @@ pub async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer_addr: SocketAddr)
             &why,
         );
     };
+    // Nothing is allocated for TLS until the peer sends its first bytes, so
+    // connections that never start a handshake (slowloris) cost only their
+    // socket and this small task until the handshake timeout closes them.
+    if tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, tcp.readable())
+        .await
+        .is_err()
+    {
+        let why = "no TLS handshake within the timeout";
+        return refused(m, DIR, RefusalReason::tls_handshake, peer_addr, local, &why);
+    }
+    // The TLS and HTTP/2 state machine is large: boxed, it is allocated only
+    // for a connection that gets this far, not inline in every task.
+    Box::pin(serve_tls(pi, tcp, peer_addr, local, dst_id)).await;
+}
+
+/// TLS as `dst_id`, then HTTP/2 CONNECT streams, on an accepted connection.
+async fn serve_tls(
+    pi: Arc<ProxyInputs>,
+    tcp: TcpStream,
+    peer_addr: SocketAddr,
+    local: SocketAddr,
+    dst_id: Identity,
+) {
+    let m = &pi.metrics;
     let server = match pi.certs.server_config(&dst_id).await {
         Ok(s) => s,
         Err(e) => return refused(m, DIR, RefusalReason::tls_handshake, peer_addr, local, &e),
