@@ -15,12 +15,17 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
-/// A TCP listener on `addr` with SO_REUSEADDR and SO_REUSEPORT.
-pub fn reuse_port_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A TCP listener on `addr` with SO_REUSEADDR and SO_REUSEPORT, so a process
+/// taking over from a running one binds beside it; `transparent` adds
+/// IP_TRANSPARENT (connections for any address steered to it).
+pub fn reuse_port_listener(addr: SocketAddr, transparent: bool) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    if transparent {
+        socket.set_ip_transparent_v4(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
@@ -42,7 +47,7 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 /// the background. SO_REUSEPORT: a process taking over from a running one
 /// (a restart handover) binds beside it.
 pub async fn serve(name: &'static str, addr: SocketAddr, handler: Handler) -> std::io::Result<()> {
-    let listener = reuse_port_listener(addr)?;
+    let listener = reuse_port_listener(addr, false)?;
     info!(component = name, address = %addr, "listener established");
     tokio::spawn(async move {
         loop {

@@ -11,6 +11,7 @@ pub mod check;
 pub mod lab;
 pub mod netns;
 pub mod peer;
+pub mod rollout;
 pub mod tcpdump;
 
 pub use lab::{Lab, LabOptions};

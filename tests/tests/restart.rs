@@ -5,12 +5,12 @@
 //! connections finish before it exits.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use weft_tests::apps::{self, App};
 use weft_tests::lab::LabPod;
-use weft_tests::{Lab, LabOptions};
+use weft_tests::{Lab, LabOptions, rollout};
 
 const SCENARIO: &str = include_str!("../../examples/l4/mesh.yaml");
 const MB: u64 = 1024 * 1024;
@@ -36,23 +36,14 @@ fn restart_under_load(node: &str) -> Result<()> {
             .is_empty()
     );
 
-    let (c, w) = (client.clone(), web.clone());
-    let churn =
-        std::thread::spawn(move || apps::churn(&c, addr(&w, 7000), 200, Duration::from_secs(10)));
-    let (c, w) = (client.clone(), web.clone());
-    let upload = std::thread::spawn(move || {
-        apps::paced_upload(&c, addr(&w, 9000), 4 * MB, Duration::from_secs(8))
-    });
-    std::thread::sleep(Duration::from_secs(2));
-    let restarted = Instant::now();
-    let mut old = lab.restart_ztunnel(node)?;
-    let churned = churn
-        .join()
-        .map_err(|_| anyhow::anyhow!("churn panicked"))??;
-    let sent = upload
-        .join()
-        .map_err(|_| anyhow::anyhow!("upload panicked"))?
-        .context("the transfer across the restart")?;
+    let ports = (addr(&web, 7000), addr(&web, 9000));
+    let rollout =
+        rollout::restart_under_load(&mut lab, node, &client, ports, 200, Duration::from_secs(10))?;
+    let churned = &rollout.churn;
+    let sent = rollout
+        .upload
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("the transfer across the restart: {e:#}"))?;
     println!(
         "{node} restarted: {} connections, {} failed; {} MB uploaded across it",
         churned.ok + churned.failed.len() as u64,
@@ -82,17 +73,8 @@ fn restart_under_load(node: &str) -> Result<()> {
         &churned.failed[..churned.failed.len().min(5)]
     );
     ensure!(churned.ok >= 1500, "only {} connections made", churned.ok);
-    // The old one drains (its connections have finished) and exits cleanly.
-    let status = loop {
-        if let Some(s) = old.try_wait()? {
-            break s;
-        }
-        ensure!(
-            restarted.elapsed() < Duration::from_secs(40),
-            "the old ztunnel did not exit after draining"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // The old one drained (its connections finished) and exited cleanly.
+    let status = rollout.old_exit;
     ensure!(status.success(), "the old ztunnel exited with {status}");
     let log = lab.ztunnel_log(node);
     ensure!(

@@ -414,29 +414,15 @@ pub fn restart() -> Result<()> {
         TIME.as_secs()
     );
     for node in ["node-1", "node-2"] {
-        let (c, c2) = (client.clone(), client.clone());
-        let churn = std::thread::spawn(move || apps::churn(&c, echo, RATE, TIME));
-        let upload = std::thread::spawn(move || {
-            apps::paced_upload(&c2, sink, 4 * 1024 * 1024, TIME - Duration::from_secs(2))
-        });
-        std::thread::sleep(Duration::from_secs(2));
-        let mut old = lab.restart_ztunnel(node)?;
-        let churned = churn
-            .join()
-            .map_err(|_| anyhow::anyhow!("churn panicked"))??;
-        let uploaded = upload
-            .join()
-            .map_err(|_| anyhow::anyhow!("upload panicked"))?;
-        let drained = Instant::now();
-        let status = loop {
-            if let Some(s) = old.try_wait()? {
-                break s;
-            }
-            if drained.elapsed() > Duration::from_secs(40) {
-                bail!("the old ztunnel on {node} did not exit");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let r = weft_tests::rollout::restart_under_load(
+            &mut lab,
+            node,
+            &client,
+            (echo, sink),
+            RATE,
+            TIME,
+        )?;
+        let (churned, uploaded, status) = (r.churn, r.upload, r.old_exit);
         println!(
             "    {node}: {} failed of {} connections; upload {}; old process exited {status}",
             churned.failed.len(),

@@ -168,18 +168,11 @@ async fn accept_loop<F, Fut>(
 
 /// A listener that accepts connections for any destination address steered to
 /// it by the capture program (IP_TRANSPARENT).
+/// SO_REUSEPORT: a new ztunnel binds beside the running one and takes new
+/// connections from it; connections still queued when the old one closes its
+/// listener move to the new one (net.ipv4.tcp_migrate_req).
 pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    // A new ztunnel binds beside the running one and takes new connections
-    // from it; connections still queued when the old one closes its
-    // listener move to the new one (net.ipv4.tcp_migrate_req).
-    socket.set_reuse_port(true)?;
-    socket.set_ip_transparent_v4(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    weft_runtime::admin::reuse_port_listener(addr, true)
 }
 
 /// Connects to `dst` from `src` (a pod address, not the node's), so the
