@@ -179,6 +179,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             let auth = Authenticator::Kubernetes(TokenReviewer::new(
                 client.clone(),
                 ztunnel_service_account,
+                &cfg.mesh.trust_domain,
                 Some(source.pods()),
             ));
             let (tx, rx) = watch::channel(Vec::new());
@@ -343,13 +344,11 @@ impl Publisher {
         m.publish_seconds.observe(started.elapsed().as_secs_f64());
         m.config_errors
             .set((problems.len() + t.errors.len()) as i64);
-        for ty in weft_xds::TYPES {
-            if let Some(g) = crate::metrics::xds_type(ty) {
-                let n = next.resources.get(ty).map_or(0, BTreeMap::len);
-                m.resources
-                    .get_or_create(&TypeLabels { r#type: g })
-                    .set(n as i64);
-            }
+        for ty in weft_xds::types::REGISTRY {
+            let n = next.resources.get(ty.type_url).map_or(0, BTreeMap::len);
+            m.resources
+                .get_or_create(&TypeLabels { r#type: ty.name })
+                .set(n as i64);
         }
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status_json(&t);
         publish.send_replace(Arc::new(next));

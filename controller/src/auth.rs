@@ -1,14 +1,48 @@
-//! Who is calling: node agents authenticate with a bearer token. In local
-//! mode each node has a bootstrap token from a file (`<node> <token>` per
-//! line); the Kubernetes source checks service account tokens instead.
+//! Who is calling: node agents (ztunnel) and workload proxies (waypoints)
+//! authenticate with a bearer token. In local mode tokens come from a file
+//! (`<node> <token>` or `<spiffe identity> <token>` per line); the
+//! Kubernetes source reviews service account tokens instead.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 
-/// An authenticated node agent.
+use weft_api::Identity;
+use weft_xds::types::Role;
+
+/// An authenticated caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Caller {
-    pub node: String,
+pub enum Caller {
+    /// A node agent, acting for the pods on its node.
+    Node { node: String },
+    /// A proxy that runs as one workload identity (a waypoint), acting for itself.
+    Workload { identity: Identity },
+}
+
+impl Caller {
+    pub fn role(&self) -> Role {
+        match self {
+            Caller::Node { .. } => Role::Ztunnel,
+            Caller::Workload { .. } => Role::Waypoint,
+        }
+    }
+
+    /// The node of a node agent.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Caller::Node { node } => Some(node),
+            Caller::Workload { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Node { node } => write!(f, "node {node}"),
+            Caller::Workload { identity } => write!(f, "{identity}"),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -43,9 +77,10 @@ impl Authenticator {
     }
 }
 
-/// Per-node bootstrap tokens.
+/// Bootstrap tokens: per node, and per workload identity.
 #[derive(Clone, Default)]
 pub struct NodeTokens {
+    /// Node name or SPIFFE identity → token.
     by_node: BTreeMap<String, String>,
 }
 
@@ -63,7 +98,8 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl NodeTokens {
-    /// Parses `<node> <token>` lines; blank lines and `#` comments are skipped.
+    /// Parses `<node> <token>` and `<spiffe://identity> <token>` lines; blank
+    /// lines and `#` comments are skipped.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut by_node = BTreeMap::new();
         for (i, line) in text.lines().enumerate() {
@@ -73,12 +109,16 @@ impl NodeTokens {
             }
             let mut parts = line.split_whitespace();
             match (parts.next(), parts.next(), parts.next()) {
-                (Some(node), Some(token), None) if token.len() >= 16 => {
-                    by_node.insert(node.to_string(), token.to_string());
+                (Some(who), Some(token), None) if token.len() >= 16 => {
+                    if who.starts_with("spiffe://") {
+                        who.parse::<Identity>()
+                            .map_err(|e| format!("line {}: {e}", i + 1))?;
+                    }
+                    by_node.insert(who.to_string(), token.to_string());
                 }
                 _ => {
                     return Err(format!(
-                        "line {}: want `<node> <token>` with a token of at least 16 characters",
+                        "line {}: want `<node or spiffe identity> <token>` with a token of at least 16 characters",
                         i + 1
                     ));
                 }
@@ -92,8 +132,8 @@ impl NodeTokens {
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// The node a token belongs to. Every entry is compared, so the time
-    /// taken does not say which token was close.
+    /// The node or identity a token belongs to. Every entry is compared, so
+    /// the time taken does not say which token was close.
     pub fn authenticate(&self, token: Option<&str>) -> Result<Caller, AuthError> {
         let token = token.ok_or(AuthError::Missing)?;
         let mut found = None;
@@ -102,7 +142,11 @@ impl NodeTokens {
                 found = Some(node.clone());
             }
         }
-        found.map(|node| Caller { node }).ok_or(AuthError::Unknown)
+        let who = found.ok_or(AuthError::Unknown)?;
+        Ok(match who.parse::<Identity>() {
+            Ok(identity) if who.starts_with("spiffe://") => Caller::Workload { identity },
+            _ => Caller::Node { node: who },
+        })
     }
 }
 
@@ -112,16 +156,26 @@ mod tests {
 
     #[test]
     fn tokens() {
-        let t = NodeTokens::parse("# lab\nnode-1 aaaaaaaaaaaaaaaa1\n\nnode-2 bbbbbbbbbbbbbbbb2\n")
-            .unwrap();
+        let t = NodeTokens::parse(
+            "# lab\nnode-1 aaaaaaaaaaaaaaaa1\n\nnode-2 bbbbbbbbbbbbbbbb2\n\
+             spiffe://cluster.local/ns/shop/sa/waypoint cccccccccccccccc3\n",
+        )
+        .unwrap();
+        let node = |tok: &str| {
+            t.authenticate(Some(tok))
+                .unwrap()
+                .node()
+                .map(str::to_string)
+        };
+        assert_eq!(node("aaaaaaaaaaaaaaaa1").as_deref(), Some("node-1"));
+        assert_eq!(node("bbbbbbbbbbbbbbbb2").as_deref(), Some("node-2"));
+        let waypoint = t.authenticate(Some("cccccccccccccccc3")).unwrap();
         assert_eq!(
-            t.authenticate(Some("aaaaaaaaaaaaaaaa1")).unwrap().node,
-            "node-1"
+            waypoint.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/waypoint"
         );
-        assert_eq!(
-            t.authenticate(Some("bbbbbbbbbbbbbbbb2")).unwrap().node,
-            "node-2"
-        );
+        assert_eq!(waypoint.role(), Role::Waypoint);
+        assert!(NodeTokens::parse("spiffe://cluster.local/ns/shop cccccccccccccccc3").is_err());
         assert_eq!(
             t.authenticate(Some("aaaaaaaaaaaaaaaa2")),
             Err(AuthError::Unknown)

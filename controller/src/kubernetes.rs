@@ -25,6 +25,8 @@ use serde::de::DeserializeOwned;
 use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
 
+use weft_api::Identity;
+
 use crate::Snapshot;
 use crate::auth::{AuthError, Caller};
 use crate::ca::{MeshCa, MeshCaError};
@@ -302,6 +304,8 @@ pub struct TokenReviewer {
     client: Client,
     /// `system:serviceaccount:<namespace>:<name>` of the node agents.
     username: String,
+    /// Other service accounts' tokens make workload callers in this trust domain.
+    trust_domain: String,
     pods: Option<Store<Pod>>,
     cache: Arc<Mutex<HashMap<String, (Caller, Instant)>>>,
 }
@@ -320,14 +324,20 @@ const REVIEW_CACHE: Duration = Duration::from_secs(60);
 const REVIEW_CACHE_MAX: usize = 10_000;
 
 impl TokenReviewer {
-    /// `service_account` is `namespace/name`.
-    pub fn new(client: Client, service_account: &str, pods: Option<Store<Pod>>) -> Self {
+    /// `service_account` is the node agents', `namespace/name`.
+    pub fn new(
+        client: Client,
+        service_account: &str,
+        trust_domain: &str,
+        pods: Option<Store<Pod>>,
+    ) -> Self {
         let (ns, name) = service_account
             .split_once('/')
             .unwrap_or(("istio-system", service_account));
         TokenReviewer {
             client,
             username: format!("system:serviceaccount:{ns}:{name}"),
+            trust_domain: trust_domain.to_string(),
             pods,
             cache: Arc::new(Mutex::new(HashMap::new())),
         }
@@ -362,10 +372,21 @@ impl TokenReviewer {
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
         if username != self.username {
-            return Err(AuthError::Rejected(format!(
-                "{username} is not the node agent's service account {}",
-                self.username
-            )));
+            // Any other service account acts as itself (a waypoint), as
+            // istiod lets any proxy with a token get its own identity.
+            let caller = username
+                .strip_prefix("system:serviceaccount:")
+                .and_then(|rest| rest.split_once(':'))
+                .and_then(|(ns, sa)| Identity::new(&self.trust_domain, ns, sa).ok())
+                .map(|identity| Caller::Workload { identity })
+                .ok_or_else(|| {
+                    AuthError::Rejected(format!(
+                        "{username} is neither the node agent's service account {} nor another service account",
+                        self.username
+                    ))
+                })?;
+            self.remember(token, &caller);
+            return Ok(caller);
         }
         let extra = user.extra.unwrap_or_default();
         let first = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
@@ -389,13 +410,17 @@ impl TokenReviewer {
                 ));
             }
         };
-        let caller = Caller { node };
+        let caller = Caller::Node { node };
+        self.remember(token, &caller);
+        Ok(caller)
+    }
+
+    fn remember(&self, token: &str, caller: &Caller) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= REVIEW_CACHE_MAX {
             cache.retain(|_, (_, at)| at.elapsed() < REVIEW_CACHE);
         }
         cache.insert(token.to_string(), (caller.clone(), Instant::now()));
-        Ok(caller)
     }
 }
 

@@ -11,15 +11,8 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabels {
-    /// The xDS type, shortened: `address` or `authorization`.
-    pub r#type: XdsType,
-}
-
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum XdsType {
-    address,
-    authorization,
+    /// The xDS type's short name from `weft_xds::types` (`address`, `authorization`, …).
+    pub r#type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -137,10 +130,7 @@ impl Metrics {
     }
 }
 
-pub fn xds_type(ty: &str) -> Option<XdsType> {
-    match ty {
-        weft_xds::ADDRESS_TYPE => Some(XdsType::address),
-        weft_xds::AUTHORIZATION_TYPE => Some(XdsType::authorization),
-        _ => None,
-    }
+/// The metric label of a type URL, if it is a served type.
+pub fn xds_type(ty: &str) -> Option<&'static str> {
+    weft_xds::types::lookup(ty).map(|t| t.name)
 }

@@ -22,7 +22,7 @@ use weft_xds::grpc::{ControlPlane, bearer_token};
 use weft_xds::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
 use weft_xds::proto::discovery::SharedAny as Any;
 use weft_xds::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
-use weft_xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, to_any, version_of};
+use weft_xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, to_any, types, version_of};
 
 use crate::auth::{AuthError, Authenticator, Caller};
 use crate::ca::MeshCa;
@@ -241,17 +241,26 @@ impl Controller {
                 "ImpersonatedIdentity {imp} differs from the request's {requested}"
             )));
         }
-        let entitled = self
-            .published
-            .borrow()
-            .identities
-            .get(&caller.node)
-            .is_some_and(|ids| ids.contains(requested));
+        let entitled = match caller {
+            Caller::Node { node } => self
+                .published
+                .borrow()
+                .identities
+                .get(node)
+                .is_some_and(|ids| ids.contains(requested)),
+            // A workload proxy gets its own identity, nothing else.
+            Caller::Workload { identity } => identity == requested,
+        };
         if !entitled {
-            return Err(Status::permission_denied(format!(
-                "node {} runs no pod with identity {requested}",
-                caller.node
-            )));
+            let why = match caller {
+                Caller::Node { node } => {
+                    format!("node {node} runs no pod with identity {requested}")
+                }
+                Caller::Workload { identity } => {
+                    format!("{identity} may not get a certificate for {requested}")
+                }
+            };
+            return Err(Status::permission_denied(why));
         }
         let ttl = match u64::try_from(req.validity_duration) {
             Ok(s) if s > 0 => Duration::from_secs(s),
@@ -263,7 +272,7 @@ impl Controller {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         info!(
             component = "ca",
-            node = %caller.node,
+            %caller,
             identity = %requested,
             not_after = ?signed.not_after,
             "certificate signed"
@@ -322,7 +331,7 @@ impl ControlPlane for Controller {
             }
             Err(e) => {
                 self.metrics.certificate(CertOutcome::refused);
-                warn!(component = "ca", node = %caller.node, error = %e.message(), "certificate refused");
+                warn!(component = "ca", %caller, error = %e.message(), "certificate refused");
                 Err(e)
             }
         }
@@ -388,7 +397,7 @@ impl AdsStream {
     }
 
     async fn run(&mut self, mut requests: Streaming<DeltaDiscoveryRequest>, metrics: &Metrics) {
-        info!(component = "xds", node = %self.caller.node, "stream opened");
+        info!(component = "xds", caller = %self.caller, "stream opened");
         loop {
             tokio::select! {
                 msg = requests.message() => match msg {
@@ -400,7 +409,7 @@ impl AdsStream {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        debug!(component = "xds", node = %self.caller.node, error = %e, "stream error");
+                        debug!(component = "xds", caller = %self.caller, error = %e, "stream error");
                         break;
                     }
                 },
@@ -422,7 +431,7 @@ impl AdsStream {
                 }
             }
         }
-        info!(component = "xds", node = %self.caller.node, id = %self.node_id, "stream closed");
+        info!(component = "xds", caller = %self.caller, id = %self.node_id, "stream closed");
     }
 
     async fn on_request(
@@ -430,27 +439,33 @@ impl AdsStream {
         req: DeltaDiscoveryRequest,
         metrics: &Metrics,
     ) -> Result<(), Status> {
-        let ty: &'static str = match req.type_url.as_str() {
-            ADDRESS_TYPE => ADDRESS_TYPE,
-            AUTHORIZATION_TYPE => AUTHORIZATION_TYPE,
-            other => {
-                // Not ours to serve: an empty answer, so the client is not
-                // left waiting and the stream carries on (its ACK needs none).
-                if req.response_nonce.is_empty() {
-                    info!(component = "xds", node = %self.caller.node, type_url = other, "type not served; answering empty");
-                    self.nonce += 1;
-                    let empty = DeltaDiscoveryResponse {
-                        type_url: other.to_string(),
-                        nonce: self.nonce.to_string(),
-                        ..DeltaDiscoveryResponse::default()
-                    };
-                    self.tx
-                        .send(Ok(empty))
-                        .await
-                        .map_err(|_| Status::cancelled("client gone"))?;
-                }
-                return Ok(());
+        let served = types::lookup(&req.type_url);
+        let Some(ty) = served
+            .filter(|t| t.audience.admits(self.caller.role()))
+            .map(|t| t.type_url)
+        else {
+            // Not ours to serve, or not to this caller: an empty answer, so
+            // the client is not left waiting and the stream carries on (its
+            // ACK needs none).
+            if req.response_nonce.is_empty() {
+                let why = if served.is_some() {
+                    "type not served to this caller"
+                } else {
+                    "type not served"
+                };
+                info!(component = "xds", caller = %self.caller, type_url = %req.type_url, "{why}; answering empty");
+                self.nonce += 1;
+                let empty = DeltaDiscoveryResponse {
+                    type_url: req.type_url,
+                    nonce: self.nonce.to_string(),
+                    ..DeltaDiscoveryResponse::default()
+                };
+                self.tx
+                    .send(Ok(empty))
+                    .await
+                    .map_err(|_| Status::cancelled("client gone"))?;
             }
+            return Ok(());
         };
         if let Some(node) = &req.node {
             self.node_id = node.id.clone();
@@ -461,7 +476,7 @@ impl AdsStream {
                     metrics.nack(ty);
                     warn!(
                         component = "xds",
-                        node = %self.caller.node,
+                        caller = %self.caller,
                         type_url = ty,
                         nonce = %req.response_nonce,
                         reason = %err.message,
@@ -469,7 +484,7 @@ impl AdsStream {
                     );
                 }
                 None => {
-                    debug!(component = "xds", node = %self.caller.node, type_url = ty, nonce = %req.response_nonce, "ACK")
+                    debug!(component = "xds", caller = %self.caller, type_url = ty, nonce = %req.response_nonce, "ACK")
                 }
             }
         }
@@ -539,7 +554,8 @@ impl AdsStream {
         };
         let mut diff = diff;
         if ty == ADDRESS_TYPE && !sub.wildcard {
-            let resolved = published.on_demand.resolve(&self.caller.node, &sub.names);
+            let node = self.caller.node().unwrap_or_default();
+            let resolved = published.on_demand.resolve(node, &sub.names);
             if resolved != sub.resolved {
                 sub.resolved = resolved;
                 if matches!(diff, Diff::Changes) {
@@ -591,7 +607,7 @@ impl AdsStream {
         self.nonce += 1;
         debug!(
             component = "xds",
-            node = %self.caller.node,
+            caller = %self.caller,
             type_url = ty,
             updated = resources.len(),
             removed = removed.len(),

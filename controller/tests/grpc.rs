@@ -25,6 +25,8 @@ use weft_xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 
 const TOKEN_1: &str = "node-1-token-0123456789";
 const TOKEN_2: &str = "node-2-token-0123456789";
+/// A waypoint's token: it acts as `spiffe://cluster.local/ns/shop/sa/waypoint`.
+const TOKEN_WAYPOINT: &str = "waypoint-token-0123456789";
 
 fn pod(name: &str, node: &str, sa: &str, ip: &str) -> String {
     format!(
@@ -99,7 +101,10 @@ async fn start_with(name: &str, mesh: &str) -> Running {
     write(&dir.join("manifests/mesh.yaml"), mesh);
     std::fs::write(
         dir.join("tokens"),
-        format!("node-1 {TOKEN_1}\nnode-2 {TOKEN_2}\n"),
+        format!(
+            "node-1 {TOKEN_1}\nnode-2 {TOKEN_2}\n\
+             spiffe://cluster.local/ns/shop/sa/waypoint {TOKEN_WAYPOINT}\n"
+        ),
     )
     .unwrap();
     let free = || {
@@ -273,6 +278,68 @@ async fn ca_signs_and_refuses() {
         denied >= refused - 1.0,
         "{denied} of {refused} refusals counted"
     );
+}
+
+/// A workload proxy (a waypoint) gets a certificate for its own identity
+/// only, the mesh view, and no L4 policy (that is ztunnel's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_callers_get_their_own_scope() {
+    let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                  metadata: {name: deny-all, namespace: shop}\nspec: {}\n";
+    let ctl = start_with("scope", &format!("{}---\n{policy}", manifests("v1"))).await;
+    let ch = || ctl.channel.clone();
+
+    let (id, req) = csr_for("waypoint");
+    let resp = create_certificate(ch(), TOKEN_WAYPOINT, req)
+        .await
+        .expect("its own identity");
+    assert_eq!(
+        weft_hbone::tls::leaf_info(&resp.cert_chain[0]).unwrap().2,
+        id
+    );
+    let err = create_certificate(ch(), TOKEN_WAYPOINT, csr_for("web").1)
+        .await
+        .expect_err("another workload's identity");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("may not get a certificate for"),
+        "{}",
+        err.message()
+    );
+
+    let (tx, rx) = mpsc::channel(8);
+    for ty in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
+        tx.send(DeltaDiscoveryRequest {
+            type_url: ty.into(),
+            ..DeltaDiscoveryRequest::default()
+        })
+        .await
+        .unwrap();
+    }
+    let mut stream = delta_ads(ch(), TOKEN_WAYPOINT, ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let mut got = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        let resp = next(&mut stream).await;
+        got.insert(resp.type_url.clone(), resp.resources.len());
+    }
+    assert!(got[ADDRESS_TYPE] >= 3, "the mesh view: {got:?}");
+    assert_eq!(
+        got[AUTHORIZATION_TYPE], 0,
+        "no L4 policy for a waypoint: {got:?}"
+    );
+
+    // A node agent on the same controller does get the policy.
+    let (_tx, mut stream) = subscribe(ch(), Default::default()).await;
+    let mut policies = 0;
+    for _ in 0..2 {
+        let resp = next(&mut stream).await;
+        if resp.type_url == AUTHORIZATION_TYPE {
+            policies = resp.resources.len();
+        }
+    }
+    assert!(policies >= 1, "ztunnel gets the policy");
 }
 
 async fn next(stream: &mut Streaming<DeltaDiscoveryResponse>) -> DeltaDiscoveryResponse {

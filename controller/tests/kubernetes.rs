@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_api::TunnelProtocol;
-use weft_controller::auth::AuthError;
+use weft_controller::auth::{AuthError, Caller};
 use weft_controller::kubernetes::{self, KubeSource, StatusWriter, TokenReviewer};
 use weft_controller::translate::{self, Mesh};
 
@@ -390,12 +390,19 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
     assert_eq!(proto(&t.config, "a"), None, "deleted");
 
     // Node agents: by node-name in the token, or by the pod it names.
-    let reviewer = TokenReviewer::new(client, "istio-system/ztunnel", Some(source.pods()));
-    assert_eq!(
-        reviewer.authenticate("node-token").await.unwrap().node,
-        "n1"
+    let reviewer = TokenReviewer::new(
+        client,
+        "istio-system/ztunnel",
+        "cluster.local",
+        Some(source.pods()),
     );
-    assert_eq!(reviewer.authenticate("pod-token").await.unwrap().node, "n2");
+    let node = |c: Caller| c.node().map(str::to_string);
+    let n1 = Some("n1".to_string());
+    assert_eq!(node(reviewer.authenticate("node-token").await.unwrap()), n1);
+    assert_eq!(
+        node(reviewer.authenticate("pod-token").await.unwrap()).as_deref(),
+        Some("n2")
+    );
     let reviews = |f: &Fake| {
         f.writes()
             .iter()
@@ -403,14 +410,14 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
             .count()
     };
     assert_eq!(reviews(&fake), 2);
-    assert_eq!(
-        reviewer.authenticate("node-token").await.unwrap().node,
-        "n1"
-    );
+    assert_eq!(node(reviewer.authenticate("node-token").await.unwrap()), n1);
     assert_eq!(reviews(&fake), 2, "a reviewed token is cached");
+    // Another service account's token is that workload acting as itself.
     match reviewer.authenticate("app-token").await {
-        Err(AuthError::Rejected(m)) => assert!(m.contains("system:serviceaccount:shop:a"), "{m}"),
-        other => panic!("an app's token is not a node agent's: {other:?}"),
+        Ok(c @ Caller::Workload { .. }) => {
+            assert_eq!(c.to_string(), "spiffe://cluster.local/ns/shop/sa/a")
+        }
+        other => panic!("an app's token makes a workload caller: {other:?}"),
     }
     match reviewer.authenticate("forged").await {
         Err(AuthError::Rejected(m)) => assert!(m.contains("invalid bearer token"), "{m}"),

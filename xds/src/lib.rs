@@ -8,16 +8,16 @@
 
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod convert;
 pub mod grpc;
 pub mod proto;
+pub mod types;
 
 /// Type URL of workload and service resources.
-pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
+pub const ADDRESS_TYPE: &str = types::ADDRESS.type_url;
 /// Type URL of L4 authorization resources.
-pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
-/// The types ztunnel subscribes to, in the order it subscribes.
-pub const TYPES: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
+pub const AUTHORIZATION_TYPE: &str = types::AUTHORIZATION.type_url;
 
 /// Packs a message into `Any` under `type_url`.
 pub fn to_any(type_url: &str, msg: &impl prost::Message) -> proto::discovery::SharedAny {

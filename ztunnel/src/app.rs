@@ -25,7 +25,6 @@ use crate::config::{
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyInputs};
 use crate::state::{Store, pod_map};
-use crate::xds::{Cache, XdsClient};
 use weft_identity::{CertManager, IdentityError, LocalSigner, RemoteSigner};
 use weft_runtime::admin::{self, Handler, JSON, OPENMETRICS, TEXT};
 use weft_runtime::shutdown_signal;
@@ -81,7 +80,7 @@ fn read_local_config(path: &Path) -> Result<(LocalConfig, String), AppError> {
 pub async fn run(cfg: Config) -> Result<(), AppError> {
     let state = Arc::new(Store::new(LocalConfig::default()));
     let metrics = Arc::new(Metrics::default());
-    let synced = Arc::new(AtomicBool::new(false));
+    let mut synced = Arc::new(AtomicBool::new(false));
     let mut local_text = None;
     let certs = match &cfg.source {
         Source::Local {
@@ -135,15 +134,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             };
             let channel =
                 weft_xds::grpc::connect(&cp).map_err(|e| AppError::ControlPlane(e.to_string()))?;
-            let client = XdsClient {
-                channel: channel.clone(),
-                token_path: token_path.clone(),
-                node_name: cfg.node_name.clone(),
-                state: state.clone(),
-                synced: synced.clone(),
-                cache: Cache::default(),
-                metrics: metrics.clone(),
-            };
+            let client = crate::xds::client(
+                channel.clone(),
+                token_path.clone(),
+                &cfg.node_name,
+                state.clone(),
+                metrics.clone(),
+            );
+            synced = client.synced();
             tokio::spawn(client.run());
             let signer = RemoteSigner {
                 channel,
