@@ -56,8 +56,35 @@ pub const AUTHORIZATION: ResourceType = ResourceType {
     audience: Audience::Ztunnel,
 };
 
+/// One service's HTTP routes (`weft.waypoint.v1.Route`).
+pub const ROUTE: ResourceType = ResourceType {
+    type_url: "type.googleapis.com/weft.waypoint.v1.Route",
+    name: "route",
+    audience: Audience::Waypoint,
+};
+
+/// One service's traffic policy and subsets (`weft.waypoint.v1.Destination`).
+pub const DESTINATION: ResourceType = ResourceType {
+    type_url: "type.googleapis.com/weft.waypoint.v1.Destination",
+    name: "destination",
+    audience: Audience::Waypoint,
+};
+
+/// L7 authorization (`weft.waypoint.v1.Authorization`), enforced by waypoints.
+pub const L7_AUTHORIZATION: ResourceType = ResourceType {
+    type_url: "type.googleapis.com/weft.waypoint.v1.Authorization",
+    name: "l7_authorization",
+    audience: Audience::Waypoint,
+};
+
 /// Every type the control plane serves.
-pub const REGISTRY: &[&ResourceType] = &[&ADDRESS, &AUTHORIZATION];
+pub const REGISTRY: &[&ResourceType] = &[
+    &ADDRESS,
+    &AUTHORIZATION,
+    &ROUTE,
+    &DESTINATION,
+    &L7_AUTHORIZATION,
+];
 
 /// The registered type with this URL.
 pub fn lookup(type_url: &str) -> Option<&'static ResourceType> {
@@ -81,5 +108,6 @@ mod tests {
         assert!(ADDRESS.audience.admits(Role::Waypoint));
         assert!(!AUTHORIZATION.audience.admits(Role::Waypoint));
         assert!(AUTHORIZATION.audience.admits(Role::Ztunnel));
+        assert!(!ROUTE.audience.admits(Role::Ztunnel));
     }
 }

@@ -7,6 +7,7 @@ mod demo;
 mod ebpf;
 mod fuzz;
 mod lab;
+mod proto;
 mod test;
 mod util;
 
@@ -21,6 +22,7 @@ usage: cargo xtask <command>
   lab down                 remove every lab on this host, also ones left by a crash
   lab status               list the labs on this host
   ebpf [--check]           rebuild ebpf/bpf/capture.bpf.o with clang (--check: fail if it is stale)
+  proto [--check]          regenerate xds/src/generated/ from xds/proto/ (--check: fail if it is stale)
   bench l4                 pod-to-pod throughput and latency, plain vs mesh; ztunnel memory (root)
   bench restart            connections failed across rolling restarts of each node, and the gap after a crash (root)
   bench controller         10 000 pods, 1 000 services, 100 xDS clients: first push, change latency, RSS
@@ -39,6 +41,8 @@ fn main() -> Result<()> {
         ["lab", "status"] => lab::status(),
         ["ebpf"] => ebpf::build(false),
         ["ebpf", "--check"] => ebpf::build(true),
+        ["proto"] => proto::run(false),
+        ["proto", "--check"] => proto::run(true),
         ["bench", "l4"] => bench::l4(),
         ["bench", "controller"] => bench::controller(),
         ["bench", "restart"] => bench::restart(),

@@ -19,6 +19,7 @@ pub fn run(extra: &[&str]) -> Result<()> {
     let cargo = cargo();
     util::run(&cargo, &["fmt", "--all", "--", "--check"])?;
     crate::ebpf::build(true)?;
+    crate::proto::run(true)?;
     util::run(
         &cargo,
         &[
