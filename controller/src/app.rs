@@ -354,13 +354,7 @@ impl Publisher {
         publish.send_replace(Arc::new(next));
         if let Source::Kubernetes(_, statuses) = source {
             let generation = |s: &Status| {
-                let key = format!("{}/{}", s.namespace, s.name);
-                match s.kind {
-                    "AuthorizationPolicy" => {
-                        snap.authorization_policies.get(&key)?.metadata.generation
-                    }
-                    _ => snap.peer_authentications.get(&key)?.metadata.generation,
-                }
+                crate::kinds::generation(&snap, s.kind, &format!("{}/{}", s.namespace, s.name))
             };
             let with_generations = t
                 .policies

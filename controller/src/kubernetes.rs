@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -30,33 +30,17 @@ use weft_api::Identity;
 use crate::Snapshot;
 use crate::auth::{AuthError, Caller};
 use crate::ca::{MeshCa, MeshCaError};
-use crate::policy::{AuthorizationPolicy, PeerAuthentication, Status};
-use crate::snapshot::key;
+use crate::kinds::{self, Kind, KindInfo, Visitor, each_kind};
+use crate::policy::Status;
 
-/// The Istio kinds we read, at the version we watch (Istio serves the same
-/// objects at v1 and v1beta1).
-pub fn authorization_policy_resource() -> ApiResource {
-    let gvk = GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy");
-    ApiResource::from_gvk_with_plural(&gvk, "authorizationpolicies")
-}
-
-pub fn peer_authentication_resource() -> ApiResource {
-    let gvk = GroupVersionKind::gvk("security.istio.io", "v1", "PeerAuthentication");
-    ApiResource::from_gvk_with_plural(&gvk, "peerauthentications")
-}
-
-/// Reflector stores over the API server, and whether anything changed since
-/// the last [`KubeSource::poll`].
+/// Reflector stores over the API server, one per kind, and whether anything
+/// changed since the last [`KubeSource::poll`].
 #[derive(Debug)]
 pub struct KubeSource {
-    namespaces: Store<Namespace>,
+    watches: Vec<Box<dyn Watched>>,
     pods: Store<Pod>,
-    services: Store<Service>,
-    nodes: Store<Node>,
-    authorization_policies: Store<DynamicObject>,
-    peer_authentications: Store<DynamicObject>,
     dirty: Arc<AtomicBool>,
-    /// The Istio objects of the last snapshot: one that stops reading keeps
+    /// The CRD objects of the last snapshot: one that stops reading keeps
     /// its version from here.
     previous: Snapshot,
 }
@@ -89,120 +73,191 @@ fn reflect<K>(
     });
 }
 
-/// A store of every `K`, kept by a background watch.
-fn typed_store<K>(api: Api<K>, what: &'static str, dirty: &Arc<AtomicBool>) -> Store<K>
+/// One kind's watch, as the source uses it.
+pub trait Watched: Debug + Send + Sync {
+    fn info(&self) -> &'static KindInfo;
+    fn ready(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+    /// Adds the stored objects to `snap`; one that cannot be read is named
+    /// in `problems` and keeps its version from `previous`.
+    fn fill(&self, snap: &mut Snapshot, previous: &Snapshot, problems: &mut Vec<String>);
+    fn pods(&self) -> Option<Store<Pod>> {
+        None
+    }
+}
+
+/// A k8s-openapi kind, stored typed.
+struct Typed<K: kube::Resource<DynamicType = ()> + 'static>(Store<K>);
+
+/// A CRD, stored as dynamic objects and read through serde at each poll.
+struct Dynamic<K>(Store<DynamicObject>, std::marker::PhantomData<fn() -> K>);
+
+impl<K: kube::Resource<DynamicType = ()> + 'static> Debug for Typed<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Typed")
+    }
+}
+
+impl<K> Debug for Dynamic<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Dynamic")
+    }
+}
+
+impl<K> Watched for Typed<K>
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + Hash + Clone + Default,
+    K: Kind + kube::Resource<DynamicType = ()> + Debug,
+{
+    fn info(&self) -> &'static KindInfo {
+        &K::INFO
+    }
+    fn ready(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async {
+            let _ = self.0.wait_until_ready().await;
+        })
+    }
+    fn fill(&self, snap: &mut Snapshot, _: &Snapshot, _: &mut Vec<String>) {
+        let into = K::of_mut(snap);
+        for o in self.0.state() {
+            into.insert(K::INFO.key(Kind::meta(&*o)), (*o).clone());
+        }
+    }
+    fn pods(&self) -> Option<Store<Pod>> {
+        (&self.0 as &dyn std::any::Any)
+            .downcast_ref::<Store<Pod>>()
+            .cloned()
+    }
+}
+
+impl<K: Kind> Watched for Dynamic<K> {
+    fn info(&self) -> &'static KindInfo {
+        &K::INFO
+    }
+    fn ready(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async {
+            let _ = self.0.wait_until_ready().await;
+        })
+    }
+    fn fill(&self, snap: &mut Snapshot, previous: &Snapshot, problems: &mut Vec<String>) {
+        for o in self.0.state() {
+            let k = K::INFO.key(&o.metadata);
+            match serde_json::to_value(&*o).and_then(serde_json::from_value::<K>) {
+                Ok(typed) => {
+                    K::of_mut(snap).insert(k, typed);
+                }
+                Err(e) => {
+                    problems.push(format!("{} {k}: {e}", K::INFO.kind));
+                    snap.keep_previous(previous, K::INFO.kind, &k);
+                }
+            }
+        }
+    }
+}
+
+/// Starts each kind's watch.
+struct StartWatches<'a> {
+    client: &'a Client,
+    dirty: &'a Arc<AtomicBool>,
+    watches: Vec<Box<dyn Watched>>,
+}
+
+impl Visitor for StartWatches<'_> {
+    fn visit<K: Kind>(&mut self) {
+        self.watches.push(K::watch(self.client, self.dirty));
+    }
+}
+
+/// The watch of a k8s-openapi kind, stored typed.
+pub(crate) fn typed<K>(client: &Client, dirty: &Arc<AtomicBool>) -> Box<dyn Watched>
+where
+    K: Kind + kube::Resource<DynamicType = ()> + Debug,
 {
     let (reader, writer) = reflector::store();
-    reflect(api, writer, what, dirty.clone());
-    reader
+    reflect(
+        Api::<K>::all(client.clone()),
+        writer,
+        K::INFO.kind,
+        dirty.clone(),
+    );
+    Box::new(Typed(reader))
+}
+
+/// The watch of a custom resource, stored as dynamic objects.
+pub(crate) fn dynamic<K: Kind>(client: &Client, dirty: &Arc<AtomicBool>) -> Box<dyn Watched> {
+    let ar = K::INFO.api_resource();
+    let writer = reflector::store::Writer::new(ar.clone());
+    let reader = writer.as_reader();
+    let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+    reflect(api, writer, K::INFO.kind, dirty.clone());
+    Box::new(Dynamic::<K>(reader, std::marker::PhantomData))
 }
 
 impl KubeSource {
     /// Starts the watches (in the background, on the current runtime).
     pub fn start(client: Client) -> Self {
         let dirty = Arc::new(AtomicBool::new(false));
-        let dynamic = |ar: ApiResource, what| {
-            let writer = reflector::store::Writer::new(ar.clone());
-            let reader = writer.as_reader();
-            reflect(
-                Api::<DynamicObject>::all_with(client.clone(), &ar),
-                writer,
-                what,
-                dirty.clone(),
-            );
-            reader
+        let mut start = StartWatches {
+            client: &client,
+            dirty: &dirty,
+            watches: Vec::new(),
         };
+        each_kind(&mut start);
+        let watches = start.watches;
+        let pods = watches
+            .iter()
+            .find_map(|w| w.pods())
+            .unwrap_or_else(|| reflector::store().0);
         KubeSource {
-            namespaces: typed_store(Api::all(client.clone()), "Namespace", &dirty),
-            pods: typed_store(Api::all(client.clone()), "Pod", &dirty),
-            services: typed_store(Api::all(client.clone()), "Service", &dirty),
-            nodes: typed_store(Api::all(client.clone()), "Node", &dirty),
-            authorization_policies: dynamic(authorization_policy_resource(), "AuthorizationPolicy"),
-            peer_authentications: dynamic(peer_authentication_resource(), "PeerAuthentication"),
+            watches,
+            pods,
             dirty,
             previous: Snapshot::default(),
         }
     }
 
-    /// Waits until every store has listed once. The Istio kinds are waited
-    /// for at most `istio_grace`: without Istio's CRDs the mesh still runs.
-    pub async fn ready(&self, istio_grace: Duration) {
-        let _ = tokio::join!(
-            self.namespaces.wait_until_ready(),
-            self.pods.wait_until_ready(),
-            self.services.wait_until_ready(),
-            self.nodes.wait_until_ready(),
-        );
-        let istio = async {
-            let _ = tokio::join!(
-                self.authorization_policies.wait_until_ready(),
-                self.peer_authentications.wait_until_ready()
-            );
+    /// Waits until every store has listed once. Optional kinds (CRDs) are
+    /// waited for at most `crd_grace`: without Istio's CRDs the mesh still runs.
+    pub async fn ready(&self, crd_grace: Duration) {
+        for w in self.watches.iter().filter(|w| !w.info().optional) {
+            w.ready().await;
+        }
+        let optional = async {
+            for w in self.watches.iter().filter(|w| w.info().optional) {
+                w.ready().await;
+            }
         };
-        if tokio::time::timeout(istio_grace, istio).await.is_err() {
+        if tokio::time::timeout(crd_grace, optional).await.is_err() {
             warn!(
                 component = "kubernetes",
-                "security.istio.io resources not listed yet (CRDs missing?); going on without them"
+                "some custom resources not listed yet (CRDs missing?); going on without them"
             );
         }
         self.dirty.store(true, Ordering::Release);
     }
 
     /// The snapshot, when anything changed since the last call; with the
-    /// Istio objects that could not be read, named.
+    /// custom resources that could not be read, named.
     pub fn poll(&mut self) -> Option<(Snapshot, Vec<String>)> {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return None;
         }
         let mut snap = Snapshot::default();
-        let ns_key = |m: &kube::api::ObjectMeta| key(m.namespace.as_deref(), m.name.as_deref());
-        for o in self.namespaces.state() {
-            snap.namespaces.insert(o.name_any(), (*o).clone());
-        }
-        for o in self.nodes.state() {
-            snap.nodes.insert(o.name_any(), (*o).clone());
-        }
-        for o in self.pods.state() {
-            snap.pods.insert(ns_key(&o.metadata), (*o).clone());
-        }
-        for o in self.services.state() {
-            snap.services.insert(ns_key(&o.metadata), (*o).clone());
-        }
         let mut problems = Vec::new();
-        for o in self.authorization_policies.state() {
-            let k = ns_key(&o.metadata);
-            match typed::<AuthorizationPolicy>(&o) {
-                Ok(p) => {
-                    snap.authorization_policies.insert(k, p);
-                }
-                Err(e) => {
-                    problems.push(format!("AuthorizationPolicy {k}: {e}"));
-                    snap.keep_previous(&self.previous, "AuthorizationPolicy", &k);
+        for w in &self.watches {
+            w.fill(&mut snap, &self.previous, &mut problems);
+        }
+        // Only the custom resources can fall back on their last version:
+        // keep those, not a second copy of every pod.
+        let mut previous = Snapshot::default();
+        struct KeepCrds<'a>(&'a Snapshot, &'a mut Snapshot);
+        impl Visitor for KeepCrds<'_> {
+            fn visit<K: Kind>(&mut self) {
+                if K::INFO.custom() {
+                    *K::of_mut(self.1) = K::of(self.0).clone();
                 }
             }
         }
-        for o in self.peer_authentications.state() {
-            let k = ns_key(&o.metadata);
-            match typed::<PeerAuthentication>(&o) {
-                Ok(p) => {
-                    snap.peer_authentications.insert(k, p);
-                }
-                Err(e) => {
-                    problems.push(format!("PeerAuthentication {k}: {e}"));
-                    snap.keep_previous(&self.previous, "PeerAuthentication", &k);
-                }
-            }
-        }
-        // Only the Istio objects can fall back on their last version: keep
-        // those, not a second copy of every pod.
-        self.previous = Snapshot {
-            authorization_policies: snap.authorization_policies.clone(),
-            peer_authentications: snap.peer_authentications.clone(),
-            ..Snapshot::default()
-        };
+        each_kind(&mut KeepCrds(&snap, &mut previous));
+        self.previous = previous;
         Some((snap, problems))
     }
 
@@ -210,11 +265,6 @@ impl KubeSource {
     pub fn pods(&self) -> Store<Pod> {
         self.pods.clone()
     }
-}
-
-/// A dynamic object read as one of our typed Istio resources.
-fn typed<T: DeserializeOwned>(o: &DynamicObject) -> Result<T, serde_json::Error> {
-    serde_json::from_value(serde_json::to_value(o)?)
 }
 
 /// Writes each Istio resource's conditions to its status subresource,
@@ -246,10 +296,11 @@ impl StatusWriter {
     pub async fn write(&mut self, statuses: &[(Status, Option<i64>)]) {
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         for (s, generation) in statuses {
-            let ar = match s.kind {
-                "AuthorizationPolicy" => authorization_policy_resource(),
-                "PeerAuthentication" => peer_authentication_resource(),
-                _ => continue,
+            let Some(ar) = kinds::info(s.kind)
+                .filter(|k| k.status)
+                .map(KindInfo::api_resource)
+            else {
+                continue;
             };
             let condition = |ty: &str, status: bool, reason: &str, message: &str| {
                 serde_json::json!({

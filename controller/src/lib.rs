@@ -10,6 +10,7 @@
 pub mod app;
 pub mod auth;
 pub mod ca;
+pub mod kinds;
 pub mod kubernetes;
 pub mod labels;
 pub mod manifests;

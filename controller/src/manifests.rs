@@ -3,15 +3,13 @@
 //! Unknown kinds are skipped (debug log); a document that cannot be read is
 //! reported with its file, position, kind and name, and the rest still load.
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use kube::api::ObjectMeta;
 use serde::Deserialize;
 use tracing::debug;
 
 use crate::Snapshot;
-use crate::policy::{AuthorizationPolicy, PeerAuthentication};
+use crate::kinds::{Kind, Visitor, each_kind};
 use crate::snapshot::key;
-
-const SECURITY_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 
 /// A document that could not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -68,10 +66,6 @@ pub fn parse(text: &str, source_name: &str, snapshot: &mut Snapshot) -> Vec<Mani
             .get("metadata")
             .and_then(|m| m.get("namespace"))
             .and_then(|v| v.as_str());
-        let doc_key = match kind.as_str() {
-            "Namespace" | "Node" => name.clone(),
-            _ => key(namespace, Some(&name)),
-        };
         if name.is_empty() && !kind.is_empty() {
             errors.push(err(
                 &kind,
@@ -81,50 +75,68 @@ pub fn parse(text: &str, source_name: &str, snapshot: &mut Snapshot) -> Vec<Mani
             ));
             continue;
         }
-        let result = match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Namespace") => serde_yaml::from_value::<Namespace>(value).map(|ns| {
-                snapshot.namespaces.insert(name.clone(), ns);
-            }),
-            ("v1", "Pod") => serde_yaml::from_value::<Pod>(value).map(|p| {
-                let k = key(p.metadata.namespace.as_deref(), p.metadata.name.as_deref());
-                snapshot.pods.insert(k, p);
-            }),
-            ("v1", "Service") => serde_yaml::from_value::<Service>(value).map(|s| {
-                let k = key(s.metadata.namespace.as_deref(), s.metadata.name.as_deref());
-                snapshot.services.insert(k, s);
-            }),
-            ("v1", "Node") => serde_yaml::from_value::<Node>(value).map(|n| {
-                snapshot.nodes.insert(name.clone(), n);
-            }),
-            (v, "AuthorizationPolicy") if SECURITY_VERSIONS.contains(&v) => {
-                serde_yaml::from_value::<AuthorizationPolicy>(value).map(|p| {
-                    snapshot.authorization_policies.insert(doc_key.clone(), p);
-                })
-            }
-            (v, "PeerAuthentication") if SECURITY_VERSIONS.contains(&v) => {
-                serde_yaml::from_value::<PeerAuthentication>(value).map(|p| {
-                    snapshot.peer_authentications.insert(doc_key.clone(), p);
-                })
-            }
-            ("", _) | (_, "") => {
-                errors.push(err(
-                    &kind,
-                    &name,
-                    doc_key,
-                    "apiVersion and kind are required".into(),
-                ));
-                continue;
-            }
-            _ => {
-                debug!(%api_version, %kind, %name, "ignoring unsupported kind");
-                continue;
-            }
+        if api_version.is_empty() || kind.is_empty() {
+            let doc_key = key(namespace, Some(&name));
+            errors.push(err(
+                &kind,
+                &name,
+                doc_key,
+                "apiVersion and kind are required".into(),
+            ));
+            continue;
+        }
+        let mut load = Load {
+            api_version: &api_version,
+            kind: &kind,
+            value: Some(value),
+            snapshot,
+            outcome: None,
         };
-        if let Err(e) = result {
-            errors.push(err(&kind, &name, doc_key, e.to_string()));
+        each_kind(&mut load);
+        match load.outcome {
+            None => debug!(%api_version, %kind, %name, "ignoring unsupported kind"),
+            Some((_, Ok(()))) => {}
+            Some((doc_key, Err(e))) => errors.push(err(&kind, &name, doc_key, e)),
         }
     }
     errors
+}
+
+/// Reads one document as the kind whose apiVersion and kind it names.
+struct Load<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    value: Option<serde_yaml::Value>,
+    snapshot: &'a mut Snapshot,
+    /// The key it was stored (or meant to be stored) under, and the error.
+    outcome: Option<(String, Result<(), String>)>,
+}
+
+impl Visitor for Load<'_> {
+    fn visit<K: Kind>(&mut self) {
+        if K::INFO.kind != self.kind || !K::INFO.reads(self.api_version) {
+            return;
+        }
+        let Some(value) = self.value.take() else {
+            return;
+        };
+        let meta = || {
+            let m = value.get("metadata");
+            let field = |f: &str| m.and_then(|m| m.get(f)).and_then(|v| v.as_str());
+            ObjectMeta {
+                name: field("name").map(str::to_string),
+                namespace: field("namespace").map(str::to_string),
+                ..ObjectMeta::default()
+            }
+        };
+        let doc_key = K::INFO.key(&meta());
+        let result = serde_yaml::from_value::<K>(value)
+            .map(|o| {
+                K::of_mut(self.snapshot).insert(K::INFO.key(o.meta()), o);
+            })
+            .map_err(|e| e.to_string());
+        self.outcome = Some((doc_key, result));
+    }
 }
 
 #[cfg(test)]

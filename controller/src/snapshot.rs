@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 
+use crate::kinds::{Kind, Visitor, each_kind};
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
 
 /// Every resource the translation reads, keyed for lookup.
@@ -25,91 +26,72 @@ impl Snapshot {
     /// Adds `other`'s resources (from `source`); a name already present is
     /// refused, and the first one kept.
     pub fn merge(&mut self, other: &Snapshot, source: &str) -> Vec<String> {
-        fn add<T: Clone>(
-            into: &mut BTreeMap<String, T>,
-            from: &BTreeMap<String, T>,
-            kind: &str,
-            source: &str,
-            problems: &mut Vec<String>,
-        ) {
-            for (k, v) in from {
-                if into.contains_key(k) {
-                    problems.push(format!(
-                        "{source}: {kind} {k}: duplicate name; the first definition is kept"
-                    ));
-                } else {
-                    into.insert(k.clone(), v.clone());
+        struct Merge<'a> {
+            into: &'a mut Snapshot,
+            from: &'a Snapshot,
+            source: &'a str,
+            problems: Vec<String>,
+        }
+        impl Visitor for Merge<'_> {
+            fn visit<K: Kind>(&mut self) {
+                let into = K::of_mut(self.into);
+                for (k, v) in K::of(self.from) {
+                    if into.contains_key(k) {
+                        self.problems.push(format!(
+                            "{}: {} {k}: duplicate name; the first definition is kept",
+                            self.source,
+                            K::INFO.kind
+                        ));
+                    } else {
+                        into.insert(k.clone(), v.clone());
+                    }
                 }
             }
         }
-        let mut problems = Vec::new();
-        add(
-            &mut self.namespaces,
-            &other.namespaces,
-            "Namespace",
+        let mut m = Merge {
+            into: self,
+            from: other,
             source,
-            &mut problems,
-        );
-        add(&mut self.pods, &other.pods, "Pod", source, &mut problems);
-        add(
-            &mut self.services,
-            &other.services,
-            "Service",
-            source,
-            &mut problems,
-        );
-        add(&mut self.nodes, &other.nodes, "Node", source, &mut problems);
-        add(
-            &mut self.authorization_policies,
-            &other.authorization_policies,
-            "AuthorizationPolicy",
-            source,
-            &mut problems,
-        );
-        add(
-            &mut self.peer_authentications,
-            &other.peer_authentications,
-            "PeerAuthentication",
-            source,
-            &mut problems,
-        );
-        problems
+            problems: Vec::new(),
+        };
+        each_kind(&mut m);
+        m.problems
     }
 
     /// Copies the resource of `kind` named `key` from `previous` when this
     /// snapshot lacks it: a document that stopped parsing keeps its last good
     /// version. Returns whether one was kept.
     pub fn keep_previous(&mut self, previous: &Snapshot, kind: &str, key: &str) -> bool {
-        fn keep<T: Clone>(
-            into: &mut BTreeMap<String, T>,
-            from: &BTreeMap<String, T>,
-            key: &str,
-        ) -> bool {
-            match from.get(key) {
-                Some(v) if !into.contains_key(key) => {
-                    into.insert(key.to_string(), v.clone());
-                    true
+        struct Keep<'a> {
+            into: &'a mut Snapshot,
+            from: &'a Snapshot,
+            kind: &'a str,
+            key: &'a str,
+            kept: bool,
+        }
+        impl Visitor for Keep<'_> {
+            fn visit<K: Kind>(&mut self) {
+                if K::INFO.kind != self.kind {
+                    return;
                 }
-                _ => false,
+                let into = K::of_mut(self.into);
+                if let Some(v) = K::of(self.from).get(self.key)
+                    && !into.contains_key(self.key)
+                {
+                    into.insert(self.key.to_string(), v.clone());
+                    self.kept = true;
+                }
             }
         }
-        match kind {
-            "Namespace" => keep(&mut self.namespaces, &previous.namespaces, key),
-            "Pod" => keep(&mut self.pods, &previous.pods, key),
-            "Service" => keep(&mut self.services, &previous.services, key),
-            "Node" => keep(&mut self.nodes, &previous.nodes, key),
-            "AuthorizationPolicy" => keep(
-                &mut self.authorization_policies,
-                &previous.authorization_policies,
-                key,
-            ),
-            "PeerAuthentication" => keep(
-                &mut self.peer_authentications,
-                &previous.peer_authentications,
-                key,
-            ),
-            _ => false,
-        }
+        let mut k = Keep {
+            into: self,
+            from: previous,
+            kind,
+            key,
+            kept: false,
+        };
+        each_kind(&mut k);
+        k.kept
     }
 }
 
