@@ -11,4 +11,6 @@ mod workload;
 
 pub use authz::Authorization;
 pub use identity::{Identity, IdentityError};
-pub use workload::{Endpoint, LocalConfig, Service, ServicePort, TunnelProtocol, Workload};
+pub use workload::{
+    Endpoint, LocalConfig, Service, ServicePort, TunnelProtocol, WaypointRef, Workload,
+};

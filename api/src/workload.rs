@@ -52,6 +52,31 @@ pub struct Workload {
     /// `NetworkMode::HOST_NETWORK`); never captured.
     #[serde(default)]
     pub host_network: bool,
+    /// The waypoint every connection addressed to this workload passes
+    /// (`istio.io/use-waypoint` on the pod or its namespace, for a waypoint
+    /// that serves workloads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
+}
+
+/// A binding to a waypoint, as WDS carries it (Istio's `GatewayAddress` in
+/// its hostname form): the waypoint's Service and its HBONE port. A binding
+/// whose Service is not known does not resolve, and the traffic it covers
+/// is refused: it never goes around the waypoint.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaypointRef {
+    pub namespace: String,
+    pub hostname: String,
+    /// 15008.
+    pub port: u16,
+}
+
+impl WaypointRef {
+    /// The xDS name of the waypoint's Service: `namespace/hostname`.
+    pub fn service_key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
 }
 
 /// A port of a Service: traffic to `port` on a VIP goes to `target_port` on an endpoint.
@@ -82,6 +107,10 @@ pub struct Service {
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
+    /// The waypoint every connection to this service passes
+    /// (`istio.io/use-waypoint` on the service or its namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
 }
 
 /// The static data-plane config ztunnel reads in local mode (no controller).

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use crate::Snapshot;
 use crate::kubernetes::Watched;
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
+use crate::waypoints::Gateway;
 
 /// What the controller needs to know about one kind.
 #[derive(Debug, PartialEq, Eq)]
@@ -87,6 +88,7 @@ pub fn each_kind(v: &mut impl Visitor) {
     v.visit::<Service>();
     v.visit::<AuthorizationPolicy>();
     v.visit::<PeerAuthentication>();
+    v.visit::<Gateway>();
 }
 
 /// The description of the kind named `kind`.
@@ -224,6 +226,20 @@ kind!(
         plural: "peerauthentications",
         namespaced: true,
         status: true,
+        optional: true,
+    }
+);
+kind!(
+    Gateway,
+    gateways,
+    dynamic,
+    KindInfo {
+        group: "gateway.networking.k8s.io",
+        versions: &["v1", "v1beta1"],
+        kind: "Gateway",
+        plural: "gateways",
+        namespaced: true,
+        status: false,
         optional: true,
     }
 );

@@ -19,6 +19,7 @@ pub mod policy;
 mod snapshot;
 pub mod source;
 pub mod translate;
+pub mod waypoints;
 pub mod xds;
 
 pub use snapshot::Snapshot;

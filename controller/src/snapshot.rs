@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 
 use crate::kinds::{Kind, Visitor, each_kind};
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
+use crate::waypoints::Gateway;
 
 /// Every resource the translation reads, keyed for lookup.
 #[derive(Clone, Debug, Default)]
@@ -20,6 +21,8 @@ pub struct Snapshot {
     pub authorization_policies: BTreeMap<String, AuthorizationPolicy>,
     /// Keyed by `namespace/name`.
     pub peer_authentications: BTreeMap<String, PeerAuthentication>,
+    /// Keyed by `namespace/name`.
+    pub gateways: BTreeMap<String, Gateway>,
 }
 
 impl Snapshot {

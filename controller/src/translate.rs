@@ -142,6 +142,7 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
         }
     }
     out.services = services;
+    errors.extend(crate::waypoints::bind(snap, &mut out, &mesh.cluster_id));
     // Istio's static STRICT policy goes out only once a workload needs it.
     let strict = policies.static_strict_key();
     let referenced = out
@@ -325,6 +326,7 @@ fn workload(pod: &Pod, snap: &Snapshot, mesh: &Mesh) -> Result<Option<Workload>,
         named_ports,
         authorization_policies: Vec::new(),
         host_network: spec.and_then(|s| s.host_network) == Some(true),
+        waypoint: None,
     }))
 }
 
@@ -448,6 +450,7 @@ fn service(
         vips,
         ports,
         endpoints,
+        waypoint: None,
     }))
 }
 

@@ -652,6 +652,7 @@ mod tests {
             named_ports: BTreeMap::new(),
             authorization_policies: vec![],
             host_network: false,
+            waypoint: None,
         }
     }
 

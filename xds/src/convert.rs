@@ -6,7 +6,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use weft_api::authz::{self, Action, Authorization, Scope, ServiceAccountMatch, StringMatch};
-use weft_api::{Endpoint, LocalConfig, Service, ServicePort, TunnelProtocol, Workload};
+use weft_api::{
+    Endpoint, LocalConfig, Service, ServicePort, TunnelProtocol, WaypointRef, Workload,
+};
 
 use crate::proto::security as sec;
 use crate::proto::workload as pw;
@@ -121,7 +123,7 @@ fn workload_to_proto(w: &Workload, services: BTreeMap<String, pw::PortList>) -> 
         } as i32,
         trust_domain: w.trust_domain.clone(),
         service_account: w.service_account.clone(),
-        waypoint: None,
+        waypoint: w.waypoint.as_ref().map(waypoint_to_proto),
         node: w.node.clone(),
         canonical_name: w.canonical_name.clone(),
         canonical_revision: w.canonical_revision.clone(),
@@ -163,10 +165,46 @@ fn service_to_proto(svc: &Service) -> pw::Service {
             })
             .collect(),
         subject_alt_names: Vec::new(),
-        waypoint: None,
+        waypoint: svc.waypoint.as_ref().map(waypoint_to_proto),
         // Every service here is a Kubernetes Service, which istiod always
         // marks canonical.
         canonical: true,
+    }
+}
+
+fn waypoint_to_proto(w: &WaypointRef) -> pw::GatewayAddress {
+    pw::GatewayAddress {
+        destination: Some(pw::gateway_address::Destination::Hostname(
+            pw::NamespacedHostname {
+                namespace: w.namespace.clone(),
+                hostname: w.hostname.clone(),
+            },
+        )),
+        hbone_mtls_port: u32::from(w.port),
+    }
+}
+
+/// A waypoint binding as Weft uses it: the hostname form. The address form
+/// (older istiod) is refused: the resource keeps its previous version rather
+/// than lose its waypoint.
+fn waypoint_from_proto(g: pw::GatewayAddress) -> Result<WaypointRef, String> {
+    let port = u16::try_from(g.hbone_mtls_port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("hbone_mtls_port {} is not a port", g.hbone_mtls_port))?;
+    match g.destination {
+        Some(pw::gateway_address::Destination::Hostname(h)) if !h.hostname.is_empty() => {
+            Ok(WaypointRef {
+                namespace: h.namespace,
+                hostname: h.hostname,
+                port,
+            })
+        }
+        Some(pw::gateway_address::Destination::Hostname(_)) => Err("empty hostname".into()),
+        Some(pw::gateway_address::Destination::Address(_)) => {
+            Err("the address form is not supported; send the hostname form".into())
+        }
+        None => Err("no destination".into()),
     }
 }
 
@@ -328,6 +366,11 @@ pub fn workload_from_proto(name: &str, p: pw::Workload) -> Result<XdsWorkload, C
         named_ports: BTreeMap::new(),
         authorization_policies: p.authorization_policies,
         host_network: p.network_mode == pw::NetworkMode::HostNetwork as i32,
+        waypoint: p
+            .waypoint
+            .map(waypoint_from_proto)
+            .transpose()
+            .map_err(|m| err("waypoint", m))?,
     };
     if protocol == TunnelProtocol::Hbone {
         workload
@@ -385,6 +428,11 @@ pub fn service_from_proto(name: &str, p: pw::Service) -> Result<Service, Convert
         vips,
         ports,
         endpoints: Vec::new(),
+        waypoint: p
+            .waypoint
+            .map(waypoint_from_proto)
+            .transpose()
+            .map_err(|m| err("waypoint", m))?,
     })
 }
 
@@ -558,7 +606,52 @@ mod tests {
             named_ports: BTreeMap::new(),
             authorization_policies: vec!["shop/web-only".into()],
             host_network: false,
+            waypoint: None,
         }
+    }
+
+    fn waypoint() -> Option<WaypointRef> {
+        Some(WaypointRef {
+            namespace: "shop".into(),
+            hostname: "waypoint.shop.svc.cluster.local".into(),
+            port: 15008,
+        })
+    }
+
+    /// Only the hostname form of a waypoint binding is taken; the rest is
+    /// refused rather than read as "no waypoint".
+    #[test]
+    fn waypoint_forms() {
+        let by_ip = pw::GatewayAddress {
+            destination: Some(pw::gateway_address::Destination::Address(
+                pw::NetworkAddress {
+                    network: String::new(),
+                    address: vec![10, 0, 0, 1],
+                    length: None,
+                },
+            )),
+            hbone_mtls_port: 15008,
+        };
+        assert!(
+            waypoint_from_proto(by_ip)
+                .unwrap_err()
+                .contains("address form")
+        );
+        let no_port = pw::GatewayAddress {
+            hbone_mtls_port: 0,
+            ..waypoint_to_proto(&waypoint().unwrap())
+        };
+        assert!(waypoint_from_proto(no_port).is_err());
+        let wl = pw::Workload {
+            uid: "u".into(),
+            waypoint: Some(pw::GatewayAddress {
+                destination: None,
+                hbone_mtls_port: 15008,
+            }),
+            ..pw::Workload::default()
+        };
+        let e = workload_from_proto("u", wl).unwrap_err();
+        assert_eq!(e.field, "waypoint");
     }
 
     /// What the controller encodes, ztunnel decodes to the same config.
@@ -569,6 +662,7 @@ mod tests {
                 workload("web-1", "10.0.2.10", TunnelProtocol::Hbone),
                 Workload {
                     host_network: true,
+                    waypoint: waypoint(),
                     ..workload("web-2", "fd00::2", TunnelProtocol::None)
                 },
             ],
@@ -585,6 +679,7 @@ mod tests {
                     workload_uid: "Kubernetes//Pod/shop/web-1".into(),
                     ports: BTreeMap::from([(80, 8080)]),
                 }],
+                waypoint: waypoint(),
             }],
             policies: vec![Authorization {
                 name: "web-only".into(),

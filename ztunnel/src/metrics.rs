@@ -70,6 +70,9 @@ pub enum RefusalReason {
     ambiguous_address,
     /// An authorization policy (or PeerAuthentication STRICT) denied it.
     policy_denied,
+    /// Bound to a waypoint that is unknown or has no ready pod: refused,
+    /// never sent around it.
+    waypoint_unavailable,
 }
 
 /// A policy decision that denied, or a dry-run policy that matched.

@@ -3,14 +3,14 @@
 //!
 //! Start at [`Store`]. [`resolve`] is a pure function from state to upstream.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tracing::warn;
 use weft_api::authz::{self, Connection, DenyReason, Scope, Verdict};
-use weft_api::{Authorization, LocalConfig, Service, TunnelProtocol, Workload};
+use weft_api::{Authorization, LocalConfig, Service, TunnelProtocol, WaypointRef, Workload};
 
 /// Indexed workloads, services and policies.
 #[derive(Debug, Default)]
@@ -22,6 +22,12 @@ pub struct State {
     ambiguous: HashMap<IpAddr, Vec<String>>,
     by_uid: HashMap<String, Arc<Workload>>,
     services: HashMap<IpAddr, Arc<Service>>,
+    /// Services by `namespace/hostname`: how waypoint references resolve.
+    services_by_key: HashMap<String, Arc<Service>>,
+    /// Workloads that are a waypoint's pods (endpoints of a Service that
+    /// some binding names): their HBONE connections carry the traffic they
+    /// proxy, as themselves.
+    waypoints: HashSet<String>,
     /// Root-namespace policies: every destination.
     global_policies: Vec<Arc<Authorization>>,
     /// Namespace-wide policies, by namespace.
@@ -47,6 +53,18 @@ pub enum Upstream {
         service: Option<Arc<Service>>,
         target: SocketAddr,
     },
+    /// Bound to a waypoint: over HBONE to the waypoint's pod on its HBONE
+    /// port, `CONNECT target` (the original destination, VIP or pod), and
+    /// verified as the waypoint's identity.
+    Waypoint {
+        waypoint: Arc<Workload>,
+        /// Where the waypoint listens: its pod's address and HBONE port.
+        address: SocketAddr,
+        /// The destination, for logs and metrics.
+        workload: Option<Arc<Workload>>,
+        service: Option<Arc<Service>>,
+        target: SocketAddr,
+    },
     /// Not meshed (or unknown): plain TCP to `target`.
     Passthrough {
         workload: Option<Arc<Workload>>,
@@ -63,6 +81,14 @@ pub enum ResolveError {
     NoEndpoints { service: String, port: u16 },
     #[error("{ip} is claimed by several workloads ({}); refusing rather than guessing", .uids.join(", "))]
     AmbiguousAddress { ip: IpAddr, uids: Vec<String> },
+    /// A binding to a waypoint that is not known: refused, never sent
+    /// around it (see the controller's status for why).
+    #[error(
+        "{what} is bound to waypoint {waypoint}, which is not known; refusing rather than bypassing it"
+    )]
+    UnknownWaypoint { what: String, waypoint: String },
+    #[error("{what} is bound to waypoint {waypoint}, which has no ready pod")]
+    NoWaypointEndpoints { what: String, waypoint: String },
 }
 
 /// Istio's order among workloads that claim one address: a captured pod,
@@ -118,6 +144,19 @@ impl State {
             let svc = Arc::new(svc.clone());
             for vip in &svc.vips {
                 s.services.insert(*vip, svc.clone());
+            }
+            s.services_by_key
+                .insert(format!("{}/{}", svc.namespace, svc.hostname), svc);
+        }
+        let bound = config
+            .services
+            .iter()
+            .filter_map(|s| s.waypoint.as_ref())
+            .chain(config.workloads.iter().filter_map(|w| w.waypoint.as_ref()));
+        for r in bound {
+            if let Some(svc) = s.services_by_key.get(&r.service_key()) {
+                s.waypoints
+                    .extend(svc.endpoints.iter().map(|e| e.workload_uid.clone()));
             }
         }
         for p in &config.policies {
@@ -180,6 +219,45 @@ impl State {
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.services.get(&ip)
+    }
+
+    /// Whether the workload `uid` is a waypoint's pod.
+    pub fn is_waypoint(&self, uid: &str) -> bool {
+        self.waypoints.contains(uid)
+    }
+
+    /// A pod of the waypoint `r` names, chosen by `pick`, and where it
+    /// listens. `what` names the bound destination, for errors.
+    fn waypoint(
+        &self,
+        r: &WaypointRef,
+        what: impl Fn() -> String,
+        pick: usize,
+    ) -> Result<(Arc<Workload>, SocketAddr), ResolveError> {
+        let Some(svc) = self.services_by_key.get(&r.service_key()) else {
+            return Err(ResolveError::UnknownWaypoint {
+                what: what(),
+                waypoint: r.hostname.clone(),
+            });
+        };
+        let pods: Vec<(&Arc<Workload>, u16)> = svc
+            .endpoints
+            .iter()
+            .filter_map(|ep| {
+                let w = self.workload_by_uid(&ep.workload_uid)?;
+                let port = ep.ports.get(&r.port).copied().unwrap_or(r.port);
+                Some((w, port))
+            })
+            .filter(|(w, _)| !w.addresses.is_empty())
+            .collect();
+        if pods.is_empty() {
+            return Err(ResolveError::NoWaypointEndpoints {
+                what: what(),
+                waypoint: r.hostname.clone(),
+            });
+        }
+        let (w, port) = pods[pick % pods.len()];
+        Ok((w.clone(), SocketAddr::new(w.addresses[0], port)))
     }
 
     /// A workload at `ip` on `node` that ztunnel captures.
@@ -249,6 +327,17 @@ pub fn resolve(state: &State, dst: SocketAddr, pick: usize) -> Result<Upstream, 
                 port,
             });
         }
+        if let Some(r) = &svc.waypoint {
+            let (waypoint, address) =
+                state.waypoint(r, || format!("service {}", svc.hostname), pick)?;
+            return Ok(Upstream::Waypoint {
+                waypoint,
+                address,
+                workload: None,
+                service: Some(svc.clone()),
+                target: dst,
+            });
+        }
         let endpoints: Vec<(&Arc<Workload>, u16)> = svc
             .endpoints
             .iter()
@@ -276,6 +365,18 @@ pub fn resolve(state: &State, dst: SocketAddr, pick: usize) -> Result<Upstream, 
         });
     }
     let workload = state.workload_by_ip(dst.ip()).cloned();
+    if let Some(w) = &workload
+        && let Some(r) = &w.waypoint
+    {
+        let (waypoint, address) = state.waypoint(r, || format!("workload {}", w.uid), pick)?;
+        return Ok(Upstream::Waypoint {
+            waypoint,
+            address,
+            workload: Some(w.clone()),
+            service: None,
+            target: dst,
+        });
+    }
     let service = workload.as_ref().and_then(|w| {
         state
             .config
@@ -366,6 +467,7 @@ mod tests {
                 target_port: 8080,
             }],
             endpoints: vec![ep(&b), ep(&c)],
+            waypoint: None,
         };
         let empty = Service {
             name: "empty".into(),
@@ -374,9 +476,49 @@ mod tests {
             endpoints: vec![],
             ..svc.clone()
         };
+        // A waypoint (its pod and its Service, no VIP), a service and a pod
+        // bound to it, and a service bound to a waypoint that does not exist.
+        let wp = pod("waypoint-0", "shop", "waypoint", "10.244.1.30", "n1", false);
+        let waypoint_svc = Service {
+            name: "waypoint".into(),
+            hostname: "waypoint.shop.svc.cluster.local".into(),
+            vips: vec![],
+            ports: vec![ServicePort {
+                port: 15008,
+                target_port: 15008,
+            }],
+            endpoints: vec![Endpoint {
+                workload_uid: wp.uid.clone(),
+                ports: BTreeMap::from([(15008, 15008)]),
+            }],
+            ..svc.clone()
+        };
+        let bind = |hostname: &str| {
+            Some(WaypointRef {
+                namespace: "shop".into(),
+                hostname: hostname.into(),
+                port: 15008,
+            })
+        };
+        let reviews = Service {
+            name: "reviews".into(),
+            hostname: "reviews.shop.svc.cluster.local".into(),
+            vips: vec!["10.96.0.12".parse().unwrap()],
+            waypoint: bind("waypoint.shop.svc.cluster.local"),
+            ..svc.clone()
+        };
+        let typo = Service {
+            name: "typo".into(),
+            hostname: "typo.shop.svc.cluster.local".into(),
+            vips: vec!["10.96.0.13".parse().unwrap()],
+            waypoint: bind("waypiont.shop.waypoint.invalid"),
+            ..svc.clone()
+        };
+        let mut bound = pod("bound", "shop", "default", "10.244.3.12", "n3", true);
+        bound.waypoint = bind("waypoint.shop.svc.cluster.local");
         State::new(LocalConfig {
-            workloads: vec![a, b, c],
-            services: vec![svc, empty],
+            workloads: vec![a, b, c, wp, bound],
+            services: vec![svc, empty, waypoint_svc, reviews, typo],
             ..LocalConfig::default()
         })
     }
@@ -393,6 +535,9 @@ mod tests {
         let kind = |u: &Upstream| match u {
             Upstream::Hbone { target, .. } => format!("hbone {target}"),
             Upstream::Passthrough { target, .. } => format!("plain {target}"),
+            Upstream::Waypoint {
+                address, target, ..
+            } => format!("waypoint {address} for {target}"),
         };
         for (dst, pick, want) in [
             ("10.244.2.10:9000", 0, Ok("hbone 10.244.2.10:9000")),
@@ -401,6 +546,24 @@ mod tests {
             ("10.96.0.10:80", 0, Ok("hbone 10.244.2.10:8080")),
             ("10.96.0.10:80", 1, Ok("plain 10.244.2.11:8080")),
             ("10.96.0.10:80", 2, Ok("hbone 10.244.2.10:8080")),
+            (
+                "10.96.0.12:80",
+                0,
+                Ok("waypoint 10.244.1.30:15008 for 10.96.0.12:80"),
+            ),
+            (
+                "10.244.3.12:9000",
+                0,
+                Ok("waypoint 10.244.1.30:15008 for 10.244.3.12:9000"),
+            ),
+            (
+                "10.96.0.13:80",
+                0,
+                Err(ResolveError::UnknownWaypoint {
+                    what: "service typo.shop.svc.cluster.local".into(),
+                    waypoint: "waypiont.shop.waypoint.invalid".into(),
+                }),
+            ),
             (
                 "10.96.0.10:81",
                 0,

@@ -153,14 +153,18 @@ pub struct Admitted {
 /// `conn_id` and the peer proved `peer_id`. Pure: state in, decision out.
 ///
 /// The target must be a captured pod of `node` with identity `conn_id` (so one
-/// connection serves every pod of that identity here) and not the HBONE port;
-/// the `Forwarded` client must be a workload whose identity is `peer_id`, so a
+/// connection serves every pod of that identity here) and not the HBONE port.
+/// A waypoint (the TCP peer `peer_ip` is a waypoint's pod, and proved that
+/// pod's identity) is itself the source, as in Istio: its identity and its
+/// address; its `Forwarded`, if any, is trusted and not needed. Anyone else's
+/// `Forwarded` client must be a workload whose identity is `peer_id`, so a
 /// peer can only speak for its own workloads.
 pub fn admit(
     state: &State,
     node: &str,
     target: SocketAddr,
     forwarded: Option<IpAddr>,
+    peer_ip: IpAddr,
     peer_id: &Identity,
     conn_id: &Identity,
 ) -> Result<Admitted, Denial> {
@@ -188,6 +192,16 @@ pub fn admit(
             StatusCode::BAD_REQUEST,
             format!("CONNECT {target}: tunnelling to the HBONE port is a loop"),
         ));
+    }
+    if let Some(waypoint) = state.workload_by_ip(peer_ip)
+        && state.is_waypoint(&waypoint.uid)
+        && identity_of(waypoint).as_ref() == Some(peer_id)
+    {
+        return Ok(Admitted {
+            dst,
+            src: waypoint.clone(),
+            client_ip: peer_ip,
+        });
     }
     let Some(client_ip) = forwarded else {
         return Err(deny(
@@ -240,6 +254,7 @@ async fn connect(
         &pi.cfg.node_name,
         target,
         forwarded,
+        peer_addr.ip(),
         &peer_id,
         &conn_id,
     ) {
@@ -452,11 +467,80 @@ mod tests {
                 Err((R::identity_mismatch, 401)),
             ),
         ];
+        let client_pod = "10.0.1.11".parse().unwrap();
         for (name, target, fwd, peer_id, want) in cases {
-            let got = admit(&state, "n2", target, fwd, peer_id, &web)
+            let got = admit(&state, "n2", target, fwd, client_pod, peer_id, &web)
                 .map(|_| ())
                 .map_err(|d| (d.reason, d.code.as_u16()));
             assert_eq!(got, want, "{name}");
         }
+    }
+
+    /// A waypoint's CONNECTs: it is the source (identity and address), with
+    /// or without Forwarded; its identity from another address, or its
+    /// address with another identity, is not a waypoint.
+    #[test]
+    fn waypoint_admission() {
+        let waypoint_ref = weft_api::WaypointRef {
+            namespace: "shop".into(),
+            hostname: "waypoint.shop.svc.cluster.local".into(),
+            port: 15008,
+        };
+        let svc = |name: &str, uid: &str, waypoint| weft_api::Service {
+            name: name.into(),
+            namespace: "shop".into(),
+            hostname: format!("{name}.shop.svc.cluster.local"),
+            vips: vec![],
+            ports: vec![],
+            endpoints: vec![weft_api::Endpoint {
+                workload_uid: uid.into(),
+                ports: Default::default(),
+            }],
+            waypoint,
+        };
+        let state = State::new(LocalConfig {
+            workloads: vec![
+                pod("web", "shop", "web", "10.0.2.10", "n2", true),
+                pod("client", "shop", "client", "10.0.1.11", "n1", true),
+                pod("waypoint", "shop", "waypoint", "10.0.1.30", "n1", false),
+            ],
+            services: vec![
+                svc("waypoint", "Kubernetes//Pod/shop/waypoint", None),
+                svc("web", "Kubernetes//Pod/shop/web", Some(waypoint_ref)),
+            ],
+            ..LocalConfig::default()
+        });
+        let (web, client, wp) = (
+            id("shop", "web"),
+            id("shop", "client"),
+            id("shop", "waypoint"),
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let target: SocketAddr = "10.0.2.10:8080".parse().unwrap();
+        let admitted = |fwd, peer, peer_id| {
+            admit(&state, "n2", target, fwd, ip(peer), peer_id, &web)
+                .map(|a| (a.src.name.clone(), a.client_ip))
+                .map_err(|d| d.reason)
+        };
+        assert_eq!(
+            admitted(None, "10.0.1.30", &wp),
+            Ok(("waypoint".into(), ip("10.0.1.30"))),
+            "Istio's waypoint sends no Forwarded"
+        );
+        assert_eq!(
+            admitted(Some(ip("10.0.1.11")), "10.0.1.30", &wp),
+            Ok(("waypoint".into(), ip("10.0.1.30"))),
+            "the waypoint stays the source"
+        );
+        assert_eq!(
+            admitted(None, "10.0.1.11", &wp),
+            Err(RefusalReason::bad_request),
+            "the waypoint's identity from another address"
+        );
+        assert_eq!(
+            admitted(None, "10.0.1.30", &client),
+            Err(RefusalReason::bad_request),
+            "the waypoint's address with another identity"
+        );
     }
 }

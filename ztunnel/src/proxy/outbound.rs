@@ -74,6 +74,9 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
                 ResolveError::NoEndpoints { .. } => RefusalReason::no_endpoints,
                 ResolveError::NoServicePort { .. } => RefusalReason::unknown_destination,
                 ResolveError::AmbiguousAddress { .. } => RefusalReason::ambiguous_address,
+                ResolveError::UnknownWaypoint { .. } | ResolveError::NoWaypointEndpoints { .. } => {
+                    RefusalReason::waypoint_unavailable
+                }
             };
             return refused(m, DIR, reason, peer_addr, orig_dst, &e);
         }
@@ -121,7 +124,49 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
                 peer(Some(&workload), Some(&dst_id), service.as_deref()),
                 SecurityPolicy::mutual_tls,
             );
-            match hbone_stream(&pi, &src_id, &dst_id, target, peer_addr).await {
+            let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
+            match hbone_stream(&pi, &src_id, &dst_id, hbone_addr, target, peer_addr).await {
+                Ok(mut tunnel) => {
+                    let (up, down, err) = splice(&mut client, &mut tunnel).await;
+                    log.close(m, up, down, err.as_ref());
+                }
+                Err(e) => {
+                    refused(m, DIR, RefusalReason::hbone_connect, peer_addr, target, &e);
+                    log.close(m, 0, 0, Some(&std::io::Error::other(e)));
+                }
+            }
+        }
+        Upstream::Waypoint {
+            waypoint,
+            address,
+            workload,
+            service,
+            target,
+        } => {
+            let Some(waypoint_id) = identity_of(&waypoint) else {
+                let why = format!("waypoint pod {} has no valid identity", waypoint.uid);
+                return refused(
+                    m,
+                    DIR,
+                    RefusalReason::waypoint_unavailable,
+                    peer_addr,
+                    target,
+                    &why,
+                );
+            };
+            let dst_id = workload.as_deref().and_then(identity_of);
+            let log = ConnectionLog::open(
+                m,
+                DIR,
+                peer_addr,
+                target,
+                peer(Some(&src), Some(&src_id), None),
+                peer(workload.as_deref(), dst_id.as_ref(), service.as_deref()),
+                SecurityPolicy::mutual_tls,
+            );
+            // The waypoint terminates HBONE itself (it is never captured):
+            // dial its pod, prove the client, require the waypoint's identity.
+            match hbone_stream(&pi, &src_id, &waypoint_id, address, target, peer_addr).await {
                 Ok(mut tunnel) => {
                     let (up, down, err) = splice(&mut client, &mut tunnel).await;
                     log.close(m, up, down, err.as_ref());
@@ -154,13 +199,15 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
 }
 
 /// A CONNECT stream to `target` on a pooled HBONE connection to
-/// `target`'s address on 15008, dialled from the client pod's own address
-/// (as Istio's in-pod ztunnel does: the far side takes the TCP peer as the
-/// source), authenticated as `src_id` and accepting only `dst_id`.
+/// `hbone_addr` (the destination pod's 15008, or a waypoint's), dialled from
+/// the client pod's own address (as Istio's in-pod ztunnel does: the far side
+/// takes the TCP peer as the source), authenticated as `src_id` and
+/// accepting only `dst_id`.
 async fn hbone_stream(
     pi: &ProxyInputs,
     src_id: &Identity,
     dst_id: &Identity,
+    hbone_addr: SocketAddr,
     target: SocketAddr,
     client: SocketAddr,
 ) -> Result<H2Stream, ConnectError> {
@@ -173,7 +220,6 @@ async fn hbone_stream(
     if let Ok(v) = HeaderValue::from_str(&forwarded_header(client.ip())) {
         headers.insert("forwarded", v);
     }
-    let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
     let key = (client.ip(), src_id.clone(), dst_id.clone(), hbone_addr);
     pi.pool
         .stream(&key, target, headers, || {
