@@ -1,6 +1,15 @@
-//! Weft's waypoint: the per-namespace L7 proxy (routing, retries, L7 policy).
+//! Weft's waypoint: the L7 proxy a namespace's services (or workloads) are
+//! bound to. It terminates HBONE from ztunnels, routes each HTTP request by
+//! its service's route table, and originates HBONE to the chosen endpoint.
 //!
-//! Nothing is here yet; the L4 data path and the controller come first. See
-//! `ARCHITECTURE.md` for where it will sit in the packet path.
+//! Start at [`route`] (the pure route table), then [`proxy`] (the data path)
+//! and [`app`] (the composition root).
 
 #![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod state;

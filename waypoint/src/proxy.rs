@@ -1,0 +1,806 @@
+//! The waypoint's data path.
+//!
+//! Front: HBONE (mutual TLS as the waypoint's identity, the client's
+//! certificate required, one CONNECT per client connection). The CONNECT
+//! target (a service VIP or a pod, port) says what is being reached. The
+//! first bytes decide the protocol: HTTP/1.1 is routed request by request;
+//! anything else is forwarded at L4 to an endpoint of the destination.
+//!
+//! Back: a new HBONE stream to the chosen endpoint pod on 15008 with the
+//! waypoint's own identity (`:authority` podIP:targetPort, `Forwarded`
+//! carrying the client), or plain TCP to an endpoint outside the mesh.
+//! HTTP/1.1 connections are pooled per endpoint and client.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{debug, info, warn};
+use weft_api::{Identity, Service, TunnelProtocol, Workload};
+use weft_hbone::client::{ConnectError, Pool};
+use weft_hbone::server::{ConnectRequest, ServeOptions, StreamBudget, forwarded_header};
+use weft_hbone::tls::{peer_identity, server_name};
+use weft_identity::CertManager;
+
+use crate::metrics::{Metrics, RequestRecord};
+use crate::route::{Action, RequestInfo, Rule, rewrite_path};
+use crate::state::{Endpoint, State, Store};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// How long the first bytes of a connection may take to show whether it is
+/// HTTP; after that it is forwarded as TCP (a server-first protocol).
+const SNIFF_TIMEOUT: Duration = Duration::from_millis(100);
+/// Idle upstream HTTP connections are closed after this long.
+const HTTP_IDLE: Duration = Duration::from_secs(90);
+/// Idle upstream HTTP connections kept per endpoint and client.
+const HTTP_IDLE_MAX: usize = 64;
+
+/// Everything the data path shares.
+#[derive(Debug)]
+pub struct Proxy {
+    pub identity: Identity,
+    pub certs: Arc<CertManager>,
+    pub store: Arc<Store>,
+    pub hbone: Pool<(Identity, SocketAddr)>,
+    pub http: HttpPool,
+    pub metrics: Arc<Metrics>,
+    pub budget: Arc<StreamBudget>,
+    pub drain: tokio::sync::watch::Receiver<bool>,
+}
+
+/// What a client connection reaches.
+#[derive(Clone, Debug)]
+enum Dest {
+    Service(Arc<Service>),
+    Workload(Arc<Workload>),
+}
+
+/// One client connection through the waypoint.
+#[derive(Debug)]
+struct Conn {
+    proxy: Arc<Proxy>,
+    /// The CONNECT target: VIP or pod, and port.
+    target: SocketAddr,
+    dest: Dest,
+    client_ip: IpAddr,
+    /// The peer ztunnel's verified identity: the client workload's.
+    client_id: Option<Identity>,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+// === front ===
+
+impl Proxy {
+    /// Accepts HBONE connections until the drain signal.
+    pub async fn serve_hbone(self: Arc<Self>, listener: TcpListener) {
+        let mut drain = self.drain.clone();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = weft_hbone::server::drained(&mut drain) => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(Box::pin(self.clone().hbone_connection(tcp, peer)));
+        }
+    }
+
+    async fn hbone_connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let server = match self.certs.server_config(&self.identity).await {
+            Ok(s) => s,
+            Err(e) => return warn!(%peer, error = %e, "no certificate to serve HBONE with"),
+        };
+        let accept = TlsAcceptor::from(server).accept(tcp);
+        let tls = match tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, accept).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => return debug!(%peer, "TLS handshake timed out"),
+        };
+        let peer_id = match peer_identity(tls.get_ref().1.peer_certificates()) {
+            Ok(id) => id,
+            Err(e) => return debug!(%peer, error = %e, "peer identity"),
+        };
+        let opts = ServeOptions {
+            peer: peer.ip(),
+            budget: self.budget.clone(),
+            idle_timeout: weft_hbone::SERVER_IDLE_TIMEOUT,
+            drain: self.drain.clone(),
+        };
+        let this = self.clone();
+        let served = weft_hbone::server::serve(
+            tls,
+            opts,
+            || {},
+            move |req| this.clone().connect(req, peer, peer_id.clone()),
+        )
+        .await;
+        if let Err(e) = served {
+            debug!(%peer, error = %e, "HBONE connection ended");
+        }
+    }
+
+    /// One CONNECT: the client's connection to `target`.
+    async fn connect(self: Arc<Self>, req: ConnectRequest, peer: SocketAddr, peer_id: Identity) {
+        let target = match req.target() {
+            Ok(t) => t,
+            Err(e) => {
+                debug!(%peer, error = %e, "bad CONNECT");
+                return req.refuse(StatusCode::BAD_REQUEST);
+            }
+        };
+        let state = self.store.snapshot();
+        let dest = match (
+            state.service_by_vip(target.ip()),
+            state.workload_by_ip(target.ip()),
+        ) {
+            (Some(s), _) => Dest::Service(s.clone()),
+            (None, Some(w)) => Dest::Workload(w.clone()),
+            (None, None) => {
+                warn!(%peer, %target, "CONNECT to an address this waypoint does not know");
+                return req.refuse(StatusCode::BAD_REQUEST);
+            }
+        };
+        // ztunnel dials from the client pod's own address.
+        let client_ip = req.forwarded_for().unwrap_or(peer.ip());
+        let stream = match req.accept() {
+            Ok(s) => s,
+            Err(e) => return debug!(%peer, error = %e, "CONNECT accept"),
+        };
+        let conn = Arc::new(Conn {
+            proxy: self,
+            target,
+            dest,
+            client_ip,
+            client_id: Some(peer_id),
+        });
+        conn.serve(stream).await;
+    }
+}
+
+impl Conn {
+    /// Sniffs the protocol and serves the connection.
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self: Arc<Self>, mut io: S) {
+        let mut buf = vec![0u8; 64];
+        let mut have = 0;
+        let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+        while have < 16 {
+            match tokio::time::timeout_at(deadline, io.read(&mut buf[have..])).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    if have == 0 {
+                        return;
+                    }
+                    break;
+                }
+                Ok(Ok(n)) => have += n,
+                Err(_) => break,
+            }
+            if !could_be_http(&buf[..have]) {
+                break;
+            }
+        }
+        buf.truncate(have);
+        let io = Rewind {
+            prefix: Bytes::from(buf),
+            inner: io,
+        };
+        if is_http1(&io.prefix) {
+            let this = self.clone();
+            let service = service_fn(move |req| {
+                let this = this.clone();
+                async move { Ok::<_, Infallible>(this.request(req).await) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades()
+                .await;
+            if let Err(e) = served {
+                debug!(client = %self.client_ip, error = %e, "HTTP/1.1 connection ended");
+            }
+        } else {
+            self.forward_tcp(io).await;
+        }
+    }
+
+    /// L4: the bytes as they are, to an endpoint of the destination.
+    async fn forward_tcp<S: AsyncRead + AsyncWrite + Unpin + Send>(&self, mut io: S) {
+        let state = self.proxy.store.snapshot();
+        let endpoint = match &self.dest {
+            Dest::Service(svc) => {
+                let (eps, balance) = state.endpoints(svc, self.target.port(), "");
+                self.proxy.store.choose(&eps, balance, roll()).cloned()
+            }
+            Dest::Workload(w) => Some(Endpoint {
+                workload: w.clone(),
+                addr: self.target,
+            }),
+        };
+        let Some(ep) = endpoint else {
+            return warn!(target = %self.target, "TCP: no endpoint");
+        };
+        match self.proxy.upstream(&ep, self.client_ip).await {
+            Ok(mut up) => {
+                let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+            }
+            Err(e) => {
+                warn!(target = %self.target, endpoint = %ep.addr, error = %e, "TCP: upstream connect failed")
+            }
+        }
+    }
+
+    /// One HTTP request: route, pick, forward, answer.
+    async fn request(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let state = self.proxy.store.snapshot();
+        let mut record = RequestRecord::new(&req, self.client_ip, self.client_id.as_ref());
+        record.source(state.workload_by_ip(self.client_ip));
+        let resp = self.route(&state, req, &mut record).await;
+        let size = resp.body().size_hint().exact().unwrap_or(0);
+        record.finish(resp.status(), start.elapsed(), size);
+        self.proxy.metrics.record(&record);
+        info!(
+            target: "access",
+            method = %record.method,
+            path = %record.path,
+            authority = %record.authority,
+            status = resp.status().as_u16(),
+            flags = record.flags,
+            route = %record.route,
+            upstream = %record.upstream.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            client = %self.client_ip,
+            duration_ms = start.elapsed().as_millis() as u64,
+            "request"
+        );
+        resp
+    }
+
+    async fn route(
+        &self,
+        state: &State,
+        req: Request<Incoming>,
+        record: &mut RequestRecord,
+    ) -> Response<Body> {
+        let (svc_key, dest_service) = match &self.dest {
+            Dest::Service(s) => (
+                Some(format!("{}/{}", s.namespace, s.hostname)),
+                Some(s.clone()),
+            ),
+            Dest::Workload(_) => (None, None),
+        };
+        record.destination(dest_service.as_ref());
+        let table = svc_key.as_deref().and_then(|k| state.route(k));
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().map(str::to_string);
+        let authority = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or_default()
+            .to_string();
+        let info = RequestInfo {
+            method: req.method().as_str(),
+            path: &path,
+            query: query.as_deref(),
+            authority: &authority,
+            port: self.target.port(),
+            headers: req.headers(),
+        };
+        let rule: Option<&Rule> = match table {
+            Some(t) => match t.find(&info) {
+                Some(r) => Some(r),
+                None => return local(record, StatusCode::NOT_FOUND, "NR", ""),
+            },
+            None => None,
+        };
+        if let Some(r) = rule {
+            record.route = r.name.clone();
+        }
+        // The endpoint: the rule's backend, or the destination itself.
+        let (endpoint, backend) = match rule.map(|r| &r.action) {
+            Some(Action::Direct { status, body }) => {
+                let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+                let mut resp = full(status, Bytes::from(body.clone()));
+                if let Some(r) = rule {
+                    r.response_headers.apply(resp.headers_mut());
+                }
+                return resp;
+            }
+            Some(Action::Redirect(rd)) => {
+                let scheme = rd.scheme.as_deref().unwrap_or("http");
+                let host = rd
+                    .authority
+                    .clone()
+                    .unwrap_or_else(|| authority.split(':').next().unwrap_or_default().to_string());
+                let host = match rd.port {
+                    Some(p) => format!("{host}:{p}"),
+                    None => host,
+                };
+                let matched = rule.and_then(|r| r.matches.iter().find(|m| m.matches(&info)));
+                let new_path = match &rd.path {
+                    Some(p) => rewrite_path(
+                        &path,
+                        query.as_deref(),
+                        p,
+                        matched.and_then(|m| m.path_prefix()),
+                    ),
+                    None => req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.to_string())
+                        .unwrap_or(path.clone()),
+                };
+                let mut resp = full(
+                    StatusCode::from_u16(rd.status).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+                    Bytes::new(),
+                );
+                if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{new_path}")) {
+                    resp.headers_mut().insert(http::header::LOCATION, v);
+                }
+                return resp;
+            }
+            Some(Action::Forward(backends)) => {
+                let Some(b) = Rule::pick(backends, roll() as u32) else {
+                    return local(
+                        record,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UH",
+                        "no healthy upstream",
+                    );
+                };
+                let key = format!("{}/{}", b.namespace, b.hostname);
+                let Some(svc) = state.service(&key) else {
+                    return local(
+                        record,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "NC",
+                        "no healthy upstream",
+                    );
+                };
+                record.destination(Some(svc));
+                let port = if b.port == 0 {
+                    self.target.port()
+                } else {
+                    b.port
+                };
+                let (eps, balance) = state.endpoints(svc, port, &b.subset);
+                let ep = self.proxy.store.choose(&eps, balance, roll()).cloned();
+                (ep, Some(b))
+            }
+            None => match &self.dest {
+                Dest::Service(svc) => {
+                    let (eps, balance) = state.endpoints(svc, self.target.port(), "");
+                    (
+                        self.proxy.store.choose(&eps, balance, roll()).cloned(),
+                        None,
+                    )
+                }
+                Dest::Workload(w) => (
+                    Some(Endpoint {
+                        workload: w.clone(),
+                        addr: self.target,
+                    }),
+                    None,
+                ),
+            },
+        };
+        let Some(ep) = endpoint else {
+            return local(
+                record,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UH",
+                "no healthy upstream",
+            );
+        };
+        record.upstream = Some(ep.addr);
+        record.destination_workload(&ep.workload);
+
+        // The request as the upstream gets it.
+        let (mut parts, body) = req.into_parts();
+        if let Some(rw) = rule.and_then(|r| r.rewrite.as_ref()) {
+            if let Some(p) = &rw.path {
+                let matched = rule
+                    .and_then(|r| {
+                        r.matches.iter().find(|m| {
+                            m.matches(&info_of(
+                                &parts,
+                                &path,
+                                query.as_deref(),
+                                &authority,
+                                self.target.port(),
+                            ))
+                        })
+                    })
+                    .and_then(|m| m.path_prefix());
+                let new = rewrite_path(&path, query.as_deref(), p, matched);
+                if let Ok(uri) = new.parse() {
+                    parts.uri = uri;
+                }
+            }
+            if let Some(a) = &rw.authority
+                && let Ok(v) = HeaderValue::from_str(a)
+            {
+                parts.headers.insert(http::header::HOST, v);
+            }
+        }
+        if let Some(r) = rule {
+            r.request_headers.apply(&mut parts.headers);
+        }
+        if let Some(b) = backend {
+            b.request_headers.apply(&mut parts.headers);
+        }
+        append_forwarded_for(&mut parts.headers, self.client_ip);
+        let upstream_req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
+
+        let timeout = rule.and_then(|r| r.timeout);
+        let _in_flight = self.proxy.store.in_flight(ep.addr);
+        let sent = self.proxy.send(&ep, self.client_ip, upstream_req);
+        let result = match timeout {
+            Some(t) => match tokio::time::timeout(t, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return local(
+                        record,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT",
+                        "upstream request timeout",
+                    );
+                }
+            },
+            None => sent.await,
+        };
+        let resp = match result {
+            Ok(r) => r,
+            Err(UpstreamError::Connect(e)) => {
+                debug!(endpoint = %ep.addr, error = %e, "upstream connect failed");
+                return local(
+                    record,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UF",
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                );
+            }
+            Err(UpstreamError::Request(e)) => {
+                debug!(endpoint = %ep.addr, error = %e, "upstream request failed");
+                return local(
+                    record,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UC",
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                );
+            }
+        };
+        let (mut parts, body) = resp.into_parts();
+        if let Some(b) = backend {
+            b.response_headers.apply(&mut parts.headers);
+        }
+        if let Some(r) = rule {
+            r.response_headers.apply(&mut parts.headers);
+        }
+        Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+    }
+}
+
+fn info_of<'a>(
+    parts: &'a http::request::Parts,
+    path: &'a str,
+    query: Option<&'a str>,
+    authority: &'a str,
+    port: u16,
+) -> RequestInfo<'a> {
+    RequestInfo {
+        method: parts.method.as_str(),
+        path,
+        query,
+        authority,
+        port,
+        headers: &parts.headers,
+    }
+}
+
+/// Appends the client to `X-Forwarded-For`, as Envoy does for the app and
+/// for the waypoint's own `remoteIpBlocks`.
+fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {client}"),
+        _ => client.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+fn full(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Full::new(body).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+/// A local reply with its response flag.
+fn local(
+    record: &mut RequestRecord,
+    status: StatusCode,
+    flag: &'static str,
+    text: &str,
+) -> Response<Body> {
+    record.flag(flag);
+    reply(status, text)
+}
+
+/// A local reply, as Envoy gives them: status and a short text body.
+fn reply(status: StatusCode, text: &str) -> Response<Body> {
+    let mut r = full(status, Bytes::copy_from_slice(text.as_bytes()));
+    if !text.is_empty() {
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+    }
+    r
+}
+
+/// A cheap random number (xorshift, seeded per thread from the clock).
+fn roll() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static SEED: Cell<u64> = Cell::new({
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0x9e37_79b9_7f4a_7c15);
+            t | 1
+        });
+    }
+    SEED.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    })
+}
+
+/// Whether the bytes so far could still be the start of an HTTP request.
+fn could_be_http(b: &[u8]) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+    if PREFACE.starts_with(&b[..b.len().min(PREFACE.len())]) {
+        return true;
+    }
+    let token = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
+    token == b.len() || (token >= 3 && b.get(token) == Some(&b' '))
+}
+
+/// An HTTP/1.x request line starts with a method token and a space.
+fn is_http1(b: &[u8]) -> bool {
+    let token = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
+    (3..=10).contains(&token) && b.get(token) == Some(&b' ') && !b.starts_with(b"PRI ")
+}
+
+// === back ===
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("request: {0}")]
+    Request(#[source] hyper::Error),
+}
+
+impl Proxy {
+    /// A byte stream to `ep`: HBONE to a meshed pod (the waypoint's identity,
+    /// the pod's required), plain TCP otherwise.
+    async fn upstream(&self, ep: &Endpoint, client: IpAddr) -> Result<Box<dyn Io>, UpstreamError> {
+        if ep.workload.protocol != TunnelProtocol::Hbone {
+            let tcp = TcpStream::connect(ep.addr)
+                .await
+                .map_err(|e| UpstreamError::Connect(format!("{}: {e}", ep.addr)))?;
+            let _ = tcp.set_nodelay(true);
+            return Ok(Box::new(tcp));
+        }
+        let dst_id = ep
+            .workload
+            .identity()
+            .map_err(|e| UpstreamError::Connect(format!("{}: {e}", ep.workload.uid)))?;
+        let tls = self
+            .certs
+            .client_config(&self.identity, &dst_id)
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let hbone_addr = SocketAddr::new(ep.addr.ip(), weft_hbone::HBONE_PORT);
+        let mut headers = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(&forwarded_header(client)) {
+            headers.insert("forwarded", v);
+        }
+        let stream = self
+            .hbone
+            .stream(&(dst_id, hbone_addr), ep.addr, headers, || {
+                let tls = tls.clone();
+                async move {
+                    let tcp = TcpStream::connect(hbone_addr).await?;
+                    tcp.set_nodelay(true)?;
+                    let handshake =
+                        TlsConnector::from(tls).connect(server_name(hbone_addr.ip()), tcp);
+                    tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, handshake)
+                        .await
+                        .map_err(|_| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "TLS handshake timed out",
+                            )
+                        })?
+                }
+            })
+            .await
+            .map_err(|e: ConnectError| UpstreamError::Connect(e.to_string()))?;
+        Ok(Box::new(stream))
+    }
+
+    /// Sends `req` to `ep` on a pooled HTTP/1.1 connection, or a new one.
+    async fn send(
+        self: &Arc<Self>,
+        ep: &Endpoint,
+        client: IpAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let key = (ep.addr, client);
+        let mut sender = match self.http.take(&key) {
+            Some(s) => s,
+            None => {
+                let io = self.upstream(ep, client).await?;
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                    .await
+                    .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        debug!(error = %e, "upstream HTTP connection ended");
+                    }
+                });
+                sender
+            }
+        };
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(UpstreamError::Request)?;
+        // Back to the pool once the response body is done.
+        let this = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                this.http.put(key, sender);
+            }
+        });
+        Ok(resp)
+    }
+}
+
+/// An upstream HTTP/1.1 connection, idle since when.
+type Idle = (Instant, SendRequest<Body>);
+
+/// Idle upstream HTTP/1.1 connections, by (endpoint, client).
+#[derive(Debug, Default)]
+pub struct HttpPool {
+    idle: Mutex<HashMap<(SocketAddr, IpAddr), Vec<Idle>>>,
+}
+
+impl HttpPool {
+    fn take(&self, key: &(SocketAddr, IpAddr)) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.get_mut(key)?;
+        while let Some((at, s)) = list.pop() {
+            if at.elapsed() < HTTP_IDLE && s.is_ready() {
+                return Some(s);
+            }
+        }
+        idle.remove(key);
+        None
+    }
+
+    fn put(&self, key: (SocketAddr, IpAddr), s: SendRequest<Body>) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.entry(key).or_default();
+        list.retain(|(at, s)| at.elapsed() < HTTP_IDLE && !s.is_closed());
+        if list.len() < HTTP_IDLE_MAX {
+            list.push((Instant::now(), s));
+        }
+    }
+
+    /// Drops connections idle too long, and keys left empty.
+    pub fn evict_idle(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|_, list| {
+            list.retain(|(at, s)| at.elapsed() < HTTP_IDLE && !s.is_closed());
+            !list.is_empty()
+        });
+    }
+}
+
+/// A stream whose first bytes were already read (to sniff the protocol):
+/// they are served again before the rest.
+struct Rewind<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let chunk = self.prefix.split_to(n);
+            buf.put_slice(&chunk);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffing() {
+        assert!(is_http1(b"GET / HTTP/1.1\r\n"));
+        assert!(is_http1(b"DELETE /x HTTP/1.1"));
+        assert!(!is_http1(b"PRI * HTTP/2.0\r\n"));
+        assert!(!is_http1(b"\x16\x03\x01\x02"), "TLS is forwarded as TCP");
+        assert!(!is_http1(b"hello"));
+        assert!(could_be_http(b"GE"));
+        assert!(could_be_http(b"PRI * HT"));
+        assert!(!could_be_http(b"\x16\x03"));
+        assert!(!could_be_http(b"SSH-2.0"));
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+        append_forwarded_for(&mut h, "10.0.0.2".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2");
+    }
+}

@@ -1,0 +1,354 @@
+//! What the waypoint knows: the mesh (services and workloads, from WDS), each
+//! service's compiled route table and destination policy, indexed for the
+//! lookups a request makes; and the xDS handlers that keep it. A route that
+//! does not compile is NACKed and its last good version keeps serving.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use tracing::info;
+use weft_api::{Service, Workload};
+use weft_xds::client::{AdsClient, Rejected, Update};
+use weft_xds::convert::{self, XdsWorkload};
+use weft_xds::proto::waypoint as pb;
+use weft_xds::proto::workload;
+use weft_xds::types;
+
+use crate::route::RouteTable;
+
+/// Load balancing among a destination's endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    /// Power of two choices over requests in flight (Istio's default).
+    LeastRequest,
+    Random,
+}
+
+impl Balance {
+    fn from_proto(v: i32, inherit: Balance) -> Balance {
+        match pb::LoadBalancer::try_from(v) {
+            Ok(pb::LoadBalancer::RoundRobin) => Balance::RoundRobin,
+            Ok(pb::LoadBalancer::LeastRequest) => Balance::LeastRequest,
+            Ok(pb::LoadBalancer::Random) => Balance::Random,
+            _ => inherit,
+        }
+    }
+}
+
+/// A DestinationRule, compiled.
+#[derive(Clone, Debug)]
+pub struct Destination {
+    pub balance: Balance,
+    /// Subset name → its balance and the workloads it selects.
+    pub subsets: HashMap<String, (Balance, HashSet<String>)>,
+}
+
+impl Destination {
+    fn compile(d: &pb::Destination) -> Destination {
+        let balance = Balance::from_proto(d.load_balancer, Balance::LeastRequest);
+        let subsets = d
+            .subsets
+            .iter()
+            .map(|s| {
+                let b = Balance::from_proto(s.load_balancer, balance);
+                (s.name.clone(), (b, s.workloads.iter().cloned().collect()))
+            })
+            .collect();
+        Destination { balance, subsets }
+    }
+}
+
+/// One consistent view.
+#[derive(Debug, Default)]
+pub struct State {
+    services_by_vip: HashMap<IpAddr, Arc<Service>>,
+    services_by_key: HashMap<String, Arc<Service>>,
+    workloads_by_uid: HashMap<String, Arc<Workload>>,
+    workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
+    routes: HashMap<String, Arc<RouteTable>>,
+    destinations: HashMap<String, Arc<Destination>>,
+}
+
+/// An endpoint chosen for a request.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    /// Pod address and target port.
+    pub addr: SocketAddr,
+}
+
+impl State {
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.services_by_vip.get(&ip)
+    }
+
+    /// By `namespace/hostname`.
+    pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
+        self.services_by_key.get(key)
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads_by_ip.get(&ip)
+    }
+
+    pub fn route(&self, service_key: &str) -> Option<&Arc<RouteTable>> {
+        self.routes.get(service_key)
+    }
+
+    /// The endpoints of `svc` for service port `port`, within `subset` when
+    /// one is named, and the balance that applies. An unknown subset has no
+    /// endpoints (503), as in Envoy.
+    pub fn endpoints(&self, svc: &Service, port: u16, subset: &str) -> (Vec<Endpoint>, Balance) {
+        let key = format!("{}/{}", svc.namespace, svc.hostname);
+        let dest = self.destinations.get(&key);
+        let (balance, members) = match (dest, subset) {
+            (Some(d), "") => (d.balance, None),
+            (Some(d), name) => match d.subsets.get(name) {
+                Some((b, m)) => (*b, Some(m)),
+                None => return (Vec::new(), d.balance),
+            },
+            (None, "") => (Balance::LeastRequest, None),
+            (None, _) => return (Vec::new(), Balance::LeastRequest),
+        };
+        let endpoints = svc
+            .endpoints
+            .iter()
+            .filter(|ep| members.is_none_or(|m| m.contains(&ep.workload_uid)))
+            .filter_map(|ep| {
+                let w = self.workloads_by_uid.get(&ep.workload_uid)?;
+                let target = *ep.ports.get(&port)?;
+                let ip = *w.addresses.first()?;
+                Some(Endpoint {
+                    workload: w.clone(),
+                    addr: SocketAddr::new(ip, target),
+                })
+            })
+            .collect();
+        (endpoints, balance)
+    }
+}
+
+/// The shared, swappable state, and the balancers' counters.
+#[derive(Debug, Default)]
+pub struct Store {
+    state: RwLock<Arc<State>>,
+    cursor: AtomicUsize,
+    in_flight: Mutex<HashMap<SocketAddr, usize>>,
+}
+
+impl Store {
+    pub fn snapshot(&self) -> Arc<State> {
+        self.state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace(&self, state: State) {
+        *self.state.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(state);
+    }
+
+    /// Chooses one of `endpoints`; `roll` is a random number.
+    pub fn choose<'a>(
+        &self,
+        endpoints: &'a [Endpoint],
+        balance: Balance,
+        roll: u64,
+    ) -> Option<&'a Endpoint> {
+        if endpoints.is_empty() {
+            return None;
+        }
+        let n = endpoints.len();
+        let i = match balance {
+            Balance::RoundRobin => self.cursor.fetch_add(1, Ordering::Relaxed) % n,
+            Balance::Random => (roll % n as u64) as usize,
+            Balance::LeastRequest => {
+                let a = (roll % n as u64) as usize;
+                let b = ((roll >> 32) % n as u64) as usize;
+                let flights = self
+                    .in_flight
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let load = |i: usize| flights.get(&endpoints[i].addr).copied().unwrap_or(0);
+                if load(b) < load(a) { b } else { a }
+            }
+        };
+        endpoints.get(i)
+    }
+
+    /// Counts a request in flight to `addr` until the guard drops.
+    pub fn in_flight(self: &Arc<Self>, addr: SocketAddr) -> InFlight {
+        *self
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(addr)
+            .or_default() += 1;
+        InFlight {
+            store: self.clone(),
+            addr,
+        }
+    }
+}
+
+/// A request in flight to one endpoint.
+#[derive(Debug)]
+pub struct InFlight {
+    store: Arc<Store>,
+    addr: SocketAddr,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut m = self
+            .store
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.addr);
+            }
+        }
+    }
+}
+
+/// What the xDS handlers accepted, by resource name.
+#[derive(Debug, Default)]
+struct Cache {
+    workloads: BTreeMap<String, XdsWorkload>,
+    services: BTreeMap<String, Service>,
+    routes: BTreeMap<String, Arc<RouteTable>>,
+    destinations: BTreeMap<String, Arc<Destination>>,
+}
+
+impl Cache {
+    fn build(&self) -> State {
+        let cfg = convert::assemble(self.workloads.values(), self.services.values(), []);
+        let mut s = State::default();
+        for w in cfg.workloads {
+            let w = Arc::new(w);
+            for ip in &w.addresses {
+                s.workloads_by_ip.insert(*ip, w.clone());
+            }
+            s.workloads_by_uid.insert(w.uid.clone(), w);
+        }
+        for svc in cfg.services {
+            let svc = Arc::new(svc);
+            for vip in &svc.vips {
+                s.services_by_vip.insert(*vip, svc.clone());
+            }
+            s.services_by_key
+                .insert(format!("{}/{}", svc.namespace, svc.hostname), svc);
+        }
+        s.routes = self
+            .routes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        s.destinations = self
+            .destinations
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        s
+    }
+}
+
+/// Applies `updates`, calling `apply` for each upsert (an error refuses it,
+/// keeping the previous version), then republishes.
+fn apply<T>(
+    cache: &Mutex<Cache>,
+    store: &Store,
+    updates: Vec<Update<T>>,
+    mut upsert: impl FnMut(&mut Cache, String, T) -> Result<(), String>,
+    remove: impl Fn(&mut Cache, &str),
+) -> Vec<Rejected> {
+    let mut c = cache.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut rejected = Vec::new();
+    for u in updates {
+        match u {
+            Update::Upsert { name, resource } => {
+                if let Err(reason) = upsert(&mut c, name.clone(), resource) {
+                    rejected.push(Rejected { name, reason });
+                }
+            }
+            Update::Remove { name } => remove(&mut c, &name),
+        }
+    }
+    store.replace(c.build());
+    rejected
+}
+
+/// The waypoint's xDS client: the mesh view, routes and destinations.
+pub fn client(client: AdsClient, store: Arc<Store>) -> AdsClient {
+    let cache = Arc::new(Mutex::new(Cache::default()));
+    let (c1, s1) = (cache.clone(), store.clone());
+    let addresses = move |updates: Vec<Update<workload::Address>>| {
+        apply(
+            &c1,
+            &s1,
+            updates,
+            |c, name, addr| match addr.r#type {
+                Some(workload::address::Type::Workload(w)) => {
+                    let w = convert::workload_from_proto(&name, w).map_err(|e| e.to_string())?;
+                    c.services.remove(&name);
+                    c.workloads.insert(name, w);
+                    Ok(())
+                }
+                Some(workload::address::Type::Service(svc)) => {
+                    let svc = convert::service_from_proto(&name, svc).map_err(|e| e.to_string())?;
+                    c.workloads.remove(&name);
+                    c.services.insert(name, svc);
+                    Ok(())
+                }
+                None => Err("neither workload nor service".into()),
+            },
+            |c, name| {
+                c.workloads.remove(name);
+                c.services.remove(name);
+            },
+        )
+    };
+    let (c2, s2) = (cache.clone(), store.clone());
+    let routes = move |updates: Vec<Update<pb::Route>>| {
+        apply(
+            &c2,
+            &s2,
+            updates,
+            |c, name, route| {
+                let table =
+                    RouteTable::compile(&route).map_err(|e| format!("{}: {e}", route.origin))?;
+                info!(component = "xds", route = %name, origin = %route.origin, rules = table.rules.len(), "route table applied");
+                c.routes.insert(name, Arc::new(table));
+                Ok(())
+            },
+            |c, name| {
+                c.routes.remove(name);
+            },
+        )
+    };
+    let destinations = move |updates: Vec<Update<pb::Destination>>| {
+        apply(
+            &cache,
+            &store,
+            updates,
+            |c, name, d| {
+                c.destinations
+                    .insert(name, Arc::new(Destination::compile(&d)));
+                Ok(())
+            },
+            |c, name| {
+                c.destinations.remove(name);
+            },
+        )
+    };
+    client
+        .handle::<workload::Address, _>(types::ADDRESS.type_url, addresses)
+        .handle::<pb::Route, _>(types::ROUTE.type_url, routes)
+        .handle::<pb::Destination, _>(types::DESTINATION.type_url, destinations)
+}
