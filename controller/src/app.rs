@@ -319,7 +319,7 @@ impl Publisher {
         for e in &t.errors {
             warn!(component = "translate", problem = %e, "resource left out");
         }
-        for s in &t.policies.statuses {
+        for s in t.statuses() {
             let resource = format!("{} {}/{}", s.kind, s.namespace, s.name);
             if s.accepted && s.reason == "Accepted" {
                 debug!(%resource, reason = s.reason, message = %s.message, "status");
@@ -328,7 +328,7 @@ impl Publisher {
             }
         }
         let cfg = &t.config;
-        let next = Published::build(cfg, &publish.borrow());
+        let next = Published::build(cfg, &t.l7.resources, &publish.borrow());
         info!(
             workloads = cfg.workloads.len(),
             services = cfg.services.len(),
@@ -356,12 +356,7 @@ impl Publisher {
             let generation = |s: &Status| {
                 crate::kinds::generation(&snap, s.kind, &format!("{}/{}", s.namespace, s.name))
             };
-            let with_generations = t
-                .policies
-                .statuses
-                .iter()
-                .map(|s| (s.clone(), generation(s)))
-                .collect();
+            let with_generations = t.statuses().map(|s| (s.clone(), generation(s))).collect();
             statuses.send_replace(with_generations);
         }
         *last = Some(t);
@@ -371,9 +366,7 @@ impl Publisher {
 /// Every policy resource's status and every refusal, for `/debug/status`.
 fn status_json(t: &Translation) -> String {
     let statuses: Vec<serde_json::Value> = t
-        .policies
-        .statuses
-        .iter()
+        .statuses()
         .map(|s| {
             serde_json::json!({
                 "kind": s.kind,

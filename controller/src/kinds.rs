@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use crate::Snapshot;
 use crate::kubernetes::Watched;
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
+use crate::routes::{DestinationRule, VirtualService};
 use crate::waypoints::Gateway;
 
 /// What the controller needs to know about one kind.
@@ -89,6 +90,8 @@ pub fn each_kind(v: &mut impl Visitor) {
     v.visit::<AuthorizationPolicy>();
     v.visit::<PeerAuthentication>();
     v.visit::<Gateway>();
+    v.visit::<VirtualService>();
+    v.visit::<DestinationRule>();
 }
 
 /// The description of the kind named `kind`.
@@ -240,6 +243,37 @@ kind!(
         plural: "gateways",
         namespaced: true,
         status: false,
+        optional: true,
+    }
+);
+/// Istio serves networking objects at v1, v1beta1 and v1alpha3.
+const NETWORKING_VERSIONS: &[&str] = &["v1", "v1beta1", "v1alpha3"];
+
+kind!(
+    VirtualService,
+    virtual_services,
+    dynamic,
+    KindInfo {
+        group: "networking.istio.io",
+        versions: NETWORKING_VERSIONS,
+        kind: "VirtualService",
+        plural: "virtualservices",
+        namespaced: true,
+        status: true,
+        optional: true,
+    }
+);
+kind!(
+    DestinationRule,
+    destination_rules,
+    dynamic,
+    KindInfo {
+        group: "networking.istio.io",
+        versions: NETWORKING_VERSIONS,
+        kind: "DestinationRule",
+        plural: "destinationrules",
+        namespaced: true,
+        status: true,
         optional: true,
     }
 );

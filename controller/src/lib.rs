@@ -16,6 +16,7 @@ pub mod labels;
 pub mod manifests;
 pub mod metrics;
 pub mod policy;
+pub mod routes;
 mod snapshot;
 pub mod source;
 pub mod translate;

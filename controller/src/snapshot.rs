@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 
 use crate::kinds::{Kind, Visitor, each_kind};
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
+use crate::routes::{DestinationRule, VirtualService};
 use crate::waypoints::Gateway;
 
 /// Every resource the translation reads, keyed for lookup.
@@ -23,6 +24,10 @@ pub struct Snapshot {
     pub peer_authentications: BTreeMap<String, PeerAuthentication>,
     /// Keyed by `namespace/name`.
     pub gateways: BTreeMap<String, Gateway>,
+    /// Keyed by `namespace/name`.
+    pub virtual_services: BTreeMap<String, VirtualService>,
+    /// Keyed by `namespace/name`.
+    pub destination_rules: BTreeMap<String, DestinationRule>,
 }
 
 impl Snapshot {

@@ -96,6 +96,15 @@ pub struct Translation {
     pub errors: Vec<TranslateError>,
     /// Policies as translated, kept so the next translation can fall back on them.
     pub policies: Policies,
+    /// Waypoint routes and destinations, with their statuses.
+    pub l7: crate::routes::L7,
+}
+
+impl Translation {
+    /// Every translated resource's status: policies and routes.
+    pub fn statuses(&self) -> impl Iterator<Item = &policy::Status> {
+        self.policies.statuses.iter().chain(&self.l7.statuses)
+    }
 }
 
 /// Translates pods, services and security policies. `previous` is the last
@@ -156,10 +165,12 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
         .cloned()
         .collect();
     errors.extend(policies.errors.iter().cloned());
+    let l7 = crate::routes::translate(snap, &out, previous.map(|t| &t.l7));
     Translation {
         config: out,
         errors,
         policies,
+        l7,
     }
 }
 

@@ -27,6 +27,7 @@ use weft_xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, to_any, types, version_of};
 use crate::auth::{AuthError, Authenticator, Caller};
 use crate::ca::MeshCa;
 use crate::metrics::{CertOutcome, Metrics};
+use crate::routes::L7Resource;
 use weft_hbone::ca::VerifiedCsr;
 
 /// One resource as served.
@@ -37,6 +38,20 @@ pub struct Versioned {
     /// Other names it is known by (an Address's `network/ip`s), sent as
     /// `Resource.aliases` as istiod does.
     pub aliases: Vec<String>,
+    /// Who may see it beyond its type's audience: `None` everyone the type
+    /// is for; else only these workload identities (the waypoints that
+    /// serve what it is about).
+    pub scope: Option<BTreeSet<Identity>>,
+}
+
+impl Versioned {
+    fn visible_to(&self, caller: &Caller) -> bool {
+        match (&self.scope, caller) {
+            (None, _) => true,
+            (Some(ids), Caller::Workload { identity }) => ids.contains(identity),
+            (Some(_), Caller::Node { .. }) => false,
+        }
+    }
 }
 
 /// What on-demand Address subscriptions resolve through, as istiod serves
@@ -122,12 +137,28 @@ impl Published {
         self.changes.values().map(BTreeSet::len).sum()
     }
 
-    pub fn build(cfg: &LocalConfig, previous: &Published) -> Self {
+    pub fn build(cfg: &LocalConfig, l7: &[L7Resource], previous: &Published) -> Self {
         let mut resources: BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>> =
             BTreeMap::new();
         let mut changes: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
-        let mut put = |ty: &'static str, name: String, any: Any, aliases: Vec<String>| {
-            let version = version_of(&any.value);
+        let mut put = |ty: &'static str,
+                       name: String,
+                       any: Any,
+                       aliases: Vec<String>,
+                       scope: Option<BTreeSet<Identity>>| {
+            // Who may see it is part of its version: a change of scope is
+            // pushed like a change of content.
+            let version = match &scope {
+                None => version_of(&any.value),
+                Some(ids) => {
+                    let mut bytes = any.value.to_vec();
+                    for id in ids {
+                        bytes.extend_from_slice(id.to_string().as_bytes());
+                        bytes.push(0);
+                    }
+                    version_of(&bytes)
+                }
+            };
             let reused = previous
                 .resources
                 .get(ty)
@@ -140,6 +171,7 @@ impl Published {
                     version,
                     any,
                     aliases,
+                    scope,
                 })
             });
             resources.entry(ty).or_default().insert(name, v);
@@ -158,7 +190,7 @@ impl Published {
         }
         for (name, addr) in address_resources(cfg) {
             let names = aliases.get(name.as_str()).cloned().unwrap_or_default();
-            put(ADDRESS_TYPE, name, to_any(ADDRESS_TYPE, &addr), names);
+            put(ADDRESS_TYPE, name, to_any(ADDRESS_TYPE, &addr), names, None);
         }
         for p in &cfg.policies {
             let (name, msg) = authorization_to_proto(p);
@@ -167,7 +199,32 @@ impl Published {
                 name,
                 to_any(AUTHORIZATION_TYPE, &msg),
                 Vec::new(),
+                None,
             );
+        }
+        for r in l7 {
+            match r {
+                L7Resource::Route(name, route, scope) => {
+                    let ty = types::ROUTE.type_url;
+                    put(
+                        ty,
+                        name.clone(),
+                        to_any(ty, route),
+                        Vec::new(),
+                        Some(scope.clone()),
+                    );
+                }
+                L7Resource::Destination(name, d, scope) => {
+                    let ty = types::DESTINATION.type_url;
+                    put(
+                        ty,
+                        name.clone(),
+                        to_any(ty, d),
+                        Vec::new(),
+                        Some(scope.clone()),
+                    );
+                }
+            }
         }
         for (ty, old) in &previous.resources {
             let new = resources.get(ty);
@@ -579,7 +636,11 @@ impl AdsStream {
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         for name in names {
-            match current.get(name).filter(|_| sub.wants(name)) {
+            let caller = &self.caller;
+            match current
+                .get(name)
+                .filter(|r| sub.wants(name) && r.visible_to(caller))
+            {
                 Some(res) if sub.sent.get(name) != Some(&res.version) => {
                     resources.push(Resource {
                         version: res.version.clone(),
@@ -666,13 +727,19 @@ mod tests {
         };
         let first = Published::build(
             &cfg(vec![workload("a", "v1"), workload("b", "v1")]),
+            &[],
             &Published::default(),
         );
         assert_eq!(first.generation, 1);
         assert_eq!(first.changes[ADDRESS_TYPE].len(), 2);
-        let second = Published::build(&cfg(vec![workload("a", "v1"), workload("c", "v1")]), &first);
+        let second = Published::build(
+            &cfg(vec![workload("a", "v1"), workload("c", "v1")]),
+            &[],
+            &first,
+        );
         let third = Published::build(
             &cfg(vec![workload("a", "v2"), workload("c", "v1")]),
+            &[],
             &second,
         );
         let names = |p: &Published| p.changes.get(ADDRESS_TYPE).cloned().unwrap_or_default();

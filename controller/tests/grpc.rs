@@ -27,6 +27,8 @@ const TOKEN_1: &str = "node-1-token-0123456789";
 const TOKEN_2: &str = "node-2-token-0123456789";
 /// A waypoint's token: it acts as `spiffe://cluster.local/ns/shop/sa/waypoint`.
 const TOKEN_WAYPOINT: &str = "waypoint-token-0123456789";
+/// Another workload's token (not a waypoint of anything).
+const TOKEN_CLIENT: &str = "client-token-0123456789";
 
 fn pod(name: &str, node: &str, sa: &str, ip: &str) -> String {
     format!(
@@ -103,7 +105,8 @@ async fn start_with(name: &str, mesh: &str) -> Running {
         dir.join("tokens"),
         format!(
             "node-1 {TOKEN_1}\nnode-2 {TOKEN_2}\n\
-             spiffe://cluster.local/ns/shop/sa/waypoint {TOKEN_WAYPOINT}\n"
+             spiffe://cluster.local/ns/shop/sa/waypoint {TOKEN_WAYPOINT}\n\
+             spiffe://cluster.local/ns/shop/sa/client {TOKEN_CLIENT}\n"
         ),
     )
     .unwrap();
@@ -281,12 +284,32 @@ async fn ca_signs_and_refuses() {
 }
 
 /// A workload proxy (a waypoint) gets a certificate for its own identity
-/// only, the mesh view, and no L4 policy (that is ztunnel's).
+/// only, the mesh view, no L4 policy (that is ztunnel's), and the routes of
+/// the services it serves; another workload gets no routes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_callers_get_their_own_scope() {
     let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
                   metadata: {name: deny-all, namespace: shop}\nspec: {}\n";
-    let ctl = start_with("scope", &format!("{}---\n{policy}", manifests("v1"))).await;
+    let waypoint = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+                    metadata: {name: waypoint, namespace: shop}\n\
+                    spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n\
+                    ---\n\
+                    apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+                    metadata: {name: web, namespace: shop}\n\
+                    spec: {hosts: [web], http: [{route: [{destination: {host: web}}]}]}\n";
+    let waypoint_pod = pod("waypoint-0", "node-1", "waypoint", "10.244.1.30").replace(
+        "namespace: shop}",
+        "namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}",
+    );
+    let mesh = manifests("v1").replace(
+        "metadata: {name: web, namespace: shop}\nspec: {clusterIP",
+        "metadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}\nspec: {clusterIP",
+    );
+    let ctl = start_with(
+        "scope",
+        &format!("{mesh}---\n{policy}---\n{waypoint}---\n{waypoint_pod}"),
+    )
+    .await;
     let ch = || ctl.channel.clone();
 
     let (id, req) = csr_for("waypoint");

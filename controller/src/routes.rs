@@ -1,0 +1,996 @@
+//! L7 routing for waypoints: Istio's `VirtualService` and `DestinationRule`
+//! (`networking.istio.io` v1, v1beta1, v1alpha3) as users write them, and
+//! their translation into `weft.waypoint.v1.Route` and `Destination`
+//! resources, one per service, served only to the waypoint that serves it.
+//!
+//! As in Istio's ambient mode a VirtualService applies to a service through
+//! its waypoint (`gateways` empty or `mesh`); hosts and destination hosts are
+//! short names in the resource's namespace or full names. Istio leaves two
+//! VirtualServices for one host undefined; here the older one (then the
+//! lower name) wins and the other is refused, naming it. A resource that
+//! stops translating keeps its last accepted version in force.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
+use weft_api::{Identity, LocalConfig, Service};
+use weft_xds::proto::waypoint as pb;
+
+use crate::Snapshot;
+use crate::policy::Status;
+
+/// `networking.istio.io` VirtualService.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VirtualService {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: VirtualServiceSpec,
+}
+
+/// Unknown fields are refused (a misspelt match would route more than meant).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct VirtualServiceSpec {
+    pub hosts: Vec<String>,
+    pub gateways: Vec<String>,
+    pub http: Vec<HttpRoute>,
+    /// Not for waypoints yet: refused with a status when set.
+    pub tcp: Option<serde_yaml::Value>,
+    pub tls: Option<serde_yaml::Value>,
+    pub export_to: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HttpRoute {
+    pub name: Option<String>,
+    #[serde(rename = "match")]
+    pub matches: Vec<HttpMatch>,
+    pub route: Vec<RouteDestination>,
+    pub redirect: Option<HttpRedirect>,
+    pub direct_response: Option<DirectResponse>,
+    pub rewrite: Option<HttpRewrite>,
+    pub timeout: Option<String>,
+    pub headers: Option<Headers>,
+    /// Resilience (issue 11): refused with a status until implemented.
+    pub retries: Option<serde_yaml::Value>,
+    pub fault: Option<serde_yaml::Value>,
+    pub mirror: Option<serde_yaml::Value>,
+    pub mirrors: Option<serde_yaml::Value>,
+    pub mirror_percentage: Option<serde_yaml::Value>,
+    pub cors_policy: Option<serde_yaml::Value>,
+    pub delegate: Option<serde_yaml::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HttpMatch {
+    pub name: Option<String>,
+    pub uri: Option<StringMatch>,
+    pub method: Option<StringMatch>,
+    pub authority: Option<StringMatch>,
+    pub headers: BTreeMap<String, StringMatch>,
+    pub without_headers: BTreeMap<String, StringMatch>,
+    pub query_params: BTreeMap<String, StringMatch>,
+    pub port: Option<u32>,
+    pub ignore_uri_case: bool,
+    pub scheme: Option<StringMatch>,
+    pub source_labels: Option<serde_yaml::Value>,
+    pub source_namespace: Option<String>,
+    pub gateways: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StringMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RouteDestination {
+    pub destination: Destination,
+    pub weight: Option<i64>,
+    pub headers: Option<Headers>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Destination {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PortSelector {
+    pub number: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Headers {
+    pub request: Option<HeaderOperations>,
+    pub response: Option<HeaderOperations>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeaderOperations {
+    pub set: BTreeMap<String, String>,
+    pub add: BTreeMap<String, String>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HttpRedirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u32>,
+    pub scheme: Option<String>,
+    pub redirect_code: Option<u32>,
+    pub derive_port: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectResponse {
+    pub status: u32,
+    pub body: Option<DirectBody>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectBody {
+    pub string: Option<String>,
+    pub bytes: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HttpRewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub uri_regex_rewrite: Option<serde_yaml::Value>,
+}
+
+/// `networking.istio.io` DestinationRule.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DestinationRule {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: DestinationRuleSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    pub traffic_policy: Option<TrafficPolicy>,
+    pub subsets: Vec<Subset>,
+    pub export_to: Vec<String>,
+    pub workload_selector: Option<serde_yaml::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TrafficPolicy {
+    pub load_balancer: Option<LoadBalancerSettings>,
+    /// Kept for issue 11 (connection pools, outlier detection, TLS):
+    /// accepted, not yet applied; the status says so.
+    #[serde(flatten)]
+    pub rest: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LoadBalancerSettings {
+    pub simple: Option<String>,
+    #[serde(flatten)]
+    pub rest: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Subset {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+/// One L7 resource to serve: its type, name, message and the waypoint
+/// identities that may see it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum L7Resource {
+    Route(String, pb::Route, BTreeSet<Identity>),
+    Destination(String, pb::Destination, BTreeSet<Identity>),
+}
+
+/// The L7 translation.
+#[derive(Clone, Debug, Default)]
+pub struct L7 {
+    pub resources: Vec<L7Resource>,
+    pub statuses: Vec<Status>,
+    /// Each VirtualService's last accepted routes, by `namespace/name`.
+    accepted: BTreeMap<String, Vec<(String, pb::Route)>>,
+}
+
+/// The full hostname `host` names from namespace `ns`.
+fn fqdn(host: &str, ns: &str) -> String {
+    match host.matches('.').count() {
+        0 => format!("{host}.{ns}.svc.cluster.local"),
+        1 => format!("{host}.svc.cluster.local"),
+        _ => host.to_string(),
+    }
+}
+
+fn key(meta: &ObjectMeta) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Istio's tie-break: the oldest first, then the name.
+fn order(meta: &ObjectMeta) -> (String, String, String) {
+    let (ns, name) = key(meta);
+    let created = meta
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default();
+    (created, ns, name)
+}
+
+/// The waypoint identities that serve `svc`: the service accounts of the
+/// pods behind the waypoint it is bound to.
+fn waypoint_scope(svc: &Service, cfg: &LocalConfig) -> Option<BTreeSet<Identity>> {
+    let r = svc.waypoint.as_ref()?;
+    let wp = cfg
+        .services
+        .iter()
+        .find(|s| s.namespace == r.namespace && s.hostname == r.hostname)?;
+    let ids = wp
+        .endpoints
+        .iter()
+        .filter_map(|ep| cfg.workloads.iter().find(|w| w.uid == ep.workload_uid))
+        .filter_map(|w| w.identity().ok())
+        .collect();
+    Some(ids)
+}
+
+fn string_match(m: &StringMatch, at: &str, ignore_case: bool) -> Result<pb::StringMatch, String> {
+    let kind = match (&m.exact, &m.prefix, &m.regex) {
+        (Some(e), None, None) => pb::string_match::Kind::Exact(e.clone()),
+        (None, Some(p), None) => pb::string_match::Kind::Prefix(p.clone()),
+        (None, None, Some(r)) => {
+            regex_syntax_check(r).map_err(|e| format!("{at}.regex: {e}"))?;
+            pb::string_match::Kind::Regex(r.clone())
+        }
+        _ => return Err(format!("{at}: exactly one of exact, prefix, regex")),
+    };
+    Ok(pb::StringMatch {
+        kind: Some(kind),
+        ignore_case,
+    })
+}
+
+/// Checks a regex compiles, so a bad one is refused here with its field
+/// rather than NACKed by the waypoint.
+fn regex_syntax_check(r: &str) -> Result<(), String> {
+    regex::Regex::new(r).map(|_| ()).map_err(|e| e.to_string())
+}
+
+fn header_ops(h: Option<&HeaderOperations>) -> Option<pb::HeaderOps> {
+    let h = h?;
+    let pairs = |m: &BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| pb::Header {
+                name: k.to_ascii_lowercase(),
+                value: v.clone(),
+            })
+            .collect()
+    };
+    Some(pb::HeaderOps {
+        set: pairs(&h.set),
+        add: pairs(&h.add),
+        remove: h.remove.iter().map(|s| s.to_ascii_lowercase()).collect(),
+    })
+}
+
+/// `5s`, `0.5s`, `100ms`, `1m`: Istio writes durations as protobuf JSON (seconds).
+pub fn duration_ms(text: &str) -> Option<u64> {
+    let (num, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000.0)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60_000.0)
+    } else if let Some(n) = text.strip_suffix('h') {
+        (n, 3_600_000.0)
+    } else {
+        return None;
+    };
+    let v: f64 = num.parse().ok()?;
+    (v.is_finite() && v >= 0.0).then(|| (v * scale).round() as u64)
+}
+
+/// One VirtualService's HTTP routes as a rule list, or the first problem.
+fn vs_rules(vs: &VirtualService, ns: &str) -> Result<Vec<pb::Rule>, String> {
+    let spec = &vs.spec;
+    if spec.tcp.is_some() || spec.tls.is_some() {
+        return Err(
+            "spec.tcp / spec.tls: not supported by Weft's waypoint yet; use http routes".into(),
+        );
+    }
+    if spec.gateways.iter().any(|g| g != "mesh") {
+        return Err("spec.gateways: only `mesh` (or none) applies to waypoints".into());
+    }
+    let mut rules = Vec::new();
+    for (i, r) in spec.http.iter().enumerate() {
+        let at = format!("spec.http[{i}]");
+        for (field, set) in [
+            ("retries", r.retries.is_some()),
+            ("fault", r.fault.is_some()),
+            (
+                "mirror",
+                r.mirror.is_some() || r.mirrors.is_some() || r.mirror_percentage.is_some(),
+            ),
+            ("corsPolicy", r.cors_policy.is_some()),
+            ("delegate", r.delegate.is_some()),
+        ] {
+            if set {
+                return Err(format!(
+                    "{at}.{field}: not supported by Weft's waypoint yet"
+                ));
+            }
+        }
+        let mut matches = Vec::new();
+        for (j, m) in r.matches.iter().enumerate() {
+            let at = format!("{at}.match[{j}]");
+            if m.source_labels.is_some()
+                || m.source_namespace.is_some()
+                || !m.gateways.is_empty()
+                || m.scheme.is_some()
+            {
+                return Err(format!(
+                    "{at}: sourceLabels, sourceNamespace, gateways and scheme are not supported yet"
+                ));
+            }
+            let opt = |s: &Option<StringMatch>, f: &str, ic: bool| {
+                s.as_ref()
+                    .map(|s| string_match(s, &format!("{at}.{f}"), ic))
+                    .transpose()
+            };
+            let headers = |h: &BTreeMap<String, StringMatch>, f: &str| {
+                h.iter()
+                    .map(|(k, v)| {
+                        // An empty StringMatch ({}) means "present" in Istio.
+                        let value = if *v == StringMatch::default() {
+                            None
+                        } else {
+                            Some(string_match(v, &format!("{at}.{f}[{k}]"), false)?)
+                        };
+                        Ok(pb::HeaderMatch {
+                            name: k.to_ascii_lowercase(),
+                            value,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, String>>()
+            };
+            let query_params = m
+                .query_params
+                .iter()
+                .map(|(k, v)| {
+                    let value = if *v == StringMatch::default() {
+                        None
+                    } else {
+                        Some(string_match(v, &format!("{at}.queryParams[{k}]"), false)?)
+                    };
+                    Ok(pb::QueryMatch {
+                        name: k.clone(),
+                        value,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            matches.push(pb::RequestMatch {
+                path: opt(&m.uri, "uri", m.ignore_uri_case)?,
+                method: opt(&m.method, "method", false)?,
+                authority: opt(&m.authority, "authority", false)?,
+                headers: headers(&m.headers, "headers")?,
+                without_headers: headers(&m.without_headers, "withoutHeaders")?,
+                query_params,
+                port: m.port.unwrap_or(0),
+            });
+        }
+        let kinds = [
+            !r.route.is_empty(),
+            r.redirect.is_some(),
+            r.direct_response.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            return Err(format!(
+                "{at}: exactly one of route, redirect, directResponse"
+            ));
+        }
+        let action = if let Some(rd) = &r.redirect {
+            if rd.derive_port.is_some() {
+                return Err(format!("{at}.redirect.derivePort: not supported yet"));
+            }
+            pb::rule::Action::Redirect(pb::Redirect {
+                scheme: rd.scheme.clone().unwrap_or_default(),
+                authority: rd.authority.clone().unwrap_or_default(),
+                port: rd.port.unwrap_or(0),
+                path: rd.uri.clone().map(pb::redirect::Path::FullPath),
+                status: rd.redirect_code.unwrap_or(301),
+            })
+        } else if let Some(d) = &r.direct_response {
+            if !(200..600).contains(&d.status) {
+                return Err(format!(
+                    "{at}.directResponse.status: {} is not an HTTP status",
+                    d.status
+                ));
+            }
+            let body = match d.body.as_ref() {
+                None => Vec::new(),
+                Some(DirectBody {
+                    string: Some(s),
+                    bytes: None,
+                }) => s.clone().into_bytes(),
+                Some(_) => {
+                    return Err(format!(
+                        "{at}.directResponse.body: only `string` is supported"
+                    ));
+                }
+            };
+            pb::rule::Action::DirectResponse(pb::DirectResponse {
+                status: d.status,
+                body,
+            })
+        } else {
+            let weights: Vec<i64> = r.route.iter().map(|d| d.weight.unwrap_or(0)).collect();
+            let explicit = weights.iter().any(|w| *w != 0);
+            if weights.iter().any(|w| *w < 0) {
+                return Err(format!("{at}.route: weights must not be negative"));
+            }
+            if r.route.len() > 1 && !explicit {
+                return Err(format!("{at}.route: several destinations need weights"));
+            }
+            let mut backends = Vec::new();
+            for (k, d) in r.route.iter().enumerate() {
+                if d.destination.host.is_empty() {
+                    return Err(format!("{at}.route[{k}].destination.host: required"));
+                }
+                let host = fqdn(&d.destination.host, ns);
+                let namespace = host.split('.').nth(1).unwrap_or(ns).to_string();
+                let weight = if r.route.len() == 1 && !explicit {
+                    100
+                } else {
+                    d.weight.unwrap_or(0)
+                };
+                backends.push(pb::Backend {
+                    hostname: host,
+                    namespace,
+                    subset: d.destination.subset.clone().unwrap_or_default(),
+                    port: d.destination.port.as_ref().map_or(0, |p| p.number),
+                    weight: u32::try_from(weight)
+                        .map_err(|_| format!("{at}.route[{k}].weight: out of range"))?,
+                    request_headers: header_ops(
+                        d.headers.as_ref().and_then(|h| h.request.as_ref()),
+                    ),
+                    response_headers: header_ops(
+                        d.headers.as_ref().and_then(|h| h.response.as_ref()),
+                    ),
+                });
+            }
+            pb::rule::Action::Forward(pb::Forward { backends })
+        };
+        let rewrite = match &r.rewrite {
+            None => None,
+            Some(rw) if rw.uri_regex_rewrite.is_some() => {
+                return Err(format!("{at}.rewrite.uriRegexRewrite: not supported yet"));
+            }
+            Some(rw) => {
+                // Istio: after a prefix match, `uri` replaces the matched prefix.
+                let prefix_matched = r
+                    .matches
+                    .iter()
+                    .any(|m| m.uri.as_ref().is_some_and(|u| u.prefix.is_some()));
+                Some(pb::Rewrite {
+                    path: rw.uri.clone().map(|u| {
+                        if prefix_matched {
+                            pb::rewrite::Path::Prefix(u)
+                        } else {
+                            pb::rewrite::Path::FullPath(u)
+                        }
+                    }),
+                    authority: rw.authority.clone().unwrap_or_default(),
+                })
+            }
+        };
+        let timeout_ms = match &r.timeout {
+            None => 0,
+            Some(t) => duration_ms(t)
+                .ok_or_else(|| format!("{at}.timeout: {t:?} is not a duration like 5s"))?,
+        };
+        rules.push(pb::Rule {
+            name: r.name.clone().unwrap_or_else(|| {
+                format!(
+                    "{ns}/{}.{i}",
+                    vs.metadata.name.as_deref().unwrap_or_default()
+                )
+            }),
+            matches,
+            action: Some(action),
+            request_headers: header_ops(r.headers.as_ref().and_then(|h| h.request.as_ref())),
+            response_headers: header_ops(r.headers.as_ref().and_then(|h| h.response.as_ref())),
+            rewrite,
+            timeout_ms,
+        });
+    }
+    Ok(rules)
+}
+
+fn balance(tp: Option<&TrafficPolicy>, at: &str) -> Result<i32, String> {
+    let Some(lb) = tp.and_then(|t| t.load_balancer.as_ref()) else {
+        return Ok(pb::LoadBalancer::Unspecified as i32);
+    };
+    if let Some(k) = lb.rest.keys().next() {
+        return Err(format!(
+            "{at}.loadBalancer.{k}: not supported yet; use simple"
+        ));
+    }
+    Ok(match lb.simple.as_deref() {
+        None | Some("UNSPECIFIED") => pb::LoadBalancer::Unspecified,
+        Some("ROUND_ROBIN") => pb::LoadBalancer::RoundRobin,
+        Some("LEAST_REQUEST") | Some("LEAST_CONN") => pb::LoadBalancer::LeastRequest,
+        Some("RANDOM") => pb::LoadBalancer::Random,
+        Some(other) => {
+            return Err(format!(
+                "{at}.loadBalancer.simple: {other:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM"
+            ));
+        }
+    } as i32)
+}
+
+/// Translates every VirtualService and DestinationRule in `snap` for the
+/// services of `cfg` that have a waypoint. `previous` supplies the last
+/// accepted routes of resources that stop translating.
+pub fn translate(snap: &Snapshot, cfg: &LocalConfig, previous: Option<&L7>) -> L7 {
+    let mut out = L7::default();
+    let by_host: BTreeMap<&str, &Service> = cfg
+        .services
+        .iter()
+        .map(|s| (s.hostname.as_str(), s))
+        .collect();
+    let status = |kind, meta: &ObjectMeta, accepted, reason, message: String| {
+        let (namespace, name) = key(meta);
+        Status {
+            kind,
+            namespace,
+            name,
+            accepted,
+            reason,
+            message,
+        }
+    };
+
+    // VirtualServices, oldest first: a host already claimed refuses the later one.
+    let mut vss: Vec<&VirtualService> = snap.virtual_services.values().collect();
+    vss.sort_by_key(|v| order(&v.metadata));
+    let mut claimed: BTreeMap<String, String> = BTreeMap::new();
+    let mut routes: BTreeMap<String, (pb::Route, BTreeSet<Identity>)> = BTreeMap::new();
+    for vs in vss {
+        let (ns, name) = key(&vs.metadata);
+        let vs_key = format!("{ns}/{name}");
+        let hosts: Vec<String> = vs.spec.hosts.iter().map(|h| fqdn(h, &ns)).collect();
+        let result = if hosts.is_empty() {
+            Err("spec.hosts: at least one host is required".to_string())
+        } else if let Some((h, other)) = hosts.iter().find_map(|h| claimed.get(h).map(|o| (h, o))) {
+            Err(format!(
+                "spec.hosts: {h} is already routed by VirtualService {other} (the older one wins); merge them"
+            ))
+        } else {
+            vs_rules(vs, &ns)
+        };
+        let translated: Vec<(String, pb::Route)> = match result {
+            Ok(rules) => {
+                let served: Vec<(String, pb::Route)> = hosts
+                    .iter()
+                    .filter_map(|h| by_host.get(h.as_str()))
+                    .map(|svc| {
+                        let key = format!("{}/{}", svc.namespace, svc.hostname);
+                        let route = pb::Route {
+                            hostname: svc.hostname.clone(),
+                            namespace: svc.namespace.clone(),
+                            origin: format!("VirtualService {vs_key}"),
+                            rules: rules.clone(),
+                        };
+                        (key, route)
+                    })
+                    .collect();
+                let unbound: Vec<&str> = hosts
+                    .iter()
+                    .filter(|h| by_host.get(h.as_str()).is_none_or(|s| s.waypoint.is_none()))
+                    .map(String::as_str)
+                    .collect();
+                let message = if unbound.is_empty() {
+                    "routes served to the waypoint".to_string()
+                } else {
+                    format!(
+                        "no waypoint serves {}: routes apply only through a waypoint",
+                        unbound.join(", ")
+                    )
+                };
+                out.statuses.push(status(
+                    "VirtualService",
+                    &vs.metadata,
+                    true,
+                    "Accepted",
+                    message,
+                ));
+                served
+            }
+            Err(message) => {
+                let kept = previous.and_then(|p| p.accepted.get(&vs_key)).cloned();
+                let message = if kept.is_some() {
+                    format!("{message}; the last accepted version stays in force")
+                } else {
+                    message
+                };
+                out.statuses.push(status(
+                    "VirtualService",
+                    &vs.metadata,
+                    false,
+                    "Invalid",
+                    message,
+                ));
+                kept.unwrap_or_default()
+            }
+        };
+        if !translated.is_empty() {
+            out.accepted.insert(vs_key.clone(), translated.clone());
+        }
+        for h in hosts {
+            claimed.entry(h).or_insert_with(|| vs_key.clone());
+        }
+        for (key, route) in translated {
+            let Some(scope) = by_host
+                .get(route.hostname.as_str())
+                .and_then(|s| waypoint_scope(s, cfg))
+            else {
+                continue;
+            };
+            routes.entry(key).or_insert((route, scope));
+        }
+    }
+    for (key, (route, scope)) in routes {
+        out.resources.push(L7Resource::Route(key, route, scope));
+    }
+
+    // DestinationRules: subsets resolved to the workloads they select.
+    let mut drs: Vec<&DestinationRule> = snap.destination_rules.values().collect();
+    drs.sort_by_key(|d| order(&d.metadata));
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    for dr in drs {
+        let (ns, _) = key(&dr.metadata);
+        let host = fqdn(&dr.spec.host, &ns);
+        let svc = by_host.get(host.as_str());
+        let result = (|| {
+            if dr.spec.host.is_empty() {
+                return Err("spec.host: required".to_string());
+            }
+            if dr.spec.workload_selector.is_some() {
+                return Err("spec.workloadSelector: not supported for waypoints".to_string());
+            }
+            let lb = balance(dr.spec.traffic_policy.as_ref(), "spec.trafficPolicy")?;
+            let mut subsets = Vec::new();
+            let mut names = BTreeSet::new();
+            for (i, s) in dr.spec.subsets.iter().enumerate() {
+                if s.name.is_empty() || !names.insert(s.name.clone()) {
+                    return Err(format!("spec.subsets[{i}].name: empty or repeated"));
+                }
+                let workloads = svc
+                    .map(|svc| {
+                        svc.endpoints
+                            .iter()
+                            .filter(|ep| {
+                                let pod =
+                                    ep.workload_uid.rsplit("/Pod/").next().unwrap_or_default();
+                                snap.pods.get(pod).is_some_and(|p| {
+                                    let labels = p.metadata.labels.as_ref();
+                                    s.labels
+                                        .iter()
+                                        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+                                })
+                            })
+                            .map(|ep| ep.workload_uid.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                subsets.push(pb::Subset {
+                    name: s.name.clone(),
+                    labels: s.labels.clone(),
+                    load_balancer: balance(
+                        s.traffic_policy.as_ref(),
+                        &format!("spec.subsets[{i}].trafficPolicy"),
+                    )?,
+                    workloads,
+                });
+            }
+            Ok(pb::Destination {
+                hostname: host.clone(),
+                namespace: svc.map(|s| s.namespace.clone()).unwrap_or_default(),
+                origin: format!(
+                    "DestinationRule {ns}/{}",
+                    dr.metadata.name.as_deref().unwrap_or_default()
+                ),
+                load_balancer: lb,
+                subsets,
+            })
+        })();
+        match result {
+            Ok(d) => {
+                let scope = svc.and_then(|s| waypoint_scope(s, cfg));
+                if done.contains(&host) {
+                    out.statuses.push(status(
+                        "DestinationRule",
+                        &dr.metadata,
+                        false,
+                        "Invalid",
+                        format!(
+                            "spec.host: {host} already has an older DestinationRule; merge them"
+                        ),
+                    ));
+                    continue;
+                }
+                done.insert(host.clone());
+                let message = if scope.is_some() {
+                    "served to the waypoint".to_string()
+                } else {
+                    format!("no waypoint serves {host}: subsets apply only through a waypoint")
+                };
+                out.statuses.push(status(
+                    "DestinationRule",
+                    &dr.metadata,
+                    true,
+                    "Accepted",
+                    message,
+                ));
+                if let (Some(scope), Some(svc)) = (scope, svc) {
+                    let key = format!("{}/{}", svc.namespace, svc.hostname);
+                    out.resources.push(L7Resource::Destination(key, d, scope));
+                }
+            }
+            Err(message) => out.statuses.push(status(
+                "DestinationRule",
+                &dr.metadata,
+                false,
+                "Invalid",
+                message,
+            )),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifests::parse;
+    use crate::translate::{Mesh, translate as translate_all};
+
+    const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint-0, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}
+spec: {nodeName: n1, serviceAccountName: waypoint, containers: [{name: proxy}]}
+status: {podIP: 10.244.1.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1, namespace: shop, labels: {app: reviews, version: v1}}
+spec: {nodeName: n2, containers: [{name: app}]}
+status: {podIP: 10.244.2.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2, namespace: shop, labels: {app: reviews, version: v2}}
+spec: {nodeName: n2, containers: [{name: app}]}
+status: {podIP: 10.244.2.11}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {clusterIP: 10.96.0.20, selector: {app: reviews}, ports: [{port: 9080}]}
+"#;
+
+    const VS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v2}, weight: 10}
+    timeout: 5s
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {simple: RANDOM}}}
+"#;
+
+    fn run(yaml: &str, previous: Option<&L7>) -> L7 {
+        let mut snap = Snapshot::default();
+        let errors = parse(yaml, "test", &mut snap);
+        assert!(errors.is_empty(), "{errors:?}");
+        let t = translate_all(&snap, &Mesh::default(), None);
+        translate(&snap, &t.config, previous)
+    }
+
+    fn statuses(l7: &L7) -> Vec<String> {
+        l7.statuses
+            .iter()
+            .map(|s| format!("{} {}: {} {}", s.kind, s.name, s.reason, s.message))
+            .collect()
+    }
+
+    #[test]
+    fn istios_reviews_example() {
+        let l7 = run(&format!("{MESH}---{VS}"), None);
+        assert!(
+            l7.statuses.iter().all(|s| s.accepted),
+            "{:?}",
+            statuses(&l7)
+        );
+        let waypoint: Identity = "spiffe://cluster.local/ns/shop/sa/waypoint"
+            .parse()
+            .unwrap();
+        let route = l7
+            .resources
+            .iter()
+            .find_map(|r| match r {
+                L7Resource::Route(k, r, scope) => Some((k, r, scope)),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(route.0, "shop/reviews.shop.svc.cluster.local");
+        assert_eq!(
+            route.2,
+            &BTreeSet::from([waypoint.clone()]),
+            "only the waypoint sees it"
+        );
+        assert_eq!(route.1.rules.len(), 2);
+        assert_eq!(route.1.rules[1].timeout_ms, 5000);
+        let Some(pb::rule::Action::Forward(f)) = &route.1.rules[1].action else {
+            panic!()
+        };
+        assert_eq!(
+            f.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            [90, 10]
+        );
+        let Some(pb::rule::Action::Forward(f)) = &route.1.rules[0].action else {
+            panic!()
+        };
+        assert_eq!(
+            f.backends[0].weight, 100,
+            "a single destination takes everything"
+        );
+        let dest = l7
+            .resources
+            .iter()
+            .find_map(|r| match r {
+                L7Resource::Destination(_, d, _) => Some(d),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(dest.load_balancer, pb::LoadBalancer::RoundRobin as i32);
+        assert_eq!(
+            dest.subsets[0].workloads,
+            ["Kubernetes//Pod/shop/reviews-v1"]
+        );
+        assert_eq!(
+            dest.subsets[1].workloads,
+            ["Kubernetes//Pod/shop/reviews-v2"]
+        );
+        assert_eq!(
+            dest.subsets[1].load_balancer,
+            pb::LoadBalancer::Random as i32
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_field_and_keep_the_last_good() {
+        let good = run(&format!("{MESH}---{VS}"), None);
+        let bad_regex = VS.replace("{exact: jason}", "{regex: \"(jason\"}");
+        let l7 = run(&format!("{MESH}---{bad_regex}"), Some(&good));
+        let text = statuses(&l7);
+        assert!(
+            text.iter().any(|s| s.starts_with(
+                "VirtualService reviews: Invalid spec.http[0].match[0].headers[end-user].regex:"
+            ) && s.ends_with("the last accepted version stays in force")),
+            "{text:?}"
+        );
+        assert!(
+            l7.resources
+                .iter()
+                .any(|r| matches!(r, L7Resource::Route(..))),
+            "the last good route keeps serving"
+        );
+
+        for (edit, want) in [
+            (
+                VS.replace("weight: 90", "weight: -1"),
+                "weights must not be negative",
+            ),
+            (
+                VS.replace("timeout: 5s", "timeout: soon"),
+                "spec.http[1].timeout",
+            ),
+            (
+                VS.replace("timeout: 5s", "fault: {abort: {httpStatus: 500}}"),
+                "spec.http[1].fault: not supported",
+            ),
+        ] {
+            let l7 = run(&format!("{MESH}---{edit}"), None);
+            let text = statuses(&l7);
+            assert!(text.iter().any(|s| s.contains(want)), "{want}: {text:?}");
+            assert!(
+                !l7.resources
+                    .iter()
+                    .any(|r| matches!(r, L7Resource::Route(..))),
+                "{want}: nothing served"
+            );
+        }
+
+        // A second VirtualService for the same host is refused, naming the first.
+        let second = VS.split("---").next().unwrap().replace(
+            "name: reviews, namespace: shop",
+            "name: reviews-b, namespace: shop",
+        );
+        let l7 = run(&format!("{MESH}---{VS}---{second}"), None);
+        let text = statuses(&l7);
+        assert!(
+            text.iter()
+                .any(|s| s.starts_with("VirtualService reviews-b: Invalid")
+                    && s.contains("already routed by VirtualService shop/reviews")),
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration_ms("5s"), Some(5000));
+        assert_eq!(duration_ms("0.5s"), Some(500));
+        assert_eq!(duration_ms("100ms"), Some(100));
+        assert_eq!(duration_ms("1m"), Some(60000));
+        assert_eq!(duration_ms("5"), None);
+        assert_eq!(duration_ms("-1s"), None);
+    }
+}
