@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::ObjectMeta;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use weft_api::{Endpoint, LocalConfig, Service, ServicePort, WaypointRef, Workload};
 
 use crate::Snapshot;
@@ -30,7 +30,7 @@ pub const HBONE_PORT: u16 = 15008;
 const UNRESOLVED_TLD: &str = "waypoint.invalid";
 
 /// `gateway.networking.k8s.io/v1` `Gateway`, the fields a waypoint reads.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Gateway {
     #[serde(default)]
     pub metadata: ObjectMeta,
@@ -38,7 +38,7 @@ pub struct Gateway {
     pub spec: GatewaySpec,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewaySpec {
     #[serde(default)]
@@ -47,7 +47,7 @@ pub struct GatewaySpec {
     pub listeners: Vec<Listener>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Listener {
     #[serde(default)]
@@ -56,22 +56,26 @@ pub struct Listener {
     pub port: u32,
     #[serde(default)]
     pub protocol: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_routes: Option<AllowedRoutes>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AllowedRoutes {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub namespaces: Option<RouteNamespaces>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RouteNamespaces {
     /// `Same` (the default), `All` or `Selector`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelector {
     #[serde(default)]

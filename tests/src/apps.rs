@@ -28,7 +28,9 @@ pub enum App {
     Echo,
     /// Writes `<peer ip>:<peer port>\n` and closes.
     WhoAmI,
-    /// HTTP/1.1: `hello from <pod>, you are <peer ip>\n` to every request.
+    /// HTTP/1.1: `hello from <pod>, you are <peer ip>\n`, then `path <path>`
+    /// and the request's `x-forwarded-for` and `x-*` headers, one per line,
+    /// to every request.
     Http,
 }
 
@@ -222,16 +224,36 @@ fn handle(mut conn: TcpStream, peer: SocketAddr, app: App, pod: &str) -> io::Res
                 if reader.read_line(&mut line)? == 0 {
                     break;
                 }
+                let path = line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_string();
+                let mut echoed = String::new();
+                let mut length = 0usize;
                 loop {
                     let mut h = String::new();
                     if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
                         break;
                     }
-                    if h.to_ascii_lowercase().starts_with("connection: close") {
+                    let lower = h.to_ascii_lowercase();
+                    if lower.starts_with("connection: close") {
                         keep_alive = false;
                     }
+                    if lower.starts_with("x-") || lower.starts_with("host:") {
+                        echoed.push_str(h.trim_end());
+                        echoed.push('\n');
+                    }
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
                 }
-                let body = format!("hello from {pod}, you are {}\n", peer.ip());
+                // The request body, if any, is read and dropped.
+                io::copy(&mut (&mut reader).take(length as u64), &mut io::sink())?;
+                let body = format!(
+                    "hello from {pod}, you are {}\npath {path}\n{echoed}",
+                    peer.ip()
+                );
                 write!(
                     conn,
                     "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
@@ -350,5 +372,66 @@ pub fn whoami(pod: &LabPod, dst: SocketAddr) -> Result<SocketAddr> {
         let mut s = String::new();
         conn.read_to_string(&mut s)?;
         Ok(s.trim().parse()?)
+    })
+}
+
+/// An HTTP/1.1 response as a client saw it.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header lines, lower-cased names.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one HTTP/1.1 request from inside `pod` to `dst` (`Connection:
+/// close`; `extra` header lines) and reads the whole response.
+pub fn http(
+    pod: &LabPod,
+    dst: SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> Result<HttpResponse> {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {dst}\r\nconnection: close\r\n");
+    for (k, v) in extra {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("content-length: 0\r\n\r\n");
+    client(pod, dst, move |mut conn| {
+        conn.write_all(request.as_bytes())?;
+        let mut raw = Vec::new();
+        conn.read_to_end(&mut raw)?;
+        parse_response(&String::from_utf8_lossy(&raw))
+    })
+}
+
+fn parse_response(text: &str) -> Result<HttpResponse> {
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no end of headers in {text:.120?}"))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad status line in {text:.120?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
     })
 }

@@ -86,6 +86,8 @@ pub struct Lab {
     nodes: BTreeMap<String, LabNode>,
     pods: BTreeMap<String, LabPod>,
     ztunnels: BTreeMap<String, Child>,
+    /// Waypoint processes by pod key (`namespace/name`).
+    waypoints: BTreeMap<String, Child>,
     controller: Option<Child>,
     underlay: Option<NetNs>,
     torn_down: bool,
@@ -186,6 +188,7 @@ impl Lab {
             nodes: BTreeMap::new(),
             pods: BTreeMap::new(),
             ztunnels: BTreeMap::new(),
+            waypoints: BTreeMap::new(),
             controller: None,
             underlay: None,
             torn_down: false,
@@ -200,6 +203,13 @@ impl Lab {
         let errors = manifests::parse(&self.opts.manifests, "scenario", &mut self.snapshot);
         if let Some(e) = errors.first() {
             bail!("scenario: {e}");
+        }
+        let waypoint_pods = self.add_waypoint_pods();
+        if !waypoint_pods.is_empty() && !self.opts.bin_dir.join("waypoint").exists() {
+            bail!(
+                "the scenario declares waypoints but waypoint is not in {}: build it (`cargo build -p weft-waypoint`)",
+                self.opts.bin_dir.display()
+            );
         }
         self.place_pods()?;
 
@@ -318,6 +328,22 @@ impl Lab {
             fs::write(self.token_path(node), &token)?;
             tokens.push_str(&format!("{node} {token}\n"));
         }
+        // A waypoint authenticates as its pod's service account.
+        for key in &waypoint_pods {
+            let token = random_token()?;
+            fs::write(self.waypoint_token_path(key), &token)?;
+            let pod = &self.pods[key];
+            tokens.push_str(&format!(
+                "spiffe://cluster.local/ns/{}/sa/{} {token}\n",
+                pod.namespace,
+                self.service_account(key)
+            ));
+            // The controller answers the waypoint pod directly.
+            let via = self.nodes[&pod.node].underlay_ip.to_string();
+            if let Some(ul) = &self.underlay {
+                ul.ip(&["route", "add", &format!("{}/32", pod.ip), "via", &via])?;
+            }
+        }
         fs::write(self.dir.join("node-tokens"), tokens)?;
         fs::create_dir_all(self.manifests_dir())?;
         self.write_config()?;
@@ -328,7 +354,150 @@ impl Lab {
         for node in self.node_names() {
             self.wait_ready(&node)?;
         }
+        for key in waypoint_pods {
+            self.start_waypoint(&key)?;
+        }
         Ok(())
+    }
+
+    /// A pod for each waypoint Gateway (`istio-waypoint` class), as the
+    /// controller's Deployment would make in Kubernetes: Istio's labels,
+    /// never captured, the Gateway's name as its service account. Returns
+    /// their keys.
+    fn add_waypoint_pods(&mut self) -> Vec<String> {
+        let mut keys = Vec::new();
+        let gateways: Vec<(String, String)> = self
+            .snapshot
+            .gateways
+            .values()
+            .filter(|g| g.spec.gateway_class_name == weft_controller::waypoints::WAYPOINT_CLASS)
+            .map(|g| {
+                (
+                    g.metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| "default".into()),
+                    g.metadata.name.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        for (ns, name) in gateways {
+            let pod_name = format!("{name}-0");
+            let key = format!("{ns}/{pod_name}");
+            if self.snapshot.pods.contains_key(&key) {
+                keys.push(key);
+                continue;
+            }
+            let mut pod = k8s_openapi::api::core::v1::Pod::default();
+            pod.metadata.name = Some(pod_name);
+            pod.metadata.namespace = Some(ns.clone());
+            pod.metadata.labels = Some(BTreeMap::from([
+                (
+                    weft_controller::waypoints::GATEWAY_NAME.to_string(),
+                    name.clone(),
+                ),
+                ("istio.io/dataplane-mode".to_string(), "none".to_string()),
+                (
+                    "gateway.istio.io/managed".to_string(),
+                    "istio.io-mesh-controller".to_string(),
+                ),
+            ]));
+            pod.spec = Some(PodSpec {
+                service_account_name: Some(name.clone()),
+                ..PodSpec::default()
+            });
+            self.snapshot.pods.insert(key.clone(), pod);
+            keys.push(key);
+        }
+        keys
+    }
+
+    fn service_account(&self, pod_key: &str) -> String {
+        self.snapshot
+            .pods
+            .get(pod_key)
+            .and_then(|p| p.spec.as_ref()?.service_account_name.clone())
+            .unwrap_or_else(|| "default".into())
+    }
+
+    fn waypoint_token_path(&self, pod_key: &str) -> PathBuf {
+        self.dir
+            .join(format!("token-waypoint-{}", pod_key.replace('/', "-")))
+    }
+
+    fn waypoint_log_path(&self, pod_key: &str) -> PathBuf {
+        self.dir
+            .join(format!("waypoint-{}.log", pod_key.replace('/', "-")))
+    }
+
+    /// Everything the waypoint in pod `key` has logged so far.
+    pub fn waypoint_log(&self, key: &str) -> String {
+        fs::read_to_string(self.waypoint_log_path(key)).unwrap_or_default()
+    }
+
+    /// Starts the waypoint process in its pod and waits until it is ready.
+    fn start_waypoint(&mut self, key: &str) -> Result<()> {
+        let pod = self.pods[key].clone();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.waypoint_log_path(key))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", pod.netns.name()])
+            .arg(self.opts.bin_dir.join("waypoint"))
+            .env("XDS_ADDRESS", format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"))
+            .env("XDS_SERVER_NAME", CONTROLLER_NAME)
+            .env("ROOT_CERT", self.ca_dir().join("root-cert.pem"))
+            .env("TOKEN_PATH", self.waypoint_token_path(key))
+            .env("POD_NAME", &pod.name)
+            .env("POD_NAMESPACE", &pod.namespace)
+            .env("SERVICE_ACCOUNT", self.service_account(key))
+            .env("NODE_NAME", &pod.node)
+            .env(
+                "RUST_LOG",
+                std::env::var("WEFT_WAYPOINT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().context("starting the waypoint")?;
+        self.waypoints.insert(key.to_string(), child);
+        self.register()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(child) = self.waypoints.get_mut(key)
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "waypoint {key} exited ({status}) before ready:\n{}",
+                    self.waypoint_log(key)
+                );
+            }
+            let ready = pod
+                .netns
+                .run(|| Ok(http_get(("127.0.0.1", READINESS_PORT), "/healthz/ready")))?;
+            if let Ok((200, _)) = ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "waypoint {key} not ready in 20s:\n{}",
+                    self.waypoint_log(key)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The waypoint's Prometheus text (`istio_requests_total`, …).
+    pub fn waypoint_metrics(&self, key: &str) -> Result<String> {
+        let pod = &self.pods[key];
+        let (status, body) = pod
+            .netns
+            .run(|| http_get(("127.0.0.1", STATS_PORT), "/metrics"))?;
+        anyhow::ensure!(status == 200, "waypoint metrics: HTTP {status}");
+        Ok(body)
     }
 
     /// Gives every pod a node and an address when the scenario left them out.
@@ -416,6 +585,12 @@ impl Lab {
         }
         for svc in self.snapshot.services.values() {
             docs.push(serde_yaml::to_string(svc)?);
+        }
+        for gw in self.snapshot.gateways.values() {
+            docs.push(format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n{}",
+                serde_yaml::to_string(gw)?
+            ));
         }
         self.write_manifest("scenario.yaml", &docs.join("---\n"))
     }
@@ -766,12 +941,22 @@ impl Lab {
         if std::mem::replace(&mut self.torn_down, true) {
             return Ok(());
         }
-        for child in self.ztunnels.values_mut().chain(self.controller.as_mut()) {
+        for child in self
+            .waypoints
+            .values_mut()
+            .chain(self.ztunnels.values_mut())
+            .chain(self.controller.as_mut())
+        {
             let pid = Pid::from_raw(child.id() as i32);
             let _ = kill(pid, Signal::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(3);
-        for child in self.ztunnels.values_mut().chain(self.controller.as_mut()) {
+        for child in self
+            .waypoints
+            .values_mut()
+            .chain(self.ztunnels.values_mut())
+            .chain(self.controller.as_mut())
+        {
             while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -797,6 +982,7 @@ impl Lab {
         let pids: Vec<u32> = self
             .ztunnels
             .values()
+            .chain(self.waypoints.values())
             .chain(self.controller.as_ref())
             .map(Child::id)
             .collect();

@@ -98,7 +98,15 @@ pub fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
 
 /// Builds the binaries the lab runs; returns the directory holding them.
 pub fn build_bins(release: bool) -> Result<PathBuf> {
-    let mut args = vec!["build", "-p", "weft-ztunnel", "-p", "weft-controller"];
+    let mut args = vec![
+        "build",
+        "-p",
+        "weft-ztunnel",
+        "-p",
+        "weft-controller",
+        "-p",
+        "weft-waypoint",
+    ];
     if release {
         args.push("--release");
     }

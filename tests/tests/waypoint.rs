@@ -1,0 +1,277 @@
+//! End-to-end: a waypoint declared by Istio's Gateway manifest, bound with
+//! `istio.io/use-waypoint`, routing real HTTP/1.1 over HBONE through
+//! ztunnels on two nodes by Istio's VirtualService and DestinationRule YAML;
+//! an unknown waypoint fails closed; a bad route keeps the last good one.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use weft_tests::apps::{self, App, HttpResponse};
+use weft_tests::check::{eventually, metric_sum};
+use weft_tests::{Lab, LabOptions};
+
+/// Bookinfo's reviews, two versions on node-2, a client on node-1, and a
+/// waypoint for the namespace (its pod is made by the lab, as the
+/// controller's Deployment would be in Kubernetes).
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: bookinfo
+  labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: waypoint
+  namespace: bookinfo
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - name: mesh
+    port: 15008
+    protocol: HBONE
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: productpage, namespace: bookinfo, labels: {app: productpage}}
+spec: {nodeName: node-1, serviceAccountName: bookinfo-productpage, containers: [{name: app}]}
+status: {podIP: 10.244.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1, namespace: bookinfo, labels: {app: reviews, version: v1}}
+spec: {nodeName: node-2, serviceAccountName: bookinfo-reviews, containers: [{name: app}]}
+status: {podIP: 10.244.2.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2, namespace: bookinfo, labels: {app: reviews, version: v2}}
+spec: {nodeName: node-2, serviceAccountName: bookinfo-reviews, containers: [{name: app}]}
+status: {podIP: 10.244.2.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint-0, namespace: bookinfo, labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}
+spec: {nodeName: node-1, serviceAccountName: waypoint, containers: [{name: istio-proxy}]}
+status: {podIP: 10.244.1.20}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: bookinfo}
+spec: {clusterIP: 10.96.0.20, selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+"#;
+
+/// A service bound to a misspelt waypoint.
+const RATINGS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: bookinfo, labels: {istio.io/use-waypoint: waypiont}}
+spec: {clusterIP: 10.96.0.21, selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+"#;
+
+/// Istio's documented reviews routing: jason to v2, the rest 90/10 v1/v2;
+/// `/api/` rewritten to `/v2/`; a 5 s timeout.
+const ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - match: [{uri: {prefix: /api/}}]
+    rewrite: {uri: /v2/}
+    route: [{destination: {host: reviews, subset: v1}}]
+    headers: {response: {set: {x-routed-by: weft}}}
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v2}, weight: 10}
+    timeout: 5s
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#;
+
+const REVIEWS: &str = "10.96.0.20:9080";
+const WAYPOINT_POD: &str = "bookinfo/waypoint-0";
+
+fn get(lab: &Lab, path: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
+    let client = lab.pod("bookinfo/productpage");
+    let dst: SocketAddr = REVIEWS.parse()?;
+    apps::http(client, dst, "GET", path, headers)
+}
+
+/// Which pod answered.
+fn served_by(r: &HttpResponse) -> &str {
+    r.body
+        .strip_prefix("hello from ")
+        .and_then(|b| b.split(',').next())
+        .unwrap_or("?")
+}
+
+#[test]
+fn virtual_service_routes_through_the_waypoint() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("waypoint-routes", MESH))?;
+    let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    let _v2 = apps::serve(lab.pod("bookinfo/reviews-v2"), 9080, App::Http)?;
+    let waypoint_ip = lab.pod(WAYPOINT_POD).ip;
+
+    // Bound, no routes yet: through the waypoint to either version. The app
+    // sees the waypoint as its peer and the client in X-Forwarded-For.
+    let r = get(&lab, "/", &[])?;
+    ensure!(r.status == 200, "{r:?}\n{}", lab.waypoint_log(WAYPOINT_POD));
+    ensure!(
+        r.body.contains(&format!("you are {waypoint_ip}")),
+        "the destination sees the waypoint: {}",
+        r.body
+    );
+    ensure!(
+        r.body.contains("x-forwarded-for: 10.244.1.10"),
+        "the client travels in X-Forwarded-For: {}",
+        r.body
+    );
+
+    // Istio's VirtualService and DestinationRule, unchanged.
+    lab.write_manifest("routes.yaml", ROUTES)?;
+    eventually(
+        "the routes reach the waypoint",
+        Duration::from_secs(5),
+        || {
+            Ok(lab
+                .waypoint_log(WAYPOINT_POD)
+                .contains("route table applied"))
+        },
+    )
+    .map_err(|e| e.context(lab.waypoint_log(WAYPOINT_POD)))?;
+    // Routes and subsets arrive as two resources: wait for both.
+    eventually("jason routed to v2", Duration::from_secs(5), || {
+        Ok(get(&lab, "/", &[("end-user", "jason")])
+            .is_ok_and(|r| r.status == 200 && served_by(&r) == "reviews-v2"))
+    })?;
+    for _ in 0..20 {
+        let r = get(&lab, "/", &[("end-user", "jason")])?;
+        ensure!(served_by(&r) == "reviews-v2", "jason always gets v2: {r:?}");
+    }
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    for _ in 0..200 {
+        let r = get(&lab, "/", &[])?;
+        ensure!(r.status == 200, "{r:?}");
+        *counts.entry(served_by(&r).to_string()).or_default() += 1;
+    }
+    let v1 = counts.get("reviews-v1").copied().unwrap_or(0);
+    let v2 = counts.get("reviews-v2").copied().unwrap_or(0);
+    eprintln!("200 requests without end-user: {counts:?}");
+    ensure!(v1 + v2 == 200, "{counts:?}");
+    ensure!((160..=195).contains(&v1), "90/10 split, got {counts:?}");
+
+    // Rewrite and a response header.
+    let r = get(&lab, "/api/items?x=1", &[])?;
+    ensure!(served_by(&r) == "reviews-v1", "{r:?}");
+    ensure!(
+        r.body.contains("path /v2/items?x=1"),
+        "prefix rewritten: {}",
+        r.body
+    );
+    ensure!(r.header("x-routed-by") == Some("weft"), "{r:?}");
+
+    // Istio's request metrics, reported by the waypoint.
+    let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+    let served = metric_sum(
+        &text,
+        "istio_requests_total",
+        &[
+            ("reporter", "waypoint"),
+            ("response_code", "200"),
+            ("destination_service", "reviews.bookinfo.svc.cluster.local"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage",
+            ),
+        ],
+    );
+    ensure!(served >= 222.0, "requests counted: {served}\n{text}");
+    let v2_requests = metric_sum(
+        &text,
+        "istio_requests_total",
+        &[
+            ("destination_workload", "reviews-v2"),
+            ("destination_canonical_revision", "v2"),
+        ],
+    );
+    ensure!(
+        v2_requests >= 20.0 + f64::from(v2),
+        "per destination: {v2_requests}"
+    );
+    ensure!(
+        text.contains("istio_request_duration_milliseconds_bucket{"),
+        "histogram"
+    );
+
+    // A bad edit (an unclosed regex) is refused; the last good routes stay.
+    lab.write_manifest(
+        "routes.yaml",
+        &ROUTES.replace("{exact: jason}", "{regex: \"(jason\"}"),
+    )?;
+    eventually("the refusal is reported", Duration::from_secs(5), || {
+        Ok(lab
+            .controller_log()
+            .contains("spec.http[0].match[0].headers[end-user].regex"))
+    })?;
+    for _ in 0..10 {
+        let r = get(&lab, "/", &[("end-user", "jason")])?;
+        ensure!(
+            served_by(&r) == "reviews-v2",
+            "the last good route keeps serving: {r:?}"
+        );
+    }
+    lab.teardown()
+}
+
+#[test]
+fn unknown_waypoint_fails_closed() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("waypoint-unknown", MESH))?;
+    let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    lab.write_manifest("ratings.yaml", RATINGS)?;
+    let client = lab.pod("bookinfo/productpage");
+    eventually("ratings is known", Duration::from_secs(5), || {
+        Ok(lab
+            .controller_log()
+            .contains("no waypoint bookinfo/waypiont"))
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    // `ratings` asks for a misspelt waypoint: refused, never sent direct.
+    let dst: SocketAddr = "10.96.0.21:9080".parse()?;
+    let got = apps::http(client, dst, "GET", "/", &[]);
+    ensure!(
+        got.is_err(),
+        "a binding to an unknown waypoint must not reach the app: {got:?}"
+    );
+    let metrics = lab.metrics("node-1")?;
+    let refused = metric_sum(
+        &metrics,
+        "weft_connections_refused_total",
+        &[("reason", "waypoint_unavailable")],
+    );
+    ensure!(
+        refused >= 1.0,
+        "counted as waypoint_unavailable:\n{metrics}"
+    );
+    ensure!(
+        lab.controller_log()
+            .contains("no waypoint bookinfo/waypiont"),
+        "the controller says why"
+    );
+    // The correctly bound service still works.
+    ensure!(get(&lab, "/", &[])?.status == 200);
+    lab.teardown()
+}
