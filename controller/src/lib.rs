@@ -12,6 +12,7 @@ pub mod auth;
 pub mod ca;
 pub mod kinds;
 pub mod kubernetes;
+pub mod l7_policy;
 pub mod labels;
 pub mod manifests;
 pub mod metrics;

@@ -211,6 +211,7 @@ pub struct Subset {
 pub enum L7Resource {
     Route(String, pb::Route, BTreeSet<Identity>),
     Destination(String, pb::Destination, BTreeSet<Identity>),
+    Authorization(String, pb::Authorization, BTreeSet<Identity>),
 }
 
 /// The L7 translation.

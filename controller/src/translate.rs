@@ -101,9 +101,19 @@ pub struct Translation {
 }
 
 impl Translation {
-    /// Every translated resource's status: policies and routes.
+    /// Every translated resource's status: policies and routes. A policy
+    /// attached to a waypoint has the waypoint's status, not ztunnel's.
     pub fn statuses(&self) -> impl Iterator<Item = &policy::Status> {
-        self.policies.statuses.iter().chain(&self.l7.statuses)
+        let l7 = &self.l7.statuses;
+        let shadowed = move |s: &policy::Status| {
+            l7.iter()
+                .any(|o| o.kind == s.kind && o.namespace == s.namespace && o.name == s.name)
+        };
+        self.policies
+            .statuses
+            .iter()
+            .filter(move |s| !shadowed(s))
+            .chain(l7)
     }
 }
 
@@ -165,7 +175,9 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
         .cloned()
         .collect();
     errors.extend(policies.errors.iter().cloned());
-    let l7 = crate::routes::translate(snap, &out, previous.map(|t| &t.l7));
+    let mut l7 = crate::routes::translate(snap, &out, previous.map(|t| &t.l7));
+    let l7_statuses = crate::l7_policy::translate(snap, mesh, &out, &mut l7.resources);
+    l7.statuses.extend(l7_statuses);
     Translation {
         config: out,
         errors,

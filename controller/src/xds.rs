@@ -203,28 +203,21 @@ impl Published {
             );
         }
         for r in l7 {
-            match r {
-                L7Resource::Route(name, route, scope) => {
+            let (ty, name, any, scope) = match r {
+                L7Resource::Route(name, m, scope) => {
                     let ty = types::ROUTE.type_url;
-                    put(
-                        ty,
-                        name.clone(),
-                        to_any(ty, route),
-                        Vec::new(),
-                        Some(scope.clone()),
-                    );
+                    (ty, name, to_any(ty, m), scope)
                 }
-                L7Resource::Destination(name, d, scope) => {
+                L7Resource::Destination(name, m, scope) => {
                     let ty = types::DESTINATION.type_url;
-                    put(
-                        ty,
-                        name.clone(),
-                        to_any(ty, d),
-                        Vec::new(),
-                        Some(scope.clone()),
-                    );
+                    (ty, name, to_any(ty, m), scope)
                 }
-            }
+                L7Resource::Authorization(name, m, scope) => {
+                    let ty = types::L7_AUTHORIZATION.type_url;
+                    (ty, name, to_any(ty, m), scope)
+                }
+            };
+            put(ty, name.clone(), any, Vec::new(), Some(scope.clone()));
         }
         for (ty, old) in &previous.resources {
             let new = resources.get(ty);

@@ -241,6 +241,7 @@ fn virtual_service_routes_through_the_waypoint() -> Result<()> {
 fn unknown_waypoint_fails_closed() -> Result<()> {
     let mut lab = Lab::up(LabOptions::new("waypoint-unknown", MESH))?;
     let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    let _v2 = apps::serve(lab.pod("bookinfo/reviews-v2"), 9080, App::Http)?;
     lab.write_manifest("ratings.yaml", RATINGS)?;
     let client = lab.pod("bookinfo/productpage");
     eventually("ratings is known", Duration::from_secs(5), || {
@@ -248,24 +249,26 @@ fn unknown_waypoint_fails_closed() -> Result<()> {
             .controller_log()
             .contains("no waypoint bookinfo/waypiont"))
     })?;
-    std::thread::sleep(Duration::from_millis(500));
     // `ratings` asks for a misspelt waypoint: refused, never sent direct.
     let dst: SocketAddr = "10.96.0.21:9080".parse()?;
-    let got = apps::http(client, dst, "GET", "/", &[]);
-    ensure!(
-        got.is_err(),
-        "a binding to an unknown waypoint must not reach the app: {got:?}"
-    );
-    let metrics = lab.metrics("node-1")?;
-    let refused = metric_sum(
-        &metrics,
-        "weft_connections_refused_total",
-        &[("reason", "waypoint_unavailable")],
-    );
-    ensure!(
-        refused >= 1.0,
-        "counted as waypoint_unavailable:\n{metrics}"
-    );
+    eventually(
+        "refused as waypoint_unavailable",
+        Duration::from_secs(5),
+        || {
+            let got = apps::http(client, dst, "GET", "/", &[]);
+            ensure!(
+                got.is_err(),
+                "a binding to an unknown waypoint must not reach the app: {got:?}"
+            );
+            let metrics = lab.metrics("node-1")?;
+            let refused = metric_sum(
+                &metrics,
+                "weft_connections_refused_total",
+                &[("reason", "waypoint_unavailable")],
+            );
+            Ok(refused >= 1.0)
+        },
+    )?;
     ensure!(
         lab.controller_log()
             .contains("no waypoint bookinfo/waypiont"),
@@ -273,5 +276,90 @@ fn unknown_waypoint_fails_closed() -> Result<()> {
     );
     // The correctly bound service still works.
     ensure!(get(&lab, "/", &[])?.status == 200);
+    lab.teardown()
+}
+
+/// Istio's L7 AuthorizationPolicy attached to the waypoint: DELETE denied
+/// with Envoy's 403, other methods pass; an ALLOW naming another identity
+/// leaves this client out; the refusal of a rule it cannot evaluate.
+#[test]
+fn l7_authorization_policy() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("waypoint-authz", MESH))?;
+    let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    let _v2 = apps::serve(lab.pod("bookinfo/reviews-v2"), 9080, App::Http)?;
+    let client = lab.pod("bookinfo/productpage");
+    let dst: SocketAddr = REVIEWS.parse()?;
+    ensure!(
+        apps::http(client, dst, "DELETE", "/", &[])?.status == 200,
+        "no policy yet"
+    );
+
+    lab.write_manifest(
+        "authz.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-delete, namespace: bookinfo}
+spec:
+  targetRefs:
+  - {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}
+  action: DENY
+  rules:
+  - to: [{operation: {methods: [DELETE]}}]
+"#,
+    )?;
+    eventually("DELETE denied", Duration::from_secs(5), || {
+        Ok(apps::http(client, dst, "DELETE", "/", &[])?.status == 403)
+    })?;
+    let r = apps::http(client, dst, "DELETE", "/", &[])?;
+    ensure!(r.body == "RBAC: access denied", "Envoy's body: {r:?}");
+    ensure!(
+        apps::http(client, dst, "GET", "/", &[])?.status == 200,
+        "GET passes"
+    );
+    let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+    let denied = metric_sum(
+        &text,
+        "istio_requests_total",
+        &[("response_code", "403"), ("reporter", "waypoint")],
+    );
+    ensure!(denied >= 2.0, "denials counted: {denied}");
+
+    // An ALLOW for another service account: this client is now denied
+    // everything; for its own, allowed again.
+    let allow = |sa: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: only, namespace: bookinfo}}\n\
+             spec:\n  targetRefs: [{{kind: Service, group: \"\", name: reviews}}]\n  action: ALLOW\n\
+             \x20 rules: [{{from: [{{source: {{principals: [cluster.local/ns/bookinfo/sa/{sa}]}}}}]}}]\n"
+        )
+    };
+    lab.write_manifest("allow.yaml", &allow("bookinfo-ratings"))?;
+    eventually(
+        "GET denied for another principal",
+        Duration::from_secs(5),
+        || Ok(apps::http(client, dst, "GET", "/", &[])?.status == 403),
+    )?;
+    lab.write_manifest("allow.yaml", &allow("bookinfo-productpage"))?;
+    eventually(
+        "GET allowed for its own principal",
+        Duration::from_secs(5),
+        || Ok(apps::http(client, dst, "GET", "/", &[])?.status == 200),
+    )?;
+
+    // A JWT rule cannot be evaluated: refused, the previous policy stays.
+    lab.write_manifest(
+        "allow.yaml",
+        &allow("bookinfo-productpage").replace("principals:", "requestPrincipals:"),
+    )?;
+    eventually("the refusal is reported", Duration::from_secs(5), || {
+        Ok(lab
+            .controller_log()
+            .contains("requestPrincipals: JWT is not supported"))
+    })?;
+    ensure!(
+        apps::http(client, dst, "DELETE", "/", &[])?.status == 403,
+        "DENY still in force"
+    );
     lab.teardown()
 }

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod authz;
 pub mod config;
 pub mod metrics;
 pub mod proxy;

@@ -37,6 +37,7 @@ use weft_hbone::server::{ConnectRequest, ServeOptions, StreamBudget, forwarded_h
 use weft_hbone::tls::{peer_identity, server_name};
 use weft_identity::CertManager;
 
+use crate::authz::{self, Decision};
 use crate::metrics::{Metrics, RequestRecord};
 use crate::route::{Action, RequestInfo, Rule, rewrite_path};
 use crate::state::{Endpoint, State, Store};
@@ -310,6 +311,10 @@ impl Conn {
             port: self.target.port(),
             headers: req.headers(),
         };
+        // L7 authorization first, as Envoy's RBAC filter runs before the router.
+        if let Some(denied) = self.authorize(state, dest_service.as_deref(), &info, record) {
+            return denied;
+        }
         let rule: Option<&Rule> = match table {
             Some(t) => match t.find(&info) {
                 Some(r) => Some(r),
@@ -502,6 +507,61 @@ impl Conn {
             r.response_headers.apply(&mut parts.headers);
         }
         Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+    }
+}
+
+impl Conn {
+    /// The L7 policies' decision; `Some(403)` when denied.
+    fn authorize(
+        &self,
+        state: &State,
+        service: Option<&Service>,
+        info: &RequestInfo<'_>,
+        record: &mut RequestRecord,
+    ) -> Option<Response<Body>> {
+        let principal = self.client_id.as_ref().map(|id| {
+            format!(
+                "{}/ns/{}/sa/{}",
+                id.trust_domain(),
+                id.namespace(),
+                id.service_account()
+            )
+        });
+        let remote_ip = info
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(self.client_ip);
+        let req = authz::Request {
+            service: service.map_or("", |s| s.hostname.as_str()),
+            source_ip: self.client_ip,
+            remote_ip,
+            principal: principal.as_deref(),
+            namespace: self.client_id.as_ref().map(Identity::namespace),
+            host: info.authority,
+            method: info.method,
+            path: info.path,
+            port: info.port,
+            destination_ip: self.target.ip(),
+            headers: info.headers,
+        };
+        let (decision, dry_run) = authz::evaluate(state.policies(), &req);
+        for policy in dry_run {
+            info!(target: "access", %policy, method = %info.method, path = %info.path, client = %self.client_ip, "dry-run policy matched; not enforced");
+        }
+        match decision {
+            Decision::Allow => None,
+            Decision::Deny { policy } => {
+                record.route = if policy.is_empty() {
+                    "no ALLOW policy matched".into()
+                } else {
+                    format!("denied by {policy}")
+                };
+                Some(reply(StatusCode::FORBIDDEN, "RBAC: access denied"))
+            }
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use weft_xds::proto::waypoint as pb;
 use weft_xds::proto::workload;
 use weft_xds::types;
 
+use crate::authz::Policy;
 use crate::route::RouteTable;
 
 /// Load balancing among a destination's endpoints.
@@ -70,6 +71,7 @@ pub struct State {
     workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
     routes: HashMap<String, Arc<RouteTable>>,
     destinations: HashMap<String, Arc<Destination>>,
+    policies: Vec<Arc<Policy>>,
 }
 
 /// An endpoint chosen for a request.
@@ -96,6 +98,11 @@ impl State {
 
     pub fn route(&self, service_key: &str) -> Option<&Arc<RouteTable>> {
         self.routes.get(service_key)
+    }
+
+    /// Every L7 authorization policy this waypoint enforces.
+    pub fn policies(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.iter().map(Arc::as_ref)
     }
 
     /// The endpoints of `svc` for service port `port`, within `subset` when
@@ -224,6 +231,7 @@ struct Cache {
     services: BTreeMap<String, Service>,
     routes: BTreeMap<String, Arc<RouteTable>>,
     destinations: BTreeMap<String, Arc<Destination>>,
+    policies: BTreeMap<String, Arc<Policy>>,
 }
 
 impl Cache {
@@ -255,6 +263,7 @@ impl Cache {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        s.policies = self.policies.values().cloned().collect();
         s
     }
 }
@@ -332,6 +341,25 @@ pub fn client(client: AdsClient, store: Arc<Store>) -> AdsClient {
             },
         )
     };
+    let (c3, s3) = (cache.clone(), store.clone());
+    let policies = move |updates: Vec<Update<pb::Authorization>>| {
+        apply(
+            &c3,
+            &s3,
+            updates,
+            |c, name, p| {
+                // A policy that cannot be evaluated is refused (NACK): the
+                // last good version keeps being enforced, never a wider one.
+                let compiled = Policy::compile(&p)?;
+                info!(component = "xds", policy = %name, "L7 authorization policy applied");
+                c.policies.insert(name, Arc::new(compiled));
+                Ok(())
+            },
+            |c, name| {
+                c.policies.remove(name);
+            },
+        )
+    };
     let destinations = move |updates: Vec<Update<pb::Destination>>| {
         apply(
             &cache,
@@ -351,4 +379,5 @@ pub fn client(client: AdsClient, store: Arc<Store>) -> AdsClient {
         .handle::<workload::Address, _>(types::ADDRESS.type_url, addresses)
         .handle::<pb::Route, _>(types::ROUTE.type_url, routes)
         .handle::<pb::Destination, _>(types::DESTINATION.type_url, destinations)
+        .handle::<pb::Authorization, _>(types::L7_AUTHORIZATION.type_url, policies)
 }
