@@ -10,6 +10,7 @@
 pub mod app;
 pub mod auth;
 pub mod ca;
+pub mod httproute;
 pub mod kinds;
 pub mod kubernetes;
 pub mod l7_policy;

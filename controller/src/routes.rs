@@ -583,41 +583,89 @@ pub fn translate(snap: &Snapshot, cfg: &LocalConfig, previous: Option<&L7>) -> L
         }
     };
 
-    // VirtualServices, oldest first: a host already claimed refuses the later one.
-    let mut vss: Vec<&VirtualService> = snap.virtual_services.values().collect();
-    vss.sort_by_key(|v| order(&v.metadata));
+    // VirtualServices and HTTPRoutes, oldest first: a host already claimed
+    // refuses the later one, naming the first.
+    struct Source<'a> {
+        kind: &'static str,
+        meta: &'a ObjectMeta,
+        hosts: Vec<String>,
+        /// Host → its rules.
+        rules: Result<Vec<(String, Vec<pb::Rule>)>, String>,
+    }
+    let mut sources: Vec<Source<'_>> = Vec::new();
+    for vs in snap.virtual_services.values() {
+        let (ns, _) = key(&vs.metadata);
+        let hosts: Vec<String> = vs.spec.hosts.iter().map(|h| fqdn(h, &ns)).collect();
+        let rules = if hosts.is_empty() {
+            Err("spec.hosts: at least one host is required".to_string())
+        } else {
+            vs_rules(vs, &ns).map(|r| hosts.iter().map(|h| (h.clone(), r.clone())).collect())
+        };
+        sources.push(Source {
+            kind: "VirtualService",
+            meta: &vs.metadata,
+            hosts,
+            rules,
+        });
+    }
+    for hr in snap.http_routes.values() {
+        let (ns, _) = key(&hr.metadata);
+        let parents = crate::httproute::parents(hr, &ns);
+        let hosts = parents
+            .as_ref()
+            .map(|p| p.iter().map(|(h, _)| h.clone()).collect())
+            .unwrap_or_default();
+        let rules = parents.and_then(|ps| {
+            let mut by_host: BTreeMap<String, Vec<pb::Rule>> = BTreeMap::new();
+            for (h, port) in ps {
+                by_host
+                    .entry(h)
+                    .or_default()
+                    .extend(crate::httproute::rules(hr, &ns, port)?);
+            }
+            Ok(by_host.into_iter().collect())
+        });
+        sources.push(Source {
+            kind: "HTTPRoute",
+            meta: &hr.metadata,
+            hosts,
+            rules,
+        });
+    }
+    sources.sort_by_key(|s| order(s.meta));
     let mut claimed: BTreeMap<String, String> = BTreeMap::new();
     let mut routes: BTreeMap<String, (pb::Route, BTreeSet<Identity>)> = BTreeMap::new();
-    for vs in vss {
-        let (ns, name) = key(&vs.metadata);
-        let vs_key = format!("{ns}/{name}");
-        let hosts: Vec<String> = vs.spec.hosts.iter().map(|h| fqdn(h, &ns)).collect();
-        let result = if hosts.is_empty() {
-            Err("spec.hosts: at least one host is required".to_string())
-        } else if let Some((h, other)) = hosts.iter().find_map(|h| claimed.get(h).map(|o| (h, o))) {
-            Err(format!(
-                "spec.hosts: {h} is already routed by VirtualService {other} (the older one wins); merge them"
-            ))
-        } else {
-            vs_rules(vs, &ns)
+    for src in sources {
+        let (ns, name) = key(src.meta);
+        let src_key = format!("{} {ns}/{name}", src.kind);
+        let taken = src
+            .hosts
+            .iter()
+            .find_map(|h| claimed.get(h).map(|o| (h.clone(), o.clone())));
+        let result = match (taken, src.rules) {
+            (Some((h, other)), _) => Err(format!(
+                "{h} is already routed by {other} (the older one wins): one route resource per service"
+            )),
+            (None, r) => r,
         };
         let translated: Vec<(String, pb::Route)> = match result {
-            Ok(rules) => {
-                let served: Vec<(String, pb::Route)> = hosts
-                    .iter()
-                    .filter_map(|h| by_host.get(h.as_str()))
-                    .map(|svc| {
+            Ok(per_host) => {
+                let served: Vec<(String, pb::Route)> = per_host
+                    .into_iter()
+                    .filter_map(|(h, rules)| by_host.get(h.as_str()).map(|svc| (svc, rules)))
+                    .map(|(svc, rules)| {
                         let key = format!("{}/{}", svc.namespace, svc.hostname);
                         let route = pb::Route {
                             hostname: svc.hostname.clone(),
                             namespace: svc.namespace.clone(),
-                            origin: format!("VirtualService {vs_key}"),
-                            rules: rules.clone(),
+                            origin: src_key.clone(),
+                            rules,
                         };
                         (key, route)
                     })
                     .collect();
-                let unbound: Vec<&str> = hosts
+                let unbound: Vec<&str> = src
+                    .hosts
                     .iter()
                     .filter(|h| by_host.get(h.as_str()).is_none_or(|s| s.waypoint.is_none()))
                     .map(String::as_str)
@@ -630,37 +678,27 @@ pub fn translate(snap: &Snapshot, cfg: &LocalConfig, previous: Option<&L7>) -> L
                         unbound.join(", ")
                     )
                 };
-                out.statuses.push(status(
-                    "VirtualService",
-                    &vs.metadata,
-                    true,
-                    "Accepted",
-                    message,
-                ));
+                out.statuses
+                    .push(status(src.kind, src.meta, true, "Accepted", message));
                 served
             }
             Err(message) => {
-                let kept = previous.and_then(|p| p.accepted.get(&vs_key)).cloned();
+                let kept = previous.and_then(|p| p.accepted.get(&src_key)).cloned();
                 let message = if kept.is_some() {
                     format!("{message}; the last accepted version stays in force")
                 } else {
                     message
                 };
-                out.statuses.push(status(
-                    "VirtualService",
-                    &vs.metadata,
-                    false,
-                    "Invalid",
-                    message,
-                ));
+                out.statuses
+                    .push(status(src.kind, src.meta, false, "Invalid", message));
                 kept.unwrap_or_default()
             }
         };
         if !translated.is_empty() {
-            out.accepted.insert(vs_key.clone(), translated.clone());
+            out.accepted.insert(src_key.clone(), translated.clone());
         }
-        for h in hosts {
-            claimed.entry(h).or_insert_with(|| vs_key.clone());
+        for h in src.hosts {
+            claimed.entry(h).or_insert_with(|| src_key.clone());
         }
         for (key, route) in translated {
             let Some(scope) = by_host
@@ -980,6 +1018,72 @@ spec:
         assert!(
             text.iter()
                 .any(|s| s.starts_with("VirtualService reviews-b: Invalid")
+                    && s.contains("already routed by VirtualService shop/reviews")),
+            "{text:?}"
+        );
+    }
+
+    const HTTPROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-hr, namespace: shop, creationTimestamp: "2026-01-02T00:00:00Z"}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - backendRefs: [{name: reviews, port: 9080, weight: 3}, {name: reviews, port: 9080, weight: 1}]
+    timeouts: {request: 2s}
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}]
+    backendRefs: [{name: reviews, port: 9080}]
+"#;
+
+    #[test]
+    fn http_route_for_a_service() {
+        let l7 = run(&format!("{MESH}---{HTTPROUTE}"), None);
+        assert!(
+            l7.statuses.iter().all(|s| s.accepted),
+            "{:?}",
+            statuses(&l7)
+        );
+        let Some(L7Resource::Route(key, route, _)) = l7.resources.first() else {
+            panic!("{:?}", l7.resources)
+        };
+        assert_eq!(key, "shop/reviews.shop.svc.cluster.local");
+        assert_eq!(route.origin, "HTTPRoute shop/reviews-hr");
+        let first = &route.rules[0];
+        assert_eq!(
+            first.matches[0].path.as_ref().and_then(|p| p.kind.clone()),
+            Some(pb::string_match::Kind::PathPrefix("/api".into())),
+            "the longer prefix goes first"
+        );
+        assert_eq!(
+            first.matches[0].port, 9080,
+            "the parentRef's port narrows it"
+        );
+        assert_eq!(
+            first.rewrite.as_ref().and_then(|r| r.path.clone()),
+            Some(pb::rewrite::Path::Prefix("/v2".into()))
+        );
+        assert_eq!(route.rules[1].timeout_ms, 2000);
+        let Some(pb::rule::Action::Forward(f)) = &route.rules[1].action else {
+            panic!()
+        };
+        assert_eq!(
+            f.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            [3, 1]
+        );
+
+        // A VirtualService for the same service, created earlier, wins; the
+        // HTTPRoute is refused, naming it.
+        let vs = VS.split("---").next().unwrap().replace(
+            "name: reviews, namespace: shop}",
+            "name: reviews, namespace: shop, creationTimestamp: \"2026-01-01T00:00:00Z\"}",
+        );
+        let l7 = run(&format!("{MESH}---{vs}---{HTTPROUTE}"), None);
+        let text = statuses(&l7);
+        assert!(
+            text.iter()
+                .any(|s| s.starts_with("HTTPRoute reviews-hr: Invalid")
                     && s.contains("already routed by VirtualService shop/reviews")),
             "{text:?}"
         );

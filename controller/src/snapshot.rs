@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 
+use crate::httproute::HttpRoute;
 use crate::kinds::{Kind, Visitor, each_kind};
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
 use crate::routes::{DestinationRule, VirtualService};
@@ -28,6 +29,8 @@ pub struct Snapshot {
     pub virtual_services: BTreeMap<String, VirtualService>,
     /// Keyed by `namespace/name`.
     pub destination_rules: BTreeMap<String, DestinationRule>,
+    /// Keyed by `namespace/name`.
+    pub http_routes: BTreeMap<String, HttpRoute>,
 }
 
 impl Snapshot {

@@ -62,6 +62,16 @@ apiVersion: v1
 kind: Service
 metadata: {name: reviews, namespace: bookinfo}
 spec: {clusterIP: 10.96.0.20, selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v1, namespace: bookinfo}
+spec: {clusterIP: 10.96.0.22, selector: {app: reviews, version: v1}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v2, namespace: bookinfo}
+spec: {clusterIP: 10.96.0.23, selector: {app: reviews, version: v2}, ports: [{name: http, port: 9080}]}
 "#;
 
 /// A service bound to a misspelt waypoint.
@@ -361,5 +371,58 @@ spec:
         apps::http(client, dst, "DELETE", "/", &[])?.status == 403,
         "DENY still in force"
     );
+    lab.teardown()
+}
+
+/// Gateway API's HTTPRoute with the Service as parent (GAMMA): a prefix
+/// rewrite with a request header, and weighted backendRefs.
+#[test]
+fn http_route_through_the_waypoint() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("waypoint-httproute", MESH))?;
+    let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    let _v2 = apps::serve(lab.pod("bookinfo/reviews-v2"), 9080, App::Http)?;
+    lab.write_manifest(
+        "httproute.yaml",
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: reviews, port: 9080}
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {add: [{name: x-env, value: canary}]}
+    backendRefs: [{name: reviews-v1, port: 9080}]
+  - backendRefs:
+    - {name: reviews-v1, port: 9080, weight: 0}
+    - {name: reviews-v2, port: 9080, weight: 1}
+"#,
+    )?;
+    eventually("the HTTPRoute is in force", Duration::from_secs(5), || {
+        Ok(get(&lab, "/api/items", &[]).is_ok_and(|r| r.body.contains("path /v2/items")))
+    })?;
+    let r = get(&lab, "/api/items", &[])?;
+    ensure!(served_by(&r) == "reviews-v1", "{r:?}");
+    ensure!(
+        r.body.contains("x-env: canary"),
+        "request header added: {}",
+        r.body
+    );
+    ensure!(
+        get(&lab, "/apix", &[])?.body.contains("reviews-v2"),
+        "PathPrefix is by segment"
+    );
+    for _ in 0..20 {
+        let r = get(&lab, "/", &[])?;
+        ensure!(
+            served_by(&r) == "reviews-v2",
+            "weight 0 takes nothing: {r:?}"
+        );
+    }
     lab.teardown()
 }

@@ -62,6 +62,8 @@ pub enum StringMatch {
     Exact(String, bool),
     Prefix(String, bool),
     Regex(Regex),
+    /// By path segments (Gateway API's PathPrefix).
+    PathPrefix(String),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -312,6 +314,12 @@ impl StringMatch {
                     .map_err(|e| err(at, format!("bad regex {r:?}: {e}")))?;
                 StringMatch::Regex(re)
             }
+            Some(pb::string_match::Kind::PathPrefix(p)) => {
+                if !p.starts_with('/') {
+                    return Err(err(at, format!("path prefix {p:?} does not start with /")));
+                }
+                StringMatch::PathPrefix(p.trim_end_matches('/').to_string())
+            }
             None => return Err(err(at, "empty match: exact, prefix or regex is required")),
         })
     }
@@ -325,6 +333,13 @@ impl StringMatch {
                 .get(..s.len())
                 .is_some_and(|v| v.eq_ignore_ascii_case(s)),
             StringMatch::Regex(re) => re.is_match(value),
+            // Stored without its trailing slash: "" is "/", every path.
+            StringMatch::PathPrefix(p) => {
+                p.is_empty()
+                    || value
+                        .strip_prefix(p.as_str())
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            }
         }
     }
 }
@@ -437,7 +452,7 @@ impl RequestMatch {
     /// The prefix this match matched on the path, for a prefix rewrite.
     pub fn path_prefix(&self) -> Option<&str> {
         match &self.path {
-            Some(StringMatch::Prefix(p, _)) => Some(p),
+            Some(StringMatch::Prefix(p, _) | StringMatch::PathPrefix(p)) => Some(p),
             _ => None,
         }
     }
@@ -456,7 +471,11 @@ pub fn rewrite_path(
         PathRewrite::Full(p) => p.clone(),
         PathRewrite::Prefix(replacement) => match matched.and_then(|m| path.strip_prefix(m)) {
             Some(rest) => {
-                let joined = format!("{replacement}{rest}");
+                // One slash where the replacement meets the rest.
+                let joined = match (replacement.ends_with('/'), rest.strip_prefix('/')) {
+                    (true, Some(tail)) => format!("{replacement}{tail}"),
+                    _ => format!("{replacement}{rest}"),
+                };
                 if joined.starts_with('/') {
                     joined
                 } else {
@@ -762,6 +781,36 @@ mod tests {
             e.field, "rules[0].matches[0].method",
             "an empty match is refused, never read as any"
         );
+    }
+
+    #[test]
+    fn path_prefix_is_by_segment() {
+        let m = StringMatch::compile(
+            &pb::StringMatch {
+                kind: Some(pb::string_match::Kind::PathPrefix("/foo".into())),
+                ignore_case: false,
+            },
+            "p",
+        )
+        .unwrap();
+        assert!(m.matches("/foo") && m.matches("/foo/") && m.matches("/foo/bar"));
+        assert!(!m.matches("/foobar"));
+        let root = StringMatch::compile(
+            &pb::StringMatch {
+                kind: Some(pb::string_match::Kind::PathPrefix("/".into())),
+                ignore_case: false,
+            },
+            "p",
+        )
+        .unwrap();
+        assert!(root.matches("/") && root.matches("/anything"));
+        // Gateway API's ReplacePrefixMatch examples.
+        let rw =
+            |r: &str, p: &str| rewrite_path(p, None, &PathRewrite::Prefix(r.into()), Some("/foo"));
+        assert_eq!(rw("/xyz", "/foo/bar"), "/xyz/bar");
+        assert_eq!(rw("/xyz/", "/foo/bar"), "/xyz/bar");
+        assert_eq!(rw("/", "/foo/bar"), "/bar");
+        assert_eq!(rw("/xyz", "/foo"), "/xyz");
     }
 
     #[test]

@@ -75,7 +75,7 @@ pub struct RequestMatch {
 pub struct StringMatch {
     #[prost(bool, tag = "4")]
     pub ignore_case: bool,
-    #[prost(oneof = "string_match::Kind", tags = "1, 2, 3")]
+    #[prost(oneof = "string_match::Kind", tags = "1, 2, 3, 5")]
     pub kind: ::core::option::Option<string_match::Kind>,
 }
 /// Nested message and enum types in `StringMatch`.
@@ -89,6 +89,10 @@ pub mod string_match {
         /// RE2 syntax, matched against the whole value, as Envoy does.
         #[prost(string, tag = "3")]
         Regex(::prost::alloc::string::String),
+        /// Gateway API's PathPrefix: by path segments, so "/foo" matches "/foo"
+        /// and "/foo/bar" but not "/foobar".
+        #[prost(string, tag = "5")]
+        PathPrefix(::prost::alloc::string::String),
     }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

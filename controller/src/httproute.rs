@@ -1,0 +1,481 @@
+//! Gateway API `HTTPRoute` (`gateway.networking.k8s.io` v1) with a Service
+//! as parent (GAMMA), translated into the same waypoint route rules as a
+//! VirtualService: matches (path, headers, query parameters, method),
+//! filters (request and response header modifiers, redirect, URL rewrite),
+//! weighted backendRefs and request timeouts.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
+use weft_xds::proto::waypoint as pb;
+
+use crate::routes::duration_ms;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HttpRoute {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: HttpRouteSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HttpRouteSpec {
+    pub parent_refs: Vec<ParentRef>,
+    pub hostnames: Vec<String>,
+    pub rules: Vec<RouteRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ParentRef {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub port: Option<u32>,
+    pub section_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RouteRule {
+    pub name: Option<String>,
+    pub matches: Vec<RouteMatch>,
+    pub filters: Vec<Filter>,
+    pub backend_refs: Vec<BackendRef>,
+    pub timeouts: Option<Timeouts>,
+    pub retry: Option<serde_yaml::Value>,
+    pub session_persistence: Option<serde_yaml::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RouteMatch {
+    pub path: Option<PathMatch>,
+    pub headers: Vec<NamedMatch>,
+    pub query_params: Vec<NamedMatch>,
+    pub method: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PathMatch {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub value: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct NamedMatch {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Filter {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub request_header_modifier: Option<HeaderModifier>,
+    pub response_header_modifier: Option<HeaderModifier>,
+    pub request_redirect: Option<Redirect>,
+    #[serde(rename = "urlRewrite")]
+    pub url_rewrite: Option<UrlRewrite>,
+    pub request_mirror: Option<serde_yaml::Value>,
+    pub extension_ref: Option<serde_yaml::Value>,
+    pub cors: Option<serde_yaml::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeaderModifier {
+    pub set: Vec<Header>,
+    pub add: Vec<Header>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Header {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+    pub port: Option<u32>,
+    pub status_code: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct UrlRewrite {
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PathModifier {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub replace_full_path: Option<String>,
+    pub replace_prefix_match: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct BackendRef {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub port: Option<u32>,
+    pub weight: Option<u32>,
+    pub filters: Vec<Filter>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Timeouts {
+    pub request: Option<String>,
+    pub backend_request: Option<String>,
+}
+
+fn is_service(group: &Option<String>, kind: &Option<String>) -> bool {
+    matches!(group.as_deref(), None | Some("") | Some("core"))
+        && matches!(kind.as_deref(), None | Some("Service"))
+}
+
+/// The services (full hostnames) an HTTPRoute attaches to, with the port
+/// each parentRef narrows it to.
+pub fn parents(route: &HttpRoute, ns: &str) -> Result<Vec<(String, u32)>, String> {
+    if route.spec.parent_refs.is_empty() {
+        return Err("spec.parentRefs: a route for a waypoint names a Service parent".into());
+    }
+    route
+        .spec
+        .parent_refs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let pkind = p.kind.as_deref().unwrap_or("Gateway");
+            if !is_service(&p.group, &Some(pkind.to_string())) {
+                return Err(format!(
+                    "spec.parentRefs[{i}]: {pkind} parents (ingress gateways) are not served by Weft yet; use a Service parent"
+                ));
+            }
+            let pns = p.namespace.as_deref().unwrap_or(ns);
+            Ok((format!("{}.{pns}.svc.cluster.local", p.name), p.port.unwrap_or(0)))
+        })
+        .collect()
+}
+
+fn header_mod(m: &HeaderModifier) -> pb::HeaderOps {
+    let pairs = |v: &[Header]| {
+        v.iter()
+            .map(|h| pb::Header {
+                name: h.name.to_ascii_lowercase(),
+                value: h.value.clone(),
+            })
+            .collect()
+    };
+    pb::HeaderOps {
+        set: pairs(&m.set),
+        add: pairs(&m.add),
+        remove: m.remove.iter().map(|s| s.to_ascii_lowercase()).collect(),
+    }
+}
+
+fn string_match(kind: Option<&str>, value: &str, at: &str) -> Result<pb::StringMatch, String> {
+    let kind = match kind.unwrap_or("Exact") {
+        "Exact" => pb::string_match::Kind::Exact(value.to_string()),
+        "RegularExpression" => {
+            regex::Regex::new(value).map_err(|e| format!("{at}: bad regex: {e}"))?;
+            pb::string_match::Kind::Regex(value.to_string())
+        }
+        other => {
+            return Err(format!(
+                "{at}.type: {other:?} is not Exact or RegularExpression"
+            ));
+        }
+    };
+    Ok(pb::StringMatch {
+        kind: Some(kind),
+        ignore_case: false,
+    })
+}
+
+fn path_rewrite(p: &PathModifier, at: &str) -> Result<PathSpec, String> {
+    match (
+        p.kind.as_str(),
+        &p.replace_full_path,
+        &p.replace_prefix_match,
+    ) {
+        ("ReplaceFullPath", Some(f), _) => Ok(PathSpec::Full(f.clone())),
+        ("ReplacePrefixMatch", _, Some(r)) => Ok(PathSpec::Prefix(r.clone())),
+        (kind, _, _) => Err(format!("{at}.type: {kind:?} needs its replace field")),
+    }
+}
+
+enum PathSpec {
+    Full(String),
+    Prefix(String),
+}
+
+/// The rules of one HTTPRoute for a parent narrowed to `port` (0: all).
+pub fn rules(route: &HttpRoute, ns: &str, port: u32) -> Result<Vec<pb::Rule>, String> {
+    let mut out = Vec::new();
+    for (i, r) in route.spec.rules.iter().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        if r.retry.is_some() || r.session_persistence.is_some() {
+            return Err(format!(
+                "{at}: retry and sessionPersistence are not supported yet"
+            ));
+        }
+        let mut matches = Vec::new();
+        let defaults = [RouteMatch::default()];
+        let given = if r.matches.is_empty() {
+            &defaults[..]
+        } else {
+            &r.matches[..]
+        };
+        for (j, m) in given.iter().enumerate() {
+            let at = format!("{at}.matches[{j}]");
+            let path = match &m.path {
+                None => Some(pb::string_match::Kind::PathPrefix("/".into())),
+                Some(p) => {
+                    let value = p.value.clone().unwrap_or_else(|| "/".into());
+                    Some(match p.kind.as_deref().unwrap_or("PathPrefix") {
+                        "PathPrefix" => pb::string_match::Kind::PathPrefix(value),
+                        "Exact" => pb::string_match::Kind::Exact(value),
+                        "RegularExpression" => {
+                            regex::Regex::new(&value)
+                                .map_err(|e| format!("{at}.path: bad regex: {e}"))?;
+                            pb::string_match::Kind::Regex(value)
+                        }
+                        other => {
+                            return Err(format!(
+                                "{at}.path.type: {other:?} is not PathPrefix, Exact or RegularExpression"
+                            ));
+                        }
+                    })
+                }
+            };
+            let named = |v: &[NamedMatch], f: &str| {
+                v.iter()
+                    .enumerate()
+                    .map(|(k, h)| {
+                        Ok((
+                            h.name.clone(),
+                            string_match(h.kind.as_deref(), &h.value, &format!("{at}.{f}[{k}]"))?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, String>>()
+            };
+            matches.push(pb::RequestMatch {
+                path: path.map(|k| pb::StringMatch {
+                    kind: Some(k),
+                    ignore_case: false,
+                }),
+                method: m.method.as_ref().map(|v| pb::StringMatch {
+                    kind: Some(pb::string_match::Kind::Exact(v.clone())),
+                    ignore_case: false,
+                }),
+                headers: named(&m.headers, "headers")?
+                    .into_iter()
+                    .map(|(name, value)| pb::HeaderMatch {
+                        name: name.to_ascii_lowercase(),
+                        value: Some(value),
+                    })
+                    .collect(),
+                without_headers: Vec::new(),
+                query_params: named(&m.query_params, "queryParams")?
+                    .into_iter()
+                    .map(|(name, value)| pb::QueryMatch {
+                        name,
+                        value: Some(value),
+                    })
+                    .collect(),
+                port,
+                authority: None,
+            });
+        }
+        let mut request_headers = None;
+        let mut response_headers = None;
+        let mut redirect = None;
+        let mut rewrite = None;
+        for (k, f) in r.filters.iter().enumerate() {
+            let fat = format!("{at}.filters[{k}]");
+            match (f.kind.as_str(), f) {
+                (
+                    "RequestHeaderModifier",
+                    Filter {
+                        request_header_modifier: Some(m),
+                        ..
+                    },
+                ) => request_headers = Some(header_mod(m)),
+                (
+                    "ResponseHeaderModifier",
+                    Filter {
+                        response_header_modifier: Some(m),
+                        ..
+                    },
+                ) => response_headers = Some(header_mod(m)),
+                (
+                    "RequestRedirect",
+                    Filter {
+                        request_redirect: Some(rd),
+                        ..
+                    },
+                ) => {
+                    let path = rd
+                        .path
+                        .as_ref()
+                        .map(|p| path_rewrite(p, &format!("{fat}.requestRedirect.path")))
+                        .transpose()?;
+                    redirect = Some(pb::Redirect {
+                        scheme: rd.scheme.clone().unwrap_or_default(),
+                        authority: rd.hostname.clone().unwrap_or_default(),
+                        port: rd.port.unwrap_or(0),
+                        path: path.map(|p| match p {
+                            PathSpec::Full(s) => pb::redirect::Path::FullPath(s),
+                            PathSpec::Prefix(s) => pb::redirect::Path::Prefix(s),
+                        }),
+                        status: rd.status_code.unwrap_or(302),
+                    });
+                }
+                (
+                    "URLRewrite",
+                    Filter {
+                        url_rewrite: Some(u),
+                        ..
+                    },
+                ) => {
+                    let path = u
+                        .path
+                        .as_ref()
+                        .map(|p| path_rewrite(p, &format!("{fat}.urlRewrite.path")))
+                        .transpose()?;
+                    rewrite = Some(pb::Rewrite {
+                        path: path.map(|p| match p {
+                            PathSpec::Full(s) => pb::rewrite::Path::FullPath(s),
+                            PathSpec::Prefix(s) => pb::rewrite::Path::Prefix(s),
+                        }),
+                        authority: u.hostname.clone().unwrap_or_default(),
+                    });
+                }
+                (kind, _) => {
+                    return Err(format!(
+                        "{fat}: {kind:?} is not supported (RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite), or its field is missing"
+                    ));
+                }
+            }
+        }
+        let action = if let Some(rd) = redirect {
+            if !r.backend_refs.is_empty() {
+                return Err(format!("{at}: a RequestRedirect rule has no backendRefs"));
+            }
+            pb::rule::Action::Redirect(rd)
+        } else if r.backend_refs.is_empty() {
+            // Gateway API: a rule with nowhere to go answers 500.
+            pb::rule::Action::DirectResponse(pb::DirectResponse {
+                status: 500,
+                body: Vec::new(),
+            })
+        } else {
+            let mut backends = Vec::new();
+            for (k, b) in r.backend_refs.iter().enumerate() {
+                let bat = format!("{at}.backendRefs[{k}]");
+                if !is_service(&b.group, &b.kind) {
+                    return Err(format!("{bat}: only Service backends are supported"));
+                }
+                if !b.filters.is_empty() {
+                    return Err(format!(
+                        "{bat}.filters: per-backend filters are not supported yet"
+                    ));
+                }
+                let bns = b.namespace.clone().unwrap_or_else(|| ns.to_string());
+                backends.push(pb::Backend {
+                    hostname: format!("{}.{bns}.svc.cluster.local", b.name),
+                    namespace: bns,
+                    subset: String::new(),
+                    port: b
+                        .port
+                        .ok_or_else(|| format!("{bat}.port: required for a Service backend"))?,
+                    weight: b.weight.unwrap_or(1),
+                    request_headers: None,
+                    response_headers: None,
+                });
+            }
+            if backends.iter().all(|b| b.weight == 0) {
+                // Gateway API: every weight 0 answers 500.
+                pb::rule::Action::DirectResponse(pb::DirectResponse {
+                    status: 500,
+                    body: Vec::new(),
+                })
+            } else {
+                pb::rule::Action::Forward(pb::Forward { backends })
+            }
+        };
+        let timeout_ms = match r
+            .timeouts
+            .as_ref()
+            .and_then(|t| t.request.as_ref().or(t.backend_request.as_ref()))
+        {
+            None => 0,
+            Some(t) => duration_ms(t)
+                .ok_or_else(|| format!("{at}.timeouts: {t:?} is not a duration like 5s"))?,
+        };
+        out.push(pb::Rule {
+            name: r.name.clone().unwrap_or_else(|| {
+                format!(
+                    "{ns}/{}.{i}",
+                    route.metadata.name.as_deref().unwrap_or_default()
+                )
+            }),
+            matches,
+            action: Some(action),
+            request_headers,
+            response_headers,
+            rewrite,
+            timeout_ms,
+        });
+    }
+    // Gateway API precedence among rules: an exact path before a prefix,
+    // longer prefixes first, then more header matches. Rules are tried in
+    // order, so sort by their most specific match.
+    out.sort_by_key(|r| std::cmp::Reverse(specificity(r)));
+    Ok(out)
+}
+
+fn specificity(r: &pb::Rule) -> (u8, usize, usize, usize) {
+    r.matches
+        .iter()
+        .map(|m| {
+            let (kind, len) = match m.path.as_ref().and_then(|p| p.kind.as_ref()) {
+                Some(pb::string_match::Kind::Exact(p)) => (3, p.len()),
+                Some(pb::string_match::Kind::Regex(p)) => (2, p.len()),
+                Some(pb::string_match::Kind::PathPrefix(p) | pb::string_match::Kind::Prefix(p)) => {
+                    (1, p.len())
+                }
+                None => (0, 0),
+            };
+            (
+                kind,
+                len,
+                m.headers.len() + usize::from(m.method.is_some()),
+                m.query_params.len(),
+            )
+        })
+        .max()
+        .unwrap_or_default()
+}
