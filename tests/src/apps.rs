@@ -32,6 +32,9 @@ pub enum App {
     /// and the request's `x-forwarded-for` and `x-*` headers, one per line,
     /// to every request.
     Http,
+    /// HTTP/1.1 that accepts an `Upgrade` (WebSocket's handshake) with 101
+    /// and then echoes the raw bytes.
+    Upgrade,
 }
 
 /// A server running in a pod; stops when dropped.
@@ -215,6 +218,33 @@ fn handle(mut conn: TcpStream, peer: SocketAddr, app: App, pod: &str) -> io::Res
         }
         App::WhoAmI => {
             writeln!(conn, "{peer}")?;
+        }
+        App::Upgrade => {
+            let mut reader = BufReader::new(conn.try_clone()?);
+            let mut upgrade = false;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+                    break;
+                }
+                upgrade |= h.to_ascii_lowercase().starts_with("upgrade:");
+            }
+            if !upgrade {
+                write!(
+                    conn,
+                    "HTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\n\r\n"
+                )?;
+                return Ok(());
+            }
+            write!(
+                conn,
+                "HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n"
+            )?;
+            // Whatever the reader buffered past the head, then the rest.
+            let buffered = reader.buffer().to_vec();
+            conn.write_all(&buffered)?;
+            let mut r = reader.into_inner();
+            io::copy(&mut r, &mut conn)?;
         }
         App::Http => {
             let mut reader = BufReader::new(conn.try_clone()?);
@@ -433,5 +463,190 @@ fn parse_response(text: &str) -> Result<HttpResponse> {
         status,
         headers,
         body: body.to_string(),
+    })
+}
+
+/// An HTTP/2 (h2c, prior knowledge) server in `pod` on `port`, as a gRPC
+/// service answers: the request body echoed back after a line
+/// `hello from <pod> over HTTP/2, path <path>`, then trailers
+/// `grpc-status: 0` and `x-echoed-bytes: <n>`. Stops when the returned
+/// sender is dropped.
+pub fn serve_h2(pod: &LabPod, port: u16) -> Result<tokio::sync::oneshot::Sender<()>> {
+    use http_body_util::BodyExt;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let name = pod.name.clone();
+    pod.netns.spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let listener = match tokio::net::TcpListener::bind(("0.0.0.0", port)).await {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return Ok(());
+                }
+            };
+            let serve = async {
+                loop {
+                    let Ok((conn, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let name = name.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(
+                            move |req: hyper::Request<hyper::body::Incoming>| {
+                                let name = name.clone();
+                                async move {
+                                    let path = req.uri().path().to_string();
+                                    let body = req
+                                        .into_body()
+                                        .collect()
+                                        .await
+                                        .map(|b| b.to_bytes())
+                                        .unwrap_or_default();
+                                    let n = body.len();
+                                    let mut out =
+                                        format!("hello from {name} over HTTP/2, path {path}\n")
+                                            .into_bytes();
+                                    out.extend_from_slice(&body);
+                                    let mut trailers = http::HeaderMap::new();
+                                    trailers
+                                        .insert("grpc-status", http::HeaderValue::from_static("0"));
+                                    if let Ok(v) = http::HeaderValue::from_str(&n.to_string()) {
+                                        trailers.insert("x-echoed-bytes", v);
+                                    }
+                                    let body = http_body_util::Full::new(bytes::Bytes::from(out))
+                                        .with_trailers(async move { Some(Ok(trailers)) });
+                                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                                }
+                            },
+                        );
+                        let _ = hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(hyper_util::rt::TokioIo::new(conn), service)
+                        .await;
+                    });
+                }
+            };
+            tokio::select! {
+                _ = serve => {}
+                _ = stop_rx => {}
+            }
+            Ok(())
+        })
+    })?;
+    ready_rx
+        .recv()?
+        .with_context(|| format!("binding h2 port {port}"))?;
+    Ok(stop_tx)
+}
+
+/// An HTTP/2 response as a client saw it, trailers included.
+#[derive(Debug, Clone)]
+pub struct H2Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub trailers: http::HeaderMap,
+}
+
+/// Sends one HTTP/2 (prior knowledge) POST of `body` from inside `pod` to
+/// `dst`, streamed in `chunks` pieces, and reads the whole response.
+pub fn h2_post(
+    pod: &LabPod,
+    dst: SocketAddr,
+    path: &str,
+    body: Vec<u8>,
+    chunks: usize,
+) -> Result<H2Response> {
+    use http_body_util::{BodyExt, StreamBody};
+    let uri: http::Uri = format!("http://{dst}{path}").parse()?;
+    pod.netns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let tcp = tokio::net::TcpStream::connect(dst).await?;
+            let (mut send, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tcp),
+            )
+            .await?;
+            tokio::spawn(conn);
+            // The body goes out in pieces, as a client stream does.
+            let (tx, rx) = tokio::sync::mpsc::channel::<
+                Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+            >(4);
+            let size = body.len().div_ceil(chunks.max(1)).max(1);
+            let pieces: Vec<bytes::Bytes> = body
+                .chunks(size)
+                .map(bytes::Bytes::copy_from_slice)
+                .collect();
+            tokio::spawn(async move {
+                for p in pieces {
+                    if tx.send(Ok(hyper::body::Frame::data(p))).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let stream = ReceiverStream(rx);
+            let req = http::Request::post(uri)
+                .header("content-type", "application/grpc")
+                .body(StreamBody::new(stream))?;
+            let resp =
+                tokio::time::timeout(Duration::from_secs(20), send.send_request(req)).await??;
+            let status = resp.status().as_u16();
+            let collected = resp.into_body().collect().await?;
+            let trailers = collected.trailers().cloned().unwrap_or_default();
+            Ok(H2Response {
+                status,
+                body: collected.to_bytes().to_vec(),
+                trailers,
+            })
+        })
+    })
+}
+
+/// An mpsc receiver as the `Stream` a `StreamBody` reads.
+struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
+
+impl<T> futures_core::Stream for ReceiverStream<T> {
+    type Item = T;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// Opens an HTTP/1.1 upgrade (WebSocket's handshake) from `pod` to `dst`,
+/// then sends `payload` on the upgraded connection and returns what came
+/// back, with the response status line.
+pub fn upgrade_echo(pod: &LabPod, dst: SocketAddr, payload: &[u8]) -> Result<(String, Vec<u8>)> {
+    let payload = payload.to_vec();
+    client(pod, dst, move |mut conn| {
+        write!(
+            conn,
+            "GET /ws HTTP/1.1\r\nhost: {dst}\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )?;
+        let mut reader = BufReader::new(conn.try_clone()?);
+        let mut status = String::new();
+        reader.read_line(&mut status)?;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 || h == "\r\n" {
+                break;
+            }
+        }
+        conn.write_all(&payload)?;
+        let mut got = vec![0u8; payload.len()];
+        reader.read_exact(&mut got)?;
+        Ok((status.trim().to_string(), got))
     })
 }

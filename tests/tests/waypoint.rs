@@ -426,3 +426,77 @@ spec:
     }
     lab.teardown()
 }
+
+/// HTTP/2 and gRPC through the waypoint (sniffed from the preface): a
+/// streamed request body echoed back, trailers intact; and a WebSocket
+/// upgrade, whose bytes then flow both ways.
+#[test]
+fn h2_grpc_and_websocket_through_the_waypoint() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("waypoint-h2", MESH))?;
+    let _h2 = apps::serve_h2(lab.pod("bookinfo/reviews-v1"), 9080)?;
+    let _h2b = apps::serve_h2(lab.pod("bookinfo/reviews-v2"), 9080)?;
+    let client = lab.pod("bookinfo/productpage");
+    let body: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let r = apps::h2_post(
+        client,
+        "10.96.0.22:9080".parse()?,
+        "/echo.Echo/Stream",
+        body.clone(),
+        64,
+    )?;
+    ensure!(r.status == 200, "{}", lab.waypoint_log(WAYPOINT_POD));
+    let head = b"hello from reviews-v1 over HTTP/2, path /echo.Echo/Stream\n";
+    ensure!(
+        r.body.starts_with(head),
+        "{:?}",
+        String::from_utf8_lossy(&r.body[..80.min(r.body.len())])
+    );
+    ensure!(
+        r.body[head.len()..] == body[..],
+        "the 1 MB stream comes back intact"
+    );
+    ensure!(
+        r.trailers.get("grpc-status").is_some_and(|v| v == "0"),
+        "trailers: {:?}",
+        r.trailers
+    );
+    ensure!(
+        r.trailers
+            .get("x-echoed-bytes")
+            .is_some_and(|v| v == "1000000"),
+        "trailers: {:?}",
+        r.trailers
+    );
+    let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+    ensure!(
+        metric_sum(
+            &text,
+            "istio_requests_total",
+            &[
+                ("destination_service_name", "reviews-v1"),
+                ("response_code", "200")
+            ]
+        ) >= 1.0,
+        "counted"
+    );
+    drop(_h2);
+    drop(_h2b);
+
+    let _ws = apps::serve(lab.pod("bookinfo/reviews-v2"), 9081, App::Upgrade)?;
+    lab.write_manifest(
+        "ws.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: chat, namespace: bookinfo}\n\
+         spec: {clusterIP: 10.96.0.24, selector: {app: reviews, version: v2}, ports: [{name: http-ws, port: 9081}]}\n",
+    )?;
+    eventually("the chat service is known", Duration::from_secs(5), || {
+        Ok(apps::upgrade_echo(client, "10.96.0.24:9081".parse()?, b"ping").is_ok())
+    })?;
+    let (status, echoed) = apps::upgrade_echo(
+        client,
+        "10.96.0.24:9081".parse()?,
+        b"frames after the upgrade",
+    )?;
+    ensure!(status.starts_with("HTTP/1.1 101"), "{status}");
+    ensure!(echoed == b"frames after the upgrade", "{echoed:?}");
+    lab.teardown()
+}

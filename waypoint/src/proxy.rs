@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -209,7 +209,19 @@ impl Conn {
             prefix: Bytes::from(buf),
             inner: io,
         };
-        if is_http1(&io.prefix) {
+        if io.prefix.starts_with(H2_PREFACE) {
+            let this = self.clone();
+            let service = service_fn(move |req| {
+                let this = this.clone();
+                async move { Ok::<_, Infallible>(this.request(req).await) }
+            });
+            let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(io), service)
+                .await;
+            if let Err(e) = served {
+                debug!(client = %self.client_ip, error = %e, "HTTP/2 connection ended");
+            }
+        } else if is_http1(&io.prefix) {
             let this = self.clone();
             let service = service_fn(move |req| {
                 let this = this.clone();
@@ -424,7 +436,10 @@ impl Conn {
         record.upstream = Some(ep.addr);
         record.destination_workload(&ep.workload);
 
-        // The request as the upstream gets it.
+        // The request as the upstream gets it. An upgrade (WebSocket) keeps
+        // the client's side of it, to join with the upstream's after a 101.
+        let mut req = req;
+        let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         if let Some(rw) = rule.and_then(|r| r.rewrite.as_ref()) {
             if let Some(p) = &rw.path {
@@ -459,6 +474,24 @@ impl Conn {
             b.request_headers.apply(&mut parts.headers);
         }
         append_forwarded_for(&mut parts.headers, self.client_ip);
+        if parts.version == http::Version::HTTP_2 {
+            // HTTP/2 upstream (the client's protocol, as Istio's default):
+            // the URI carries scheme and authority.
+            let host = parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+                .unwrap_or_else(|| authority.clone());
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            if let Ok(uri) = format!("http://{host}{pq}").parse() {
+                parts.uri = uri;
+            }
+        }
         let upstream_req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
 
         let timeout = rule.and_then(|r| r.timeout);
@@ -499,6 +532,21 @@ impl Conn {
                 );
             }
         };
+        let mut resp = resp;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((c, u)) => {
+                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    }
+                    Err(e) => debug!(error = %e, "upgrade failed"),
+                }
+            });
+        }
         let (mut parts, body) = resp.into_parts();
         if let Some(b) = backend {
             b.response_headers.apply(&mut parts.headers);
@@ -582,6 +630,19 @@ fn info_of<'a>(
     }
 }
 
+/// An HTTP/1.1 upgrade request (WebSocket).
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::UPGRADE)
+        && headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
 /// Appends the client to `X-Forwarded-For`, as Envoy does for the app and
 /// for the waypoint's own `remoteIpBlocks`.
 fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
@@ -645,10 +706,12 @@ fn roll() -> u64 {
     })
 }
 
+/// The start of the HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
 /// Whether the bytes so far could still be the start of an HTTP request.
 fn could_be_http(b: &[u8]) -> bool {
-    const PREFACE: &[u8] = b"PRI * HTTP/2.0";
-    if PREFACE.starts_with(&b[..b.len().min(PREFACE.len())]) {
+    if H2_PREFACE.starts_with(&b[..b.len().min(H2_PREFACE.len())]) {
         return true;
     }
     let token = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
@@ -728,6 +791,31 @@ impl Proxy {
         req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let key = (ep.addr, client);
+        if req.version() == http::Version::HTTP_2 {
+            let mut sender = match self.http.h2(&key) {
+                Some(s) => s,
+                None => {
+                    let io = self.upstream(ep, client).await?;
+                    let (sender, conn) = hyper::client::conn::http2::handshake(
+                        TokioExecutor::new(),
+                        TokioIo::new(io),
+                    )
+                    .await
+                    .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            debug!(error = %e, "upstream HTTP/2 connection ended");
+                        }
+                    });
+                    self.http.put_h2(key, sender.clone());
+                    sender
+                }
+            };
+            return sender
+                .send_request(req)
+                .await
+                .map_err(UpstreamError::Request);
+        }
         let mut sender = match self.http.take(&key) {
             Some(s) => s,
             None => {
@@ -761,13 +849,36 @@ impl Proxy {
 /// An upstream HTTP/1.1 connection, idle since when.
 type Idle = (Instant, SendRequest<Body>);
 
-/// Idle upstream HTTP/1.1 connections, by (endpoint, client).
+/// Idle upstream HTTP/1.1 connections, and the one shared HTTP/2
+/// connection, by (endpoint, client).
 #[derive(Debug, Default)]
 pub struct HttpPool {
     idle: Mutex<HashMap<(SocketAddr, IpAddr), Vec<Idle>>>,
+    h2: Mutex<HashMap<(SocketAddr, IpAddr), H2Sender>>,
 }
 
+type H2Sender = hyper::client::conn::http2::SendRequest<Body>;
+
 impl HttpPool {
+    fn h2(&self, key: &(SocketAddr, IpAddr)) -> Option<H2Sender> {
+        let mut h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        match h2.get(key) {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some(_) => {
+                h2.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put_h2(&self, key: (SocketAddr, IpAddr), s: H2Sender) {
+        self.h2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, s);
+    }
+
     fn take(&self, key: &(SocketAddr, IpAddr)) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(key)?;
@@ -789,13 +900,18 @@ impl HttpPool {
         }
     }
 
-    /// Drops connections idle too long, and keys left empty.
+    /// Drops connections idle too long or closed, and keys left empty.
     pub fn evict_idle(&self) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.retain(|_, list| {
             list.retain(|(at, s)| at.elapsed() < HTTP_IDLE && !s.is_closed());
             !list.is_empty()
         });
+        drop(idle);
+        self.h2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, s| !s.is_closed());
     }
 }
 
