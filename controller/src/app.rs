@@ -37,6 +37,9 @@ pub const ENV_TRUST_DOMAIN: &str = "TRUST_DOMAIN";
 pub const ENV_ROOT_NAMESPACE: &str = "ROOT_NAMESPACE";
 pub const ENV_METRICS_ADDR: &str = "METRICS_ADDR";
 pub const ENV_ZTUNNEL_SERVICE_ACCOUNT: &str = "ZTUNNEL_SERVICE_ACCOUNT";
+/// `false` lets mesh clients reach the endpoints of a service with L7
+/// policy directly, around its waypoint (Istio's behaviour).
+pub const ENV_L7_POLICY_WAYPOINT_ONLY: &str = "L7_POLICY_WAYPOINT_ONLY";
 
 /// How often the manifests directory is checked: changes land well within a second.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -138,6 +141,15 @@ impl Config {
             mesh: Mesh {
                 trust_domain: get(ENV_TRUST_DOMAIN).unwrap_or_else(|| "cluster.local".into()),
                 root_namespace: get(ENV_ROOT_NAMESPACE).unwrap_or_else(|| "istio-system".into()),
+                l7_policy_waypoint_only: match get(ENV_L7_POLICY_WAYPOINT_ONLY).as_deref() {
+                    None | Some("true") => true,
+                    Some("false") => false,
+                    Some(other) => {
+                        return Err(AppError::Config(format!(
+                            "{ENV_L7_POLICY_WAYPOINT_ONLY}={other:?}: want true or false"
+                        )));
+                    }
+                },
                 ..Mesh::default()
             },
         })

@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod bypass;
 pub mod ca;
 pub mod httproute;
 pub mod kinds;

@@ -252,7 +252,7 @@ fn order(meta: &ObjectMeta) -> (String, String, String) {
 
 /// The waypoint identities that serve `svc`: the service accounts of the
 /// pods behind the waypoint it is bound to.
-fn waypoint_scope(svc: &Service, cfg: &LocalConfig) -> Option<BTreeSet<Identity>> {
+pub(crate) fn waypoint_scope(svc: &Service, cfg: &LocalConfig) -> Option<BTreeSet<Identity>> {
     let r = svc.waypoint.as_ref()?;
     let wp = cfg
         .services

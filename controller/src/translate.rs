@@ -18,6 +18,10 @@ pub struct Mesh {
     pub cluster_id: String,
     /// Policies here without a selector apply to the whole mesh (Istio's root namespace).
     pub root_namespace: String,
+    /// With an L7 AuthorizationPolicy enforced for a service by its
+    /// waypoint, its endpoints admit mesh traffic only from that waypoint
+    /// (see `bypass`). `L7_POLICY_WAYPOINT_ONLY=false` turns it off.
+    pub l7_policy_waypoint_only: bool,
 }
 
 /// A resource left out of the output, and why.
@@ -38,6 +42,7 @@ impl Default for Mesh {
             trust_domain: "cluster.local".into(),
             cluster_id: "Kubernetes".into(),
             root_namespace: "istio-system".into(),
+            l7_policy_waypoint_only: true,
         }
     }
 }
@@ -178,6 +183,9 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
     let mut l7 = crate::routes::translate(snap, &out, previous.map(|t| &t.l7));
     let l7_statuses = crate::l7_policy::translate(snap, mesh, &out, &mut l7.resources);
     l7.statuses.extend(l7_statuses);
+    if mesh.l7_policy_waypoint_only {
+        crate::bypass::waypoint_only(&mut out, &l7.resources);
+    }
     Translation {
         config: out,
         errors,
