@@ -12,5 +12,5 @@ mod workload;
 pub use authz::Authorization;
 pub use identity::{Identity, IdentityError};
 pub use workload::{
-    Endpoint, LocalConfig, Service, ServicePort, TunnelProtocol, WaypointRef, Workload,
+    AppProtocol, Endpoint, LocalConfig, Service, ServicePort, TunnelProtocol, WaypointRef, Workload,
 };

@@ -85,6 +85,52 @@ impl WaypointRef {
 pub struct ServicePort {
     pub port: u16,
     pub target_port: u16,
+    /// The declared protocol (Istio's `appProtocol` or port-name rules).
+    #[serde(default)]
+    pub protocol: AppProtocol,
+}
+
+/// A service port's declared protocol, as Istio decides it from
+/// `appProtocol` or the port name's prefix; a waypoint sniffs `Unknown`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum AppProtocol {
+    #[default]
+    Unknown,
+    Http11,
+    Http2,
+    Grpc,
+    Tcp,
+    Tls,
+}
+
+impl AppProtocol {
+    /// Istio's rules: `appProtocol` first, else the port name (`http`,
+    /// `http-web`, `grpc-api`, `tcp`, …: the part before the first `-`).
+    pub fn declared(app_protocol: Option<&str>, port_name: Option<&str>) -> Self {
+        let of = |s: &str| match s.to_ascii_lowercase().as_str() {
+            "http" => AppProtocol::Http11,
+            "http2" | "kubernetes.io/h2c" => AppProtocol::Http2,
+            "grpc" | "grpc-web" => AppProtocol::Grpc,
+            "tcp" | "mongo" | "mysql" | "redis" => AppProtocol::Tcp,
+            "tls" | "https" | "kubernetes.io/wss" => AppProtocol::Tls,
+            _ => AppProtocol::Unknown,
+        };
+        if let Some(p) = app_protocol.map(of).filter(|p| *p != AppProtocol::Unknown) {
+            return p;
+        }
+        port_name
+            .map(|n| of(n.split('-').next().unwrap_or(n)))
+            .unwrap_or_default()
+    }
+
+    /// HTTP of some kind: the waypoint routes it.
+    pub fn is_http(self) -> bool {
+        matches!(
+            self,
+            AppProtocol::Http11 | AppProtocol::Http2 | AppProtocol::Grpc
+        )
+    }
 }
 
 /// A workload that backs a service, with the service-port → pod-port mapping resolved.
@@ -153,6 +199,24 @@ workloads:
   protocol: HBONE
 services: []
 "#;
+        assert_eq!(
+            AppProtocol::declared(None, Some("http-web")),
+            AppProtocol::Http11
+        );
+        assert_eq!(
+            AppProtocol::declared(Some("kubernetes.io/h2c"), Some("tcp")),
+            AppProtocol::Http2
+        );
+        assert_eq!(AppProtocol::declared(None, Some("grpc")), AppProtocol::Grpc);
+        assert_eq!(
+            AppProtocol::declared(None, Some("tcp-db")),
+            AppProtocol::Tcp
+        );
+        assert_eq!(
+            AppProtocol::declared(None, Some("web")),
+            AppProtocol::Unknown
+        );
+        assert_eq!(AppProtocol::declared(None, None), AppProtocol::Unknown);
         let cfg: LocalConfig = serde_yaml::from_str(yaml).unwrap();
         let w = &cfg.workloads[0];
         assert_eq!(w.protocol, TunnelProtocol::Hbone);

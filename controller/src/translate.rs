@@ -6,7 +6,9 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use weft_api::{Endpoint, Identity, LocalConfig, Service, ServicePort, TunnelProtocol, Workload};
+use weft_api::{
+    AppProtocol, Endpoint, Identity, LocalConfig, Service, ServicePort, TunnelProtocol, Workload,
+};
 
 use crate::policy::{self, Policies};
 use crate::{Snapshot, labels};
@@ -436,6 +438,7 @@ fn service(
         ports.push(ServicePort {
             port,
             target_port: number,
+            protocol: AppProtocol::declared(p.app_protocol.as_deref(), p.name.as_deref()),
         });
         targets.push((port, named));
     }

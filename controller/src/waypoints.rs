@@ -378,6 +378,7 @@ fn waypoint_service(
         ports: vec![ServicePort {
             port: HBONE_PORT,
             target_port: HBONE_PORT,
+            protocol: weft_api::AppProtocol::Unknown,
         }],
         endpoints,
         waypoint: None,

@@ -31,7 +31,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
-use weft_api::{Identity, Service, TunnelProtocol, Workload};
+use weft_api::{AppProtocol, Identity, Service, TunnelProtocol, Workload};
 use weft_hbone::client::{ConnectError, Pool};
 use weft_hbone::server::{ConnectRequest, ServeOptions, StreamBudget, forwarded_header};
 use weft_hbone::tls::{peer_identity, server_name};
@@ -45,9 +45,12 @@ use crate::state::{Endpoint, State, Store};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
-/// How long the first bytes of a connection may take to show whether it is
-/// HTTP; after that it is forwarded as TCP (a server-first protocol).
-const SNIFF_TIMEOUT: Duration = Duration::from_millis(100);
+/// On a port with no declared protocol: how long the first bytes may take
+/// to show whether it is HTTP; after that it is forwarded as TCP (a
+/// server-first protocol; declare it `tcp-…` to skip the wait).
+const SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
+/// On a port declared HTTP: how long a client may stay silent.
+const HTTP_FIRST_BYTES: Duration = Duration::from_secs(60);
 /// Idle upstream HTTP connections are closed after this long.
 const HTTP_IDLE: Duration = Duration::from_secs(90);
 /// Idle upstream HTTP connections kept per endpoint and client.
@@ -186,9 +189,27 @@ impl Proxy {
 impl Conn {
     /// Sniffs the protocol and serves the connection.
     async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self: Arc<Self>, mut io: S) {
+        // The service port's declared protocol decides, as in Istio; only
+        // an undeclared one is sniffed.
+        let declared = match &self.dest {
+            Dest::Service(svc) => svc
+                .ports
+                .iter()
+                .find(|p| p.port == self.target.port())
+                .map_or(AppProtocol::Unknown, |p| p.protocol),
+            Dest::Workload(_) => AppProtocol::Unknown,
+        };
+        if matches!(declared, AppProtocol::Tcp | AppProtocol::Tls) {
+            return self.forward_tcp(io).await;
+        }
+        let wait = if declared.is_http() {
+            HTTP_FIRST_BYTES
+        } else {
+            SNIFF_TIMEOUT
+        };
         let mut buf = vec![0u8; 64];
         let mut have = 0;
-        let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + wait;
         while have < 16 {
             match tokio::time::timeout_at(deadline, io.read(&mut buf[have..])).await {
                 Ok(Ok(0)) | Ok(Err(_)) => {
@@ -221,7 +242,7 @@ impl Conn {
             if let Err(e) = served {
                 debug!(client = %self.client_ip, error = %e, "HTTP/2 connection ended");
             }
-        } else if is_http1(&io.prefix) {
+        } else if is_http1(&io.prefix) || (declared.is_http() && !io.prefix.is_empty()) {
             let this = self.clone();
             let service = service_fn(move |req| {
                 let this = this.clone();

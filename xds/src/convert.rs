@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use weft_api::authz::{self, Action, Authorization, Scope, ServiceAccountMatch, StringMatch};
 use weft_api::{
-    Endpoint, LocalConfig, Service, ServicePort, TunnelProtocol, WaypointRef, Workload,
+    AppProtocol, Endpoint, LocalConfig, Service, ServicePort, TunnelProtocol, WaypointRef, Workload,
 };
 
 use crate::proto::security as sec;
@@ -161,7 +161,7 @@ fn service_to_proto(svc: &Service) -> pw::Service {
             .map(|p| pw::Port {
                 service_port: u32::from(p.port),
                 target_port: u32::from(p.target_port),
-                app_protocol: 0,
+                app_protocol: app_protocol_to_proto(p.protocol) as i32,
             })
             .collect(),
         subject_alt_names: Vec::new(),
@@ -169,6 +169,33 @@ fn service_to_proto(svc: &Service) -> pw::Service {
         // Every service here is a Kubernetes Service, which istiod always
         // marks canonical.
         canonical: true,
+    }
+}
+
+fn app_protocol_to_proto(p: AppProtocol) -> pw::AppProtocol {
+    match p {
+        AppProtocol::Unknown => pw::AppProtocol::Unknown,
+        AppProtocol::Http11 => pw::AppProtocol::Http11,
+        AppProtocol::Http2 => pw::AppProtocol::Http2,
+        AppProtocol::Grpc => pw::AppProtocol::Grpc,
+        AppProtocol::Tcp => pw::AppProtocol::Tcp,
+        AppProtocol::Tls => pw::AppProtocol::Tls,
+    }
+}
+
+/// An unknown value (a newer control plane) is read as Unknown: sniffed.
+fn port_app_protocol(v: i32) -> pw::AppProtocol {
+    pw::AppProtocol::try_from(v).unwrap_or(pw::AppProtocol::Unknown)
+}
+
+fn app_protocol_from_proto(p: pw::AppProtocol) -> AppProtocol {
+    match p {
+        pw::AppProtocol::Unknown => AppProtocol::Unknown,
+        pw::AppProtocol::Http11 => AppProtocol::Http11,
+        pw::AppProtocol::Http2 => AppProtocol::Http2,
+        pw::AppProtocol::Grpc => AppProtocol::Grpc,
+        pw::AppProtocol::Tcp => AppProtocol::Tcp,
+        pw::AppProtocol::Tls => AppProtocol::Tls,
     }
 }
 
@@ -406,11 +433,16 @@ pub fn service_from_proto(name: &str, p: pw::Service) -> Result<Service, Convert
         .ports
         .iter()
         .map(|port| {
+            let protocol = app_protocol_from_proto(port_app_protocol(port.app_protocol));
             match (
                 u16::try_from(port.service_port),
                 u16::try_from(port.target_port),
             ) {
-                (Ok(port), Ok(target_port)) if port != 0 => Ok(ServicePort { port, target_port }),
+                (Ok(port), Ok(target_port)) if port != 0 => Ok(ServicePort {
+                    port,
+                    target_port,
+                    protocol,
+                }),
                 _ => Err(err(
                     "ports",
                     format!(
@@ -674,6 +706,7 @@ mod tests {
                 ports: vec![ServicePort {
                     port: 80,
                     target_port: 8080,
+                    protocol: AppProtocol::Http2,
                 }],
                 endpoints: vec![Endpoint {
                     workload_uid: "Kubernetes//Pod/shop/web-1".into(),

@@ -465,6 +465,7 @@ mod tests {
             ports: vec![ServicePort {
                 port: 80,
                 target_port: 8080,
+                protocol: weft_api::AppProtocol::Unknown,
             }],
             endpoints: vec![ep(&b), ep(&c)],
             waypoint: None,
@@ -486,6 +487,7 @@ mod tests {
             ports: vec![ServicePort {
                 port: 15008,
                 target_port: 15008,
+                protocol: weft_api::AppProtocol::Unknown,
             }],
             endpoints: vec![Endpoint {
                 workload_uid: wp.uid.clone(),
