@@ -521,6 +521,13 @@ impl Lab {
             );
         }
         let mut next: BTreeMap<String, u8> = BTreeMap::new();
+        // Addresses the scenario gave are never handed out again.
+        let taken: std::collections::BTreeSet<String> = self
+            .snapshot
+            .pods
+            .values()
+            .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+            .collect();
         for (i, pod) in self.snapshot.pods.values_mut().enumerate() {
             let spec = pod.spec.get_or_insert_with(PodSpec::default);
             let node = spec
@@ -531,10 +538,16 @@ impl Lab {
             let status = pod.status.get_or_insert_with(PodStatus::default);
             if status.pod_ip.is_none() {
                 let host = next.entry(node).or_insert(10);
-                status.pod_ip = Some(Ipv4Addr::new(10, 244, idx as u8 + 1, *host).to_string());
-                *host = host
-                    .checked_add(1)
-                    .ok_or_else(|| anyhow!("too many pods on a node"))?;
+                loop {
+                    let ip = Ipv4Addr::new(10, 244, idx as u8 + 1, *host).to_string();
+                    *host = host
+                        .checked_add(1)
+                        .ok_or_else(|| anyhow!("too many pods on a node"))?;
+                    if !taken.contains(&ip) {
+                        status.pod_ip = Some(ip);
+                        break;
+                    }
+                }
             }
         }
         // Keep an explicit Node list so node_names() is stable.

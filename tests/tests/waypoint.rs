@@ -168,9 +168,13 @@ fn virtual_service_routes_through_the_waypoint() -> Result<()> {
         Ok(get(&lab, "/", &[("end-user", "jason")])
             .is_ok_and(|r| r.status == 200 && served_by(&r) == "reviews-v2"))
     })?;
-    for _ in 0..20 {
+    for _ in 0..200 {
         let r = get(&lab, "/", &[("end-user", "jason")])?;
-        ensure!(served_by(&r) == "reviews-v2", "jason always gets v2: {r:?}");
+        ensure!(
+            served_by(&r) == "reviews-v2",
+            "jason always gets v2: {r:?}\n{}",
+            lab.waypoint_log(WAYPOINT_POD)
+        );
     }
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
     for _ in 0..200 {
