@@ -650,3 +650,54 @@ pub fn upgrade_echo(pod: &LabPod, dst: SocketAddr, payload: &[u8]) -> Result<(St
         Ok((status.trim().to_string(), got))
     })
 }
+
+/// A small HTTP/1.1 and HTTP/2 (h2c) server, forever: `hello from <name>\n`
+/// to every request, keep-alive. For benches, in a process of its own so
+/// its CPU is counted apart.
+pub fn http_backend_forever(port: u16, name: &str) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let body = bytes::Bytes::from(format!("hello from {name}\n"));
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+            .await
+            .with_context(|| format!("binding port {port}"))?;
+        loop {
+            let Ok((conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = conn.set_nodelay(true);
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut first = [0u8; 3];
+                let h2 = conn
+                    .peek(&mut first)
+                    .await
+                    .is_ok_and(|n| n == 3 && &first == b"PRI");
+                let service = hyper::service::service_fn(
+                    move |_req: hyper::Request<hyper::body::Incoming>| {
+                        let body = body.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(body),
+                            ))
+                        }
+                    },
+                );
+                let io = hyper_util::rt::TokioIo::new(conn);
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(io, service)
+                    .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                }
+            });
+        }
+    })
+}

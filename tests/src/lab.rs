@@ -54,6 +54,8 @@ pub struct LabOptions {
     pub ztunnel_env: Vec<(String, String)>,
     /// Extra environment for the controller.
     pub controller_env: Vec<(String, String)>,
+    /// Extra environment for every waypoint.
+    pub waypoint_env: Vec<(String, String)>,
 }
 
 /// A node of the lab.
@@ -107,6 +109,7 @@ impl LabOptions {
             bin_dir: bin_dir(),
             ztunnel_env: Vec::new(),
             controller_env: Vec::new(),
+            waypoint_env: Vec::new(),
         }
     }
 
@@ -460,6 +463,9 @@ impl Lab {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        for (k, v) in &self.opts.waypoint_env {
+            cmd.env(k, v);
+        }
         die_with_parent(&mut cmd);
         let child = cmd.spawn().context("starting the waypoint")?;
         self.waypoints.insert(key.to_string(), child);
@@ -488,6 +494,12 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The pid of the waypoint in pod `key` (through `ip netns exec`, which
+    /// execs it: the same process).
+    pub fn waypoint_pid(&self, key: &str) -> Option<u32> {
+        self.waypoints.get(key).map(Child::id)
     }
 
     /// The waypoint's Prometheus text (`istio_requests_total`, …).

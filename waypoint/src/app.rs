@@ -130,6 +130,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     info!(address = %cfg.listen_addr, identity = %cfg.identity, "waypoint ready");
     ready.store(true, Ordering::Release);
     let serving = tokio::spawn(proxy.clone().serve_hbone(listener));
+    if let Some((addr, target)) = cfg.plain_http {
+        let plain = admin::reuse_port_listener(addr, false).map_err(|source| AppError::Bind {
+            what: "plain HTTP (benchmarks)",
+            source,
+        })?;
+        warn!(address = %addr, %target, "plain HTTP listener for benchmarks: no TLS, no client identity");
+        tokio::spawn(proxy.clone().serve_plain(plain, target));
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {

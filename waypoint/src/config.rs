@@ -22,6 +22,9 @@ pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
 pub const ENV_STATS_ADDR: &str = "STATS_ADDR";
 pub const ENV_READINESS_ADDR: &str = "READINESS_ADDR";
 pub const ENV_CERT_TTL: &str = "CERT_TTL_SECONDS";
+/// Benchmarks only: plain HTTP here, handled as CONNECTs to `PLAIN_HTTP_TARGET`.
+pub const ENV_PLAIN_HTTP_ADDR: &str = "PLAIN_HTTP_ADDR";
+pub const ENV_PLAIN_HTTP_TARGET: &str = "PLAIN_HTTP_TARGET";
 pub const ENV_DRAIN_DURATION: &str = "DRAIN_DURATION";
 
 const DEFAULT_XDS_SERVER_NAME: &str = "weft-controller.istio-system.svc";
@@ -52,6 +55,8 @@ pub struct Config {
     pub stats_addr: SocketAddr,
     /// Readiness: `/healthz/ready`.
     pub readiness_addr: SocketAddr,
+    /// Benchmarks only: (listen address, the VIP:port every connection reaches).
+    pub plain_http: Option<(SocketAddr, SocketAddr)>,
     pub cert_ttl: Duration,
     pub drain_duration: Duration,
 }
@@ -89,6 +94,21 @@ impl Config {
             ENV_READINESS_ADDR,
             or(ENV_READINESS_ADDR, DEFAULT_READINESS_ADDR),
         );
+        let plain_http = match (get(ENV_PLAIN_HTTP_ADDR), get(ENV_PLAIN_HTTP_TARGET)) {
+            (Some(a), Some(t)) => {
+                match (addr(ENV_PLAIN_HTTP_ADDR, a), addr(ENV_PLAIN_HTTP_TARGET, t)) {
+                    (Some(a), Some(t)) => Some((a, t)),
+                    _ => None,
+                }
+            }
+            (None, None) => None,
+            _ => {
+                errors.push(format!(
+                    "{ENV_PLAIN_HTTP_ADDR} and {ENV_PLAIN_HTTP_TARGET} go together"
+                ));
+                None
+            }
+        };
         let mut seconds = |name: &str, default: Duration| {
             let v = or(name, &default.as_secs().to_string());
             v.parse::<u64>()
@@ -133,6 +153,7 @@ impl Config {
                 listen_addr,
                 stats_addr,
                 readiness_addr,
+                plain_http,
                 cert_ttl,
                 drain_duration,
             }),

