@@ -20,6 +20,7 @@ use weft_xds::grpc::Server;
 use crate::Snapshot;
 use crate::auth::{Authenticator, NodeTokens};
 use crate::ca::{MeshCa, MeshCaError};
+use crate::deploy::{self, WaypointGateway};
 use crate::kubernetes::{self, KubeSource, StatusWriter, TokenReviewer};
 use crate::metrics::{Metrics, TypeLabels};
 use crate::policy::Status;
@@ -40,6 +41,16 @@ pub const ENV_ZTUNNEL_SERVICE_ACCOUNT: &str = "ZTUNNEL_SERVICE_ACCOUNT";
 /// `false` lets mesh clients reach the endpoints of a service with L7
 /// policy directly, around its waypoint (Istio's behaviour).
 pub const ENV_L7_POLICY_WAYPOINT_ONLY: &str = "L7_POLICY_WAYPOINT_ONLY";
+/// Kubernetes mode: the image of the waypoint Deployments the controller makes.
+pub const ENV_WAYPOINT_IMAGE: &str = "WAYPOINT_IMAGE";
+/// Kubernetes mode: the controller's address as waypoint pods dial it.
+pub const ENV_WAYPOINT_XDS_ADDRESS: &str = "WAYPOINT_XDS_ADDRESS";
+const DEFAULT_WAYPOINT_IMAGE: &str = "weft/waypoint:latest";
+const DEFAULT_WAYPOINT_XDS_ADDRESS: &str = "weft-controller.istio-system.svc:15012";
+
+fn get_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
 
 /// How often the manifests directory is checked: changes land well within a second.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -195,8 +206,19 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 Some(source.pods()),
             ));
             let (tx, rx) = watch::channel(Vec::new());
-            tokio::spawn(write_statuses(StatusWriter::new(client), rx));
-            (Source::Kubernetes(Box::new(source), tx), auth, ca)
+            tokio::spawn(write_statuses(StatusWriter::new(client.clone()), rx));
+            let (wtx, wrx) = watch::channel(Vec::new());
+            let settings = deploy::Settings {
+                image: get_env(ENV_WAYPOINT_IMAGE).unwrap_or_else(|| DEFAULT_WAYPOINT_IMAGE.into()),
+                xds_address: get_env(ENV_WAYPOINT_XDS_ADDRESS)
+                    .unwrap_or_else(|| DEFAULT_WAYPOINT_XDS_ADDRESS.into()),
+                trust_domain: cfg.mesh.trust_domain.clone(),
+            };
+            tokio::spawn(deploy_waypoints(
+                deploy::Deployer::new(client, settings),
+                wrx,
+            ));
+            (Source::Kubernetes(Box::new(source), tx, wtx), auth, ca)
         }
     };
     let (cert, key) = ca
@@ -268,8 +290,13 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 /// Where the publisher reads from.
 enum Source {
     Manifests(ManifestsDir),
-    /// With where each translation's statuses go to be written back.
-    Kubernetes(Box<KubeSource>, watch::Sender<Vec<(Status, Option<i64>)>>),
+    /// With where each translation's statuses go to be written back, and
+    /// the waypoint Gateways to deploy.
+    Kubernetes(
+        Box<KubeSource>,
+        watch::Sender<Vec<(Status, Option<i64>)>>,
+        watch::Sender<Vec<WaypointGateway>>,
+    ),
 }
 
 impl Source {
@@ -283,13 +310,24 @@ impl Source {
                     None
                 }
             },
-            Source::Kubernetes(k, _) => k.poll(),
+            Source::Kubernetes(k, _, _) => k.poll(),
         }
     }
 }
 
 /// How long to wait for the security.istio.io kinds to list before serving without them.
 const ISTIO_CRD_GRACE: Duration = Duration::from_secs(10);
+
+/// Deploys each waypoint Gateway's objects as the set changes.
+async fn deploy_waypoints(
+    mut deployer: deploy::Deployer,
+    mut rx: watch::Receiver<Vec<WaypointGateway>>,
+) {
+    while rx.changed().await.is_ok() {
+        let gateways = rx.borrow_and_update().clone();
+        deployer.apply(&gateways).await;
+    }
+}
 
 /// Writes each translation's statuses back, newest first; a slow API server
 /// delays status, never the data plane.
@@ -364,7 +402,25 @@ impl Publisher {
         }
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status_json(&t);
         publish.send_replace(Arc::new(next));
-        if let Source::Kubernetes(_, statuses) = source {
+        if let Source::Kubernetes(_, statuses, waypoints) = source {
+            let gateways = crate::waypoints::waypoints(&snap)
+                .0
+                .into_values()
+                .map(|w| WaypointGateway {
+                    uid: snap
+                        .gateways
+                        .get(&w.key())
+                        .and_then(|g| g.metadata.uid.clone())
+                        .unwrap_or_default(),
+                    namespace: w.namespace,
+                    name: w.name,
+                })
+                .collect();
+            waypoints.send_if_modified(|cur| {
+                let changed = *cur != gateways;
+                *cur = gateways;
+                changed
+            });
             let generation = |s: &Status| {
                 crate::kinds::generation(&snap, s.kind, &format!("{}/{}", s.namespace, s.name))
             };

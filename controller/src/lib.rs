@@ -11,6 +11,7 @@ pub mod app;
 pub mod auth;
 pub mod bypass;
 pub mod ca;
+pub mod deploy;
 pub mod httproute;
 pub mod kinds;
 pub mod kubernetes;

@@ -161,6 +161,10 @@ impl Fake {
             self.secrets.lock().unwrap().insert(name, sent.clone());
             return reply(StatusCode::CREATED, &sent);
         }
+        if parts.method == Method::PATCH && !path.ends_with("/status") {
+            // Server-side apply: the object as applied.
+            return reply(StatusCode::OK, &sent);
+        }
         if parts.method == Method::PATCH && path.ends_with("/status") {
             let segs: Vec<&str> = path.split('/').collect();
             let (ns, name) = (segs[5], segs[7]);
@@ -482,4 +486,69 @@ async fn ca_root_in_a_secret() {
         .unwrap();
     assert_eq!(plugged.root_pem(), root.cert_pem());
     assert_eq!(creates(&fake), 0, "nothing is created when cacerts exists");
+}
+
+/// Kubernetes mode: a waypoint Gateway gets a ServiceAccount, Service and
+/// Deployment owned by it (server-side apply as weft-controller, non-root,
+/// never captured) and its status; nothing is written again unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_deployed_for_its_gateway() {
+    use weft_controller::deploy::{Deployer, Settings, WaypointGateway};
+    let (client, fake) = mock_client();
+    let mut deployer = Deployer::new(
+        client,
+        Settings {
+            image: "weft/waypoint:dev".into(),
+            xds_address: "weft-controller.istio-system.svc:15012".into(),
+            trust_domain: "cluster.local".into(),
+        },
+    );
+    let gw = WaypointGateway {
+        namespace: "shop".into(),
+        name: "waypoint".into(),
+        uid: "uid-1".into(),
+    };
+    deployer.apply(std::slice::from_ref(&gw)).await;
+    let writes = fake.writes();
+    let find = |suffix: &str| {
+        writes
+            .iter()
+            .find(|(m, p, _)| *m == Method::PATCH && p.ends_with(suffix))
+            .map(|(_, _, body)| body.clone())
+            .unwrap_or_else(|| panic!("no PATCH of {suffix}: {writes:?}"))
+    };
+    let sa = find("/api/v1/namespaces/shop/serviceaccounts/waypoint");
+    let svc = find("/api/v1/namespaces/shop/services/waypoint");
+    let dep = find("/apis/apps/v1/namespaces/shop/deployments/waypoint");
+    let status =
+        find("/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/waypoint/status");
+    for obj in [&sa, &svc, &dep] {
+        assert_eq!(
+            obj["metadata"]["ownerReferences"][0]["uid"], "uid-1",
+            "{obj}"
+        );
+        assert_eq!(obj["metadata"]["labels"]["istio.io/dataplane-mode"], "none");
+    }
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "waypoint");
+    assert_eq!(
+        pod["containers"][0]["securityContext"]["runAsNonRoot"],
+        true
+    );
+    assert_eq!(pod["containers"][0]["image"], "weft/waypoint:dev");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 15008);
+    let types: Vec<&str> = status["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["Accepted", "Programmed"]);
+    assert_eq!(
+        status["status"]["addresses"][0]["value"],
+        "waypoint.shop.svc.cluster.local"
+    );
+    let n = fake.writes().len();
+    deployer.apply(std::slice::from_ref(&gw)).await;
+    assert_eq!(fake.writes().len(), n, "unchanged: nothing written again");
 }

@@ -38,8 +38,9 @@ pub const MAX_STREAMS: usize = 20_000;
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The controller: delta xDS and the CA.
-    pub xds_address: SocketAddr,
+    /// The controller: delta xDS and the CA, `ip:port` or `host:port`
+    /// (resolved at start: a Service name).
+    pub xds_address: String,
     pub xds_server_name: String,
     /// The mesh root that vouches for the controller.
     pub root_cert: PathBuf,
@@ -82,12 +83,21 @@ impl Config {
         let service_account = required(ENV_SERVICE_ACCOUNT);
         let or = |name: &str, default: &str| get(name).unwrap_or_else(|| default.to_string());
         let trust_domain = or(ENV_TRUST_DOMAIN, "cluster.local");
+        let xds_address = match xds.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Some(xds),
+            _ if xds.is_empty() => None,
+            _ => {
+                errors.push(format!(
+                    "{ENV_XDS_ADDRESS}={xds:?}: want host:port or ip:port"
+                ));
+                None
+            }
+        };
         let mut addr = |name: &str, v: String| {
             v.parse::<SocketAddr>()
                 .map_err(|e| errors.push(format!("{name}={v:?}: {e}; want ip:port")))
                 .ok()
         };
-        let xds_address = addr(ENV_XDS_ADDRESS, xds);
         let listen_addr = addr(ENV_LISTEN_ADDR, or(ENV_LISTEN_ADDR, DEFAULT_LISTEN_ADDR));
         let stats_addr = addr(ENV_STATS_ADDR, or(ENV_STATS_ADDR, DEFAULT_STATS_ADDR));
         let readiness_addr = addr(
