@@ -356,27 +356,15 @@ mod tests {
     use crate::manifests::parse;
     use crate::translate::translate as translate_all;
 
-    const MESH: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: shop}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: waypoint-0, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}
-spec: {nodeName: n1, serviceAccountName: waypoint, containers: [{name: proxy}]}
-status: {podIP: 10.244.1.20}
----
+    const MESH: &str = concat!(
+        crate::testdata::shop_with_waypoint!(),
+        r#"---
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: shop}
 spec: {clusterIP: 10.96.0.20, selector: {app: web}, ports: [{port: 80}]}
-"#;
+"#
+    );
 
     fn run(policy: &str) -> (Vec<L7Resource>, Vec<String>) {
         let mut snap = Snapshot::default();

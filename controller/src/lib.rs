@@ -27,4 +27,7 @@ pub mod translate;
 pub mod waypoints;
 pub mod xds;
 
+#[cfg(test)]
+mod testdata;
+
 pub use snapshot::Snapshot;

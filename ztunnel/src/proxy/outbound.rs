@@ -125,16 +125,8 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
                 SecurityPolicy::mutual_tls,
             );
             let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
-            match hbone_stream(&pi, &src_id, &dst_id, hbone_addr, target, peer_addr).await {
-                Ok(mut tunnel) => {
-                    let (up, down, err) = splice(&mut client, &mut tunnel).await;
-                    log.close(m, up, down, err.as_ref());
-                }
-                Err(e) => {
-                    refused(m, DIR, RefusalReason::hbone_connect, peer_addr, target, &e);
-                    log.close(m, 0, 0, Some(&std::io::Error::other(e)));
-                }
-            }
+            let tunnel = hbone_stream(&pi, &src_id, &dst_id, hbone_addr, target, peer_addr).await;
+            carry(&pi, client, tunnel, log, peer_addr, target).await;
         }
         Upstream::Waypoint {
             waypoint,
@@ -166,16 +158,8 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
             );
             // The waypoint terminates HBONE itself (it is never captured):
             // dial its pod, prove the client, require the waypoint's identity.
-            match hbone_stream(&pi, &src_id, &waypoint_id, address, target, peer_addr).await {
-                Ok(mut tunnel) => {
-                    let (up, down, err) = splice(&mut client, &mut tunnel).await;
-                    log.close(m, up, down, err.as_ref());
-                }
-                Err(e) => {
-                    refused(m, DIR, RefusalReason::hbone_connect, peer_addr, target, &e);
-                    log.close(m, 0, 0, Some(&std::io::Error::other(e)));
-                }
-            }
+            let tunnel = hbone_stream(&pi, &src_id, &waypoint_id, address, target, peer_addr).await;
+            carry(&pi, client, tunnel, log, peer_addr, target).await;
         }
         Upstream::Passthrough {
             workload,
@@ -194,6 +178,29 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
             );
             let (up, down, err) = forward(m, DIR, &mut client, peer_addr, target).await;
             log.close(m, up, down, err.as_ref());
+        }
+    }
+}
+
+/// Splices the client into the tunnel, or refuses it when the tunnel could
+/// not be opened; closes the connection's log either way.
+async fn carry(
+    pi: &ProxyInputs,
+    mut client: TcpStream,
+    tunnel: Result<H2Stream, ConnectError>,
+    log: ConnectionLog,
+    peer_addr: SocketAddr,
+    target: SocketAddr,
+) {
+    let m = &pi.metrics;
+    match tunnel {
+        Ok(mut tunnel) => {
+            let (up, down, err) = splice(&mut client, &mut tunnel).await;
+            log.close(m, up, down, err.as_ref());
+        }
+        Err(e) => {
+            refused(m, DIR, RefusalReason::hbone_connect, peer_addr, target, &e);
+            log.close(m, 0, 0, Some(&std::io::Error::other(e)));
         }
     }
 }
