@@ -35,6 +35,8 @@ pub enum App {
     /// HTTP/1.1 that accepts an `Upgrade` (WebSocket's handshake) with 101
     /// and then echoes the raw bytes.
     Upgrade,
+    /// HTTP/1.1 that reads a request and answers after this many milliseconds.
+    SlowHttp(u64),
 }
 
 /// A server running in a pod; stops when dropped.
@@ -218,6 +220,17 @@ fn handle(mut conn: TcpStream, peer: SocketAddr, app: App, pod: &str) -> io::Res
         }
         App::WhoAmI => {
             writeln!(conn, "{peer}")?;
+        }
+        App::SlowHttp(ms) => {
+            let mut reader = BufReader::new(conn.try_clone()?);
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+                    break;
+                }
+            }
+            thread::sleep(Duration::from_millis(ms));
+            write!(conn, "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nslow\n")?;
         }
         App::Upgrade => {
             let mut reader = BufReader::new(conn.try_clone()?);

@@ -504,3 +504,91 @@ fn h2_grpc_and_websocket_through_the_waypoint() -> Result<()> {
     ensure!(echoed == b"frames after the upgrade", "{echoed:?}");
     lab.teardown()
 }
+
+/// Local answers and errors as Envoy gives them: a redirect, a direct
+/// response, 504 after the route's timeout, 503 when the backend refuses
+/// the connection, 404 when no rule matches, 400 for a malformed request.
+#[test]
+fn local_replies_and_errors() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("waypoint-errors", MESH))?;
+    let _slow = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::SlowHttp(3000))?;
+    // reviews-v2 serves nothing: connections to it are refused.
+    lab.write_manifest(
+        "routes.yaml",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{uri: {exact: /old}}]
+    redirect: {uri: /new, authority: reviews.example}
+  - match: [{uri: {exact: /teapot}}]
+    directResponse: {status: 418, body: {string: "short and stout"}}
+  - match: [{uri: {prefix: /slow}}]
+    route: [{destination: {host: reviews, subset: v1}}]
+    timeout: 0.5s
+  - match: [{uri: {prefix: /down}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#,
+    )?;
+    eventually("the routes are in force", Duration::from_secs(5), || {
+        Ok(get(&lab, "/teapot", &[]).is_ok_and(|r| r.status == 418))
+    })?;
+    let r = get(&lab, "/teapot", &[])?;
+    ensure!(r.body == "short and stout", "{r:?}");
+    let r = get(&lab, "/old", &[])?;
+    ensure!(r.status == 301, "{r:?}");
+    ensure!(
+        r.header("location") == Some("http://reviews.example/new"),
+        "{r:?}"
+    );
+    let started = std::time::Instant::now();
+    let r = get(&lab, "/slow", &[])?;
+    ensure!(
+        r.status == 504 && r.body == "upstream request timeout",
+        "{r:?}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "timed out at 0.5 s: {:?}",
+        started.elapsed()
+    );
+    let r = get(&lab, "/down", &[])?;
+    ensure!(r.status == 503, "{r:?}");
+    ensure!(r.body.starts_with("upstream connect error"), "{r:?}");
+    let r = get(&lab, "/nowhere", &[])?;
+    ensure!(r.status == 404, "no rule matches: {r:?}");
+    // Malformed: a request line hyper cannot parse.
+    let client = lab.pod("bookinfo/productpage");
+    let raw = apps::client(client, REVIEWS.parse()?, |mut conn| {
+        use std::io::{Read, Write};
+        conn.write_all(b"GET /\x01bad HTTP/1.1\r\nhost: x\r\n\r\n")?;
+        let mut out = String::new();
+        let _ = conn.read_to_string(&mut out);
+        Ok(out)
+    })?;
+    ensure!(raw.starts_with("HTTP/1.1 400"), "malformed: {raw:?}");
+    let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+    for (code, flag) in [("504", "UT"), ("503", "UF"), ("404", "NR")] {
+        ensure!(
+            metric_sum(
+                &text,
+                "istio_requests_total",
+                &[("response_code", code), ("response_flags", flag)]
+            ) >= 1.0,
+            "{code} {flag} counted:\n{text}"
+        );
+    }
+    lab.teardown()
+}
