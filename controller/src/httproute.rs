@@ -174,6 +174,14 @@ pub fn parents(route: &HttpRoute, ns: &str) -> Result<Vec<(String, u32)>, String
                 ));
             }
             let pns = p.namespace.as_deref().unwrap_or(ns);
+            if pns != ns {
+                // GAMMA calls this a consumer route, for the route's own
+                // namespace's clients only; served to a waypoint it would
+                // reroute every client of another team's service.
+                return Err(format!(
+                    "spec.parentRefs[{i}].namespace: {pns:?} is not the route's namespace; consumer routes are not supported, write the route in {pns}"
+                ));
+            }
             Ok((format!("{}.{pns}.svc.cluster.local", p.name), p.port.unwrap_or(0)))
         })
         .collect()
@@ -404,6 +412,12 @@ pub fn rules(route: &HttpRoute, ns: &str, port: u32) -> Result<Vec<pb::Rule>, St
                     ));
                 }
                 let bns = b.namespace.clone().unwrap_or_else(|| ns.to_string());
+                if bns != ns {
+                    // Gateway API wants a ReferenceGrant in `bns` for this.
+                    return Err(format!(
+                        "{bat}.namespace: {bns:?} is another namespace; a cross-namespace backend needs a ReferenceGrant, which Weft does not read yet"
+                    ));
+                }
                 backends.push(pb::Backend {
                     hostname: format!("{}.{bns}.svc.cluster.local", b.name),
                     namespace: bns,

@@ -14,8 +14,11 @@ use weft_api::{Identity, LocalConfig, Service};
 use weft_xds::proto::waypoint as pb;
 
 use crate::Snapshot;
-use crate::policy::{AuthorizationPolicy, DRY_RUN_ANNOTATION, Status};
-use crate::routes::L7Resource;
+use crate::policy::{
+    AuthorizationPolicy, DRY_RUN_ANNOTATION, Refusal, Status, nets, plain, ports, principal,
+    service_accounts, strings,
+};
+use crate::routes::{L7, L7Resource};
 use crate::translate::Mesh;
 use crate::waypoints::WAYPOINT_CLASS;
 
@@ -133,14 +136,17 @@ fn condition_key_ok(key: &str) -> bool {
     })
 }
 
-/// Translates every AuthorizationPolicy with targetRefs.
+/// Translates every AuthorizationPolicy with targetRefs into `l7`. A policy
+/// that stops translating keeps its last accepted version from `previous`
+/// in force (its status says so), as a route does: never dropped, which
+/// would lift a DENY, and never widened.
 pub fn translate(
     snap: &Snapshot,
     mesh: &Mesh,
     cfg: &LocalConfig,
-    out: &mut Vec<L7Resource>,
-) -> Vec<Status> {
-    let mut statuses = Vec::new();
+    previous: Option<&L7>,
+    l7: &mut L7,
+) {
     for ap in snap.authorization_policies.values() {
         let spec = &ap.spec;
         let refs: Vec<&serde_yaml::Value> =
@@ -162,23 +168,40 @@ pub fn translate(
             reason,
             message,
         };
+        let key = format!("{ns}/{name}");
         match policy(ap, &refs, &ns, &name, mesh, cfg) {
             Ok((msg, scope, enforced_by)) => {
-                statuses.push(status(
+                l7.statuses.push(status(
                     true,
                     "Accepted",
                     format!("enforced by {enforced_by}"),
                 ));
-                out.push(L7Resource::Authorization(
-                    format!("{ns}/{name}"),
-                    msg,
-                    scope,
-                ));
+                l7.accepted_policies
+                    .insert(key.clone(), (msg.clone(), scope.clone()));
+                l7.resources
+                    .push(L7Resource::Authorization(key, msg, scope));
             }
-            Err(message) => statuses.push(status(false, "Invalid", message)),
+            Err(message) => {
+                let kept = previous
+                    .and_then(|p| p.accepted_policies.get(&key))
+                    .cloned();
+                match kept {
+                    Some((msg, scope)) => {
+                        l7.statuses.push(status(
+                            false,
+                            "Invalid",
+                            format!("{message}; the last accepted version stays in force"),
+                        ));
+                        l7.accepted_policies
+                            .insert(key.clone(), (msg.clone(), scope.clone()));
+                        l7.resources
+                            .push(L7Resource::Authorization(key, msg, scope));
+                    }
+                    None => l7.statuses.push(status(false, "Invalid", message)),
+                }
+            }
         }
     }
-    statuses
 }
 
 type Translated = (pb::Authorization, BTreeSet<Identity>, String);
@@ -244,91 +267,9 @@ fn policy(
     }
     let mut rules = Vec::new();
     for (i, r) in spec.rules.iter().enumerate() {
-        let at = format!("spec.rules[{i}]");
-        let mut from = Vec::new();
-        for (j, f) in r.from.iter().enumerate() {
-            let Some(s) = &f.source else { continue };
-            if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
-                return Err(format!(
-                    "{at}.from[{j}].source.requestPrincipals: JWT is not supported by Weft's waypoint; refusing rather than widening"
-                ));
-            }
-            // serviceAccounts are principals in the trust domain.
-            let principals = s
-                .principals
-                .iter()
-                .cloned()
-                .chain(
-                    s.service_accounts
-                        .iter()
-                        .map(|sa| sa_principal(sa, ns, &mesh.trust_domain)),
-                )
-                .collect();
-            let not_principals = s
-                .not_principals
-                .iter()
-                .cloned()
-                .chain(
-                    s.not_service_accounts
-                        .iter()
-                        .map(|sa| sa_principal(sa, ns, &mesh.trust_domain)),
-                )
-                .collect();
-            for (k, b) in s
-                .ip_blocks
-                .iter()
-                .chain(&s.not_ip_blocks)
-                .chain(&s.remote_ip_blocks)
-                .chain(&s.not_remote_ip_blocks)
-                .enumerate()
-            {
-                let ok = b.parse::<ipnet::IpNet>().is_ok() || b.parse::<std::net::IpAddr>().is_ok();
-                if !ok {
-                    return Err(format!(
-                        "{at}.from[{j}].source: ip block {k} {b:?} is not an address or CIDR"
-                    ));
-                }
-            }
-            from.push(pb::AuthzSource {
-                principals,
-                not_principals,
-                namespaces: s.namespaces.clone(),
-                not_namespaces: s.not_namespaces.clone(),
-                ip_blocks: s.ip_blocks.clone(),
-                not_ip_blocks: s.not_ip_blocks.clone(),
-                remote_ip_blocks: s.remote_ip_blocks.clone(),
-                not_remote_ip_blocks: s.not_remote_ip_blocks.clone(),
-            });
-        }
-        let to =
-            r.to.iter()
-                .filter_map(|t| t.operation.as_ref())
-                .map(|o| pb::AuthzOperation {
-                    hosts: o.hosts.clone(),
-                    not_hosts: o.not_hosts.clone(),
-                    ports: o.ports.clone(),
-                    not_ports: o.not_ports.clone(),
-                    methods: o.methods.clone(),
-                    not_methods: o.not_methods.clone(),
-                    paths: o.paths.clone(),
-                    not_paths: o.not_paths.clone(),
-                })
-                .collect();
-        let mut when = Vec::new();
-        for (j, c) in r.when.iter().enumerate() {
-            if !condition_key_ok(&c.key) {
-                return Err(format!(
-                    "{at}.when[{j}].key: {:?} is not evaluated by Weft's waypoint (request.auth.* and experimental.* are not supported); refusing rather than widening",
-                    c.key
-                ));
-            }
-            when.push(pb::AuthzCondition {
-                key: c.key.clone(),
-                values: c.values.clone(),
-                not_values: c.not_values.clone(),
-            });
-        }
-        rules.push(pb::AuthzRule { from, to, when });
+        rules.push(
+            rule(r, &format!("spec.rules[{i}]"), ns).map_err(|(at, why)| format!("{at}: {why}"))?,
+        );
     }
     let msg = pb::Authorization {
         name: name.to_string(),
@@ -342,12 +283,120 @@ fn policy(
     Ok((msg, scope, by.join(", ")))
 }
 
-/// A `serviceAccounts` entry (`name` or `namespace/name`) as a principal.
-fn sa_principal(sa: &str, ns: &str, trust_domain: &str) -> String {
-    match sa.split_once('/') {
-        Some((n, s)) => format!("{trust_domain}/ns/{n}/sa/{s}"),
-        None => format!("{trust_domain}/ns/{ns}/sa/{sa}"),
+/// One rule, checked with the same validators as ztunnel's L4 policies:
+/// a value that would be read differently is refused, never widened.
+fn rule(r: &crate::policy::RuleSpec, at: &str, ns: &str) -> Result<pb::AuthzRule, Refusal> {
+    // Values as the waypoint matches them: validated, principals without
+    // `spiffe://`.
+    let text = |v: &[String], at: &str, norm: fn(&str) -> &str| -> Result<Vec<String>, Refusal> {
+        strings(v, at, norm)?;
+        Ok(v.iter().map(|s| norm(s).to_string()).collect())
+    };
+    let blocks = |v: &[String], at: &str| -> Result<Vec<String>, Refusal> {
+        nets(v, at)?;
+        Ok(v.to_vec())
+    };
+    let mut from = Vec::new();
+    for (j, f) in r.from.iter().enumerate() {
+        let at = format!("{at}.from[{j}].source");
+        let s = f
+            .source
+            .as_ref()
+            .ok_or((at.clone(), "is required".into()))?;
+        if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
+            return Err((
+                format!("{at}.requestPrincipals"),
+                "JWT is not supported by Weft's waypoint; refusing rather than widening".into(),
+            ));
+        }
+        // serviceAccounts are principals of that account in any trust
+        // domain, as in Istio.
+        let accounts = |v: &[String], field: &str| -> Result<Vec<String>, Refusal> {
+            Ok(service_accounts(v, &format!("{at}.{field}"), ns)?
+                .into_iter()
+                .map(|m| format!("*/ns/{}/sa/{}", m.namespace, m.service_account))
+                .collect())
+        };
+        let mut principals = text(&s.principals, &format!("{at}.principals"), principal)?;
+        principals.extend(accounts(&s.service_accounts, "serviceAccounts")?);
+        let mut not_principals =
+            text(&s.not_principals, &format!("{at}.notPrincipals"), principal)?;
+        not_principals.extend(accounts(&s.not_service_accounts, "notServiceAccounts")?);
+        from.push(pb::AuthzSource {
+            principals,
+            not_principals,
+            namespaces: text(&s.namespaces, &format!("{at}.namespaces"), plain)?,
+            not_namespaces: text(&s.not_namespaces, &format!("{at}.notNamespaces"), plain)?,
+            ip_blocks: blocks(&s.ip_blocks, &format!("{at}.ipBlocks"))?,
+            not_ip_blocks: blocks(&s.not_ip_blocks, &format!("{at}.notIpBlocks"))?,
+            remote_ip_blocks: blocks(&s.remote_ip_blocks, &format!("{at}.remoteIpBlocks"))?,
+            not_remote_ip_blocks: blocks(
+                &s.not_remote_ip_blocks,
+                &format!("{at}.notRemoteIpBlocks"),
+            )?,
+        });
     }
+    let mut to = Vec::new();
+    for (j, t) in r.to.iter().enumerate() {
+        let at = format!("{at}.to[{j}].operation");
+        let o = t
+            .operation
+            .as_ref()
+            .ok_or((at.clone(), "is required".into()))?;
+        ports(&o.ports, &format!("{at}.ports"))?;
+        ports(&o.not_ports, &format!("{at}.notPorts"))?;
+        to.push(pb::AuthzOperation {
+            hosts: text(&o.hosts, &format!("{at}.hosts"), plain)?,
+            not_hosts: text(&o.not_hosts, &format!("{at}.notHosts"), plain)?,
+            ports: o.ports.clone(),
+            not_ports: o.not_ports.clone(),
+            methods: text(&o.methods, &format!("{at}.methods"), plain)?,
+            not_methods: text(&o.not_methods, &format!("{at}.notMethods"), plain)?,
+            paths: text(&o.paths, &format!("{at}.paths"), plain)?,
+            not_paths: text(&o.not_paths, &format!("{at}.notPaths"), plain)?,
+        });
+    }
+    let mut when = Vec::new();
+    for (j, c) in r.when.iter().enumerate() {
+        let at = format!("{at}.when[{j}]");
+        if !condition_key_ok(&c.key) {
+            return Err((
+                format!("{at}.key"),
+                format!(
+                    "{:?} is not evaluated by Weft's waypoint (request.auth.* and experimental.* are not supported); refusing rather than widening",
+                    c.key
+                ),
+            ));
+        }
+        if c.values.is_empty() && c.not_values.is_empty() {
+            return Err((at, "values or notValues is required".into()));
+        }
+        let (v, nv) = (format!("{at}.values"), format!("{at}.notValues"));
+        let (values, not_values) = match c.key.as_str() {
+            "source.ip" | "remote.ip" | "destination.ip" => {
+                (blocks(&c.values, &v)?, blocks(&c.not_values, &nv)?)
+            }
+            "destination.port" => {
+                ports(&c.values, &v)?;
+                ports(&c.not_values, &nv)?;
+                (c.values.clone(), c.not_values.clone())
+            }
+            "source.principal" => (
+                text(&c.values, &v, principal)?,
+                text(&c.not_values, &nv, principal)?,
+            ),
+            _ => (
+                text(&c.values, &v, plain)?,
+                text(&c.not_values, &nv, plain)?,
+            ),
+        };
+        when.push(pb::AuthzCondition {
+            key: c.key.clone(),
+            values,
+            not_values,
+        });
+    }
+    Ok(pb::AuthzRule { from, to, when })
 }
 
 #[cfg(test)]
@@ -423,6 +472,34 @@ spec: {clusterIP: 10.96.0.20, selector: {app: web}, ports: [{port: 80}]}
                 "when[0].key",
             ),
             ("action: CUSTOM\n  provider: {name: x}", "CUSTOM"),
+            (
+                "rules: [{from: [{}]}]",
+                "rules[0].from[0].source: is required",
+            ),
+            (
+                "rules: [{to: [{}]}]",
+                "rules[0].to[0].operation: is required",
+            ),
+            (
+                "rules: [{when: [{key: source.ip}]}]",
+                "when[0]: values or notValues is required",
+            ),
+            (
+                "rules: [{when: [{key: remote.ip, values: [not-an-ip]}]}]",
+                "when[0].values[0]",
+            ),
+            (
+                "rules: [{from: [{source: {ipBlocks: [10.0.0.0/40]}}]}]",
+                "from[0].source.ipBlocks[0]",
+            ),
+            (
+                "rules: [{from: [{source: {principals: ['a*b']}}]}]",
+                "a wildcard goes only at the start or the end",
+            ),
+            (
+                "rules: [{to: [{operation: {ports: [http]}}]}]",
+                "to[0].operation.ports[0]",
+            ),
         ] {
             let (res, st) = run(&format!(
                 "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: bad, namespace: shop}}\n\
@@ -439,5 +516,69 @@ spec: {clusterIP: 10.96.0.20, selector: {app: web}, ports: [{port: 80}]}
                 "{want}: refused, not widened"
             );
         }
+    }
+
+    const DENY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n\
+        spec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  action: DENY\n";
+
+    fn authorization(res: &[L7Resource]) -> Option<&pb::Authorization> {
+        res.iter().find_map(|r| match r {
+            L7Resource::Authorization(_, m, _) => Some(m),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn values_as_the_waypoint_matches_them() {
+        let (res, st) = run(&format!(
+            "{DENY}  rules: [{{from: [{{source: {{principals: [spiffe://cluster.local/ns/ops/sa/probe], serviceAccounts: [client]}}}}]}}]\n"
+        ));
+        assert_eq!(st, ["p Accepted: enforced by Gateway waypoint"]);
+        let m = authorization(&res).expect("translated");
+        assert_eq!(
+            m.rules[0].from[0].principals,
+            ["cluster.local/ns/ops/sa/probe", "*/ns/shop/sa/client"],
+            "spiffe:// stripped; a service account in any trust domain"
+        );
+    }
+
+    #[test]
+    fn a_refused_policy_keeps_its_last_accepted_version() {
+        let translate = |policy: &str, previous| {
+            let mut snap = Snapshot::default();
+            let errors = parse(&format!("{MESH}---\n{policy}"), "test", &mut snap);
+            assert!(errors.is_empty(), "{errors:?}");
+            translate_all(&snap, &Mesh::default(), previous)
+        };
+        let good = translate(
+            &format!("{DENY}  rules: [{{to: [{{operation: {{methods: [DELETE]}}}}]}}]\n"),
+            None,
+        );
+        let bad = translate(
+            &format!("{DENY}  rules: [{{from: [{{source: {{requestPrincipals: ['*']}}}}]}}]\n"),
+            Some(&good),
+        );
+        let kept = authorization(&bad.l7.resources).expect("the DENY stays in force");
+        assert_eq!(kept.rules[0].to[0].methods, ["DELETE"]);
+        let st: Vec<_> = bad
+            .statuses()
+            .filter(|s| s.kind == "AuthorizationPolicy")
+            .collect();
+        assert!(
+            st.len() == 1
+                && !st[0].accepted
+                && st[0]
+                    .message
+                    .contains("the last accepted version stays in force"),
+            "{st:?}"
+        );
+        let again = translate(
+            &format!("{DENY}  rules: [{{from: [{{source: {{requestPrincipals: ['*']}}}}]}}]\n"),
+            Some(&bad),
+        );
+        assert!(
+            authorization(&again.l7.resources).is_some(),
+            "and after that"
+        );
     }
 }

@@ -494,7 +494,7 @@ fn names(meta: &ObjectMeta) -> (String, String) {
 }
 
 /// A refusal: the field (a path into the resource) and why.
-type Refusal = (String, String);
+pub(crate) type Refusal = (String, String);
 
 enum Translated {
     /// Enforced by ztunnel; with a warning for the status when it enforces
@@ -746,7 +746,7 @@ fn condition(c: &Condition, at: &str, l7: &mut Vec<String>) -> Result<Option<Mat
 }
 
 /// Istio's string syntax: `*` (any value present), `prefix*`, `*suffix`, or exact.
-fn strings(
+pub(crate) fn strings(
     values: &[String],
     at: &str,
     normalize: fn(&str) -> &str,
@@ -782,18 +782,18 @@ fn strings(
         .collect()
 }
 
-fn plain(v: &str) -> &str {
+pub(crate) fn plain(v: &str) -> &str {
     v
 }
 
 /// Principals are written without `spiffe://`; a full SPIFFE ID means the same.
-fn principal(v: &str) -> &str {
+pub(crate) fn principal(v: &str) -> &str {
     v.strip_prefix("spiffe://").unwrap_or(v)
 }
 
 /// `namespace/name`, or `name` in the policy's namespace; matched in any trust
 /// domain, and sent as istiod sends them (`ServiceAccountMatch`).
-fn service_accounts(
+pub(crate) fn service_accounts(
     values: &[String],
     at: &str,
     namespace: &str,
@@ -820,7 +820,7 @@ fn service_accounts(
         .collect()
 }
 
-fn nets(values: &[String], at: &str) -> Result<Vec<IpNet>, Refusal> {
+pub(crate) fn nets(values: &[String], at: &str) -> Result<Vec<IpNet>, Refusal> {
     values
         .iter()
         .enumerate()
@@ -838,7 +838,7 @@ fn nets(values: &[String], at: &str) -> Result<Vec<IpNet>, Refusal> {
         .collect()
 }
 
-fn ports(values: &[String], at: &str) -> Result<Vec<u16>, Refusal> {
+pub(crate) fn ports(values: &[String], at: &str) -> Result<Vec<u16>, Refusal> {
     values
         .iter()
         .enumerate()

@@ -221,6 +221,8 @@ pub struct L7 {
     pub statuses: Vec<Status>,
     /// Each VirtualService's last accepted routes, by `namespace/name`.
     accepted: BTreeMap<String, Vec<(String, pb::Route)>>,
+    /// Each L7 AuthorizationPolicy's last accepted form, by `namespace/name`.
+    pub(crate) accepted_policies: BTreeMap<String, (pb::Authorization, BTreeSet<Identity>)>,
 }
 
 /// The full hostname `host` names from namespace `ns`.
@@ -1075,6 +1077,37 @@ spec:
                     && s.contains("already routed by VirtualService shop/reviews")),
             "{text:?}"
         );
+    }
+
+    #[test]
+    fn http_route_stays_in_its_namespace() {
+        for (from, to, want) in [
+            (
+                "parentRefs: [{group: \"\", kind: Service, name: reviews, port: 9080}]",
+                "parentRefs: [{group: \"\", kind: Service, name: reviews, namespace: other, port: 9080}]",
+                "consumer routes are not supported",
+            ),
+            (
+                "backendRefs: [{name: reviews, port: 9080}]",
+                "backendRefs: [{name: reviews, namespace: other, port: 9080}]",
+                "needs a ReferenceGrant",
+            ),
+        ] {
+            let route = HTTPROUTE.replace(from, to);
+            assert_ne!(route, HTTPROUTE);
+            let l7 = run(&format!("{MESH}---{route}"), None);
+            let text = statuses(&l7);
+            assert!(
+                text.iter()
+                    .any(|s| s.starts_with("HTTPRoute reviews-hr: Invalid") && s.contains(want)),
+                "{want}: {text:?}"
+            );
+            assert!(
+                l7.resources
+                    .iter()
+                    .all(|r| !matches!(r, L7Resource::Route(..)))
+            );
+        }
     }
 
     #[test]

@@ -183,8 +183,7 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
         .collect();
     errors.extend(policies.errors.iter().cloned());
     let mut l7 = crate::routes::translate(snap, &out, previous.map(|t| &t.l7));
-    let l7_statuses = crate::l7_policy::translate(snap, mesh, &out, &mut l7.resources);
-    l7.statuses.extend(l7_statuses);
+    crate::l7_policy::translate(snap, mesh, &out, previous.map(|t| &t.l7), &mut l7);
     if mesh.l7_policy_waypoint_only {
         crate::bypass::waypoint_only(&mut out, &l7.resources);
     }
