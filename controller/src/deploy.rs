@@ -128,6 +128,7 @@ pub fn waypoint_objects(
             field_env("POD_NAMESPACE", "metadata.namespace"),
             field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
             field_env("NODE_NAME", "spec.nodeName"),
+            env("GATEWAY_NAME", &gw.name),
             env("TRUST_DOMAIN", &s.trust_domain),
             env("XDS_ADDRESS", &s.xds_address),
             env("ROOT_CERT", &format!("{ROOT_DIR}/root-cert.pem")),

@@ -415,6 +415,21 @@ impl Lab {
         keys
     }
 
+    /// The Gateway a waypoint pod serves (its gateway-name label).
+    fn gateway_name(&self, pod_key: &str) -> String {
+        self.snapshot
+            .pods
+            .get(pod_key)
+            .and_then(|p| {
+                p.metadata
+                    .labels
+                    .as_ref()?
+                    .get(weft_controller::waypoints::GATEWAY_NAME)
+                    .cloned()
+            })
+            .unwrap_or_default()
+    }
+
     fn service_account(&self, pod_key: &str) -> String {
         self.snapshot
             .pods
@@ -455,6 +470,7 @@ impl Lab {
             .env("POD_NAME", &pod.name)
             .env("POD_NAMESPACE", &pod.namespace)
             .env("SERVICE_ACCOUNT", self.service_account(key))
+            .env("GATEWAY_NAME", self.gateway_name(key))
             .env("NODE_NAME", &pod.node)
             .env(
                 "RUST_LOG",

@@ -115,6 +115,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let proxy = Arc::new(Proxy {
         identity: cfg.identity.clone(),
+        gateway: cfg.gateway.clone(),
         certs,
         store,
         hbone: Pool::default(),

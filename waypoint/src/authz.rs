@@ -3,6 +3,12 @@
 //! applies, one must match); AUDIT and dry-run policies are evaluated and
 //! reported, never enforced. Values keep Istio's matching: exact,
 //! `prefix*`, `*suffix`, `*`.
+//!
+//! Connections forwarded at L4 (TCP) are decided as Istio decides them: a
+//! rule with HTTP-only fields (hosts, methods, paths, request headers) never
+//! matches in an ALLOW policy, which still counts as an ALLOW (so it denies
+//! what nothing else allows), and in a DENY policy those fields are dropped,
+//! so the rule matches more. Neither is ever widened to allow.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -34,6 +40,8 @@ struct Rule {
     from: Vec<Source>,
     to: Vec<pb::AuthzOperation>,
     when: Vec<Condition>,
+    /// Has a field only an HTTP request can have.
+    http_only: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -61,11 +69,16 @@ struct Condition {
 /// What a request is decided on.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
-    /// The destination service's hostname (for `Service` targets).
-    pub service: &'a str,
+    /// The hostnames of the services reached (for `Service` targets): the
+    /// one addressed, or every service a pod target backs.
+    pub services: &'a [&'a str],
+    /// A connection forwarded at L4: no HTTP fields to decide on.
+    pub tcp: bool,
     /// The peer: the client pod.
     pub source_ip: IpAddr,
-    /// The original client (the first `X-Forwarded-For`, else the peer).
+    /// The original client. Envoy's default in a waypoint trusts no
+    /// `X-Forwarded-For` hop, so this is the peer unless a trusted hop
+    /// vouched for another address.
     pub remote_ip: IpAddr,
     /// `cluster.local/ns/<ns>/sa/<sa>`, as Istio writes principals.
     pub principal: Option<&'a str>,
@@ -151,10 +164,19 @@ impl Policy {
                     },
                 });
             }
+            let http_only = r.to.iter().any(|o| {
+                !(o.hosts.is_empty()
+                    && o.not_hosts.is_empty()
+                    && o.methods.is_empty()
+                    && o.not_methods.is_empty()
+                    && o.paths.is_empty()
+                    && o.not_paths.is_empty())
+            }) || when.iter().any(|c| header_name(&c.key).is_some());
             rules.push(Rule {
                 from,
                 to: r.to.clone(),
                 when,
+                http_only,
             });
         }
         Ok(Policy {
@@ -167,12 +189,14 @@ impl Policy {
         })
     }
 
-    fn applies(&self, service: &str) -> bool {
-        self.all_services || self.services.contains(service)
+    fn applies(&self, services: &[&str]) -> bool {
+        self.all_services || services.iter().any(|s| self.services.contains(*s))
     }
 
     fn matches(&self, req: &Request<'_>) -> bool {
-        self.rules.iter().any(|r| r.matches(req))
+        self.rules
+            .iter()
+            .any(|r| r.matches(req, self.action == Action::Deny))
     }
 }
 
@@ -207,10 +231,20 @@ fn net_field(yes: &[IpNet], no: &[IpNet], ip: IpAddr) -> bool {
 }
 
 impl Rule {
-    fn matches(&self, req: &Request<'_>) -> bool {
+    /// `deny`: the rule belongs to a DENY policy (on TCP its HTTP-only
+    /// fields are dropped rather than the rule).
+    fn matches(&self, req: &Request<'_>, deny: bool) -> bool {
+        if req.tcp && self.http_only && !deny {
+            return false;
+        }
         let from = self.from.is_empty() || self.from.iter().any(|s| s.matches(req));
         let to = self.to.is_empty() || self.to.iter().any(|o| operation(o, req));
-        from && to && self.when.iter().all(|c| c.matches(req))
+        let when = self
+            .when
+            .iter()
+            .filter(|c| !(req.tcp && header_name(&c.key).is_some()))
+            .all(|c| c.matches(req));
+        from && to && when
     }
 }
 
@@ -228,6 +262,11 @@ impl Source {
 }
 
 fn operation(o: &pb::AuthzOperation, req: &Request<'_>) -> bool {
+    let port = req.port.to_string();
+    let port_ok = field(&o.ports, &o.not_ports, Some(&port));
+    if req.tcp {
+        return port_ok;
+    }
     let host = req.host.to_ascii_lowercase();
     let bare = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
     let lower = |v: &[String]| v.iter().map(|s| s.to_ascii_lowercase()).collect::<Vec<_>>();
@@ -239,9 +278,8 @@ fn operation(o: &pb::AuthzOperation, req: &Request<'_>) -> bool {
         && !not_hosts
             .iter()
             .any(|p| value_matches(p, &host) || value_matches(p, bare));
-    let port = req.port.to_string();
     host_ok
-        && field(&o.ports, &o.not_ports, Some(&port))
+        && port_ok
         && field(&o.methods, &o.not_methods, Some(req.method))
         && field(&o.paths, &o.not_paths, Some(req.path))
 }
@@ -285,7 +323,7 @@ pub fn evaluate<'a>(
     let mut deny = None;
     let mut allows = 0;
     let mut allowed = false;
-    for p in policies.into_iter().filter(|p| p.applies(req.service)) {
+    for p in policies.into_iter().filter(|p| p.applies(req.services)) {
         let m = p.matches(req);
         if p.dry_run {
             if m {
@@ -343,7 +381,8 @@ mod tests {
     fn istio_semantics() {
         let headers = http::HeaderMap::new();
         let req = |method: &'static str, path: &'static str, principal: &'static str| Request {
-            service: "web.shop.svc.cluster.local",
+            services: &["web.shop.svc.cluster.local"],
+            tcp: false,
             source_ip: "10.0.0.1".parse().unwrap(),
             remote_ip: "10.0.0.1".parse().unwrap(),
             principal: Some(principal),
@@ -425,7 +464,8 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("x-token", "abc-123".parse().unwrap());
         let req = Request {
-            service: "web.shop.svc.cluster.local",
+            services: &["web.shop.svc.cluster.local"],
+            tcp: false,
             source_ip: "10.244.1.10".parse().unwrap(),
             remote_ip: "192.0.2.7".parse().unwrap(),
             principal: None,
@@ -476,6 +516,61 @@ mod tests {
         assert!(
             Policy::compile(&bad).is_err(),
             "unknown keys are refused, not ignored"
+        );
+    }
+
+    #[test]
+    fn tcp_connections_keep_istio_semantics() {
+        let headers = http::HeaderMap::new();
+        let conn = |services: &'static [&'static str]| Request {
+            services,
+            tcp: true,
+            source_ip: "10.0.0.1".parse().unwrap(),
+            remote_ip: "10.0.0.1".parse().unwrap(),
+            principal: Some("cluster.local/ns/shop/sa/client"),
+            namespace: Some("shop"),
+            host: "",
+            method: "",
+            path: "",
+            port: 80,
+            destination_ip: "10.96.0.1".parse().unwrap(),
+            headers: &headers,
+        };
+        let web: &[&str] = &["web.shop.svc.cluster.local"];
+        let ok = |p: &Policy, r: Request<'_>| evaluate([p], &r).0 == Decision::Allow;
+        let allow_get = policy(pb::Action::Allow, vec![op(&["GET"], &[])]);
+        assert!(
+            !ok(&allow_get, conn(web)),
+            "an ALLOW of HTTP methods never allows a TCP connection"
+        );
+        let deny_delete = policy(pb::Action::Deny, vec![op(&["DELETE"], &[])]);
+        assert!(
+            !ok(&deny_delete, conn(web)),
+            "a DENY of HTTP methods denies every TCP connection"
+        );
+        let mut deny_port = op(&[], &[]);
+        deny_port.to[0].ports = vec!["443".into()];
+        let deny_port = policy(pb::Action::Deny, vec![deny_port]);
+        assert!(ok(&deny_port, conn(web)), "L4 fields still decide");
+        let mut header = pb::AuthzRule::default();
+        header.when.push(pb::AuthzCondition {
+            key: "request.headers[x-user]".into(),
+            values: vec!["admin".into()],
+            not_values: vec![],
+        });
+        let allow_header = policy(pb::Action::Allow, vec![header]);
+        assert!(!ok(&allow_header, conn(web)));
+        let mut only_db = policy(pb::Action::Deny, vec![]);
+        only_db.all_services = false;
+        only_db.services.insert("db.shop.svc.cluster.local".into());
+        only_db.rules.push(Rule::default());
+        assert!(ok(&only_db, conn(web)), "bound to another service");
+        assert!(
+            !ok(
+                &only_db,
+                conn(&["web.shop.svc.cluster.local", "db.shop.svc.cluster.local"])
+            ),
+            "a pod that backs two services gets the policies of both"
         );
     }
 }

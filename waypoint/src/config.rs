@@ -16,6 +16,9 @@ pub const ENV_TOKEN_PATH: &str = "TOKEN_PATH";
 pub const ENV_POD_NAME: &str = "POD_NAME";
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
 pub const ENV_SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
+/// The Gateway this pod serves (its `gateway.networking.k8s.io/gateway-name`
+/// label); the service account's name when unset, as Istio names both alike.
+pub const ENV_GATEWAY_NAME: &str = "GATEWAY_NAME";
 pub const ENV_TRUST_DOMAIN: &str = "TRUST_DOMAIN";
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
 pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
@@ -50,6 +53,8 @@ pub struct Config {
     pub node_name: String,
     /// The waypoint's own identity: its pod's service account.
     pub identity: Identity,
+    /// The Gateway this waypoint is: only traffic bound to it is served.
+    pub gateway: String,
     /// HBONE (15008).
     pub listen_addr: SocketAddr,
     /// Prometheus: `/metrics`, `/stats/prometheus`.
@@ -159,6 +164,9 @@ impl Config {
                 token_path,
                 pod_name,
                 node_name: or(ENV_NODE_NAME, ""),
+                gateway: get(ENV_GATEWAY_NAME)
+                    .filter(|g| !g.is_empty())
+                    .unwrap_or_else(|| identity.service_account().to_string()),
                 identity,
                 listen_addr,
                 stats_addr,

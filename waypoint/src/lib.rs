@@ -11,6 +11,7 @@ pub mod app;
 pub mod authz;
 pub mod config;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod route;
 pub mod state;

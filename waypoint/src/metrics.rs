@@ -47,6 +47,13 @@ pub struct HttpLabels {
     pub connection_security_policy: &'static str,
 }
 
+/// What became of a connection forwarded at L4.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct L4Labels {
+    /// `forwarded`, `denied`, `no_endpoint`, `connect_failed`.
+    pub outcome: &'static str,
+}
+
 /// Istio's buckets for request durations (milliseconds).
 const DURATION_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -62,6 +69,7 @@ pub struct Metrics {
     duration: Family<HttpLabels, Histogram>,
     request_bytes: Family<HttpLabels, Histogram>,
     response_bytes: Family<HttpLabels, Histogram>,
+    l4: Family<L4Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -97,7 +105,14 @@ impl Default for Metrics {
             "Response body sizes",
             response_bytes.clone(),
         );
+        let l4 = Family::<L4Labels, Counter>::default();
+        registry.register(
+            "weft_waypoint_l4_connections",
+            "Connections the waypoint forwarded at L4 (not HTTP), by outcome",
+            l4.clone(),
+        );
         Metrics {
+            l4,
             registry,
             requests,
             duration,
@@ -110,6 +125,11 @@ impl Default for Metrics {
 impl Metrics {
     pub fn encode(&self) -> String {
         weft_runtime::metrics::encode(&self.registry)
+    }
+
+    /// Counts a connection handled at L4.
+    pub fn l4(&self, outcome: &'static str) {
+        self.l4.get_or_create(&L4Labels { outcome }).inc();
     }
 
     pub fn record(&self, r: &RequestRecord) {

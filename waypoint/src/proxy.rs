@@ -31,7 +31,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
-use weft_api::{AppProtocol, Identity, Service, TunnelProtocol, Workload};
+use weft_api::{AppProtocol, Identity, Service, TunnelProtocol, WaypointRef, Workload};
 use weft_hbone::client::{ConnectError, Pool};
 use weft_hbone::server::{ConnectRequest, ServeOptions, StreamBudget, forwarded_header};
 use weft_hbone::tls::{peer_identity, server_name};
@@ -39,6 +39,7 @@ use weft_identity::CertManager;
 
 use crate::authz::{self, Decision};
 use crate::metrics::{Metrics, RequestRecord};
+use crate::path;
 use crate::route::{Action, RequestInfo, Rule, rewrite_path};
 use crate::state::{Endpoint, State, Store};
 
@@ -60,6 +61,9 @@ const HTTP_IDLE_MAX: usize = 64;
 #[derive(Debug)]
 pub struct Proxy {
     pub identity: Identity,
+    /// The Gateway this waypoint is: only services and workloads bound to
+    /// it are served.
+    pub gateway: String,
     pub certs: Arc<CertManager>,
     pub store: Arc<Store>,
     pub hbone: Pool<(Identity, SocketAddr)>,
@@ -157,12 +161,14 @@ impl Proxy {
                 return req.refuse(StatusCode::BAD_REQUEST);
             }
         };
-        let Some(dest) = self.destination(target) else {
-            warn!(%peer, %target, "CONNECT to an address this waypoint does not know");
-            return req.refuse(StatusCode::BAD_REQUEST);
+        let dest = match self.destination(target) {
+            Ok(d) => d,
+            Err(why) => {
+                warn!(%peer, %target, client = %peer_id, "CONNECT refused: {why}");
+                return req.refuse(StatusCode::BAD_REQUEST);
+            }
         };
-        // ztunnel dials from the client pod's own address.
-        let client_ip = req.forwarded_for().unwrap_or(peer.ip());
+        let client_ip = self.client_ip(req.forwarded_for(), peer.ip(), &peer_id);
         let stream = match req.accept() {
             Ok(s) => s,
             Err(e) => return debug!(%peer, error = %e, "CONNECT accept"),
@@ -177,16 +183,44 @@ impl Proxy {
         conn.serve(stream).await;
     }
 
-    /// What `target` (a VIP or a pod address, and port) reaches.
-    fn destination(&self, target: SocketAddr) -> Option<Dest> {
+    /// What `target` (a VIP or a pod address, and port) reaches, if it is
+    /// bound to this waypoint. Anything else is refused: a waypoint is not
+    /// an open proxy into the mesh with its own identity.
+    fn destination(&self, target: SocketAddr) -> Result<Dest, &'static str> {
         let state = self.store.snapshot();
         match (
             state.service_by_vip(target.ip()),
             state.workload_by_ip(target.ip()),
         ) {
-            (Some(s), _) => Some(Dest::Service(s.clone())),
-            (None, Some(w)) => Some(Dest::Workload(w.clone())),
-            (None, None) => None,
+            (Some(s), _) if self.is_me(s.waypoint.as_ref()) => Ok(Dest::Service(s.clone())),
+            (None, Some(w)) if self.is_me(w.waypoint.as_ref()) => Ok(Dest::Workload(w.clone())),
+            (Some(_), _) => Err("the service does not use this waypoint"),
+            (None, Some(_)) => Err("the workload does not use this waypoint"),
+            (None, None) => Err("unknown address"),
+        }
+    }
+
+    /// Whether a binding names this waypoint (its Gateway's Service).
+    fn is_me(&self, waypoint: Option<&WaypointRef>) -> bool {
+        waypoint.is_some_and(|w| names(w, &self.gateway, self.identity.namespace()))
+    }
+
+    /// The client's address: the peer's (ztunnel dials from the client
+    /// pod's own address), or a `Forwarded: for=` only when the workload
+    /// at that address has the identity the peer proved.
+    fn client_ip(&self, forwarded: Option<IpAddr>, peer: IpAddr, peer_id: &Identity) -> IpAddr {
+        let Some(claimed) = forwarded.filter(|ip| *ip != peer) else {
+            return peer;
+        };
+        let state = self.store.snapshot();
+        let vouched = state
+            .workload_by_ip(claimed)
+            .is_some_and(|w| w.identity().ok().as_ref() == Some(peer_id));
+        if vouched {
+            claimed
+        } else {
+            debug!(%peer, %claimed, client = %peer_id, "Forwarded names another workload; using the peer");
+            peer
         }
     }
 
@@ -200,9 +234,12 @@ impl Proxy {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let Some(dest) = self.destination(target) else {
-                warn!(%target, "plain HTTP: the target is not known yet");
-                continue;
+            let dest = match self.destination(target) {
+                Ok(d) => d,
+                Err(why) => {
+                    warn!(%target, "plain HTTP: {why}");
+                    continue;
+                }
             };
             let conn = Arc::new(Conn {
                 proxy: self.clone(),
@@ -285,6 +322,10 @@ impl Conn {
             if let Err(e) = served {
                 debug!(client = %self.client_ip, error = %e, "HTTP/1.1 connection ended");
             }
+        } else if declared.is_http() {
+            // Declared HTTP but silent or not HTTP: never forwarded at L4,
+            // where HTTP policy could not see it.
+            debug!(client = %self.client_ip, target = %self.target, "not HTTP on an HTTP port; closed");
         } else {
             self.forward_tcp(io).await;
         }
@@ -293,6 +334,19 @@ impl Conn {
     /// L4: the bytes as they are, to an endpoint of the destination.
     async fn forward_tcp<S: AsyncRead + AsyncWrite + Unpin + Send>(&self, mut io: S) {
         let state = self.proxy.store.snapshot();
+        let empty = HeaderMap::new();
+        let info = RequestInfo {
+            method: "",
+            path: "",
+            query: None,
+            authority: "",
+            port: self.target.port(),
+            headers: &empty,
+        };
+        if let Err(policy) = self.decide(&state, &info, true) {
+            self.proxy.metrics.l4("denied");
+            return info!(target: "access", client = %self.client_ip, target = %self.target, policy = %policy, "TCP connection denied");
+        }
         let endpoint = match &self.dest {
             Dest::Service(svc) => {
                 let (eps, balance) = state.endpoints(svc, self.target.port(), "");
@@ -304,13 +358,16 @@ impl Conn {
             }),
         };
         let Some(ep) = endpoint else {
+            self.proxy.metrics.l4("no_endpoint");
             return warn!(target = %self.target, "TCP: no endpoint");
         };
         match self.proxy.upstream(&ep, self.client_ip).await {
             Ok(mut up) => {
+                self.proxy.metrics.l4("forwarded");
                 let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
             }
             Err(e) => {
+                self.proxy.metrics.l4("connect_failed");
                 warn!(target = %self.target, endpoint = %ep.addr, error = %e, "TCP: upstream connect failed")
             }
         }
@@ -357,8 +414,27 @@ impl Conn {
         };
         record.destination(dest_service.as_ref());
         let table = svc_key.as_deref().and_then(|k| state.route(k));
-        let path = req.uri().path().to_string();
+        // Policy, routing and the upstream all see the normalized path.
+        let mut req = req;
+        let Ok(path) = path::normalize(req.uri().path()) else {
+            return local(record, StatusCode::BAD_REQUEST, "", "Bad Request");
+        };
         let query = req.uri().query().map(str::to_string);
+        if path != req.uri().path() {
+            let mut uri = req.uri().clone().into_parts();
+            let pq = match &query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.clone(),
+            };
+            match pq.parse() {
+                Ok(pq) => uri.path_and_query = Some(pq),
+                Err(_) => return local(record, StatusCode::BAD_REQUEST, "", "Bad Request"),
+            }
+            match http::Uri::from_parts(uri) {
+                Ok(u) => *req.uri_mut() = u,
+                Err(_) => return local(record, StatusCode::BAD_REQUEST, "", "Bad Request"),
+            }
+        }
         let authority = req
             .headers()
             .get(http::header::HOST)
@@ -374,8 +450,13 @@ impl Conn {
             port: self.target.port(),
             headers: req.headers(),
         };
+        // Only WebSocket may upgrade, as Envoy's default upgrade_configs: an
+        // `h2c` or other upgrade would carry requests the policy never sees.
+        if is_upgrade(req.headers()) && !is_websocket(req.headers()) {
+            return local(record, StatusCode::FORBIDDEN, "", "");
+        }
         // L7 authorization first, as Envoy's RBAC filter runs before the router.
-        if let Some(denied) = self.authorize(state, dest_service.as_deref(), &info, record) {
+        if let Some(denied) = self.authorize(state, &info, record) {
             return denied;
         }
         let rule: Option<&Rule> = match table {
@@ -489,7 +570,6 @@ impl Conn {
 
         // The request as the upstream gets it. An upgrade (WebSocket) keeps
         // the client's side of it, to join with the upstream's after a 101.
-        let mut req = req;
         let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         if let Some(rw) = rule.and_then(|r| r.rewrite.as_ref()) {
@@ -610,14 +690,10 @@ impl Conn {
 }
 
 impl Conn {
-    /// The L7 policies' decision; `Some(403)` when denied.
-    fn authorize(
-        &self,
-        state: &State,
-        service: Option<&Service>,
-        info: &RequestInfo<'_>,
-        record: &mut RequestRecord,
-    ) -> Option<Response<Body>> {
+    /// The policies' decision on a request (or, `tcp`, a connection
+    /// forwarded at L4). `Err` names the DENY that matched, or is empty when
+    /// no ALLOW did.
+    fn decide(&self, state: &State, info: &RequestInfo<'_>, tcp: bool) -> Result<(), String> {
         let principal = self.client_id.as_ref().map(|id| {
             format!(
                 "{}/ns/{}/sa/{}",
@@ -626,17 +702,23 @@ impl Conn {
                 id.service_account()
             )
         });
-        let remote_ip = info
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(self.client_ip);
+        // A service target is decided by its own policies; a pod target by
+        // those of every service it backs, so that dialing the pod is never
+        // a way around a service's policy.
+        let services: Vec<&str> = match &self.dest {
+            Dest::Service(s) => vec![s.hostname.as_str()],
+            Dest::Workload(w) => state
+                .services_of(&w.uid)
+                .map(|s| s.hostname.as_str())
+                .collect(),
+        };
         let req = authz::Request {
-            service: service.map_or("", |s| s.hostname.as_str()),
+            services: &services,
+            tcp,
             source_ip: self.client_ip,
-            remote_ip,
+            // No X-Forwarded-For hop is trusted (Envoy's default in a
+            // waypoint): the client cannot name its own address.
+            remote_ip: self.client_ip,
             principal: principal.as_deref(),
             namespace: self.client_id.as_ref().map(Identity::namespace),
             host: info.authority,
@@ -651,16 +733,25 @@ impl Conn {
             info!(target: "access", %policy, method = %info.method, path = %info.path, client = %self.client_ip, "dry-run policy matched; not enforced");
         }
         match decision {
-            Decision::Allow => None,
-            Decision::Deny { policy } => {
-                record.route = if policy.is_empty() {
-                    "no ALLOW policy matched".into()
-                } else {
-                    format!("denied by {policy}")
-                };
-                Some(reply(StatusCode::FORBIDDEN, "RBAC: access denied"))
-            }
+            Decision::Allow => Ok(()),
+            Decision::Deny { policy } => Err(policy),
         }
+    }
+
+    /// The L7 policies' decision; `Some(403)` when denied.
+    fn authorize(
+        &self,
+        state: &State,
+        info: &RequestInfo<'_>,
+        record: &mut RequestRecord,
+    ) -> Option<Response<Body>> {
+        let policy = self.decide(state, info, false).err()?;
+        record.route = if policy.is_empty() {
+            "no ALLOW policy matched".into()
+        } else {
+            format!("denied by {policy}")
+        };
+        Some(reply(StatusCode::FORBIDDEN, "RBAC: access denied"))
     }
 }
 
@@ -692,6 +783,26 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
                 v.split(',')
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             })
+}
+
+/// Whether `w` is the Service of Gateway `namespace/gateway`
+/// (`<gateway>.<namespace>.svc.<domain>`; an unresolvable binding's
+/// `.waypoint.invalid` name never is).
+fn names(w: &WaypointRef, gateway: &str, namespace: &str) -> bool {
+    w.namespace == namespace
+        && w.hostname
+            .strip_prefix(gateway)
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(|r| r.strip_prefix(namespace))
+            .is_some_and(|r| r.starts_with(".svc."))
+}
+
+/// An upgrade to WebSocket, the only one the waypoint carries.
+fn is_websocket(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
 }
 
 /// Appends the client to `X-Forwarded-For`, as Envoy does for the app and
@@ -1020,6 +1131,50 @@ mod tests {
         assert!(could_be_http(b"PRI * HT"));
         assert!(!could_be_http(b"\x16\x03"));
         assert!(!could_be_http(b"SSH-2.0"));
+    }
+
+    #[test]
+    fn only_its_own_bindings() {
+        let r = |ns: &str, host: &str| WaypointRef {
+            namespace: ns.into(),
+            hostname: host.into(),
+            port: 15008,
+        };
+        assert!(names(
+            &r("shop", "waypoint.shop.svc.cluster.local"),
+            "waypoint",
+            "shop"
+        ));
+        for (w, why) in [
+            (r("shop", "other.shop.svc.cluster.local"), "another gateway"),
+            (
+                r("ops", "waypoint.ops.svc.cluster.local"),
+                "another namespace",
+            ),
+            (
+                r("shop", "waypoint2.shop.svc.cluster.local"),
+                "a longer name",
+            ),
+            (r("shop", "waypoint.shop.waypoint.invalid"), "unresolvable"),
+            (
+                r("shop", "waypoint.shopping.svc.cluster.local"),
+                "a longer namespace",
+            ),
+        ] {
+            assert!(!names(&w, "waypoint", "shop"), "{why}");
+        }
+    }
+
+    #[test]
+    fn only_websocket_upgrades() {
+        let h = |upgrade: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("upgrade", upgrade.parse().unwrap());
+            h.insert("connection", "keep-alive, Upgrade".parse().unwrap());
+            h
+        };
+        assert!(is_upgrade(&h("websocket")) && is_websocket(&h("WebSocket")));
+        assert!(is_upgrade(&h("h2c")) && !is_websocket(&h("h2c")));
     }
 
     #[test]

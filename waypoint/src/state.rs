@@ -96,6 +96,13 @@ impl State {
         self.workloads_by_ip.get(&ip)
     }
 
+    /// The services `uid` is an endpoint of.
+    pub fn services_of<'a>(&'a self, uid: &'a str) -> impl Iterator<Item = &'a Arc<Service>> {
+        self.services_by_key
+            .values()
+            .filter(move |s| s.endpoints.iter().any(|e| e.workload_uid == uid))
+    }
+
     pub fn route(&self, service_key: &str) -> Option<&Arc<RouteTable>> {
         self.routes.get(service_key)
     }
