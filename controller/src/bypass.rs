@@ -24,7 +24,7 @@ pub const POLICY_PREFIX: &str = "weft-waypoint-only-";
 
 /// Adds the waypoint-only policies for every service an accepted L7
 /// authorization policy covers, and references them from its endpoints.
-pub fn waypoint_only(cfg: &mut LocalConfig, l7: &[L7Resource]) {
+pub fn waypoint_only(cfg: &mut LocalConfig, l7: &[L7Resource], trust_domain: &str) {
     // Service key → the waypoint identities that must be its only mesh callers.
     let mut guarded: BTreeMap<String, BTreeSet<Identity>> = BTreeMap::new();
     for r in l7 {
@@ -32,7 +32,7 @@ pub fn waypoint_only(cfg: &mut LocalConfig, l7: &[L7Resource]) {
             continue;
         };
         for svc in &cfg.services {
-            let Some(waypoints) = waypoint_scope(svc, cfg) else {
+            let Some(waypoints) = waypoint_scope(svc, cfg, trust_domain) else {
                 continue;
             };
             let covered = if policy.all_services {

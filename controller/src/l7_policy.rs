@@ -18,7 +18,7 @@ use crate::policy::{
     AuthorizationPolicy, DRY_RUN_ANNOTATION, Refusal, Status, nets, plain, ports, principal,
     service_accounts, strings,
 };
-use crate::routes::{L7, L7Resource};
+use crate::routes::{L7, L7Resource, waypoint_identity};
 use crate::translate::Mesh;
 use crate::waypoints::WAYPOINT_CLASS;
 
@@ -41,11 +41,9 @@ enum Target {
     Service(String, BTreeSet<Identity>),
 }
 
-fn identities_behind(wp: &Service, cfg: &LocalConfig) -> BTreeSet<Identity> {
-    wp.endpoints
-        .iter()
-        .filter_map(|ep| cfg.workloads.iter().find(|w| w.uid == ep.workload_uid))
-        .filter_map(|w| w.identity().ok())
+fn identities_behind(wp: &Service, mesh: &Mesh) -> BTreeSet<Identity> {
+    waypoint_identity(wp, &mesh.trust_domain)
+        .into_iter()
         .collect()
 }
 
@@ -81,7 +79,7 @@ fn target(
                 .iter()
                 .find(|s| s.namespace == ns && s.hostname == host)
                 .ok_or_else(|| format!("{at}: no waypoint {ns}/{name}"))?;
-            Ok(Target::Waypoints(identities_behind(wp, cfg)))
+            Ok(Target::Waypoints(identities_behind(wp, mesh)))
         }
         ("gateway.networking.k8s.io", "GatewayClass") => {
             if name != WAYPOINT_CLASS {
@@ -96,7 +94,7 @@ fn target(
                 ));
             }
             let ids = waypoint_services(cfg)
-                .flat_map(|wp| identities_behind(wp, cfg))
+                .flat_map(|wp| identities_behind(wp, mesh))
                 .collect();
             Ok(Target::Waypoints(ids))
         }
@@ -115,7 +113,7 @@ fn target(
                 .iter()
                 .find(|s| s.namespace == r.namespace && s.hostname == r.hostname)
                 .ok_or_else(|| format!("{at}: the waypoint of Service {ns}/{name} is not known"))?;
-            Ok(Target::Service(host, identities_behind(wp, cfg)))
+            Ok(Target::Service(host, identities_behind(wp, mesh)))
         }
         ("networking.istio.io", "ServiceEntry") => {
             Err(format!("{at}: ServiceEntry targets are not supported yet"))

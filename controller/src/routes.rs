@@ -254,19 +254,25 @@ fn order(meta: &ObjectMeta) -> (String, String, String) {
 
 /// The waypoint identities that serve `svc`: the service accounts of the
 /// pods behind the waypoint it is bound to.
-pub(crate) fn waypoint_scope(svc: &Service, cfg: &LocalConfig) -> Option<BTreeSet<Identity>> {
+pub(crate) fn waypoint_scope(
+    svc: &Service,
+    cfg: &LocalConfig,
+    trust_domain: &str,
+) -> Option<BTreeSet<Identity>> {
     let r = svc.waypoint.as_ref()?;
     let wp = cfg
         .services
         .iter()
         .find(|s| s.namespace == r.namespace && s.hostname == r.hostname)?;
-    let ids = wp
-        .endpoints
-        .iter()
-        .filter_map(|ep| cfg.workloads.iter().find(|w| w.uid == ep.workload_uid))
-        .filter_map(|w| w.identity().ok())
-        .collect();
-    Some(ids)
+    Some(waypoint_identity(wp, trust_domain).into_iter().collect())
+}
+
+/// The identity of the waypoint whose Service is `wp`: its Gateway's
+/// service account, named after the Gateway as Istio and the controller
+/// deploy it. It does not depend on which pods run now, so neither a
+/// waypoint scaled to zero nor a pod labelled like one changes it.
+pub(crate) fn waypoint_identity(wp: &Service, trust_domain: &str) -> Option<Identity> {
+    Identity::new(trust_domain, &wp.namespace, &wp.name).ok()
 }
 
 fn string_match(m: &StringMatch, at: &str, ignore_case: bool) -> Result<pb::StringMatch, String> {
@@ -566,7 +572,12 @@ fn balance(tp: Option<&TrafficPolicy>, at: &str) -> Result<i32, String> {
 /// Translates every VirtualService and DestinationRule in `snap` for the
 /// services of `cfg` that have a waypoint. `previous` supplies the last
 /// accepted routes of resources that stop translating.
-pub fn translate(snap: &Snapshot, cfg: &LocalConfig, previous: Option<&L7>) -> L7 {
+pub fn translate(
+    snap: &Snapshot,
+    cfg: &LocalConfig,
+    trust_domain: &str,
+    previous: Option<&L7>,
+) -> L7 {
     let mut out = L7::default();
     let by_host: BTreeMap<&str, &Service> = cfg
         .services
@@ -705,7 +716,7 @@ pub fn translate(snap: &Snapshot, cfg: &LocalConfig, previous: Option<&L7>) -> L
         for (key, route) in translated {
             let Some(scope) = by_host
                 .get(route.hostname.as_str())
-                .and_then(|s| waypoint_scope(s, cfg))
+                .and_then(|s| waypoint_scope(s, cfg, trust_domain))
             else {
                 continue;
             };
@@ -779,7 +790,7 @@ pub fn translate(snap: &Snapshot, cfg: &LocalConfig, previous: Option<&L7>) -> L
         })();
         match result {
             Ok(d) => {
-                let scope = svc.and_then(|s| waypoint_scope(s, cfg));
+                let scope = svc.and_then(|s| waypoint_scope(s, cfg, trust_domain));
                 if done.contains(&host) {
                     out.statuses.push(status(
                         "DestinationRule",
@@ -880,7 +891,7 @@ spec:
         let errors = parse(yaml, "test", &mut snap);
         assert!(errors.is_empty(), "{errors:?}");
         let t = translate_all(&snap, &Mesh::default(), None);
-        translate(&snap, &t.config, previous)
+        translate(&snap, &t.config, "cluster.local", previous)
     }
 
     fn statuses(l7: &L7) -> Vec<String> {

@@ -182,10 +182,10 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
         .cloned()
         .collect();
     errors.extend(policies.errors.iter().cloned());
-    let mut l7 = crate::routes::translate(snap, &out, previous.map(|t| &t.l7));
+    let mut l7 = crate::routes::translate(snap, &out, &mesh.trust_domain, previous.map(|t| &t.l7));
     crate::l7_policy::translate(snap, mesh, &out, previous.map(|t| &t.l7), &mut l7);
     if mesh.l7_policy_waypoint_only {
-        crate::bypass::waypoint_only(&mut out, &l7.resources);
+        crate::bypass::waypoint_only(&mut out, &l7.resources, &mesh.trust_domain);
     }
     Translation {
         config: out,

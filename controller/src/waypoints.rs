@@ -357,6 +357,14 @@ fn waypoint_service(
         .values()
         .filter(|p| p.metadata.namespace.as_deref() == Some(wp.namespace.as_str()))
         .filter(|p| p.metadata.labels.as_ref().and_then(|l| l.get(GATEWAY_NAME)) == Some(&wp.name))
+        // Only the Gateway's own service account is its waypoint: a pod
+        // that copies the label must not receive, or vouch for, its traffic.
+        .filter(|p| {
+            p.spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.as_deref())
+                == Some(wp.name.as_str())
+        })
         .filter_map(|p| {
             let uid = format!(
                 "{cluster_id}//Pod/{}/{}",
@@ -411,6 +419,12 @@ kind: Pod
 metadata: {name: waypoint-0, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}
 spec: {nodeName: n1, serviceAccountName: waypoint, containers: [{name: proxy}]}
 status: {podIP: 10.244.1.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: impostor, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {nodeName: n1, serviceAccountName: web, containers: [{name: proxy}]}
+status: {podIP: 10.244.1.21}
 ---
 apiVersion: v1
 kind: Service
@@ -482,7 +496,8 @@ spec:
                 .any(|e| e.contains("does not admit namespace other")),
             "{errors:?}"
         );
-        // The waypoint's own Service, found by hostname, with its pod behind it.
+        // The waypoint's own Service, found by hostname, with its pod behind
+        // it; a pod that copies the label under another account is not.
         let svc = cfg.services.iter().find(|s| s.name == "waypoint").unwrap();
         assert!(svc.vips.is_empty());
         assert_eq!(svc.endpoints.len(), 1);

@@ -36,7 +36,32 @@ metadata: {name: bench, labels: {istio.io/use-waypoint: waypoint}}
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: waypoint, namespace: bench}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: All}}}]
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: mesh
+  labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint, istio.io/use-waypoint-namespace: bench}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: mesh}
+spec: {nodeName: node-1, serviceAccountName: client, containers: [{name: wrk}]}
+status: {podIP: 10.244.1.30}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: mesh, labels: {app: server}}
+spec: {nodeName: node-2, serviceAccountName: server, containers: [{name: app}]}
+status: {podIP: 10.244.2.30}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: mesh}
+spec: {clusterIP: 10.96.0.60, selector: {app: server}, ports: [{name: http, port: 8080}]}
 ---
 apiVersion: v1
 kind: Pod
@@ -578,6 +603,77 @@ pub fn run() -> Result<()> {
         );
     }
     drop(envoy_proc);
+
+    // The full mesh path (client -> ztunnel -> waypoint -> ztunnel ->
+    // server, mTLS both legs) against the direct path, same backend.
+    let server_pod = lab.pod("mesh/server");
+    let server = Pinned::start(
+        server_pod,
+        1,
+        &me,
+        &["__http-backend", &BACKEND_PORT.to_string(), "server"],
+    )?;
+    wait_listening(
+        server_pod,
+        SocketAddr::new(server_pod.ip.into(), BACKEND_PORT),
+    )?;
+    let mesh_client = lab.pod("mesh/client");
+    let vip: SocketAddr = format!("10.96.0.60:{BACKEND_PORT}").parse()?;
+    weft_tests::check::eventually("the mesh path", Duration::from_secs(10), || {
+        Ok(
+            weft_tests::apps::http(mesh_client, vip, "GET", "/", &[])
+                .is_ok_and(|r| r.status == 200),
+        )
+    })?;
+    let ztunnels: Vec<u32> = ["node-1", "node-2"]
+        .iter()
+        .filter_map(|n| lab.ztunnel_pid(n))
+        .collect();
+    let zt0: f64 = ztunnels
+        .iter()
+        .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+        .sum();
+    let _ = load(mesh_client, vip, false, 64, wp_pid, &[server.pid()]);
+    let mesh = load(mesh_client, vip, false, 64, wp_pid, &[server.pid()])?;
+    let zt_cpu = ztunnels
+        .iter()
+        .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+        .sum::<f64>()
+        - zt0;
+    let direct_target = SocketAddr::new(lab.pod("bench/backend-v1").ip.into(), BACKEND_PORT);
+    let _ = load(
+        client,
+        direct_target,
+        false,
+        64,
+        backend_pids[0],
+        &backend_pids,
+    );
+    let direct = load(
+        client,
+        direct_target,
+        false,
+        64,
+        backend_pids[0],
+        &backend_pids,
+    )?;
+    println!(
+        "\nfull mesh path (HTTP/1.1, 64 conns; ztunnels not pinned, their CPU over both runs):"
+    );
+    println!(
+        "  mesh:   client -> ztunnel -> waypoint -> ztunnel -> server: {:>8.0} rps, p50 {:.2} ms, p99 {:.2} ms; waypoint {:.2} CPU-s, ztunnels {:.2} CPU-s",
+        mesh.rps, mesh.p50_ms, mesh.p99_ms, mesh.proxy_cpu, zt_cpu
+    );
+    println!(
+        "  direct: client -> server:                                  {:>8.0} rps, p50 {:.2} ms, p99 {:.2} ms",
+        direct.rps, direct.p50_ms, direct.p99_ms
+    );
+    println!(
+        "  mesh / direct: rps {:.2}x, p99 {:.2}x",
+        mesh.rps / direct.rps,
+        mesh.p99_ms / direct.p99_ms.max(1e-9)
+    );
+    drop(server);
     drop(backends);
     drop(lab);
     Ok(())
