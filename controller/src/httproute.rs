@@ -464,14 +464,29 @@ pub fn rules(route: &HttpRoute, ns: &str, port: u32) -> Result<Vec<pb::Rule>, St
             timeout_ms,
         });
     }
-    // Gateway API precedence among rules: an exact path before a prefix,
-    // longer prefixes first, then more header matches. Rules are tried in
-    // order, so sort by their most specific match.
-    out.sort_by_key(|r| std::cmp::Reverse(specificity(r)));
-    Ok(out)
+    // Gateway API precedence is per match, not per rule: an exact path
+    // before a prefix, longer prefixes first, then a method, then more
+    // header matches, then more query matches; ties keep the route's order.
+    // Rules are tried in order, so each match becomes its own rule, sorted
+    // (stably) by precedence.
+    let mut each: Vec<pb::Rule> = Vec::with_capacity(out.len());
+    for r in out {
+        if r.matches.len() <= 1 {
+            each.push(r);
+            continue;
+        }
+        for m in &r.matches {
+            each.push(pb::Rule {
+                matches: vec![m.clone()],
+                ..r.clone()
+            });
+        }
+    }
+    each.sort_by_key(|r| std::cmp::Reverse(specificity(r)));
+    Ok(each)
 }
 
-fn specificity(r: &pb::Rule) -> (u8, usize, usize, usize) {
+fn specificity(r: &pb::Rule) -> (u8, usize, bool, usize, usize) {
     r.matches
         .iter()
         .map(|m| {
@@ -486,7 +501,8 @@ fn specificity(r: &pb::Rule) -> (u8, usize, usize, usize) {
             (
                 kind,
                 len,
-                m.headers.len() + usize::from(m.method.is_some()),
+                m.method.is_some(),
+                m.headers.len(),
                 m.query_params.len(),
             )
         })

@@ -1091,6 +1091,43 @@ spec:
     }
 
     #[test]
+    fn http_route_precedence_is_per_match() {
+        let route = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-hr, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews}]
+  rules:
+  - name: a
+    matches: [{path: {type: PathPrefix, value: /}}, {path: {type: Exact, value: /x}}]
+    backendRefs: [{name: reviews, port: 9080}]
+  - name: b
+    matches: [{path: {type: PathPrefix, value: /api}}, {path: {type: PathPrefix, value: /api}, method: GET}]
+    backendRefs: [{name: reviews, port: 9080}]
+"#;
+        let l7 = run(&format!("{MESH}---{route}"), None);
+        let Some(L7Resource::Route(_, route, _)) = l7.resources.first() else {
+            panic!("{:?}", statuses(&l7))
+        };
+        let order: Vec<String> = route
+            .rules
+            .iter()
+            .map(|r| {
+                let m = &r.matches[0];
+                let path = match m.path.as_ref().and_then(|p| p.kind.as_ref()) {
+                    Some(pb::string_match::Kind::Exact(p)) => format!("={p}"),
+                    Some(pb::string_match::Kind::PathPrefix(p)) => format!("{p}*"),
+                    other => format!("{other:?}"),
+                };
+                let method = if m.method.is_some() { " GET" } else { "" };
+                format!("{} {path}{method}", r.name)
+            })
+            .collect();
+        assert_eq!(order, ["a =/x", "b /api* GET", "b /api*", "a /*"]);
+    }
+
+    #[test]
     fn http_route_stays_in_its_namespace() {
         for (from, to, want) in [
             (
