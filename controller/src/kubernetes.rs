@@ -347,9 +347,13 @@ impl StatusWriter {
     }
 }
 
+/// The audience of the tokens the CA and xDS accept (Istio's).
+pub const CA_AUDIENCE: &str = "istio-ca";
+
 /// Authenticates node agents by their service account token: the API server
-/// reviews it, it must belong to the ztunnel service account, and the node
-/// is the one its pod runs on. Verdicts are cached for a minute.
+/// reviews it for audience [`CA_AUDIENCE`], it must belong to the ztunnel
+/// service account, and the node is the one its pod runs on. Verdicts are
+/// cached for a minute.
 #[derive(Clone)]
 pub struct TokenReviewer {
     client: Client,
@@ -407,7 +411,9 @@ impl TokenReviewer {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_string()),
-                audiences: None,
+                // Only tokens minted for the mesh CA, as istiod asks: a
+                // token projected for another service is not replayable here.
+                audiences: Some(vec![CA_AUDIENCE.to_string()]),
             },
             ..TokenReview::default()
         };
@@ -419,6 +425,15 @@ impl TokenReviewer {
         if status.authenticated != Some(true) {
             let why = status.error.unwrap_or_else(|| "not authenticated".into());
             return Err(AuthError::Rejected(format!("TokenReview: {why}")));
+        }
+        if !status
+            .audiences
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|a| a == CA_AUDIENCE))
+        {
+            return Err(AuthError::Rejected(format!(
+                "TokenReview: the token is not for audience {CA_AUDIENCE}"
+            )));
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();

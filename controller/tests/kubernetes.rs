@@ -124,16 +124,28 @@ impl Fake {
         }
         if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
             let token = sent["spec"]["token"].as_str().unwrap_or_default();
+            // As the API server: a token is only valid for the audiences it
+            // was minted for, and the review says which matched.
+            let for_ca = sent["spec"]["audiences"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|v| v == "istio-ca"));
+            let token = if for_ca || token == "any-audience" {
+                token
+            } else {
+                ""
+            };
             let status = match token {
+                "any-audience" => json!({"authenticated": true, "audiences": ["vault"], "user": {
+                    "username": "system:serviceaccount:shop:a"}}),
                 "node-token" => json!({"authenticated": true, "user": {
                     "username": "system:serviceaccount:istio-system:ztunnel",
-                    "extra": {"authentication.kubernetes.io/node-name": ["n1"]}}}),
+                    "extra": {"authentication.kubernetes.io/node-name": ["n1"]}}, "audiences": ["istio-ca"]}),
                 "pod-token" => json!({"authenticated": true, "user": {
                     "username": "system:serviceaccount:istio-system:ztunnel",
-                    "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-abc"]}}}),
+                    "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-abc"]}}, "audiences": ["istio-ca"]}),
                 "app-token" => json!({"authenticated": true, "user": {
                     "username": "system:serviceaccount:shop:a",
-                    "extra": {"authentication.kubernetes.io/node-name": ["n1"]}}}),
+                    "extra": {"authentication.kubernetes.io/node-name": ["n1"]}}, "audiences": ["istio-ca"]}),
                 _ => json!({"authenticated": false, "error": "invalid bearer token"}),
             };
             let mut review = sent.clone();
@@ -422,6 +434,10 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
             assert_eq!(c.to_string(), "spiffe://cluster.local/ns/shop/sa/a")
         }
         other => panic!("an app's token makes a workload caller: {other:?}"),
+    }
+    match reviewer.authenticate("any-audience").await {
+        Err(AuthError::Rejected(m)) => assert!(m.contains("not for audience istio-ca"), "{m}"),
+        other => panic!("a token for another audience: {other:?}"),
     }
     match reviewer.authenticate("forged").await {
         Err(AuthError::Rejected(m)) => assert!(m.contains("invalid bearer token"), "{m}"),
