@@ -481,14 +481,12 @@ impl Conn {
             }
             Some(Action::Redirect(rd)) => {
                 let scheme = rd.scheme.as_deref().unwrap_or("http");
-                let host = rd
-                    .authority
-                    .clone()
-                    .unwrap_or_else(|| authority.split(':').next().unwrap_or_default().to_string());
-                let host = match rd.port {
-                    Some(p) => format!("{host}:{p}"),
-                    None => host,
-                };
+                let host = redirect_host(
+                    &authority,
+                    rd.authority.as_deref(),
+                    rd.port,
+                    rd.scheme.is_some(),
+                );
                 let matched = rule.and_then(|r| r.matches.iter().find(|m| m.matches(&info)));
                 let new_path = match &rd.path {
                     Some(p) => rewrite_path(
@@ -785,6 +783,45 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
             })
 }
 
+/// The Location's host\[:port\] for a redirect from `authority`, as
+/// Envoy builds it: a redirect host replaces host and port (its own port, if
+/// written, or none); otherwise the request's host keeps its port unless the
+/// scheme changes. A redirect port replaces either. IPv6 literals keep their
+/// brackets.
+fn redirect_host(
+    authority: &str,
+    host: Option<&str>,
+    port: Option<u16>,
+    new_scheme: bool,
+) -> String {
+    let (host, kept) = match host {
+        Some(h) => split_authority(h),
+        None => {
+            let (h, p) = split_authority(authority);
+            (h, p.filter(|_| !new_scheme))
+        }
+    };
+    match (port, kept) {
+        (Some(p), _) => format!("{host}:{p}"),
+        (None, Some(p)) => format!("{host}:{p}"),
+        (None, None) => host.to_string(),
+    }
+}
+
+/// `host[:port]` or `[v6][:port]` → host (brackets kept) and port.
+fn split_authority(a: &str) -> (&str, Option<&str>) {
+    if a.starts_with('[') {
+        return match a.find(']') {
+            Some(end) => (&a[..=end], a[end + 1..].strip_prefix(':')),
+            None => (a, None),
+        };
+    }
+    match a.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
+        _ => (a, None),
+    }
+}
+
 /// Whether `w` is the Service of Gateway `namespace/gateway`
 /// (`<gateway>.<namespace>.svc.<domain>`; an unresolvable binding's
 /// `.waypoint.invalid` name never is).
@@ -1012,11 +1049,12 @@ impl Proxy {
 type Idle = (Instant, SendRequest<Body>);
 
 /// Idle upstream HTTP/1.1 connections, and the one shared HTTP/2
-/// connection, by (endpoint, client).
+/// connection (with when it last carried a request), by (endpoint, client).
+/// Both are closed after [`HTTP_IDLE`] unused.
 #[derive(Debug, Default)]
 pub struct HttpPool {
     idle: Mutex<HashMap<(SocketAddr, IpAddr), Vec<Idle>>>,
-    h2: Mutex<HashMap<(SocketAddr, IpAddr), H2Sender>>,
+    h2: Mutex<HashMap<(SocketAddr, IpAddr), (Instant, H2Sender)>>,
 }
 
 type H2Sender = hyper::client::conn::http2::SendRequest<Body>;
@@ -1024,8 +1062,11 @@ type H2Sender = hyper::client::conn::http2::SendRequest<Body>;
 impl HttpPool {
     fn h2(&self, key: &(SocketAddr, IpAddr)) -> Option<H2Sender> {
         let mut h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        match h2.get(key) {
-            Some(s) if !s.is_closed() => Some(s.clone()),
+        match h2.get_mut(key) {
+            Some((used, s)) if !s.is_closed() => {
+                *used = Instant::now();
+                Some(s.clone())
+            }
             Some(_) => {
                 h2.remove(key);
                 None
@@ -1038,7 +1079,7 @@ impl HttpPool {
         self.h2
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(key, s);
+            .insert(key, (Instant::now(), s));
     }
 
     fn take(&self, key: &(SocketAddr, IpAddr)) -> Option<SendRequest<Body>> {
@@ -1073,7 +1114,9 @@ impl HttpPool {
         self.h2
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, s| !s.is_closed());
+            // Dropping the last sender closes the connection once its
+            // streams finish.
+            .retain(|_, (used, s)| used.elapsed() < HTTP_IDLE && !s.is_closed());
     }
 }
 
@@ -1162,6 +1205,25 @@ mod tests {
             ),
         ] {
             assert!(!names(&w, "waypoint", "shop"), "{why}");
+        }
+    }
+
+    #[test]
+    fn redirect_hosts() {
+        for (authority, host, port, scheme, want) in [
+            ("reviews:9080", None, None, false, "reviews:9080"),
+            ("reviews:9080", Some("new"), None, false, "new"),
+            ("reviews:9080", Some("new"), Some(8443), true, "new:8443"),
+            ("reviews:9080", None, None, true, "reviews"),
+            ("reviews", None, Some(81), false, "reviews:81"),
+            ("[fd00::1]:9080", None, None, false, "[fd00::1]:9080"),
+            ("[fd00::1]", Some("[fd00::2]:7"), None, false, "[fd00::2]:7"),
+        ] {
+            assert_eq!(
+                redirect_host(authority, host, port, scheme),
+                want,
+                "{authority} {host:?}"
+            );
         }
     }
 
