@@ -665,3 +665,70 @@ spec:
     }
     lab.teardown()
 }
+
+/// A workload waypoint (`istio.io/waypoint-for: workload`) bound to one pod
+/// by its label: traffic addressed to the pod's own IP goes through it, the
+/// app sees the waypoint as its peer, and the waypoint's policy applies.
+#[test]
+fn workload_waypoint_for_a_pod() -> Result<()> {
+    let mesh = MESH.replace(
+        "metadata: {name: reviews-v2, namespace: bookinfo, labels: {app: reviews, version: v2}}",
+        "metadata: {name: reviews-v2, namespace: bookinfo, labels: {app: reviews, version: v2, istio.io/use-waypoint: pod-waypoint}}",
+    );
+    ensure!(mesh != MESH, "the pod is labelled");
+    let mesh = format!(
+        "{mesh}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: pod-waypoint, namespace: bookinfo, labels: {{istio.io/waypoint-for: workload}}}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+"
+    );
+    let mut lab = Lab::up(LabOptions::new("waypoint-pod", &mesh))?;
+    let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    let _v2 = apps::serve(lab.pod("bookinfo/reviews-v2"), 9080, App::Http)?;
+    let client = lab.pod("bookinfo/productpage");
+    let waypoint_ip = lab.pod("bookinfo/pod-waypoint-0").ip;
+    let pod: SocketAddr = "10.244.2.11:9080".parse()?;
+    let r = apps::http(client, pod, "GET", "/", &[])?;
+    ensure!(r.status == 200, "{r:?}");
+    ensure!(
+        r.body
+            .starts_with(&format!("hello from reviews-v2, you are {waypoint_ip}\n")),
+        "the pod's own address goes through its waypoint: {r:?}"
+    );
+    ensure!(
+        r.body.contains("x-forwarded-for: 10.244.1.10"),
+        "the client travels in X-Forwarded-For: {r:?}"
+    );
+    // The other pod has no workload waypoint: direct, the client is the peer.
+    let r = apps::http(client, "10.244.2.10:9080".parse()?, "GET", "/", &[])?;
+    ensure!(r.body.contains("you are 10.244.1.10\n"), "{r:?}");
+
+    lab.write_manifest(
+        "authz.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-delete, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: pod-waypoint}]
+  action: DENY
+  rules: [{to: [{operation: {methods: [DELETE]}}]}]
+"#,
+    )?;
+    eventually("DELETE to the pod denied", Duration::from_secs(5), || {
+        Ok(apps::http(client, pod, "DELETE", "/", &[])?.status == 403)
+    })?;
+    ensure!(apps::http(client, pod, "GET", "/", &[])?.status == 200);
+    let text = lab.waypoint_metrics("bookinfo/pod-waypoint-0")?;
+    let served = metric_sum(
+        &text,
+        "istio_requests_total",
+        &[("reporter", "waypoint"), ("destination_workload", "reviews-v2")],
+    );
+    ensure!(served >= 3.0, "counted by the pod's waypoint: {served}");
+    lab.teardown()
+}
