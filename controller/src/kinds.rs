@@ -279,8 +279,8 @@ kind!(
         optional: true,
     }
 );
-// Gateway API status lives under `status.parents`: not written yet (see
-// ARCHITECTURE.md); `/debug/status` and the log carry it.
+// Gateway API status lives under `status.parents`, one entry per parent
+// and controller (`kubernetes::StatusWriter`).
 kind!(
     HttpRoute,
     http_routes,
@@ -291,7 +291,7 @@ kind!(
         kind: "HTTPRoute",
         plural: "httproutes",
         namespaced: true,
-        status: false,
+        status: true,
         optional: true,
     }
 );

@@ -296,6 +296,10 @@ impl StatusWriter {
     pub async fn write(&mut self, statuses: &[(Status, Option<i64>)]) {
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         for (s, generation) in statuses {
+            if s.kind == "HTTPRoute" {
+                self.write_route_parents(s, *generation, &now).await;
+                continue;
+            }
             let Some(ar) = kinds::info(s.kind)
                 .filter(|k| k.status)
                 .map(KindInfo::api_resource)
@@ -345,6 +349,116 @@ impl StatusWriter {
             }
         }
     }
+}
+
+impl StatusWriter {
+    /// Gateway API status: one `status.parents` entry per Service parent,
+    /// as the `istio-waypoint` class's controller; other controllers'
+    /// entries are kept (read, then replaced as a whole, as the list is
+    /// atomic).
+    async fn write_route_parents(&mut self, s: &Status, generation: Option<i64>, now: &str) {
+        let Some(ar) = kinds::info(s.kind).map(KindInfo::api_resource) else {
+            return;
+        };
+        let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), &s.namespace, &ar);
+        let route = match api.get_status(&s.name).await {
+            Ok(r) => r,
+            Err(e) => {
+                return warn!(component = "kubernetes", kind = s.kind, namespace = %s.namespace, name = %s.name, error = %e, "cannot read status; will retry on the next change");
+            }
+        };
+        let refs = route.data["spec"]["parentRefs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let ours = route_parents(&refs, s, generation);
+        let key = (s.kind, s.namespace.clone(), s.name.clone());
+        if self.written.get(&key) == Some(&ours) {
+            return;
+        }
+        let mut parents: Vec<serde_json::Value> = route.data["status"]["parents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["controllerName"] != MESH_CONTROLLER)
+            .cloned()
+            .collect();
+        let mut stamped = ours.clone();
+        for p in stamped.as_array_mut().into_iter().flatten() {
+            for c in p["conditions"].as_array_mut().into_iter().flatten() {
+                c["lastTransitionTime"] = serde_json::Value::String(now.to_string());
+            }
+        }
+        parents.extend(stamped.as_array().into_iter().flatten().cloned());
+        let patch = serde_json::json!({ "status": { "parents": parents } });
+        match api
+            .patch_status(&s.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                self.written.insert(key, ours);
+            }
+            Err(e) => {
+                warn!(component = "kubernetes", kind = s.kind, namespace = %s.namespace, name = %s.name, error = %e, "cannot write status; will retry on the next change")
+            }
+        }
+    }
+}
+
+/// The controller name of GatewayClass `istio-waypoint`, which Weft serves.
+pub const MESH_CONTROLLER: &str = "istio.io/mesh-controller";
+
+/// Our `status.parents` entries for a route's Service `parentRefs`, with
+/// Gateway API's Accepted and ResolvedRefs conditions.
+fn route_parents(
+    refs: &[serde_json::Value],
+    s: &Status,
+    generation: Option<i64>,
+) -> serde_json::Value {
+    let condition = |ty: &str, ok: bool, reason: &str, message: &str| {
+        serde_json::json!({
+            "type": ty,
+            "status": if ok { "True" } else { "False" },
+            "reason": reason,
+            "message": message,
+            "observedGeneration": generation,
+        })
+    };
+    // A refusal for a reference says so in ResolvedRefs; any other refusal
+    // in Accepted.
+    let bad_ref = if s.message.contains("ReferenceGrant") {
+        Some("RefNotPermitted")
+    } else if s.message.contains("only Service backends") {
+        Some("InvalidKind")
+    } else {
+        None
+    };
+    let accepted = if s.accepted {
+        condition("Accepted", true, "Accepted", &s.message)
+    } else if bad_ref.is_some() {
+        condition("Accepted", true, "Accepted", "")
+    } else {
+        condition("Accepted", false, "UnsupportedValue", &s.message)
+    };
+    let resolved = match bad_ref {
+        Some(reason) if !s.accepted => condition("ResolvedRefs", false, reason, &s.message),
+        _ => condition("ResolvedRefs", true, "ResolvedRefs", ""),
+    };
+    let entries = refs
+        .iter()
+        .filter(|r| {
+            matches!(r["group"].as_str(), Some("" | "core"))
+                && r["kind"].as_str() == Some("Service")
+        })
+        .map(|r| {
+            serde_json::json!({
+                "parentRef": r,
+                "controllerName": MESH_CONTROLLER,
+                "conditions": [accepted.clone(), resolved.clone()],
+            })
+        })
+        .collect();
+    serde_json::Value::Array(entries)
 }
 
 /// The audience of the tokens the CA and xDS accept (Istio's).

@@ -61,6 +61,8 @@ struct Fake {
     writes: Arc<Mutex<Vec<(Method, String, Value)>>>,
     /// Another replica's Secret: a creation stores it instead and gets 409 Conflict.
     race_winner: Arc<Mutex<Option<Value>>>,
+    /// Object path → object, for single GETs.
+    objects: Arc<Mutex<HashMap<String, Value>>>,
 }
 
 impl Fake {
@@ -115,6 +117,11 @@ impl Fake {
             let (tx, rx) = mpsc::channel(16);
             self.watches.lock().unwrap().insert(path, tx);
             return Response::new(StreamBody::new(ReceiverStream::new(rx)));
+        }
+        if parts.method == Method::GET
+            && let Some(o) = self.objects.lock().unwrap().get(&path)
+        {
+            return reply(StatusCode::OK, o);
         }
         if let Some(items) = self.lists.lock().unwrap().get(&path) {
             return reply(
@@ -567,4 +574,83 @@ async fn waypoint_deployed_for_its_gateway() {
     let n = fake.writes().len();
     deployer.apply(std::slice::from_ref(&gw)).await;
     assert_eq!(fake.writes().len(), n, "unchanged: nothing written again");
+}
+
+/// HTTPRoute status as Gateway API defines it: one `status.parents` entry
+/// per Service parent under the `istio-waypoint` class's controller name,
+/// with Accepted and ResolvedRefs; another controller's entry is kept; an
+/// unchanged status is not written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_route_status_parents() {
+    use weft_controller::policy::Status;
+    let (client, fake) = mock_client();
+    let path = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/reviews/status";
+    let other = json!({"parentRef": {"name": "ingress", "kind": "Gateway"},
+                       "controllerName": "example.com/gateway", "conditions": []});
+    fake.objects.lock().unwrap().insert(
+        path.into(),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+               "metadata": meta("reviews", Some("shop"), "1"),
+               "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "reviews", "port": 9080},
+                                       {"name": "ingress", "kind": "Gateway"}]},
+               "status": {"parents": [other.clone()]}}),
+    );
+    let mut writer = StatusWriter::new(client);
+    let status = |accepted, message: &str| Status {
+        kind: "HTTPRoute",
+        namespace: "shop".into(),
+        name: "reviews".into(),
+        accepted,
+        reason: if accepted { "Accepted" } else { "Invalid" },
+        message: message.into(),
+    };
+    let patches = |f: &Fake| -> Vec<Value> {
+        f.writes()
+            .into_iter()
+            .filter(|(m, p, _)| m == Method::PATCH && p == path)
+            .map(|(_, _, b)| b)
+            .collect()
+    };
+    writer
+        .write(&[(status(true, "routes served to the waypoint"), Some(3))])
+        .await;
+    let sent = patches(&fake);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let parents = sent[0]["status"]["parents"].as_array().unwrap().clone();
+    assert_eq!(parents.len(), 2, "{parents:?}");
+    assert_eq!(parents[0], other, "another controller's entry is kept");
+    let ours = &parents[1];
+    assert_eq!(ours["controllerName"], "istio.io/mesh-controller");
+    assert_eq!(ours["parentRef"]["name"], "reviews");
+    assert_eq!(ours["conditions"][0]["type"], "Accepted");
+    assert_eq!(ours["conditions"][0]["status"], "True");
+    assert_eq!(ours["conditions"][0]["observedGeneration"], 3);
+    assert_eq!(ours["conditions"][1]["type"], "ResolvedRefs");
+    assert_eq!(ours["conditions"][1]["status"], "True");
+
+    writer
+        .write(&[(status(true, "routes served to the waypoint"), Some(3))])
+        .await;
+    assert_eq!(patches(&fake).len(), 1, "unchanged: not written again");
+
+    writer
+        .write(&[(
+            status(
+                false,
+                "spec.rules[0].backendRefs[0].namespace: \"other\" is another namespace; a cross-namespace backend needs a ReferenceGrant, which Weft does not read yet",
+            ),
+            Some(4),
+        )])
+        .await;
+    let sent = patches(&fake);
+    assert_eq!(sent.len(), 2);
+    let ours = &sent[1]["status"]["parents"][1];
+    assert_eq!(ours["conditions"][1]["status"], "False");
+    assert_eq!(ours["conditions"][1]["reason"], "RefNotPermitted");
+    assert!(
+        ours["conditions"][1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("backendRefs[0].namespace")
+    );
 }
