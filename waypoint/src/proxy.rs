@@ -1097,7 +1097,11 @@ impl HttpPool {
     fn put(&self, key: (SocketAddr, IpAddr), s: SendRequest<Body>) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.entry(key).or_default();
-        list.retain(|(at, s)| at.elapsed() < HTTP_IDLE && !s.is_closed());
+        // Stale entries are swept by `evict_idle` and skipped by `take`;
+        // sweeping here too, on every response, cost a clock read per entry.
+        if list.len() >= HTTP_IDLE_MAX {
+            list.retain(|(at, s)| at.elapsed() < HTTP_IDLE && !s.is_closed());
+        }
         if list.len() < HTTP_IDLE_MAX {
             list.push((Instant::now(), s));
         }
