@@ -727,7 +727,10 @@ spec:
     let served = metric_sum(
         &text,
         "istio_requests_total",
-        &[("reporter", "waypoint"), ("destination_workload", "reviews-v2")],
+        &[
+            ("reporter", "waypoint"),
+            ("destination_workload", "reviews-v2"),
+        ],
     );
     ensure!(served >= 3.0, "counted by the pod's waypoint: {served}");
     lab.teardown()
