@@ -371,7 +371,7 @@ impl Publisher {
         }
         for s in t.statuses() {
             let resource = format!("{} {}/{}", s.kind, s.namespace, s.name);
-            if s.accepted && s.reason == "Accepted" {
+            if s.accepted && s.reason != "UnsupportedValue" {
                 debug!(%resource, reason = s.reason, message = %s.message, "status");
             } else {
                 warn!(%resource, accepted = s.accepted, reason = s.reason, message = %s.message, "status");
@@ -441,7 +441,7 @@ fn status_json(t: &Translation) -> String {
                 "namespace": s.namespace,
                 "name": s.name,
                 "conditions": [{
-                    "type": "Accepted",
+                    "type": if s.kind == "Service" { s.condition } else { "Accepted" },
                     "status": if s.accepted { "True" } else { "False" },
                     "reason": s.reason,
                     "message": s.message,

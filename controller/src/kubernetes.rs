@@ -31,7 +31,7 @@ use crate::Snapshot;
 use crate::auth::{AuthError, Caller};
 use crate::ca::{MeshCa, MeshCaError};
 use crate::kinds::{self, Kind, KindInfo, Visitor, each_kind};
-use crate::policy::Status;
+use crate::policy::{Status, WAYPOINT_BOUND};
 
 /// Reflector stores over the API server, one per kind, and whether anything
 /// changed since the last [`KubeSource::poll`].
@@ -295,9 +295,42 @@ impl StatusWriter {
     /// `metadata.generation`) whose conditions differ from what was last written.
     pub async fn write(&mut self, statuses: &[(Status, Option<i64>)]) {
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        // A Service no longer bound loses the condition we wrote.
+        let unbound: Vec<(String, String)> = self
+            .written
+            .keys()
+            .filter(|(kind, ns, name)| {
+                *kind == "Service"
+                    && !statuses
+                        .iter()
+                        .any(|(s, _)| s.kind == "Service" && &s.namespace == ns && &s.name == name)
+            })
+            .map(|(_, ns, name)| (ns.clone(), name.clone()))
+            .collect();
+        for (ns, name) in unbound {
+            self.write_service_binding(&ns, &name, None).await;
+        }
         for (s, generation) in statuses {
             if s.kind == "HTTPRoute" {
                 self.write_route_parents(s, *generation, &now).await;
+                continue;
+            }
+            if s.kind == "Service" {
+                let c = serde_json::json!({
+                    "type": WAYPOINT_BOUND,
+                    "status": if s.accepted { "True" } else { "False" },
+                    "reason": s.reason,
+                    "message": s.message,
+                    "observedGeneration": generation,
+                });
+                if self
+                    .written
+                    .get(&(s.kind, s.namespace.clone(), s.name.clone()))
+                    != Some(&c)
+                {
+                    self.write_service_binding(&s.namespace, &s.name, Some((c, &now)))
+                        .await;
+                }
                 continue;
             }
             let Some(ar) = kinds::info(s.kind)
@@ -316,6 +349,9 @@ impl StatusWriter {
                 })
             };
             let mut conditions = vec![condition("Accepted", s.accepted, s.reason, &s.message)];
+            if !s.condition.is_empty() {
+                conditions.push(condition(s.condition, s.accepted, s.reason, &s.message));
+            }
             if s.accepted {
                 conditions.push(condition(
                     "Reconciled",
@@ -352,6 +388,60 @@ impl StatusWriter {
 }
 
 impl StatusWriter {
+    /// Sets (or, with `None`, removes) a Service's `istio.io/WaypointBound`
+    /// condition, keeping every other condition on it.
+    async fn write_service_binding(
+        &mut self,
+        ns: &str,
+        name: &str,
+        condition: Option<(serde_json::Value, &str)>,
+    ) {
+        let key = ("Service", ns.to_string(), name.to_string());
+        let Some(ar) = kinds::info("Service").map(KindInfo::api_resource) else {
+            return;
+        };
+        let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &ar);
+        let svc = match api.get_status(name).await {
+            Ok(s) => s,
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                self.written.remove(&key);
+                return;
+            }
+            Err(e) => {
+                return warn!(component = "kubernetes", kind = "Service", namespace = %ns, name = %name, error = %e, "cannot read status; will retry on the next change");
+            }
+        };
+        let mut conditions: Vec<serde_json::Value> = svc.data["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["type"] != WAYPOINT_BOUND)
+            .cloned()
+            .collect();
+        if let Some((c, now)) = &condition {
+            let mut stamped = c.clone();
+            stamped["lastTransitionTime"] = serde_json::Value::String(now.to_string());
+            conditions.push(stamped);
+        }
+        let patch = serde_json::json!({ "status": { "conditions": conditions } });
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => match condition {
+                Some((c, _)) => {
+                    self.written.insert(key, c);
+                }
+                None => {
+                    self.written.remove(&key);
+                }
+            },
+            Err(e) => {
+                warn!(component = "kubernetes", kind = "Service", namespace = %ns, name = %name, error = %e, "cannot write status; will retry on the next change")
+            }
+        }
+    }
+
     /// Gateway API status: one `status.parents` entry per Service parent,
     /// as the `istio-waypoint` class's controller; other controllers'
     /// entries are kept (read, then replaced as a whole, as the list is

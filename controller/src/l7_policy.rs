@@ -165,6 +165,7 @@ pub fn translate(
             accepted,
             reason,
             message,
+            condition: crate::policy::WAYPOINT_ACCEPTED,
         };
         let key = format!("{ns}/{name}");
         match policy(ap, &refs, &ns, &name, mesh, cfg) {

@@ -169,7 +169,17 @@ pub struct Status {
     /// written), `Invalid` (refused).
     pub reason: &'static str,
     pub message: String,
+    /// Istio's own condition type for it, written beside ours so Istio's
+    /// tooling reads it: `ZtunnelAccepted` (an L4 policy), `WaypointAccepted`
+    /// (a waypoint policy), `istio.io/WaypointBound` (a Service's binding,
+    /// then the only condition written); empty for none.
+    pub condition: &'static str,
 }
+
+/// Istio's condition types.
+pub const ZTUNNEL_ACCEPTED: &str = "ZtunnelAccepted";
+pub const WAYPOINT_ACCEPTED: &str = "WaypointAccepted";
+pub const WAYPOINT_BOUND: &str = "istio.io/WaypointBound";
 
 /// Mutual TLS mode, as PeerAuthentication writes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -363,6 +373,7 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Policies>) -> P
                 accepted,
                 reason,
                 message,
+                condition: ZTUNNEL_ACCEPTED,
             });
         };
         let selection = |selector: &Option<WorkloadSelector>| {
@@ -416,6 +427,7 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Policies>) -> P
                     accepted: true,
                     reason: "Accepted",
                     message: "enforced by ztunnel".into(),
+                    condition: "",
                 });
                 out.peer_authns.insert(key.clone(), p);
             }
@@ -475,6 +487,11 @@ fn refused(
         accepted: false,
         reason: "Invalid",
         message: format!("{field}: {message}{suffix}"),
+        condition: if kind == "AuthorizationPolicy" {
+            ZTUNNEL_ACCEPTED
+        } else {
+            ""
+        },
     };
     let error = TranslateError {
         kind,

@@ -593,6 +593,7 @@ pub fn translate(
             accepted,
             reason,
             message,
+            condition: "",
         }
     };
 

@@ -105,6 +105,8 @@ pub struct Translation {
     pub policies: Policies,
     /// Waypoint routes and destinations, with their statuses.
     pub l7: crate::routes::L7,
+    /// Each bound Service's `istio.io/WaypointBound` status.
+    pub bindings: Vec<policy::Status>,
 }
 
 impl Translation {
@@ -121,6 +123,7 @@ impl Translation {
             .iter()
             .filter(move |s| !shadowed(s))
             .chain(l7)
+            .chain(&self.bindings)
     }
 }
 
@@ -168,7 +171,8 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
         }
     }
     out.services = services;
-    errors.extend(crate::waypoints::bind(snap, &mut out, &mesh.cluster_id));
+    let (unbound, bindings) = crate::waypoints::bind(snap, &mut out, &mesh.cluster_id);
+    errors.extend(unbound);
     // Istio's static STRICT policy goes out only once a workload needs it.
     let strict = policies.static_strict_key();
     let referenced = out
@@ -192,6 +196,7 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
         errors,
         policies,
         l7,
+        bindings,
     }
 }
 

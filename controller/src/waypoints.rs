@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use weft_api::{Endpoint, LocalConfig, Service, ServicePort, WaypointRef, Workload};
 
 use crate::Snapshot;
+use crate::policy::{Status, WAYPOINT_BOUND};
 use crate::translate::TranslateError;
 
 pub const WAYPOINT_CLASS: &str = "istio-waypoint";
@@ -222,14 +223,15 @@ enum Bound {
 }
 
 /// The binding `labels` (the object's, else its namespace's) ask for, resolved.
-/// `Ok(None)`: no waypoint. `Err` carries the unresolvable reference and why.
+/// `Ok(None)`: no waypoint. `Err` carries the unresolvable reference, the
+/// field, a reason for the status and why.
 fn resolve(
     what: Bound,
     ns: &str,
     own: Option<&BTreeMap<String, String>>,
     namespace: Option<&Namespace>,
     waypoints: &BTreeMap<String, Waypoint>,
-) -> Result<Option<WaypointRef>, (WaypointRef, String, String)> {
+) -> Result<Option<WaypointRef>, Unresolved> {
     let ns_labels = namespace.and_then(|n| n.metadata.labels.as_ref());
     // The object's own label wins, with the namespace label beside it.
     let (labels, field) = match own.and_then(|l| l.get(USE_WAYPOINT)) {
@@ -248,18 +250,26 @@ fn resolve(
         .unwrap_or_else(|| ns.to_string());
     let key = format!("{wns}/{name}");
     let field = format!("{field}[{USE_WAYPOINT}]");
-    let unresolved = |why: String| {
+    let unresolved = |reason: &'static str, why: String| {
         let reference = WaypointRef {
             namespace: wns.clone(),
             hostname: format!("{name}.{wns}.{UNRESOLVED_TLD}"),
             port: HBONE_PORT,
         };
-        Err((reference, field.clone(), why))
+        Err(Unresolved {
+            reference,
+            field: field.clone(),
+            reason,
+            why,
+        })
     };
     let Some(w) = waypoints.get(&key) else {
-        return unresolved(format!(
-            "no waypoint {key} (a Gateway of class {WAYPOINT_CLASS} with an HBONE listener on {HBONE_PORT}); its traffic is refused until there is one"
-        ));
+        return unresolved(
+            "WaypointNotFound",
+            format!(
+                "no waypoint {key} (a Gateway of class {WAYPOINT_CLASS} with an HBONE listener on {HBONE_PORT}); its traffic is refused until there is one"
+            ),
+        );
     };
     let serves = matches!(
         (w.serves, what),
@@ -277,24 +287,46 @@ fn resolve(
             Bound::Service => "services",
             Bound::Workload => "workloads",
         };
-        return unresolved(format!(
-            "waypoint {key} does not serve {kind} ({WAYPOINT_FOR} is {:?})",
-            w.serves
-        ));
+        return unresolved(
+            "WaypointNotServing",
+            format!(
+                "waypoint {key} does not serve {kind} ({WAYPOINT_FOR} is {:?})",
+                w.serves
+            ),
+        );
     }
     if !w.admits(ns, namespace) {
-        return unresolved(format!(
-            "waypoint {key} does not admit namespace {ns}: see its listener's allowedRoutes.namespaces"
-        ));
+        return unresolved(
+            "WaypointNotAllowed",
+            format!(
+                "waypoint {key} does not admit namespace {ns}: see its listener's allowedRoutes.namespaces"
+            ),
+        );
     }
     Ok(Some(w.reference()))
+}
+
+/// A binding that cannot be served.
+struct Unresolved {
+    /// What is published instead: a name no ztunnel resolves (fail closed).
+    reference: WaypointRef,
+    field: String,
+    reason: &'static str,
+    why: String,
 }
 
 /// Binds services and workloads in `cfg` to their waypoints, and adds each
 /// waypoint's Service when the snapshot has none (the manifests source: in
 /// Kubernetes the controller creates it), its endpoints the Gateway's pods.
-pub fn bind(snap: &Snapshot, cfg: &mut LocalConfig, cluster_id: &str) -> Vec<TranslateError> {
+/// Returns what was left unresolved, and each bound Service's
+/// `istio.io/WaypointBound` status.
+pub fn bind(
+    snap: &Snapshot,
+    cfg: &mut LocalConfig,
+    cluster_id: &str,
+) -> (Vec<TranslateError>, Vec<Status>) {
     let (waypoints, mut errors) = waypoints(snap);
+    let mut statuses = Vec::new();
     let mut report = |kind: &'static str, ns: &str, name: &str, field: String, message: String| {
         errors.push(TranslateError {
             kind,
@@ -310,11 +342,31 @@ pub fn bind(snap: &Snapshot, cfg: &mut LocalConfig, cluster_id: &str) -> Vec<Tra
             .get(&format!("{}/{}", svc.namespace, svc.name));
         let own = k8s.and_then(|s| s.metadata.labels.as_ref());
         let namespace = snap.namespaces.get(&svc.namespace);
+        let status = |accepted, reason, message: String| Status {
+            kind: "Service",
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+            accepted,
+            reason,
+            message,
+            condition: WAYPOINT_BOUND,
+        };
         svc.waypoint = match resolve(Bound::Service, &svc.namespace, own, namespace, &waypoints) {
-            Ok(w) => w,
-            Err((w, field, why)) => {
-                report("Service", &svc.namespace, &svc.name, field, why);
-                Some(w)
+            Ok(w) => {
+                if let Some(r) = &w {
+                    let gw = r.hostname.split('.').next().unwrap_or_default();
+                    statuses.push(status(
+                        true,
+                        "WaypointAccepted",
+                        format!("bound to waypoint {}/{gw}", r.namespace),
+                    ));
+                }
+                w
+            }
+            Err(u) => {
+                statuses.push(status(false, u.reason, format!("{}: {}", u.field, u.why)));
+                report("Service", &svc.namespace, &svc.name, u.field, u.why);
+                Some(u.reference)
             }
         };
     }
@@ -327,9 +379,9 @@ pub fn bind(snap: &Snapshot, cfg: &mut LocalConfig, cluster_id: &str) -> Vec<Tra
         let namespace = snap.namespaces.get(&w.namespace);
         w.waypoint = match resolve(Bound::Workload, &w.namespace, own, namespace, &waypoints) {
             Ok(r) => r,
-            Err((r, field, why)) => {
-                report("Pod", &w.namespace, &w.name, field, why);
-                Some(r)
+            Err(u) => {
+                report("Pod", &w.namespace, &w.name, u.field, u.why);
+                Some(u.reference)
             }
         };
     }
@@ -341,7 +393,7 @@ pub fn bind(snap: &Snapshot, cfg: &mut LocalConfig, cluster_id: &str) -> Vec<Tra
         cfg.services
             .push(waypoint_service(wp, &cfg.workloads, snap, cluster_id));
     }
-    errors
+    (errors, statuses)
 }
 
 /// A waypoint's Service, as the controller would create it: port 15008 on
@@ -507,6 +559,28 @@ spec:
         );
         // Default waypoint-for is service: workloads have none.
         assert!(cfg.workloads.iter().all(|w| w.waypoint.is_none()));
+
+        // Each binding's status, as Istio writes it on the Service.
+        let mut snap = Snapshot::default();
+        parse(&format!("{BASE}---{GATEWAY}"), "test", &mut snap);
+        let t = translate(&snap, &Mesh::default(), None);
+        let bound: Vec<String> = t
+            .statuses()
+            .filter(|s| s.kind == "Service")
+            .map(|s| {
+                assert_eq!(s.condition, "istio.io/WaypointBound");
+                format!("{} {} {}", s.name, s.accepted, s.reason)
+            })
+            .collect();
+        assert_eq!(
+            bound,
+            [
+                "api false WaypointNotAllowed",
+                "typo false WaypointNotFound",
+                "web true WaypointAccepted"
+            ],
+            "optout and the waypoint's own Service have no binding"
+        );
     }
 
     #[test]

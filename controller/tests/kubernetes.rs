@@ -371,7 +371,13 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
         .find(|(_, p, _)| p.contains("/deny-ops/"))
         .unwrap();
     assert_eq!(ok["status"]["conditions"][0]["status"], "True");
-    assert_eq!(ok["status"]["conditions"][1]["type"], "Reconciled");
+    // Istio's own condition type beside ours, so `kubectl wait
+    // --for=condition=ZtunnelAccepted` works as with istiod.
+    assert_eq!(ok["status"]["conditions"][1]["type"], "ZtunnelAccepted");
+    assert_eq!(ok["status"]["conditions"][1]["status"], "True");
+    assert_eq!(ok["status"]["conditions"][2]["type"], "Reconciled");
+    assert_eq!(body["status"]["conditions"][1]["type"], "ZtunnelAccepted");
+    assert_eq!(body["status"]["conditions"][1]["status"], "False");
     writer.write(&statuses).await;
     assert_eq!(
         fake.writes().len(),
@@ -603,6 +609,7 @@ async fn http_route_status_parents() {
         accepted,
         reason: if accepted { "Accepted" } else { "Invalid" },
         message: message.into(),
+        condition: "",
     };
     let patches = |f: &Fake| -> Vec<Value> {
         f.writes()
@@ -653,4 +660,64 @@ async fn http_route_status_parents() {
             .unwrap()
             .contains("backendRefs[0].namespace")
     );
+}
+
+/// A Service's binding is written as Istio writes it: one
+/// `istio.io/WaypointBound` condition, other conditions kept; it is
+/// removed when the binding goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_waypoint_bound_condition() {
+    use weft_controller::policy::Status;
+    let (client, fake) = mock_client();
+    let path = "/api/v1/namespaces/shop/services/web/status";
+    let other =
+        json!({"type": "example.com/Ready", "status": "True", "reason": "Fine", "message": ""});
+    fake.objects.lock().unwrap().insert(
+        path.into(),
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": meta("web", Some("shop"), "1"),
+               "status": {"conditions": [other.clone()]}}),
+    );
+    let mut writer = StatusWriter::new(client);
+    let bound = Status {
+        kind: "Service",
+        namespace: "shop".into(),
+        name: "web".into(),
+        accepted: false,
+        reason: "WaypointNotFound",
+        message: "metadata.labels[istio.io/use-waypoint]: no waypoint shop/waypiont".into(),
+        condition: "istio.io/WaypointBound",
+    };
+    let patches = |f: &Fake| -> Vec<Value> {
+        f.writes()
+            .into_iter()
+            .filter(|(m, p, _)| m == Method::PATCH && p == path)
+            .map(|(_, _, b)| b)
+            .collect()
+    };
+    writer.write(&[(bound.clone(), Some(2))]).await;
+    let sent = patches(&fake);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let conditions = sent[0]["status"]["conditions"].as_array().unwrap();
+    assert_eq!(conditions.len(), 2, "{conditions:?}");
+    assert_eq!(conditions[0], other, "another condition is kept");
+    assert_eq!(conditions[1]["type"], "istio.io/WaypointBound");
+    assert_eq!(conditions[1]["status"], "False");
+    assert_eq!(conditions[1]["reason"], "WaypointNotFound");
+    assert!(
+        conditions[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("waypiont")
+    );
+
+    writer.write(&[(bound, Some(2))]).await;
+    assert_eq!(patches(&fake).len(), 1, "unchanged: not written again");
+
+    // The label goes: no status for the Service, so the condition goes.
+    writer.write(&[]).await;
+    let sent = patches(&fake);
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[1]["status"]["conditions"], json!([other]));
+    writer.write(&[]).await;
+    assert_eq!(patches(&fake).len(), 2, "and only once");
 }
