@@ -274,6 +274,7 @@ fn handle(mut conn: TcpStream, peer: SocketAddr, app: App, pod: &str) -> io::Res
                     .to_string();
                 let mut echoed = String::new();
                 let mut length = 0usize;
+                let mut chunked = false;
                 loop {
                     let mut h = String::new();
                     if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
@@ -290,9 +291,33 @@ fn handle(mut conn: TcpStream, peer: SocketAddr, app: App, pod: &str) -> io::Res
                     if let Some(v) = lower.strip_prefix("content-length:") {
                         length = v.trim().parse().unwrap_or(0);
                     }
+                    if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+                        chunked = true;
+                    }
                 }
                 // The request body, if any, is read and dropped.
-                io::copy(&mut (&mut reader).take(length as u64), &mut io::sink())?;
+                if chunked {
+                    loop {
+                        let mut size = String::new();
+                        reader.read_line(&mut size)?;
+                        let n =
+                            usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
+                                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                        if n == 0 {
+                            // Trailers, up to the empty line.
+                            loop {
+                                let mut t = String::new();
+                                if reader.read_line(&mut t)? == 0 || t.trim().is_empty() {
+                                    break;
+                                }
+                            }
+                            break;
+                        }
+                        io::copy(&mut (&mut reader).take(n as u64 + 2), &mut io::sink())?;
+                    }
+                } else {
+                    io::copy(&mut (&mut reader).take(length as u64), &mut io::sink())?;
+                }
                 let body = format!(
                     "hello from {pod}, you are {}\npath {path}\n{echoed}",
                     peer.ip()

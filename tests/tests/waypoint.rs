@@ -75,6 +75,11 @@ spec: {clusterIP: 10.96.0.22, selector: {app: reviews, version: v1}, ports: [{na
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: reviews-grpc, namespace: bookinfo}
+spec: {clusterIP: 10.96.0.26, selector: {app: reviews, version: v1}, ports: [{name: grpc, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
 metadata: {name: reviews-v2, namespace: bookinfo}
 spec: {clusterIP: 10.96.0.23, selector: {app: reviews, version: v2}, ports: [{name: http, port: 9080}]}
 "#;
@@ -514,9 +519,10 @@ fn h2_grpc_and_websocket_through_the_waypoint() -> Result<()> {
     let _h2b = apps::serve_h2(lab.pod("bookinfo/reviews-v2"), 9080)?;
     let client = lab.pod("bookinfo/productpage");
     let body: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    // A `grpc` port: HTTP/2 to the pod, as Istio.
     let r = apps::h2_post(
         client,
-        "10.96.0.22:9080".parse()?,
+        "10.96.0.26:9080".parse()?,
         "/echo.Echo/Stream",
         body.clone(),
         64,
@@ -550,7 +556,7 @@ fn h2_grpc_and_websocket_through_the_waypoint() -> Result<()> {
             &text,
             "istio_requests_total",
             &[
-                ("destination_service_name", "reviews-v1"),
+                ("destination_service_name", "reviews-grpc"),
                 ("response_code", "200")
             ]
         ) >= 1.0,
@@ -558,6 +564,27 @@ fn h2_grpc_and_websocket_through_the_waypoint() -> Result<()> {
     );
     drop(_h2);
     drop(_h2b);
+
+    // An `http` port is HTTP/1.1 to the pod whatever the client speaks, as
+    // Istio: an h2 client reaches an HTTP/1.1-only app.
+    let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    let r = apps::h2_post(
+        client,
+        "10.96.0.22:9080".parse()?,
+        "/h1",
+        b"ping".to_vec(),
+        2,
+    )?;
+    ensure!(r.status == 200, "{}", lab.waypoint_log(WAYPOINT_POD));
+    let text = String::from_utf8_lossy(&r.body);
+    ensure!(
+        text.starts_with("hello from reviews-v1, you are ") && text.contains("path /h1\n"),
+        "{text:?}"
+    );
+    ensure!(
+        text.contains("host: 10.96.0.22:9080"),
+        "the h2 authority is the HTTP/1.1 Host: {text:?}"
+    );
 
     let _ws = apps::serve(lab.pod("bookinfo/reviews-v2"), 9081, App::Upgrade)?;
     lab.write_manifest(

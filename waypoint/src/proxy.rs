@@ -259,11 +259,7 @@ impl Conn {
         // The service port's declared protocol decides, as in Istio; only
         // an undeclared one is sniffed.
         let declared = match &self.dest {
-            Dest::Service(svc) => svc
-                .ports
-                .iter()
-                .find(|p| p.port == self.target.port())
-                .map_or(AppProtocol::Unknown, |p| p.protocol),
+            Dest::Service(svc) => port_protocol(svc, self.target.port()),
             Dest::Workload(_) => AppProtocol::Unknown,
         };
         if matches!(declared, AppProtocol::Tcp | AppProtocol::Tls) {
@@ -470,7 +466,7 @@ impl Conn {
             record.route = r.name.clone();
         }
         // The endpoint: the rule's backend, or the destination itself.
-        let (endpoint, backend) = match rule.map(|r| &r.action) {
+        let (endpoint, backend, upstream_protocol) = match rule.map(|r| &r.action) {
             Some(Action::Direct { status, body }) => {
                 let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
                 let mut resp = full(status, Bytes::from(body.clone()));
@@ -536,7 +532,7 @@ impl Conn {
                 };
                 let (eps, balance) = state.endpoints(svc, port, &b.subset);
                 let ep = self.proxy.store.choose(&eps, balance, roll()).cloned();
-                (ep, Some(b))
+                (ep, Some(b), port_protocol(svc, port))
             }
             None => match &self.dest {
                 Dest::Service(svc) => {
@@ -544,6 +540,7 @@ impl Conn {
                     (
                         self.proxy.store.choose(&eps, balance, roll()).cloned(),
                         None,
+                        port_protocol(svc, self.target.port()),
                     )
                 }
                 Dest::Workload(w) => (
@@ -552,6 +549,7 @@ impl Conn {
                         addr: self.target,
                     }),
                     None,
+                    AppProtocol::Unknown,
                 ),
             },
         };
@@ -603,9 +601,31 @@ impl Conn {
             b.request_headers.apply(&mut parts.headers);
         }
         append_forwarded_for(&mut parts.headers, self.client_ip);
-        if parts.version == http::Version::HTTP_2 {
-            // HTTP/2 upstream (the client's protocol, as Istio's default):
-            // the URI carries scheme and authority.
+        // The upstream's protocol, as Istio decides it: the port's declared
+        // one (`http` is HTTP/1.1; `http2`, `grpc` are HTTP/2), the
+        // client's where it is not declared. An upgrade stays HTTP/1.1.
+        let downstream = parts.version;
+        let h2_upstream = client_upgrade.is_none()
+            && match upstream_protocol {
+                AppProtocol::Http2 | AppProtocol::Grpc => true,
+                AppProtocol::Http11 => false,
+                _ => downstream == http::Version::HTTP_2,
+            };
+        if !h2_upstream && downstream == http::Version::HTTP_2 {
+            // h2 → HTTP/1.1: the authority becomes Host, the URI its path.
+            if !parts.headers.contains_key(http::header::HOST)
+                && let Ok(v) = HeaderValue::from_str(&authority)
+            {
+                parts.headers.insert(http::header::HOST, v);
+            }
+            if let Some(pq) = parts.uri.path_and_query().cloned() {
+                parts.uri = http::Uri::from(pq);
+            }
+            parts.version = http::Version::HTTP_11;
+        }
+        if h2_upstream {
+            parts.version = http::Version::HTTP_2;
+            // The URI carries scheme and authority.
             let host = parts
                 .headers
                 .get(http::header::HOST)
@@ -677,6 +697,7 @@ impl Conn {
             });
         }
         let (mut parts, body) = resp.into_parts();
+        parts.version = downstream;
         if let Some(b) = backend {
             b.response_headers.apply(&mut parts.headers);
         }
@@ -781,6 +802,14 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
                 v.split(',')
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             })
+}
+
+/// The protocol declared for `port` of `svc` (Unknown when none).
+fn port_protocol(svc: &Service, port: u16) -> AppProtocol {
+    svc.ports
+        .iter()
+        .find(|p| p.port == port)
+        .map_or(AppProtocol::Unknown, |p| p.protocol)
 }
 
 /// The Location's host\[:port\] for a redirect from `authority`, as

@@ -126,7 +126,9 @@ spec:
 "#;
 
 /// The same route table for Envoy, statically: a header match to v2, the
-/// rest 90/10 v1/v2, 5 s timeouts, the client's protocol upstream.
+/// rest 90/10 v1/v2, 5 s timeouts, HTTP/1.1 upstream whatever the client
+/// speaks (the backends' port is declared `http`: what Istio's waypoint
+/// does, and what ours does).
 fn envoy_config() -> String {
     let cluster = |name: &str, ip: &str| {
         format!(
@@ -137,7 +139,7 @@ fn envoy_config() -> String {
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        use_downstream_protocol_config: {{http_protocol_options: {{}}, http2_protocol_options: {{}}}}
+        explicit_http_config: {{http_protocol_options: {{}}}}
     load_assignment:
       cluster_name: {name}
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {BACKEND_PORT}}}}}}}}}]}}]"#
