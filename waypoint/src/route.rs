@@ -427,13 +427,18 @@ impl RequestMatch {
             return false;
         }
         if !self.query.is_empty() {
-            let params: BTreeMap<&str, &str> = req
+            // As Envoy: a repeated parameter is its first value, and values
+            // are percent-decoded.
+            let mut params: BTreeMap<&str, String> = BTreeMap::new();
+            for p in req
                 .query
                 .unwrap_or_default()
                 .split('&')
                 .filter(|p| !p.is_empty())
-                .map(|p| p.split_once('=').unwrap_or((p, "")))
-                .collect();
+            {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                params.entry(k).or_insert_with(|| percent_decode(v));
+            }
             let ok = self
                 .query
                 .iter()
@@ -461,6 +466,43 @@ impl RequestMatch {
 /// The path after a rewrite: a full replacement, or the matched prefix
 /// replaced (Istio's `rewrite.uri` after a prefix match; HTTPRoute's
 /// `ReplacePrefixMatch`). The query is kept.
+/// `path` without `prefix`, compared without case when it differs only so
+/// (a prefix matched with `ignoreUriCase`).
+fn strip_prefix_any_case<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    path.strip_prefix(prefix).or_else(|| {
+        path.get(..prefix.len())
+            .filter(|head| head.eq_ignore_ascii_case(prefix))
+            .map(|_| &path[prefix.len()..])
+    })
+}
+
+/// `%HH` decoded (invalid escapes kept as written).
+fn percent_decode(v: &str) -> String {
+    if !v.contains('%') {
+        return v.to_string();
+    }
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(x)) => {
+                out.push(x);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 pub fn rewrite_path(
     path: &str,
     query: Option<&str>,
@@ -469,22 +511,24 @@ pub fn rewrite_path(
 ) -> String {
     let new = match rw {
         PathRewrite::Full(p) => p.clone(),
-        PathRewrite::Prefix(replacement) => match matched.and_then(|m| path.strip_prefix(m)) {
-            Some(rest) => {
-                // One slash where the replacement meets the rest.
-                let joined = match (replacement.ends_with('/'), rest.strip_prefix('/')) {
-                    (true, Some(tail)) => format!("{replacement}{tail}"),
-                    _ => format!("{replacement}{rest}"),
-                };
-                if joined.starts_with('/') {
-                    joined
-                } else {
-                    format!("/{joined}")
+        PathRewrite::Prefix(replacement) => {
+            match matched.and_then(|m| strip_prefix_any_case(path, m)) {
+                Some(rest) => {
+                    // One slash where the replacement meets the rest.
+                    let joined = match (replacement.ends_with('/'), rest.strip_prefix('/')) {
+                        (true, Some(tail)) => format!("{replacement}{tail}"),
+                        _ => format!("{replacement}{rest}"),
+                    };
+                    if joined.starts_with('/') {
+                        joined
+                    } else {
+                        format!("/{joined}")
+                    }
                 }
+                // No prefix matched (an exact or regex match): Istio replaces the whole path.
+                None => replacement.clone(),
             }
-            // No prefix matched (an exact or regex match): Istio replaces the whole path.
-            None => replacement.clone(),
-        },
+        }
     };
     match query {
         Some(q) => format!("{new}?{q}"),
@@ -814,7 +858,52 @@ mod tests {
     }
 
     #[test]
+    fn query_params_as_envoy_reads_them() {
+        let t = RouteTable::compile(&pb::Route {
+            rules: vec![pb::Rule {
+                name: "v".into(),
+                matches: vec![pb::RequestMatch {
+                    query_params: vec![pb::QueryMatch {
+                        name: "v".into(),
+                        value: exact("x y"),
+                    }],
+                    ..Default::default()
+                }],
+                action: forward(&[("v1", 1)]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .unwrap();
+        let headers = http::HeaderMap::new();
+        let found = |q: &'static str| {
+            t.find(&RequestInfo {
+                method: "GET",
+                path: "/",
+                query: Some(q),
+                authority: "reviews",
+                port: 80,
+                headers: &headers,
+            })
+            .is_some()
+        };
+        assert!(found("v=x%20y"), "decoded");
+        assert!(found("v=x%20y&v=z"), "the first value");
+        assert!(!found("v=z&v=x%20y"), "not a later one");
+    }
+
+    #[test]
     fn rewrites() {
+        assert_eq!(
+            rewrite_path(
+                "/API/items",
+                None,
+                &PathRewrite::Prefix("/v2/".into()),
+                Some("/api/")
+            ),
+            "/v2/items",
+            "a prefix matched without case is cut at its length"
+        );
         let prefix = PathRewrite::Prefix("/v2/".into());
         assert_eq!(
             rewrite_path("/api/items", Some("a=1"), &prefix, Some("/api/")),
