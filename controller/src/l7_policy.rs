@@ -152,12 +152,7 @@ pub fn translate(
         if refs.is_empty() {
             continue;
         }
-        let ns = ap
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = ap.metadata.name.clone().unwrap_or_default();
+        let (ns, name) = crate::translate::names(&ap.metadata);
         let status = |accepted, reason, message: String| Status {
             kind: "AuthorizationPolicy",
             namespace: ns.clone(),

@@ -27,7 +27,7 @@ use weft_api::authz::{
 };
 
 use crate::Snapshot;
-use crate::translate::{Mesh, TranslateError};
+use crate::translate::{Mesh, TranslateError, names};
 
 /// The policy every workload whose effective PeerAuthentication is STRICT on
 /// all ports references (in the root namespace; Istio's name).
@@ -501,13 +501,6 @@ fn refused(
         message,
     };
     (status, error)
-}
-
-fn names(meta: &ObjectMeta) -> (String, String) {
-    (
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone().unwrap_or_default(),
-    )
 }
 
 /// A refusal: the field (a path into the resource) and why.

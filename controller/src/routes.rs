@@ -234,12 +234,7 @@ fn fqdn(host: &str, ns: &str) -> String {
     }
 }
 
-fn key(meta: &ObjectMeta) -> (String, String) {
-    (
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone().unwrap_or_default(),
-    )
-}
+use crate::translate::names as key;
 
 /// Istio's tie-break: the oldest first, then the name.
 fn order(meta: &ObjectMeta) -> (String, String, String) {

@@ -38,6 +38,32 @@ pub struct TranslateError {
     pub message: String,
 }
 
+impl TranslateError {
+    /// A maker of errors about one object: `err(field, message)`.
+    pub fn about(
+        kind: &'static str,
+        namespace: &str,
+        name: &str,
+    ) -> impl Fn(&str, String) -> TranslateError + use<> {
+        let (namespace, name) = (namespace.to_string(), name.to_string());
+        move |field, message| TranslateError {
+            kind,
+            namespace: namespace.clone(),
+            name: name.clone(),
+            field: field.into(),
+            message,
+        }
+    }
+}
+
+/// An object's namespace (`default` when unset) and name.
+pub fn names(meta: &kube::api::ObjectMeta) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
 impl Default for Mesh {
     fn default() -> Self {
         Mesh {
@@ -267,19 +293,8 @@ fn claim_addresses(candidates: Vec<(Workload, bool)>) -> (Vec<Workload>, Vec<Tra
 }
 
 fn workload(pod: &Pod, snap: &Snapshot, mesh: &Mesh) -> Result<Option<Workload>, TranslateError> {
-    let namespace = pod
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let name = pod.metadata.name.clone().unwrap_or_default();
-    let err = |field: &str, message: String| TranslateError {
-        kind: "Pod",
-        namespace: namespace.clone(),
-        name: name.clone(),
-        field: field.into(),
-        message,
-    };
+    let (namespace, name) = names(&pod.metadata);
+    let err = TranslateError::about("Pod", &namespace, &name);
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     let Some(node) = spec.and_then(|s| s.node_name.clone()) else {
@@ -374,19 +389,8 @@ fn service(
     mesh: &Mesh,
     workloads: &BTreeMap<&str, &Workload>,
 ) -> Result<Option<Service>, TranslateError> {
-    let namespace = svc
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let name = svc.metadata.name.clone().unwrap_or_default();
-    let err = |field: &str, message: String| TranslateError {
-        kind: "Service",
-        namespace: namespace.clone(),
-        name: name.clone(),
-        field: field.into(),
-        message,
-    };
+    let (namespace, name) = names(&svc.metadata);
+    let err = TranslateError::about("Service", &namespace, &name);
     let Some(spec) = svc.spec.as_ref() else {
         return Ok(None);
     };

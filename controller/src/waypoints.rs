@@ -17,7 +17,7 @@ use weft_api::{Endpoint, LocalConfig, Service, ServicePort, WaypointRef, Workloa
 
 use crate::Snapshot;
 use crate::policy::{Status, WAYPOINT_BOUND};
-use crate::translate::TranslateError;
+use crate::translate::{TranslateError, names};
 
 pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
@@ -150,19 +150,8 @@ pub fn waypoints(snap: &Snapshot) -> (BTreeMap<String, Waypoint>, Vec<TranslateE
         if gw.spec.gateway_class_name != WAYPOINT_CLASS {
             continue;
         }
-        let namespace = gw
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = gw.metadata.name.clone().unwrap_or_default();
-        let err = |field: &str, message: String| TranslateError {
-            kind: "Gateway",
-            namespace: namespace.clone(),
-            name: name.clone(),
-            field: field.into(),
-            message,
-        };
+        let (namespace, name) = names(&gw.metadata);
+        let err = TranslateError::about("Gateway", &namespace, &name);
         let Some(listener) = gw
             .spec
             .listeners
