@@ -16,30 +16,14 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use weft_api::{Identity, Service, Workload};
+use weft_runtime::metrics::{Peer, PeerLabels};
 
 /// Istio's request label set.
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
+    #[prometheus(flatten)]
+    pub peers: PeerLabels,
     pub request_protocol: &'static str,
     pub response_code: u16,
     pub grpc_response_status: String,
@@ -213,51 +197,20 @@ impl RequestRecord {
     }
 
     fn labels(&self) -> HttpLabels {
-        let name = |w: &Option<Arc<Workload>>, f: fn(&Workload) -> &str| {
-            w.as_deref()
-                .map(f)
-                .filter(|s| !s.is_empty())
-                .unwrap_or("unknown")
-                .to_string()
+        let dst_id = self.destination.as_ref().and_then(|w| w.identity().ok());
+        let src = Peer {
+            workload: self.source.as_deref(),
+            identity: self.source_principal.as_ref(),
+            service: None,
         };
-        let svc = |f: fn(&Service) -> &str| {
-            self.service
-                .as_deref()
-                .map(f)
-                .unwrap_or("unknown")
-                .to_string()
+        let dst = Peer {
+            workload: self.destination.as_deref(),
+            identity: dst_id.as_ref(),
+            service: self.service.as_deref(),
         };
-        let dst_principal = self
-            .destination
-            .as_ref()
-            .and_then(|w| w.identity().ok())
-            .map(|i| i.to_string())
-            .unwrap_or_else(|| "unknown".into());
         HttpLabels {
             reporter: "waypoint",
-            source_workload: name(&self.source, |w| &w.workload_name),
-            source_canonical_service: name(&self.source, |w| &w.canonical_name),
-            source_canonical_revision: name(&self.source, |w| &w.canonical_revision),
-            source_workload_namespace: name(&self.source, |w| &w.namespace),
-            source_principal: self
-                .source_principal
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_else(|| "unknown".into()),
-            source_app: name(&self.source, |w| &w.canonical_name),
-            source_version: name(&self.source, |w| &w.canonical_revision),
-            source_cluster: "Kubernetes".into(),
-            destination_service: svc(|s| &s.hostname),
-            destination_service_namespace: svc(|s| &s.namespace),
-            destination_service_name: svc(|s| &s.name),
-            destination_workload: name(&self.destination, |w| &w.workload_name),
-            destination_canonical_service: name(&self.destination, |w| &w.canonical_name),
-            destination_canonical_revision: name(&self.destination, |w| &w.canonical_revision),
-            destination_workload_namespace: name(&self.destination, |w| &w.namespace),
-            destination_principal: dst_principal,
-            destination_app: name(&self.destination, |w| &w.canonical_name),
-            destination_version: name(&self.destination, |w| &w.canonical_revision),
-            destination_cluster: "Kubernetes".into(),
+            peers: PeerLabels::new(&src, &dst),
             request_protocol: "http",
             response_code: self.status,
             grpc_response_status: String::new(),
@@ -293,5 +246,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("istio_response_bytes_count{"), "{text}");
+        assert!(
+            text.contains("source_workload=\"unknown\"")
+                && text.contains("destination_service_name=\"unknown\""),
+            "the shared peer labels are flattened in: {text}"
+        );
     }
 }

@@ -5,31 +5,14 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use weft_api::{Identity, Service, Workload};
+pub use weft_runtime::metrics::{Peer, PeerLabels};
 
 /// Istio's TCP label set (`istio_tcp_*`).
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub reporter: Reporter,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
+    #[prometheus(flatten)]
+    pub peers: PeerLabels,
     pub request_protocol: &'static str,
     pub response_flags: &'static str,
     pub connection_security_policy: SecurityPolicy,
@@ -125,14 +108,6 @@ pub struct Metrics {
     pub policy_denials: Family<PolicyLabels, Counter>,
     pub policy_dry_run: Family<PolicyLabels, Counter>,
     pub unenforceable: Counter,
-}
-
-/// One side of a connection, as the labels describe it.
-#[derive(Clone, Debug, Default)]
-pub struct Peer<'a> {
-    pub workload: Option<&'a Workload>,
-    pub identity: Option<&'a Identity>,
-    pub service: Option<&'a Service>,
 }
 
 // === impl Metrics ===
@@ -231,44 +206,9 @@ impl TcpLabels {
         dst: &Peer<'_>,
         security: SecurityPolicy,
     ) -> Self {
-        let name = |w: Option<&Workload>, f: fn(&Workload) -> &str| {
-            w.map(f)
-                .filter(|s| !s.is_empty())
-                .unwrap_or("unknown")
-                .to_string()
-        };
-        let principal = |id: Option<&Identity>| {
-            id.map(ToString::to_string)
-                .unwrap_or_else(|| "unknown".to_string())
-        };
-        let svc = dst.service;
         TcpLabels {
             reporter,
-            source_workload: name(src.workload, |w| &w.workload_name),
-            source_canonical_service: name(src.workload, |w| &w.canonical_name),
-            source_canonical_revision: name(src.workload, |w| &w.canonical_revision),
-            source_workload_namespace: name(src.workload, |w| &w.namespace),
-            source_principal: principal(src.identity),
-            source_app: name(src.workload, |w| &w.canonical_name),
-            source_version: name(src.workload, |w| &w.canonical_revision),
-            source_cluster: "Kubernetes".to_string(),
-            destination_service: svc
-                .map(|s| s.hostname.clone())
-                .unwrap_or_else(|| "unknown".into()),
-            destination_service_namespace: svc
-                .map(|s| s.namespace.clone())
-                .unwrap_or_else(|| "unknown".into()),
-            destination_service_name: svc
-                .map(|s| s.name.clone())
-                .unwrap_or_else(|| "unknown".into()),
-            destination_workload: name(dst.workload, |w| &w.workload_name),
-            destination_canonical_service: name(dst.workload, |w| &w.canonical_name),
-            destination_canonical_revision: name(dst.workload, |w| &w.canonical_revision),
-            destination_workload_namespace: name(dst.workload, |w| &w.namespace),
-            destination_principal: principal(dst.identity),
-            destination_app: name(dst.workload, |w| &w.canonical_name),
-            destination_version: name(dst.workload, |w| &w.canonical_revision),
-            destination_cluster: "Kubernetes".to_string(),
+            peers: PeerLabels::new(src, dst),
             request_protocol: "tcp",
             response_flags: "-",
             connection_security_policy: security,

@@ -276,8 +276,8 @@ impl ConnectionLog {
             started: Instant::now(),
             src: src_addr,
             dst: dst_addr,
-            src_identity: labels.source_principal.clone(),
-            dst_identity: labels.destination_principal.clone(),
+            src_identity: labels.peers.source_principal.clone(),
+            dst_identity: labels.peers.destination_principal.clone(),
             dst_workload: dst
                 .workload
                 .map(|w| format!("{}/{}", w.namespace, w.name))

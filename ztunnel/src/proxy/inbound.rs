@@ -341,8 +341,8 @@ pub async fn deliver_local(
         Direction::outbound,
         client_addr,
         target,
-        src_peer.clone(),
-        dst_peer.clone(),
+        src_peer,
+        dst_peer,
         SecurityPolicy::mutual_tls,
     );
     let inb = ConnectionLog::open(
