@@ -42,6 +42,11 @@ pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// Streams we may have to reset for a peer's protocol errors before we
 /// close the connection with GOAWAY.
 pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 100;
+/// Rapid reset (CVE-2023-44487), as Envoy bounds it: once a connection has
+/// carried this many streams, it is closed (GOAWAY ENHANCE_YOUR_CALM) when
+/// at least half of them were reset by the peer before they were answered.
+/// The stream budget bounds the work meanwhile.
+pub const PREMATURE_RESET_MIN_STREAMS: usize = 100;
 /// An inbound connection with no stream for this long is closed (GOAWAY).
 /// Longer than the client pool's [`POOL_IDLE_TIMEOUT`], so a healthy client
 /// closes first.

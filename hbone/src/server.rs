@@ -16,12 +16,12 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::{
     CONNECTION_WINDOW, H2Stream, HANDSHAKE_TIMEOUT, MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE,
     MAX_HEADER_LIST_SIZE, MAX_LOCAL_ERROR_RESET_STREAMS, MAX_PENDING_ACCEPT_RESET_STREAMS,
-    STREAM_WINDOW,
+    PREMATURE_RESET_MIN_STREAMS, STREAM_WINDOW,
 };
 
 /// One `CONNECT` request, not yet answered. Holds its share of the
@@ -31,6 +31,9 @@ pub struct ConnectRequest {
     request: Request<RecvStream>,
     respond: SendResponse<Bytes>,
     _permit: StreamPermit,
+    /// The connection's count of streams the peer reset before they were
+    /// answered.
+    premature: Arc<AtomicUsize>,
 }
 
 /// How many CONNECT streams a server runs at once, in total and per peer
@@ -77,6 +80,8 @@ pub struct Served {
     pub refused: usize,
     /// Closed for being idle.
     pub idle: bool,
+    /// Closed for rapid reset (see [`crate::PREMATURE_RESET_MIN_STREAMS`]).
+    pub rapid_reset: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +140,16 @@ where
     let last_active = Arc::new(Mutex::new(Instant::now()));
     let mut closing = false;
     let mut drain = opts.drain.clone();
+    let premature = Arc::new(AtomicUsize::new(0));
+    let mut streams = 0usize;
     loop {
+        let reset = premature.load(Ordering::Relaxed);
+        if !closing && streams >= PREMATURE_RESET_MIN_STREAMS && reset * 2 >= streams {
+            warn!(peer = %opts.peer, streams, reset, "rapid reset: closing the connection");
+            conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+            closing = true;
+            served.rapid_reset = true;
+        }
         // While streams run the connection is not idle: look again a full
         // timeout later (not at once, which would spin).
         let idle_for = if active.load(Ordering::Acquire) > 0 {
@@ -165,7 +179,13 @@ where
             }
         };
         let Some(next) = next else { break };
-        let (request, mut respond) = next.map_err(ServeError::Connection)?;
+        let (request, mut respond) = match next {
+            Ok(n) => n,
+            // Our own GOAWAY for rapid reset ends the connection.
+            Err(_) if served.rapid_reset => break,
+            Err(e) => return Err(ServeError::Connection(e)),
+        };
+        streams += 1;
         if request.method() != Method::CONNECT {
             debug!(method = %request.method(), "refusing non-CONNECT request");
             let _ = respond.send_response(status(StatusCode::METHOD_NOT_ALLOWED), true);
@@ -182,6 +202,7 @@ where
             request,
             respond,
             _permit: permit,
+            premature: premature.clone(),
         });
         let (active, last_active) = (active.clone(), last_active.clone());
         tokio::spawn(async move {
@@ -288,16 +309,22 @@ impl ConnectRequest {
             request,
             mut respond,
             _permit,
+            premature,
         } = self;
         let send = respond
             .send_response(status(StatusCode::OK), false)
+            .inspect_err(|_| {
+                premature.fetch_add(1, Ordering::Relaxed);
+            })
             .map_err(RequestError::Respond)?;
         Ok(H2Stream::new(send, request.into_body()).with_guard(Box::new(_permit)))
     }
 
     /// Answers with an error status and closes the stream.
     pub fn refuse(mut self, code: StatusCode) {
-        let _ = self.respond.send_response(status(code), true);
+        if self.respond.send_response(status(code), true).is_err() {
+            self.premature.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
