@@ -191,3 +191,134 @@ fn idle_connections_on_hbone_port() -> Result<()> {
     ensure!(lab.ztunnel_alive("node-2"), "ztunnel died");
     Ok(())
 }
+
+/// An echo server in its own process (Python's asyncio, present on every
+/// machine CI runs on), so the test process's file limit holds only the
+/// clients. Killed on drop.
+struct EchoProcess(std::process::Child);
+
+impl EchoProcess {
+    fn start(pod: &LabPod, port: u16) -> Result<EchoProcess> {
+        const SRC: &str = r#"
+import asyncio, sys
+async def echo(r, w):
+    try:
+        while True:
+            d = await r.read(65536)
+            if not d:
+                break
+            w.write(d)
+            await w.drain()
+    except Exception:
+        pass
+    w.close()
+async def main():
+    s = await asyncio.start_server(echo, "0.0.0.0", int(sys.argv[1]), backlog=4096)
+    async with s:
+        await s.serve_forever()
+asyncio.run(main())
+"#;
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", pod.netns.name(), "python3", "-c", SRC])
+            .arg(port.to_string())
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("starting the echo process")?;
+        Ok(EchoProcess(child))
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `n` connections from `pod` to `dst`, opened and left idle.
+fn hold(pod: &LabPod, dst: SocketAddr, n: usize) -> Result<Vec<std::net::TcpStream>> {
+    pod.netns.run(move || {
+        let mut conns = Vec::with_capacity(n);
+        for i in 0..n {
+            let c = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+                .with_context(|| format!("idle connection {i} to {dst}"))?;
+            c.set_nonblocking(true)?;
+            conns.push(c);
+        }
+        Ok(conns)
+    })
+}
+
+/// Random bytes (not HTTP, not TLS, not anything) on `count` connections,
+/// each echoed back intact: the capture listeners carry application bytes
+/// as they are, whatever they are.
+fn garbage(pod: &LabPod, dst: SocketAddr, count: usize) -> Result<()> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..count {
+        let mut junk = vec![0u8; 16 * 1024];
+        apps::fill_pattern(&mut junk, &mut state);
+        apps::client(pod, dst, move |mut c| {
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            c.write_all(&junk)?;
+            let mut back = vec![0u8; junk.len()];
+            c.read_exact(&mut back)?;
+            ensure!(back == junk, "garbage came back changed");
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Raw TCP at the capture listeners. 8,000 idle connections from outside
+/// the mesh to a captured pod (15006 on its node: each holds two of
+/// ztunnel's sockets, and this sandbox caps a process at 20,000 files),
+/// then 5,000 from a captured pod (15001 on its node, each a stream over
+/// HBONE), each followed by garbage: both ztunnels stay up, grow by a
+/// bounded amount per connection, and serve a legitimate connection
+/// meanwhile.
+#[test]
+fn idle_and_garbage_on_capture_ports() -> Result<()> {
+    const INBOUND: usize = 8_000;
+    const OUTBOUND: usize = 5_000;
+    const KIB_PER_CONN: f64 = 32.0;
+    let mut lab = Lab::up(LabOptions::new("hostile-capture", SCENARIO))?;
+    let web1 = lab.pod("shop/web-1");
+    let _echo = apps::serve(web1, 7000, App::Echo)?;
+    let _held = EchoProcess::start(web1, 7001)?;
+    let (held_dst, legit_dst) = (addr(web1, 7001), addr(web1, 7000));
+    weft_tests::check::eventually("the echo process listens", Duration::from_secs(10), || {
+        Ok(round_trip(lab.pod("shop/client"), held_dst).is_ok())
+    })?;
+    for (name, from, n, node) in [
+        (
+            "15006 (inbound plaintext)",
+            "legacy/outsider",
+            INBOUND,
+            "node-2",
+        ),
+        ("15001 (outbound)", "shop/client", OUTBOUND, "node-1"),
+    ] {
+        let base = rss_mib(&lab, node)?;
+        let conns = hold(lab.pod(from), held_dst, n)?;
+        round_trip(lab.pod("shop/web-2"), legit_dst)
+            .with_context(|| format!("a legitimate connection beside {n} idle ones on {name}"))?;
+        let rss = rss_mib(&lab, node)?;
+        let per_conn = (rss - base) * 1024.0 / n as f64;
+        println!(
+            "{name}: {n} idle connections, {node} ztunnel {rss:.1} MiB (from {base:.1}), {per_conn:.1} KiB each"
+        );
+        ensure!(
+            per_conn < KIB_PER_CONN,
+            "{name}: {per_conn:.1} KiB per idle connection"
+        );
+        garbage(lab.pod(from), held_dst, 50).with_context(|| format!("garbage through {name}"))?;
+        drop(conns);
+        ensure!(
+            lab.ztunnel_alive("node-1") && lab.ztunnel_alive("node-2"),
+            "a ztunnel died on {name}"
+        );
+        round_trip(lab.pod("shop/client"), legit_dst)
+            .with_context(|| format!("after the connections on {name} closed"))?;
+    }
+    Ok(())
+}
