@@ -15,6 +15,8 @@ pub fn run(extra: &[&str]) -> Result<()> {
         ("llvm-strip", "llvm"),
         // libFuzzer (the fuzz targets) is C++.
         ("c++", "g++"),
+        // The echo server of the capture-listener flood test.
+        ("python3", "python3"),
     ])?;
     let cargo = cargo();
     util::run(&cargo, &["fmt", "--all", "--", "--check"])?;
