@@ -1,8 +1,9 @@
 //! Bidirectional copy with buffers that start small and grow for bulk flows.
 //!
 //! Most proxied connections are idle or chatty; a few move bulk data. Each
-//! direction starts with [`INITIAL`] bytes of buffer and grows eightfold, up
-//! to [`LARGE`], each time reads keep filling it, so ten thousand idle
+//! direction reads [`INITIAL`] bytes at a time on the stack (no heap buffer
+//! while idle) and moves to a heap buffer that grows eightfold, up to
+//! [`LARGE`], each time reads keep filling it, so ten thousand idle
 //! connections cost little and a bulk transfer makes few syscalls. Half-closes are forwarded: when one side
 //! reaches EOF, the other side's write half is shut down, and the copy ends
 //! when both directions are done.
@@ -24,9 +25,17 @@ const GROWTH: usize = 8;
 /// Reads that fill the buffer before it grows a step.
 const FULL_READS_TO_GROW: u32 = 2;
 
-/// One direction: read into `buf`, write it all out, repeat.
+/// One direction: read, write it all out, repeat.
+///
+/// While a direction is idle or chatty its reads land on the stack and are
+/// written straight out, so a held connection owns no buffer at all; only
+/// bytes a slow writer has not taken yet go to the heap (and the heap
+/// buffer is freed once they are out), until the direction proves to be
+/// bulk and keeps a growing heap buffer.
 #[derive(Debug)]
 struct Pipe {
+    /// Empty in stack mode; else bytes waiting in `buf[pos..cap]`, or the
+    /// grown buffer of a bulk direction.
     buf: Vec<u8>,
     pos: usize,
     cap: usize,
@@ -46,7 +55,7 @@ enum State {
 impl Pipe {
     fn new() -> Self {
         Pipe {
-            buf: vec![0; INITIAL],
+            buf: Vec::new(),
             pos: 0,
             cap: 0,
             total: 0,
@@ -54,6 +63,20 @@ impl Pipe {
             read_done: false,
             need_flush: false,
         }
+    }
+
+    /// Counts a read of `n` bytes into a buffer of `len`; true when the
+    /// direction has filled it often enough to grow a step.
+    fn filled(&mut self, n: usize, len: usize) -> bool {
+        self.total += n as u64;
+        if n == len && len < LARGE {
+            self.full_reads += 1;
+            if self.full_reads >= FULL_READS_TO_GROW {
+                self.full_reads = 0;
+                return true;
+            }
+        }
+        false
     }
 
     fn poll_copy<R, W>(
@@ -67,41 +90,6 @@ impl Pipe {
         W: AsyncWrite + ?Sized,
     {
         loop {
-            if self.pos == self.cap && !self.read_done {
-                self.pos = 0;
-                self.cap = 0;
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match reader.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Pending => {
-                        // Nothing to read now: push out what was written.
-                        if self.need_flush {
-                            ready!(writer.as_mut().poll_flush(cx))?;
-                            self.need_flush = false;
-                        }
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
-                        } else {
-                            self.cap = n;
-                            self.total += n as u64;
-                            if n == self.buf.len() && self.buf.len() < LARGE {
-                                self.full_reads += 1;
-                                if self.full_reads >= FULL_READS_TO_GROW {
-                                    // Safe to resize: the data is written out
-                                    // from buf[..cap], which resize keeps.
-                                    let next = (self.buf.len() * GROWTH).min(LARGE);
-                                    self.buf.resize(next, 0);
-                                    self.full_reads = 0;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
             while self.pos < self.cap {
                 let n = ready!(
                     writer
@@ -114,11 +102,85 @@ impl Pipe {
                 self.pos += n;
                 self.need_flush = true;
             }
-            if self.pos == self.cap && self.read_done {
+            self.pos = 0;
+            self.cap = 0;
+            if self.buf.len() == INITIAL {
+                // A spill buffer, now written out: back to the stack.
+                self.buf = Vec::new();
+            }
+            if self.read_done {
                 ready!(writer.as_mut().poll_flush(cx))?;
                 return Poll::Ready(Ok(self.total));
             }
+            if !self.buf.is_empty() {
+                // Bulk: read into the heap buffer, grow when it keeps filling.
+                let mut rb = ReadBuf::new(&mut self.buf);
+                let n = match reader.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Pending => return self.pending(cx, writer.as_mut()),
+                    Poll::Ready(r) => r.map(|()| rb.filled().len())?,
+                };
+                if n == 0 {
+                    self.read_done = true;
+                    continue;
+                }
+                self.cap = n;
+                if self.filled(n, self.buf.len()) {
+                    // Safe to resize: the data is written out from
+                    // buf[..cap], which resize keeps.
+                    let next = (self.buf.len() * GROWTH).min(LARGE);
+                    self.buf.resize(next, 0);
+                }
+                continue;
+            }
+            // Stack mode.
+            let mut stack = [0u8; INITIAL];
+            let mut rb = ReadBuf::new(&mut stack);
+            let n = match reader.as_mut().poll_read(cx, &mut rb) {
+                Poll::Pending => return self.pending(cx, writer.as_mut()),
+                Poll::Ready(r) => r.map(|()| rb.filled().len())?,
+            };
+            if n == 0 {
+                self.read_done = true;
+                continue;
+            }
+            let grow = self.filled(n, INITIAL);
+            let mut off = 0;
+            while off < n {
+                match writer.as_mut().poll_write(cx, &stack[off..n]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(k)) => {
+                        off += k;
+                        self.need_flush = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if grow || off < n {
+                // Bulk, or a writer that is behind: the heap from here.
+                let len = if grow { INITIAL * GROWTH } else { INITIAL };
+                self.buf = vec![0; len];
+                self.buf[..n - off].copy_from_slice(&stack[off..n]);
+                self.cap = n - off;
+                if off < n {
+                    // The writer said Pending: it will wake us.
+                    return Poll::Pending;
+                }
+            }
         }
+    }
+
+    /// Nothing to read now: push out what was written, then wait.
+    fn pending<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: Pin<&mut W>,
+    ) -> Poll<io::Result<u64>> {
+        if self.need_flush {
+            ready!(writer.poll_flush(cx))?;
+            self.need_flush = false;
+        }
+        Poll::Pending
     }
 }
 
@@ -217,7 +279,7 @@ mod tests {
     #[test]
     fn growth() {
         let mut p = Pipe::new();
-        assert_eq!(p.buf.len(), INITIAL);
+        assert!(p.buf.is_empty(), "no buffer until there is data to hold");
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
         let bulk = LARGE * 4;
@@ -231,6 +293,7 @@ mod tests {
         let mut src: &[u8] = b"ping";
         let mut sink = Vec::new();
         let _ = small.poll_copy(&mut cx, Pin::new(&mut src), Pin::new(&mut sink));
-        assert_eq!(small.buf.len(), INITIAL);
+        assert_eq!(sink, b"ping");
+        assert!(small.buf.is_empty(), "chatty: still no heap buffer");
     }
 }

@@ -102,7 +102,10 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
                 );
             };
             if workload.node == *node {
-                return super::inbound::deliver_local(
+                // Boxed here and below: what only setting up a connection
+                // needs (dials, handshakes) lives on the heap while it runs,
+                // not in every held connection's task (6 KiB before).
+                return Box::pin(super::inbound::deliver_local(
                     &pi,
                     client,
                     peer_addr,
@@ -112,7 +115,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
                     &dst_id,
                     service.as_deref(),
                     target,
-                )
+                ))
                 .await;
             }
             let log = ConnectionLog::open(
@@ -125,7 +128,10 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
                 SecurityPolicy::mutual_tls,
             );
             let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
-            let tunnel = hbone_stream(&pi, &src_id, &dst_id, hbone_addr, target, peer_addr).await;
+            let tunnel = Box::pin(hbone_stream(
+                &pi, &src_id, &dst_id, hbone_addr, target, peer_addr,
+            ))
+            .await;
             carry(&pi, client, tunnel, log, peer_addr, target).await;
         }
         Upstream::Waypoint {
@@ -158,7 +164,15 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
             );
             // The waypoint terminates HBONE itself (it is never captured):
             // dial its pod, prove the client, require the waypoint's identity.
-            let tunnel = hbone_stream(&pi, &src_id, &waypoint_id, address, target, peer_addr).await;
+            let tunnel = Box::pin(hbone_stream(
+                &pi,
+                &src_id,
+                &waypoint_id,
+                address,
+                target,
+                peer_addr,
+            ))
+            .await;
             carry(&pi, client, tunnel, log, peer_addr, target).await;
         }
         Upstream::Passthrough {
@@ -176,7 +190,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
                 peer(workload.as_deref(), dst_id.as_ref(), service.as_deref()),
                 SecurityPolicy::unknown,
             );
-            let (up, down, err) = forward(m, DIR, &mut client, peer_addr, target).await;
+            let (up, down, err) = Box::pin(forward(m, DIR, &mut client, peer_addr, target)).await;
             log.close(m, up, down, err.as_ref());
         }
     }
