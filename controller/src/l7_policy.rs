@@ -175,12 +175,12 @@ pub fn translate(
                 l7.resources
                     .push(L7Resource::Authorization(key, msg, scope));
             }
-            Err(message) => {
+            Err(Refused { message, closed }) => {
                 let kept = previous
                     .and_then(|p| p.accepted_policies.get(&key))
                     .cloned();
-                match kept {
-                    Some((msg, scope)) => {
+                match (kept, closed) {
+                    (Some((msg, scope)), _) => {
                         l7.statuses.push(status(
                             false,
                             "Invalid",
@@ -191,7 +191,22 @@ pub fn translate(
                         l7.resources
                             .push(L7Resource::Authorization(key, msg, scope));
                     }
-                    None => l7.statuses.push(status(false, "Invalid", message)),
+                    (None, Some(closed)) => {
+                        let (msg, scope) = *closed;
+                        let how = if msg.rules.is_empty() {
+                            "an ALLOW that matches nothing"
+                        } else {
+                            "a DENY of every request"
+                        };
+                        l7.statuses.push(status(
+                            false,
+                            "Invalid",
+                            format!("{message}; with no accepted version to keep, enforced closed as {how}"),
+                        ));
+                        l7.resources
+                            .push(L7Resource::Authorization(key, msg, scope));
+                    }
+                    (None, None) => l7.statuses.push(status(false, "Invalid", message)),
                 }
             }
         }
@@ -200,6 +215,22 @@ pub fn translate(
 
 type Translated = (pb::Authorization, BTreeSet<Identity>, String);
 
+/// Why a policy was refused, and what to enforce instead when it has no
+/// accepted version to keep: the same targets, closed.
+struct Refused {
+    message: String,
+    closed: Option<Box<(pb::Authorization, BTreeSet<Identity>)>>,
+}
+
+impl From<String> for Refused {
+    fn from(message: String) -> Self {
+        Refused {
+            message,
+            closed: None,
+        }
+    }
+}
+
 fn policy(
     ap: &AuthorizationPolicy,
     refs: &[&serde_yaml::Value],
@@ -207,21 +238,21 @@ fn policy(
     name: &str,
     mesh: &Mesh,
     cfg: &LocalConfig,
-) -> Result<Translated, String> {
+) -> Result<Translated, Refused> {
     let spec = &ap.spec;
     if spec.selector.is_some() {
-        return Err("spec.selector: selector and targetRef(s) are exclusive".into());
+        return Err(String::from("spec.selector: selector and targetRef(s) are exclusive").into());
     }
     let action =
         match spec.action.as_deref().unwrap_or("ALLOW") {
             "ALLOW" => pb::Action::Allow,
             "DENY" => pb::Action::Deny,
             "AUDIT" => pb::Action::Audit,
-            "CUSTOM" => return Err(
-                "spec.action: CUSTOM (external authorization) is not supported by Weft's waypoint"
-                    .into(),
-            ),
-            other => return Err(format!("spec.action: unknown action {other:?}")),
+            "CUSTOM" => return Err(String::from(
+                "spec.action: CUSTOM (external authorization) is not supported by Weft's waypoint",
+            )
+            .into()),
+            other => return Err(format!("spec.action: unknown action {other:?}").into()),
         };
     let dry_run = ap
         .metadata
@@ -242,7 +273,7 @@ fn policy(
                 i - usize::from(spec.target_ref.is_some())
             )
         };
-        match target(t, ns, &at, mesh, cfg)? {
+        match target(t, ns, &at, mesh, cfg).map_err(Refused::from)? {
             Target::Waypoints(ids) => {
                 all_services = true;
                 scope.extend(ids);
@@ -259,22 +290,58 @@ fn policy(
             }
         }
     }
-    let mut rules = Vec::new();
-    for (i, r) in spec.rules.iter().enumerate() {
-        rules.push(
-            rule(r, &format!("spec.rules[{i}]"), ns).map_err(|(at, why)| format!("{at}: {why}"))?,
-        );
-    }
-    let msg = pb::Authorization {
+    let mut msg = pb::Authorization {
         name: name.to_string(),
         namespace: ns.to_string(),
         action: action as i32,
         services,
         all_services,
-        rules,
+        rules: Vec::new(),
         dry_run: dry_run || action == pb::Action::Audit,
     };
+    for (i, r) in spec.rules.iter().enumerate() {
+        match rule(r, &format!("spec.rules[{i}]"), ns) {
+            Ok(r) => msg.rules.push(r),
+            Err((at, why)) => {
+                // The targets are known: with no accepted version to keep,
+                // it is enforced closed rather than dropped. An ALLOW that
+                // matches nothing (what it allows, nothing does) or a DENY
+                // of everything; never wider than what was written.
+                let closed = match action {
+                    _ if msg.dry_run => None,
+                    pb::Action::Allow => Some(pb::Authorization {
+                        rules: Vec::new(),
+                        ..msg
+                    }),
+                    pb::Action::Deny => Some(pb::Authorization {
+                        rules: vec![pb::AuthzRule::default()],
+                        ..msg
+                    }),
+                    _ => None,
+                };
+                return Err(Refused {
+                    message: format!("{at}: {why}"),
+                    closed: closed.map(|m| Box::new((m, scope))),
+                });
+            }
+        }
+    }
     Ok((msg, scope, by.join(", ")))
+}
+
+/// Header values: any text but empty, with Istio's `*` only at an end.
+fn header_values(values: &[String], at: &str) -> Result<Vec<String>, Refusal> {
+    for (i, v) in values.iter().enumerate() {
+        let inner = v.strip_prefix('*').unwrap_or(v);
+        let inner = inner.strip_suffix('*').unwrap_or(inner);
+        if v.is_empty() || (v != "*" && inner.contains('*')) {
+            return Err((
+                format!("{at}[{i}]"),
+                format!("{v:?}: empty, or a wildcard that is not at the start or the end"),
+            ));
+        }
+    }
+    Ok(values.to_vec())
 }
 
 /// One rule, checked with the same validators as ztunnel's L4 policies:
@@ -379,9 +446,15 @@ fn rule(r: &crate::policy::RuleSpec, at: &str, ns: &str) -> Result<pb::AuthzRule
                 text(&c.values, &v, principal)?,
                 text(&c.not_values, &nv, principal)?,
             ),
-            _ => (
+            "source.namespace" => (
                 text(&c.values, &v, plain)?,
                 text(&c.not_values, &nv, plain)?,
+            ),
+            // request.headers[...]: a header value may hold spaces
+            // (`Bearer abc`); only the wildcard's place is checked.
+            _ => (
+                header_values(&c.values, &v)?,
+                header_values(&c.not_values, &nv)?,
             ),
         };
         when.push(pb::AuthzCondition {
@@ -504,12 +577,47 @@ spec: {clusterIP: 10.96.0.20, selector: {app: web}, ports: [{port: 80}]}
                     .any(|s| s.starts_with("bad Invalid") && s.contains(want)),
                 "{want}: {st:?}"
             );
-            assert!(
-                !res.iter()
-                    .any(|r| matches!(r, L7Resource::Authorization(..))),
-                "{want}: refused, not widened"
-            );
+            // Never widened: with no accepted version to keep, an ALLOW
+            // whose rules cannot be read is enforced as one that matches
+            // nothing; an action that cannot be enforced at all is left out.
+            let enforced = authorization(&res);
+            if want == "CUSTOM" {
+                assert!(enforced.is_none(), "{want}: {enforced:?}");
+            } else {
+                let m = enforced.unwrap_or_else(|| panic!("{want}: enforced closed"));
+                assert_eq!(m.action, pb::Action::Allow as i32, "{want}");
+                assert!(m.rules.is_empty(), "{want}: an ALLOW of nothing");
+                assert!(
+                    st.iter()
+                        .any(|s| s.contains("enforced closed as an ALLOW that matches nothing")),
+                    "{want}: {st:?}"
+                );
+            }
         }
+        // A DENY that cannot be read denies everything it targets.
+        let (res, st) = run(&format!(
+            "{DENY}  rules: [{{when: [{{key: source.ip, values: [not-an-ip]}}]}}]\n"
+        ));
+        let m = authorization(&res).expect("enforced closed");
+        assert_eq!(
+            m.rules,
+            [pb::AuthzRule::default()],
+            "one rule that matches everything"
+        );
+        assert!(
+            st.iter()
+                .any(|s| s.contains("enforced closed as a DENY of every request")),
+            "{st:?}"
+        );
+        // Header values may hold spaces.
+        let (res, st) = run(&format!(
+            "{DENY}  rules: [{{when: [{{key: 'request.headers[authorization]', values: ['Bearer abc*']}}]}}]\n"
+        ));
+        assert_eq!(st, ["p Accepted: enforced by Gateway waypoint"], "{st:?}");
+        assert_eq!(
+            authorization(&res).map(|m| m.rules[0].when[0].values.clone()),
+            Some(vec!["Bearer abc*".to_string()])
+        );
     }
 
     const DENY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n\
