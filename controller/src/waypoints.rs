@@ -374,6 +374,25 @@ pub fn bind(
             }
         };
     }
+    // A waypoint's Service from the cluster (the Deployment's, selected by
+    // the gateway-name label) keeps only pods of the Gateway's service
+    // account, as the one synthesized below does: a pod that copies the
+    // label must not receive, or vouch for, bound traffic.
+    let workloads = &cfg.workloads;
+    for svc in &mut cfg.services {
+        let Some(wp) = waypoints
+            .values()
+            .find(|w| w.namespace == svc.namespace && w.hostname() == svc.hostname)
+        else {
+            continue;
+        };
+        svc.endpoints.retain(|ep| {
+            workloads
+                .iter()
+                .find(|w| w.uid == ep.workload_uid)
+                .is_some_and(|w| w.service_account == wp.name)
+        });
+    }
     for wp in waypoints.values() {
         let hostname = wp.hostname();
         if cfg.services.iter().any(|s| s.hostname == hostname) {
@@ -569,6 +588,36 @@ spec:
                 "web true WaypointAccepted"
             ],
             "optout and the waypoint's own Service have no binding"
+        );
+    }
+
+    /// In Kubernetes the waypoint's Service is the Deployment's, selecting
+    /// by the gateway-name label: a pod that copies the label under another
+    /// service account is still not its endpoint.
+    #[test]
+    fn a_cluster_waypoint_service_keeps_only_the_gateways_account() {
+        let svc = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: waypoint, namespace: shop}
+spec: {clusterIP: 10.96.0.99, selector: {gateway.networking.k8s.io/gateway-name: waypoint}, ports: [{name: mesh, port: 15008}]}
+"#;
+        let (cfg, _) = run(&format!("{BASE}---{GATEWAY}---{svc}"));
+        let wp = cfg.services.iter().find(|s| s.name == "waypoint").unwrap();
+        assert_eq!(
+            wp.vips.len(),
+            1,
+            "the cluster's Service, not a synthesized one"
+        );
+        let uids: Vec<&str> = wp
+            .endpoints
+            .iter()
+            .map(|e| e.workload_uid.as_str())
+            .collect();
+        assert_eq!(
+            uids,
+            ["Kubernetes//Pod/shop/waypoint-0"],
+            "not the impostor"
         );
     }
 
