@@ -353,7 +353,13 @@ pub fn rules(route: &HttpRoute, ns: &str, port: u32) -> Result<Vec<pb::Rule>, St
                     redirect = Some(pb::Redirect {
                         scheme: rd.scheme.clone().unwrap_or_default(),
                         authority: rd.hostname.clone().unwrap_or_default(),
-                        port: rd.port.unwrap_or(0),
+                        // Gateway API: with a scheme and no port, the
+                        // scheme's well-known one (which the Location omits).
+                        port: rd.port.unwrap_or(match rd.scheme.as_deref() {
+                            Some("https") => 443,
+                            Some(_) => 80,
+                            None => 0,
+                        }),
                         path: path.map(|p| match p {
                             PathSpec::Full(s) => pb::redirect::Path::FullPath(s),
                             PathSpec::Prefix(s) => pb::redirect::Path::Prefix(s),

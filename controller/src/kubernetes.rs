@@ -514,8 +514,7 @@ fn route_parents(
             "observedGeneration": generation,
         })
     };
-    // A refusal for a reference says so in ResolvedRefs; any other refusal
-    // in Accepted.
+    // A refusal for a reference also says so in ResolvedRefs.
     let bad_ref = if s.message.contains("ReferenceGrant") {
         Some("RefNotPermitted")
     } else if s.message.contains("only Service backends") {
@@ -523,10 +522,10 @@ fn route_parents(
     } else {
         None
     };
+    // A refused route is not served (or only its last accepted version is),
+    // whatever the cause: Accepted is False either way.
     let accepted = if s.accepted {
         condition("Accepted", true, "Accepted", &s.message)
-    } else if bad_ref.is_some() {
-        condition("Accepted", true, "Accepted", "")
     } else {
         condition("Accepted", false, "UnsupportedValue", &s.message)
     };

@@ -652,6 +652,7 @@ async fn http_route_status_parents() {
     let sent = patches(&fake);
     assert_eq!(sent.len(), 2);
     let ours = &sent[1]["status"]["parents"][1];
+    assert_eq!(ours["conditions"][0]["status"], "False", "not served");
     assert_eq!(ours["conditions"][1]["status"], "False");
     assert_eq!(ours["conditions"][1]["reason"], "RefNotPermitted");
     assert!(

@@ -15,7 +15,9 @@ pub struct BadPath;
 /// The normalized form of `path` (without the query).
 pub fn normalize(path: &str) -> Result<String, BadPath> {
     let bytes = path.as_bytes();
-    let mut decoded = String::with_capacity(path.len());
+    // Bytes, not chars: a path may carry UTF-8 (or other bytes httparse
+    // lets through), which must come out as it went in.
+    let mut decoded: Vec<u8> = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
@@ -27,24 +29,25 @@ pub fn normalize(path: &str) -> Result<String, BadPath> {
                     return Err(BadPath);
                 }
                 if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
-                    decoded.push(v as char);
+                    decoded.push(v);
                 } else {
-                    decoded.push('%');
-                    decoded.push_str(&text.to_ascii_uppercase());
+                    decoded.push(b'%');
+                    decoded.extend_from_slice(text.to_ascii_uppercase().as_bytes());
                 }
                 i += 3;
             }
             b'\\' => {
-                decoded.push('/');
+                decoded.push(b'/');
                 i += 1;
             }
-            _ => {
-                // The path came from a parsed URI: ASCII, one byte a char.
-                decoded.push(bytes[i] as char);
+            b => {
+                decoded.push(b);
                 i += 1;
             }
         }
     }
+    // Only ASCII was changed, so valid UTF-8 stays valid.
+    let decoded = String::from_utf8(decoded).map_err(|_| BadPath)?;
     if !decoded.starts_with('/') {
         // `*` (OPTIONS) and authority-form are left to the router.
         return Ok(decoded);
@@ -98,6 +101,8 @@ mod tests {
             ("/a\\..\\admin", "/admin"),
             ("/q%20x", "/q%20x"),
             ("*", "*"),
+            ("/café/../x", "/x"),
+            ("/café", "/café"),
         ] {
             assert_eq!(normalize(input).as_deref(), Ok(want), "{input}");
         }

@@ -477,12 +477,7 @@ impl Conn {
             }
             Some(Action::Redirect(rd)) => {
                 let scheme = rd.scheme.as_deref().unwrap_or("http");
-                let host = redirect_host(
-                    &authority,
-                    rd.authority.as_deref(),
-                    rd.port,
-                    rd.scheme.is_some(),
-                );
+                let host = redirect_host(&authority, rd.authority.as_deref(), rd.port, scheme);
                 let matched = rule.and_then(|r| r.matches.iter().find(|m| m.matches(&info)));
                 let new_path = match &rd.path {
                     Some(p) => rewrite_path(
@@ -812,28 +807,28 @@ fn port_protocol(svc: &Service, port: u16) -> AppProtocol {
         .map_or(AppProtocol::Unknown, |p| p.protocol)
 }
 
-/// The Location's host\[:port\] for a redirect from `authority`, as
-/// Envoy builds it: a redirect host replaces host and port (its own port, if
-/// written, or none); otherwise the request's host keeps its port unless the
-/// scheme changes. A redirect port replaces either. IPv6 literals keep their
-/// brackets.
-fn redirect_host(
-    authority: &str,
-    host: Option<&str>,
-    port: Option<u16>,
-    new_scheme: bool,
-) -> String {
+/// The Location's host\[:port\] for a redirect from `authority` (a plain
+/// HTTP request) to `scheme`, as Envoy builds it: a redirect host replaces
+/// host and port (its own port, if written); otherwise the request's port is
+/// kept, unless the scheme changes and it was http's own 80. A redirect port
+/// replaces either. The scheme's well-known port is never written (80 for
+/// http, 443 for https). IPv6 literals keep their brackets.
+fn redirect_host(authority: &str, host: Option<&str>, port: Option<u16>, scheme: &str) -> String {
     let (host, kept) = match host {
         Some(h) => split_authority(h),
         None => {
             let (h, p) = split_authority(authority);
-            (h, p.filter(|_| !new_scheme))
+            (h, p.filter(|p| scheme == "http" || *p != "80"))
         }
     };
-    match (port, kept) {
-        (Some(p), _) => format!("{host}:{p}"),
-        (None, Some(p)) => format!("{host}:{p}"),
-        (None, None) => host.to_string(),
+    let port = port.map(|p| p.to_string()).or(kept.map(str::to_string));
+    let well_known = match scheme {
+        "https" => "443",
+        _ => "80",
+    };
+    match port {
+        Some(p) if p != well_known => format!("{host}:{p}"),
+        _ => host.to_string(),
     }
 }
 
@@ -1244,13 +1239,22 @@ mod tests {
     #[test]
     fn redirect_hosts() {
         for (authority, host, port, scheme, want) in [
-            ("reviews:9080", None, None, false, "reviews:9080"),
-            ("reviews:9080", Some("new"), None, false, "new"),
-            ("reviews:9080", Some("new"), Some(8443), true, "new:8443"),
-            ("reviews:9080", None, None, true, "reviews"),
-            ("reviews", None, Some(81), false, "reviews:81"),
-            ("[fd00::1]:9080", None, None, false, "[fd00::1]:9080"),
-            ("[fd00::1]", Some("[fd00::2]:7"), None, false, "[fd00::2]:7"),
+            ("reviews:9080", None, None, "http", "reviews:9080"),
+            ("reviews:9080", Some("new"), None, "http", "new"),
+            ("reviews:9080", Some("new"), Some(8443), "https", "new:8443"),
+            ("reviews:9080", None, None, "https", "reviews:9080"),
+            ("reviews:80", None, None, "https", "reviews"),
+            ("reviews:9080", None, Some(443), "https", "reviews"),
+            ("reviews:80", None, None, "http", "reviews"),
+            ("reviews", None, Some(81), "http", "reviews:81"),
+            ("[fd00::1]:9080", None, None, "http", "[fd00::1]:9080"),
+            (
+                "[fd00::1]",
+                Some("[fd00::2]:7"),
+                None,
+                "http",
+                "[fd00::2]:7",
+            ),
         ] {
             assert_eq!(
                 redirect_host(authority, host, port, scheme),
