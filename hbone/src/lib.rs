@@ -44,7 +44,8 @@ pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 100;
 /// Rapid reset (CVE-2023-44487), as Envoy bounds it: once a connection has
 /// carried this many streams, it is closed (GOAWAY ENHANCE_YOUR_CALM) when
-/// at least half of them were reset by the peer before they were answered.
+/// at least half of them were reset by the peer before they were answered,
+/// within a second of opening.
 /// The stream budget bounds the work meanwhile.
 pub const PREMATURE_RESET_MIN_STREAMS: usize = 100;
 /// An inbound connection with no stream for this long is closed (GOAWAY).

@@ -32,9 +32,15 @@ pub struct ConnectRequest {
     respond: SendResponse<Bytes>,
     _permit: StreamPermit,
     /// The connection's count of streams the peer reset before they were
-    /// answered.
+    /// answered, within [`PREMATURE_RESET_LIFETIME`] of opening them.
     premature: Arc<AtomicUsize>,
+    opened: Instant,
 }
+
+/// A stream reset by its peer sooner than this after it opened counts as a
+/// premature reset (Envoy's `premature_reset_min_stream_lifetime_seconds`):
+/// a client that gives up on a slow dial later is not an attacker.
+const PREMATURE_RESET_LIFETIME: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How many CONNECT streams a server runs at once, in total and per peer
 /// address. A stream is taken only with a permit, before its task is
@@ -203,6 +209,7 @@ where
             respond,
             _permit: permit,
             premature: premature.clone(),
+            opened: Instant::now(),
         });
         let (active, last_active) = (active.clone(), last_active.clone());
         tokio::spawn(async move {
@@ -310,11 +317,14 @@ impl ConnectRequest {
             mut respond,
             _permit,
             premature,
+            opened,
         } = self;
         let send = respond
             .send_response(status(StatusCode::OK), false)
             .inspect_err(|_| {
-                premature.fetch_add(1, Ordering::Relaxed);
+                if opened.elapsed() < PREMATURE_RESET_LIFETIME {
+                    premature.fetch_add(1, Ordering::Relaxed);
+                }
             })
             .map_err(RequestError::Respond)?;
         Ok(H2Stream::new(send, request.into_body()).with_guard(Box::new(_permit)))
@@ -322,7 +332,9 @@ impl ConnectRequest {
 
     /// Answers with an error status and closes the stream.
     pub fn refuse(mut self, code: StatusCode) {
-        if self.respond.send_response(status(code), true).is_err() {
+        if self.respond.send_response(status(code), true).is_err()
+            && self.opened.elapsed() < PREMATURE_RESET_LIFETIME
+        {
             self.premature.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -723,6 +723,7 @@ impl Conn {
             Dest::Service(s) => vec![s.hostname.as_str()],
             Dest::Workload(w) => state
                 .services_of(&w.uid)
+                .iter()
                 .map(|s| s.hostname.as_str())
                 .collect(),
         };

@@ -69,6 +69,8 @@ pub struct State {
     services_by_key: HashMap<String, Arc<Service>>,
     workloads_by_uid: HashMap<String, Arc<Workload>>,
     workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Workload uid → the services it is an endpoint of.
+    services_by_workload: HashMap<String, Vec<Arc<Service>>>,
     routes: HashMap<String, Arc<RouteTable>>,
     destinations: HashMap<String, Arc<Destination>>,
     policies: Vec<Arc<Policy>>,
@@ -97,10 +99,10 @@ impl State {
     }
 
     /// The services `uid` is an endpoint of.
-    pub fn services_of<'a>(&'a self, uid: &'a str) -> impl Iterator<Item = &'a Arc<Service>> {
-        self.services_by_key
-            .values()
-            .filter(move |s| s.endpoints.iter().any(|e| e.workload_uid == uid))
+    pub fn services_of(&self, uid: &str) -> &[Arc<Service>] {
+        self.services_by_workload
+            .get(uid)
+            .map_or(&[], Vec::as_slice)
     }
 
     pub fn route(&self, service_key: &str) -> Option<&Arc<RouteTable>> {
@@ -256,6 +258,12 @@ impl Cache {
             let svc = Arc::new(svc);
             for vip in &svc.vips {
                 s.services_by_vip.insert(*vip, svc.clone());
+            }
+            for ep in &svc.endpoints {
+                s.services_by_workload
+                    .entry(ep.workload_uid.clone())
+                    .or_default()
+                    .push(svc.clone());
             }
             s.services_by_key
                 .insert(format!("{}/{}", svc.namespace, svc.hostname), svc);
