@@ -566,8 +566,17 @@ fn h2_grpc_and_websocket_through_the_waypoint() -> Result<()> {
     drop(_h2b);
 
     // An `http` port is HTTP/1.1 to the pod whatever the client speaks, as
-    // Istio: an h2 client reaches an HTTP/1.1-only app.
-    let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    // Istio: an h2 client reaches an HTTP/1.1-only app. (The h2 server lets
+    // go of its port on its own thread, so the bind may have to wait.)
+    let mut _v1 = None;
+    eventually("port 9080 is free again", Duration::from_secs(5), || {
+        _v1 = Some(apps::serve(
+            lab.pod("bookinfo/reviews-v1"),
+            9080,
+            App::Http,
+        )?);
+        Ok(true)
+    })?;
     let r = apps::h2_post(
         client,
         "10.96.0.22:9080".parse()?,
