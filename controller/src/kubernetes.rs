@@ -7,7 +7,7 @@
 //! Everything below the snapshot (translation, xDS, the CA's checks) is the
 //! code the manifests source runs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +22,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
+use serde_json::json;
 use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
 
@@ -296,105 +297,96 @@ impl StatusWriter {
     pub async fn write(&mut self, statuses: &[(Status, Option<i64>)]) {
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         // A Service no longer bound loses the condition we wrote.
+        let bound: HashSet<(&str, &str)> = statuses
+            .iter()
+            .filter(|(s, _)| s.kind == "Service")
+            .map(|(s, _)| (s.namespace.as_str(), s.name.as_str()))
+            .collect();
         let unbound: Vec<(String, String)> = self
             .written
             .keys()
-            .filter(|(kind, ns, name)| {
-                *kind == "Service"
-                    && !statuses
-                        .iter()
-                        .any(|(s, _)| s.kind == "Service" && &s.namespace == ns && &s.name == name)
-            })
+            .filter(|(kind, ns, name)| *kind == "Service" && !bound.contains(&(ns, name)))
             .map(|(_, ns, name)| (ns.clone(), name.clone()))
             .collect();
         for (ns, name) in unbound {
-            self.write_service_binding(&ns, &name, None).await;
+            self.write_service_binding(&ns, &name, None, &now).await;
         }
         for (s, generation) in statuses {
-            if s.kind == "HTTPRoute" {
-                self.write_route_parents(s, *generation, &now).await;
-                continue;
-            }
-            if s.kind == "Service" {
-                let c = serde_json::json!({
-                    "type": WAYPOINT_BOUND,
-                    "status": if s.accepted { "True" } else { "False" },
-                    "reason": s.reason,
-                    "message": s.message,
-                    "observedGeneration": generation,
-                });
-                if self
-                    .written
-                    .get(&(s.kind, s.namespace.clone(), s.name.clone()))
-                    != Some(&c)
-                {
-                    self.write_service_binding(&s.namespace, &s.name, Some((c, &now)))
-                        .await;
-                }
-                continue;
-            }
-            let Some(ar) = kinds::info(s.kind)
-                .filter(|k| k.status)
-                .map(KindInfo::api_resource)
-            else {
-                continue;
-            };
-            let condition = |ty: &str, status: bool, reason: &str, message: &str| {
-                serde_json::json!({
-                    "type": ty,
-                    "status": if status { "True" } else { "False" },
-                    "reason": reason,
-                    "message": message,
-                    "observedGeneration": generation,
-                })
-            };
-            let mut conditions = vec![condition("Accepted", s.accepted, s.reason, &s.message)];
-            if !s.condition.is_empty() {
-                conditions.push(condition(s.condition, s.accepted, s.reason, &s.message));
-            }
-            if s.accepted {
-                conditions.push(condition(
-                    "Reconciled",
-                    true,
-                    "Published",
-                    "served to the data plane",
-                ));
-            }
             let key = (s.kind, s.namespace.clone(), s.name.clone());
-            let value = serde_json::Value::Array(conditions);
-            if self.written.get(&key) == Some(&value) {
-                continue;
-            }
-            let mut stamped = value.clone();
-            for c in stamped.as_array_mut().into_iter().flatten() {
-                c["lastTransitionTime"] = serde_json::Value::String(now.clone());
-            }
-            let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), &s.namespace, &ar);
-            let patch = serde_json::json!({ "status": { "conditions": stamped } });
-            match api
-                .patch_status(&s.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => {
-                    debug!(component = "kubernetes", kind = s.kind, namespace = %s.namespace, name = %s.name, "status written");
-                    self.written.insert(key, value);
+            match s.kind {
+                "HTTPRoute" => self.write_route_parents(s, *generation, &now).await,
+                "Service" => {
+                    let c = condition(
+                        WAYPOINT_BOUND,
+                        s.accepted,
+                        s.reason,
+                        &s.message,
+                        *generation,
+                    );
+                    if self.written.get(&key) != Some(&c) {
+                        self.write_service_binding(&s.namespace, &s.name, Some(c), &now)
+                            .await;
+                    }
                 }
-                Err(e) => {
-                    warn!(component = "kubernetes", kind = s.kind, namespace = %s.namespace, name = %s.name, error = %e, "cannot write status; will retry on the next change")
+                _ => {
+                    let Some(ar) = kinds::info(s.kind)
+                        .filter(|k| k.status)
+                        .map(KindInfo::api_resource)
+                    else {
+                        continue;
+                    };
+                    let mut conditions = vec![condition(
+                        "Accepted",
+                        s.accepted,
+                        s.reason,
+                        &s.message,
+                        *generation,
+                    )];
+                    if !s.condition.is_empty() {
+                        conditions.push(condition(
+                            s.condition,
+                            s.accepted,
+                            s.reason,
+                            &s.message,
+                            *generation,
+                        ));
+                    }
+                    if s.accepted {
+                        conditions.push(condition(
+                            "Reconciled",
+                            true,
+                            "Published",
+                            "served to the data plane",
+                            *generation,
+                        ));
+                    }
+                    let value = serde_json::Value::Array(conditions);
+                    if self.written.get(&key) == Some(&value) {
+                        continue;
+                    }
+                    let mut stamped = value.clone();
+                    stamp(stamped.as_array_mut().into_iter().flatten(), &now);
+                    let api = Api::<DynamicObject>::namespaced_with(
+                        self.client.clone(),
+                        &s.namespace,
+                        &ar,
+                    );
+                    if patch_status(&api, s.kind, &s.name, json!({ "conditions": stamped })).await {
+                        self.written.insert(key, value);
+                    }
                 }
             }
         }
     }
-}
 
-impl StatusWriter {
     /// Sets (or, with `None`, removes) a Service's `istio.io/WaypointBound`
     /// condition, keeping every other condition on it.
     async fn write_service_binding(
         &mut self,
         ns: &str,
         name: &str,
-        condition: Option<(serde_json::Value, &str)>,
+        condition: Option<serde_json::Value>,
+        now: &str,
     ) {
         let key = ("Service", ns.to_string(), name.to_string());
         let Some(ar) = kinds::info("Service").map(KindInfo::api_resource) else {
@@ -411,42 +403,31 @@ impl StatusWriter {
                 return warn!(component = "kubernetes", kind = "Service", namespace = %ns, name = %name, error = %e, "cannot read status; will retry on the next change");
             }
         };
-        let mut conditions: Vec<serde_json::Value> = svc.data["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| c["type"] != WAYPOINT_BOUND)
-            .cloned()
-            .collect();
-        if let Some((c, now)) = &condition {
-            let mut stamped = c.clone();
-            stamped["lastTransitionTime"] = serde_json::Value::String(now.to_string());
-            conditions.push(stamped);
+        let mut conditions = others(&svc.data["status"]["conditions"], "type", WAYPOINT_BOUND);
+        if let Some(c) = &condition {
+            let mut c = c.clone();
+            stamp([&mut c], now);
+            conditions.push(c);
         }
-        let patch = serde_json::json!({ "status": { "conditions": conditions } });
-        match api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => match condition {
-                Some((c, _)) => {
-                    self.written.insert(key, c);
-                }
-                None => {
-                    self.written.remove(&key);
-                }
-            },
-            Err(e) => {
-                warn!(component = "kubernetes", kind = "Service", namespace = %ns, name = %name, error = %e, "cannot write status; will retry on the next change")
-            }
+        if patch_status(&api, "Service", name, json!({ "conditions": conditions })).await {
+            match condition {
+                Some(c) => self.written.insert(key, c),
+                None => self.written.remove(&key),
+            };
         }
     }
 
     /// Gateway API status: one `status.parents` entry per Service parent,
     /// as the `istio-waypoint` class's controller; other controllers'
     /// entries are kept (read, then replaced as a whole, as the list is
-    /// atomic).
+    /// atomic). The route is read only when what we would write changed:
+    /// its parentRefs change only with its generation.
     async fn write_route_parents(&mut self, s: &Status, generation: Option<i64>, now: &str) {
+        let key = (s.kind, s.namespace.clone(), s.name.clone());
+        let fingerprint = json!([s.accepted, s.reason, s.message, generation]);
+        if self.written.get(&key) == Some(&fingerprint) {
+            return;
+        }
         let Some(ar) = kinds::info(s.kind).map(KindInfo::api_resource) else {
             return;
         };
@@ -461,36 +442,75 @@ impl StatusWriter {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        let ours = route_parents(&refs, s, generation);
-        let key = (s.kind, s.namespace.clone(), s.name.clone());
-        if self.written.get(&key) == Some(&ours) {
-            return;
+        let mut parents = others(
+            &route.data["status"]["parents"],
+            "controllerName",
+            MESH_CONTROLLER,
+        );
+        for mut p in route_parents(&refs, s, generation) {
+            stamp(p["conditions"].as_array_mut().into_iter().flatten(), now);
+            parents.push(p);
         }
-        let mut parents: Vec<serde_json::Value> = route.data["status"]["parents"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| p["controllerName"] != MESH_CONTROLLER)
-            .cloned()
-            .collect();
-        let mut stamped = ours.clone();
-        for p in stamped.as_array_mut().into_iter().flatten() {
-            for c in p["conditions"].as_array_mut().into_iter().flatten() {
-                c["lastTransitionTime"] = serde_json::Value::String(now.to_string());
-            }
+        if patch_status(&api, s.kind, &s.name, json!({ "parents": parents })).await {
+            self.written.insert(key, fingerprint);
         }
-        parents.extend(stamped.as_array().into_iter().flatten().cloned());
-        let patch = serde_json::json!({ "status": { "parents": parents } });
-        match api
-            .patch_status(&s.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                self.written.insert(key, ours);
-            }
-            Err(e) => {
-                warn!(component = "kubernetes", kind = s.kind, namespace = %s.namespace, name = %s.name, error = %e, "cannot write status; will retry on the next change")
-            }
+    }
+}
+
+/// A status condition as the API takes it, without its transition time.
+fn condition(
+    ty: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) -> serde_json::Value {
+    json!({
+        "type": ty,
+        "status": if ok { "True" } else { "False" },
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+    })
+}
+
+/// Sets `lastTransitionTime` on each condition.
+fn stamp<'a>(conditions: impl IntoIterator<Item = &'a mut serde_json::Value>, now: &str) {
+    for c in conditions {
+        c["lastTransitionTime"] = serde_json::Value::String(now.to_string());
+    }
+}
+
+/// The entries of a status list that are not ours (`field` != `ours`).
+fn others(list: &serde_json::Value, field: &str, ours: &str) -> Vec<serde_json::Value> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e[field] != ours)
+        .cloned()
+        .collect()
+}
+
+/// Merge-patches `status` of `name`; true when written, a warning when not
+/// (the next change retries).
+async fn patch_status(
+    api: &Api<DynamicObject>,
+    kind: &str,
+    name: &str,
+    status: serde_json::Value,
+) -> bool {
+    let patch = json!({ "status": status });
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {
+            debug!(component = "kubernetes", kind, name, "status written");
+            true
+        }
+        Err(e) => {
+            warn!(component = "kubernetes", kind, name, error = %e, "cannot write status; will retry on the next change");
+            false
         }
     }
 }
@@ -504,16 +524,8 @@ fn route_parents(
     refs: &[serde_json::Value],
     s: &Status,
     generation: Option<i64>,
-) -> serde_json::Value {
-    let condition = |ty: &str, ok: bool, reason: &str, message: &str| {
-        serde_json::json!({
-            "type": ty,
-            "status": if ok { "True" } else { "False" },
-            "reason": reason,
-            "message": message,
-            "observedGeneration": generation,
-        })
-    };
+) -> Vec<serde_json::Value> {
+    let condition = |ty, ok, reason, message: &str| condition(ty, ok, reason, message, generation);
     // A refusal for a reference also says so in ResolvedRefs.
     let bad_ref = if s.message.contains("ReferenceGrant") {
         Some("RefNotPermitted")
@@ -533,21 +545,19 @@ fn route_parents(
         Some(reason) if !s.accepted => condition("ResolvedRefs", false, reason, &s.message),
         _ => condition("ResolvedRefs", true, "ResolvedRefs", ""),
     };
-    let entries = refs
-        .iter()
+    refs.iter()
         .filter(|r| {
             matches!(r["group"].as_str(), Some("" | "core"))
                 && r["kind"].as_str() == Some("Service")
         })
         .map(|r| {
-            serde_json::json!({
+            json!({
                 "parentRef": r,
                 "controllerName": MESH_CONTROLLER,
                 "conditions": [accepted.clone(), resolved.clone()],
             })
         })
-        .collect();
-    serde_json::Value::Array(entries)
+        .collect()
 }
 
 /// The audience of the tokens the CA and xDS accept (Istio's).

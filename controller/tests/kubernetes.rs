@@ -63,6 +63,8 @@ struct Fake {
     race_winner: Arc<Mutex<Option<Value>>>,
     /// Object path → object, for single GETs.
     objects: Arc<Mutex<HashMap<String, Value>>>,
+    /// Every single-object GET served from `objects`, by path.
+    reads: Arc<Mutex<Vec<String>>>,
 }
 
 impl Fake {
@@ -72,6 +74,25 @@ impl Fake {
 
     fn writes(&self) -> Vec<(Method, String, Value)> {
         self.writes.lock().unwrap().clone()
+    }
+
+    /// The bodies of the PATCHes sent to `path`, in order.
+    fn patches(&self, path: &str) -> Vec<Value> {
+        self.writes()
+            .into_iter()
+            .filter(|(m, p, _)| m == Method::PATCH && p == path)
+            .map(|(_, _, b)| b)
+            .collect()
+    }
+
+    /// How many times `path` was read.
+    fn reads(&self, path: &str) -> usize {
+        self.reads
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| *p == path)
+            .count()
     }
 
     /// Sends one watch event on `path`, once its watch is open.
@@ -121,6 +142,7 @@ impl Fake {
         if parts.method == Method::GET
             && let Some(o) = self.objects.lock().unwrap().get(&path)
         {
+            self.reads.lock().unwrap().push(path.clone());
             return reply(StatusCode::OK, o);
         }
         if let Some(items) = self.lists.lock().unwrap().get(&path) {
@@ -611,17 +633,10 @@ async fn http_route_status_parents() {
         message: message.into(),
         condition: "",
     };
-    let patches = |f: &Fake| -> Vec<Value> {
-        f.writes()
-            .into_iter()
-            .filter(|(m, p, _)| m == Method::PATCH && p == path)
-            .map(|(_, _, b)| b)
-            .collect()
-    };
     writer
         .write(&[(status(true, "routes served to the waypoint"), Some(3))])
         .await;
-    let sent = patches(&fake);
+    let sent = fake.patches(path);
     assert_eq!(sent.len(), 1, "{sent:?}");
     let parents = sent[0]["status"]["parents"].as_array().unwrap().clone();
     assert_eq!(parents.len(), 2, "{parents:?}");
@@ -638,7 +653,8 @@ async fn http_route_status_parents() {
     writer
         .write(&[(status(true, "routes served to the waypoint"), Some(3))])
         .await;
-    assert_eq!(patches(&fake).len(), 1, "unchanged: not written again");
+    assert_eq!(fake.patches(path).len(), 1, "unchanged: not written again");
+    assert_eq!(fake.reads(path), 1, "nor read again");
 
     writer
         .write(&[(
@@ -649,7 +665,7 @@ async fn http_route_status_parents() {
             Some(4),
         )])
         .await;
-    let sent = patches(&fake);
+    let sent = fake.patches(path);
     assert_eq!(sent.len(), 2);
     let ours = &sent[1]["status"]["parents"][1];
     assert_eq!(ours["conditions"][0]["status"], "False", "not served");
@@ -688,15 +704,8 @@ async fn service_waypoint_bound_condition() {
         message: "metadata.labels[istio.io/use-waypoint]: no waypoint shop/waypiont".into(),
         condition: "istio.io/WaypointBound",
     };
-    let patches = |f: &Fake| -> Vec<Value> {
-        f.writes()
-            .into_iter()
-            .filter(|(m, p, _)| m == Method::PATCH && p == path)
-            .map(|(_, _, b)| b)
-            .collect()
-    };
     writer.write(&[(bound.clone(), Some(2))]).await;
-    let sent = patches(&fake);
+    let sent = fake.patches(path);
     assert_eq!(sent.len(), 1, "{sent:?}");
     let conditions = sent[0]["status"]["conditions"].as_array().unwrap();
     assert_eq!(conditions.len(), 2, "{conditions:?}");
@@ -712,13 +721,13 @@ async fn service_waypoint_bound_condition() {
     );
 
     writer.write(&[(bound, Some(2))]).await;
-    assert_eq!(patches(&fake).len(), 1, "unchanged: not written again");
+    assert_eq!(fake.patches(path).len(), 1, "unchanged: not written again");
 
     // The label goes: no status for the Service, so the condition goes.
     writer.write(&[]).await;
-    let sent = patches(&fake);
+    let sent = fake.patches(path);
     assert_eq!(sent.len(), 2);
     assert_eq!(sent[1]["status"]["conditions"], json!([other]));
     writer.write(&[]).await;
-    assert_eq!(patches(&fake).len(), 2, "and only once");
+    assert_eq!(fake.patches(path).len(), 2, "and only once");
 }
