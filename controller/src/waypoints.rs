@@ -8,7 +8,7 @@
 //! never resolve, never as "no waypoint": the traffic it covers is refused
 //! instead of going around the L7 policy. The error names why.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::ObjectMeta;
@@ -374,25 +374,6 @@ pub fn bind(
             }
         };
     }
-    // A waypoint's Service from the cluster (the Deployment's, selected by
-    // the gateway-name label) keeps only pods of the Gateway's service
-    // account, as the one synthesized below does: a pod that copies the
-    // label must not receive, or vouch for, bound traffic.
-    let workloads = &cfg.workloads;
-    for svc in &mut cfg.services {
-        let Some(wp) = waypoints
-            .values()
-            .find(|w| w.namespace == svc.namespace && w.hostname() == svc.hostname)
-        else {
-            continue;
-        };
-        svc.endpoints.retain(|ep| {
-            workloads
-                .iter()
-                .find(|w| w.uid == ep.workload_uid)
-                .is_some_and(|w| w.service_account == wp.name)
-        });
-    }
     for wp in waypoints.values() {
         let hostname = wp.hostname();
         if cfg.services.iter().any(|s| s.hostname == hostname) {
@@ -400,6 +381,29 @@ pub fn bind(
         }
         cfg.services
             .push(waypoint_service(wp, &cfg.workloads, snap, cluster_id));
+    }
+    // A waypoint's Service, the cluster's (the Deployment's, selected by the
+    // gateway-name label) or the one synthesized above, keeps only pods of
+    // the Gateway's service account: a pod that copies the label must not
+    // receive, or vouch for, bound traffic.
+    let accounts: HashMap<String, (&str, &str)> = waypoints
+        .values()
+        .map(|w| (w.hostname(), (w.namespace.as_str(), w.name.as_str())))
+        .collect();
+    let workloads = &cfg.workloads;
+    for svc in &mut cfg.services {
+        let Some((_, account)) = accounts
+            .get(&svc.hostname)
+            .filter(|(ns, _)| *ns == svc.namespace)
+        else {
+            continue;
+        };
+        svc.endpoints.retain(|ep| {
+            workloads
+                .iter()
+                .find(|w| w.uid == ep.workload_uid)
+                .is_some_and(|w| w.service_account == *account)
+        });
     }
     (errors, statuses)
 }
@@ -417,14 +421,6 @@ fn waypoint_service(
         .values()
         .filter(|p| p.metadata.namespace.as_deref() == Some(wp.namespace.as_str()))
         .filter(|p| p.metadata.labels.as_ref().and_then(|l| l.get(GATEWAY_NAME)) == Some(&wp.name))
-        // Only the Gateway's own service account is its waypoint: a pod
-        // that copies the label must not receive, or vouch for, its traffic.
-        .filter(|p| {
-            p.spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.as_deref())
-                == Some(wp.name.as_str())
-        })
         .filter_map(|p| {
             let uid = format!(
                 "{cluster_id}//Pod/{}/{}",
