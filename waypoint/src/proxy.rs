@@ -90,6 +90,36 @@ struct Conn {
     client_ip: IpAddr,
     /// The peer ztunnel's verified identity: the client workload's.
     client_id: Option<Identity>,
+    /// That identity as Istio writes principals (`<td>/ns/<ns>/sa/<sa>`),
+    /// made once for all the connection's requests.
+    principal: Option<String>,
+}
+
+impl Conn {
+    fn new(
+        proxy: Arc<Proxy>,
+        target: SocketAddr,
+        dest: Dest,
+        client_ip: IpAddr,
+        client_id: Option<Identity>,
+    ) -> Arc<Conn> {
+        let principal = client_id.as_ref().map(|id| {
+            format!(
+                "{}/ns/{}/sa/{}",
+                id.trust_domain(),
+                id.namespace(),
+                id.service_account()
+            )
+        });
+        Arc::new(Conn {
+            proxy,
+            target,
+            dest,
+            client_ip,
+            client_id,
+            principal,
+        })
+    }
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -173,13 +203,7 @@ impl Proxy {
             Ok(s) => s,
             Err(e) => return debug!(%peer, error = %e, "CONNECT accept"),
         };
-        let conn = Arc::new(Conn {
-            proxy: self,
-            target,
-            dest,
-            client_ip,
-            client_id: Some(peer_id),
-        });
+        let conn = Conn::new(self, target, dest, client_ip, Some(peer_id));
         conn.serve(stream).await;
     }
 
@@ -241,13 +265,7 @@ impl Proxy {
                     continue;
                 }
             };
-            let conn = Arc::new(Conn {
-                proxy: self.clone(),
-                target,
-                dest,
-                client_ip: peer.ip(),
-                client_id: None,
-            });
+            let conn = Conn::new(self.clone(), target, dest, peer.ip(), None);
             tokio::spawn(conn.serve(tcp));
         }
     }
@@ -708,33 +726,32 @@ impl Conn {
     /// forwarded at L4). `Err` names the DENY that matched, or is empty when
     /// no ALLOW did.
     fn decide(&self, state: &State, info: &RequestInfo<'_>, tcp: bool) -> Result<(), String> {
-        let principal = self.client_id.as_ref().map(|id| {
-            format!(
-                "{}/ns/{}/sa/{}",
-                id.trust_domain(),
-                id.namespace(),
-                id.service_account()
-            )
-        });
         // A service target is decided by its own policies; a pod target by
         // those of every service it backs, so that dialing the pod is never
         // a way around a service's policy.
-        let services: Vec<&str> = match &self.dest {
-            Dest::Service(s) => vec![s.hostname.as_str()],
-            Dest::Workload(w) => state
-                .services_of(&w.uid)
-                .iter()
-                .map(|s| s.hostname.as_str())
-                .collect(),
+        let (one, many): ([&str; 1], Vec<&str>);
+        let services: &[&str] = match &self.dest {
+            Dest::Service(s) => {
+                one = [s.hostname.as_str()];
+                &one
+            }
+            Dest::Workload(w) => {
+                many = state
+                    .services_of(&w.uid)
+                    .iter()
+                    .map(|s| s.hostname.as_str())
+                    .collect();
+                &many
+            }
         };
         let req = authz::Request {
-            services: &services,
+            services,
             tcp,
             source_ip: self.client_ip,
             // No X-Forwarded-For hop is trusted (Envoy's default in a
             // waypoint): the client cannot name its own address.
             remote_ip: self.client_ip,
-            principal: principal.as_deref(),
+            principal: self.principal.as_deref(),
             namespace: self.client_id.as_ref().map(Identity::namespace),
             host: info.authority,
             method: info.method,
