@@ -769,5 +769,30 @@ spec:
         ],
     );
     ensure!(served >= 3.0, "counted by the pod's waypoint: {served}");
+
+    // A new DENY the waypoint cannot read (JWT), with no accepted version to
+    // keep, is enforced closed: it denies every request rather than none.
+    lab.write_manifest(
+        "jwt.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-bots, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: pod-waypoint}]
+  action: DENY
+  rules: [{from: [{source: {requestPrincipals: ["bots/*"]}}]}]
+"#,
+    )?;
+    eventually(
+        "an unreadable DENY denies GET too",
+        Duration::from_secs(5),
+        || Ok(apps::http(client, pod, "GET", "/", &[])?.status == 403),
+    )?;
+    ensure!(
+        lab.controller_log()
+            .contains("enforced closed as a DENY of every request"),
+        "the status says so"
+    );
     lab.teardown()
 }
