@@ -441,7 +441,7 @@ fn status_json(t: &Translation) -> String {
                 "namespace": s.namespace,
                 "name": s.name,
                 "conditions": [{
-                    "type": if s.kind == "Service" { s.condition } else { "Accepted" },
+                    "type": if matches!(s.kind, "Service" | "ServiceEntry") { s.condition } else { "Accepted" },
                     "status": if s.accepted { "True" } else { "False" },
                     "reason": s.reason,
                     "message": s.message,

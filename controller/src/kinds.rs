@@ -18,6 +18,7 @@ use crate::httproute::HttpRoute;
 use crate::kubernetes::Watched;
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
 use crate::routes::{DestinationRule, VirtualService};
+use crate::service_entry::ServiceEntry;
 use crate::waypoints::Gateway;
 
 /// What the controller needs to know about one kind.
@@ -94,6 +95,7 @@ pub fn each_kind(v: &mut impl Visitor) {
     v.visit::<VirtualService>();
     v.visit::<DestinationRule>();
     v.visit::<HttpRoute>();
+    v.visit::<ServiceEntry>();
 }
 
 /// The description of the kind named `kind`.
@@ -276,6 +278,22 @@ kind!(
         plural: "destinationrules",
         namespaced: true,
         status: true,
+        optional: true,
+    }
+);
+// Its status carries `istio.io/WaypointBound`, as a Service's does, and
+// `Accepted` when it is refused (`kubernetes::StatusWriter`).
+kind!(
+    ServiceEntry,
+    service_entries,
+    dynamic,
+    KindInfo {
+        group: "networking.istio.io",
+        versions: NETWORKING_VERSIONS,
+        kind: "ServiceEntry",
+        plural: "serviceentries",
+        namespaced: true,
+        status: false,
         optional: true,
     }
 );

@@ -296,36 +296,53 @@ impl StatusWriter {
     /// `metadata.generation`) whose conditions differ from what was last written.
     pub async fn write(&mut self, statuses: &[(Status, Option<i64>)]) {
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        // A Service no longer bound loses the condition we wrote.
-        let bound: HashSet<(&str, &str)> = statuses
+        // A Service or ServiceEntry no longer bound (or refused) loses the
+        // condition we wrote on it.
+        let own_kind = |k: &str| matches!(k, "Service" | "ServiceEntry");
+        let current: HashSet<(&str, &str, &str)> = statuses
             .iter()
-            .filter(|(s, _)| s.kind == "Service")
-            .map(|(s, _)| (s.namespace.as_str(), s.name.as_str()))
+            .filter(|(s, _)| own_kind(s.kind))
+            .map(|(s, _)| (s.kind, s.namespace.as_str(), s.name.as_str()))
             .collect();
-        let unbound: Vec<(String, String)> = self
+        let stale: Vec<(&'static str, String, String, String)> = self
             .written
-            .keys()
-            .filter(|(kind, ns, name)| *kind == "Service" && !bound.contains(&(ns, name)))
-            .map(|(_, ns, name)| (ns.clone(), name.clone()))
+            .iter()
+            .filter(|((kind, ns, name), _)| {
+                own_kind(kind) && !current.contains(&(*kind, ns.as_str(), name.as_str()))
+            })
+            .map(|((kind, ns, name), c)| {
+                let ty = c["type"].as_str().unwrap_or(WAYPOINT_BOUND).to_string();
+                (*kind, ns.clone(), name.clone(), ty)
+            })
             .collect();
-        for (ns, name) in unbound {
-            self.write_service_binding(&ns, &name, None, &now).await;
+        for (kind, ns, name, ty) in stale {
+            self.write_one_condition(kind, &ns, &name, &ty, None, &now)
+                .await;
         }
         for (s, generation) in statuses {
             let key = (s.kind, s.namespace.clone(), s.name.clone());
             match s.kind {
                 "HTTPRoute" => self.write_route_parents(s, *generation, &now).await,
-                "Service" => {
-                    let c = condition(
-                        WAYPOINT_BOUND,
-                        s.accepted,
-                        s.reason,
-                        &s.message,
-                        *generation,
-                    );
-                    if self.written.get(&key) != Some(&c) {
-                        self.write_service_binding(&s.namespace, &s.name, Some(c), &now)
+                "Service" | "ServiceEntry" => {
+                    let c = condition(s.condition, s.accepted, s.reason, &s.message, *generation);
+                    // Another condition type replaces the one written before.
+                    if let Some(old) = self.written.get(&key)
+                        && old["type"] != c["type"]
+                    {
+                        let ty = old["type"].as_str().unwrap_or_default().to_string();
+                        self.write_one_condition(s.kind, &s.namespace, &s.name, &ty, None, &now)
                             .await;
+                    }
+                    if self.written.get(&key) != Some(&c) {
+                        self.write_one_condition(
+                            s.kind,
+                            &s.namespace,
+                            &s.name,
+                            s.condition,
+                            Some(c),
+                            &now,
+                        )
+                        .await;
                     }
                 }
                 _ => {
@@ -379,37 +396,39 @@ impl StatusWriter {
         }
     }
 
-    /// Sets (or, with `None`, removes) a Service's `istio.io/WaypointBound`
-    /// condition, keeping every other condition on it.
-    async fn write_service_binding(
+    /// Sets (or, with `None`, removes) one condition of type `ty` on a
+    /// Service or ServiceEntry, keeping every other condition on it.
+    async fn write_one_condition(
         &mut self,
+        kind: &'static str,
         ns: &str,
         name: &str,
+        ty: &str,
         condition: Option<serde_json::Value>,
         now: &str,
     ) {
-        let key = ("Service", ns.to_string(), name.to_string());
-        let Some(ar) = kinds::info("Service").map(KindInfo::api_resource) else {
+        let key = (kind, ns.to_string(), name.to_string());
+        let Some(ar) = kinds::info(kind).map(KindInfo::api_resource) else {
             return;
         };
         let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &ar);
-        let svc = match api.get_status(name).await {
+        let obj = match api.get_status(name).await {
             Ok(s) => s,
             Err(kube::Error::Api(e)) if e.code == 404 => {
                 self.written.remove(&key);
                 return;
             }
             Err(e) => {
-                return warn!(component = "kubernetes", kind = "Service", namespace = %ns, name = %name, error = %e, "cannot read status; will retry on the next change");
+                return warn!(component = "kubernetes", kind, namespace = %ns, name = %name, error = %e, "cannot read status; will retry on the next change");
             }
         };
-        let mut conditions = others(&svc.data["status"]["conditions"], "type", WAYPOINT_BOUND);
+        let mut conditions = others(&obj.data["status"]["conditions"], "type", ty);
         if let Some(c) = &condition {
             let mut c = c.clone();
             stamp([&mut c], now);
             conditions.push(c);
         }
-        if patch_status(&api, "Service", name, json!({ "conditions": conditions })).await {
+        if patch_status(&api, kind, name, json!({ "conditions": conditions })).await {
             match condition {
                 Some(c) => self.written.insert(key, c),
                 None => self.written.remove(&key),

@@ -37,14 +37,36 @@ const KEYS: [&str; 7] = [
 enum Target {
     /// Every service of the waypoints with these identities.
     Waypoints(BTreeSet<Identity>),
-    /// One service, through its waypoint.
-    Service(String, BTreeSet<Identity>),
+    /// The services (hostnames) of one Service or ServiceEntry, through
+    /// their waypoint.
+    Services(Vec<String>, BTreeSet<Identity>),
 }
 
 fn identities_behind(wp: &Service, mesh: &Mesh) -> BTreeSet<Identity> {
     waypoint_identity(wp, &mesh.trust_domain)
         .into_iter()
         .collect()
+}
+
+/// The identities of the waypoint `svc` (a `kind`'s service) is bound to.
+fn waypoint_of(
+    svc: &Service,
+    kind: &str,
+    cfg: &LocalConfig,
+    mesh: &Mesh,
+    at: &str,
+) -> Result<BTreeSet<Identity>, String> {
+    let (ns, name) = (&svc.namespace, &svc.name);
+    let r = svc
+        .waypoint
+        .as_ref()
+        .ok_or_else(|| format!("{at}: {kind} {ns}/{name} has no waypoint to enforce it"))?;
+    let wp = cfg
+        .services
+        .iter()
+        .find(|s| s.namespace == r.namespace && s.hostname == r.hostname)
+        .ok_or_else(|| format!("{at}: the waypoint of {kind} {ns}/{name} is not known"))?;
+    Ok(identities_behind(wp, mesh))
 }
 
 fn waypoint_services(cfg: &LocalConfig) -> impl Iterator<Item = &Service> {
@@ -105,21 +127,29 @@ fn target(
                 .iter()
                 .find(|s| s.hostname == host)
                 .ok_or_else(|| format!("{at}: no Service {ns}/{name}"))?;
-            let r = svc.waypoint.as_ref().ok_or_else(|| {
-                format!("{at}: Service {ns}/{name} has no waypoint to enforce it")
-            })?;
-            let wp = cfg
-                .services
-                .iter()
-                .find(|s| s.namespace == r.namespace && s.hostname == r.hostname)
-                .ok_or_else(|| format!("{at}: the waypoint of Service {ns}/{name} is not known"))?;
-            Ok(Target::Service(host, identities_behind(wp, mesh)))
+            let ids = waypoint_of(svc, "Service", cfg, mesh, at)?;
+            Ok(Target::Services(vec![host], ids))
         }
         ("networking.istio.io", "ServiceEntry") => {
-            Err(format!("{at}: ServiceEntry targets are not supported yet"))
+            // One service per host, all bound alike (the entry's labels);
+            // a Service of the same name has its own hostname.
+            let own = format!("{name}.{ns}.svc.cluster.local");
+            let hosts: Vec<&Service> = cfg
+                .services
+                .iter()
+                .filter(|s| s.namespace == ns && s.name == name && s.hostname != own)
+                .collect();
+            let first = hosts
+                .first()
+                .ok_or_else(|| format!("{at}: no ServiceEntry {ns}/{name} is served"))?;
+            let ids = waypoint_of(first, "ServiceEntry", cfg, mesh, at)?;
+            Ok(Target::Services(
+                hosts.iter().map(|s| s.hostname.clone()).collect(),
+                ids,
+            ))
         }
         _ => Err(format!(
-            "{at}: {group}/{kind} is not a target a waypoint enforces (Gateway, GatewayClass, Service)"
+            "{at}: {group}/{kind} is not a target a waypoint enforces (Gateway, GatewayClass, Service, ServiceEntry)"
         )),
     }
 }
@@ -283,10 +313,10 @@ fn policy(
                     t.get("name").and_then(|v| v.as_str()).unwrap_or_default()
                 ));
             }
-            Target::Service(host, ids) => {
-                services.push(host.clone());
+            Target::Services(hosts, ids) => {
+                by.push(format!("the waypoint of {}", hosts.join(", ")));
+                services.extend(hosts);
                 scope.extend(ids);
-                by.push(format!("the waypoint of {host}"));
             }
         }
     }
@@ -527,6 +557,30 @@ spec: {clusterIP: 10.96.0.20, selector: {app: web}, ports: [{port: 80}]}
         assert_eq!(
             st,
             ["svc Accepted: enforced by the waypoint of web.shop.svc.cluster.local"]
+        );
+
+        // A ServiceEntry: each of its hosts, through the waypoint it is bound to.
+        let entry = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: web, namespace: shop}\n\
+             spec: {hosts: [a.example.com, b.example.com], resolution: STATIC, ports: [{number: 80, name: http}], endpoints: [{address: 192.0.2.1}]}\n---\n";
+        let (res, st) = run(&format!(
+            "{entry}apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: se, namespace: shop}}\n\
+             spec:\n  targetRefs: [{{kind: ServiceEntry, group: networking.istio.io, name: web}}]\n  action: DENY\n  rules: [{{to: [{{operation: {{methods: [DELETE]}}}}]}}]\n",
+        ));
+        assert_eq!(
+            st,
+            ["se Accepted: enforced by the waypoint of a.example.com, b.example.com"],
+            "the Service of the same name is not one of its hosts"
+        );
+        let msg = authorization(&res).unwrap();
+        assert_eq!(msg.services, ["a.example.com", "b.example.com"]);
+        assert!(!msg.all_services);
+        let (_, st) = run(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: se, namespace: shop}\n\
+             spec:\n  targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: nope}]\n",
+        );
+        assert_eq!(
+            st,
+            ["se Invalid: spec.targetRefs[0]: no ServiceEntry shop/nope is served"]
         );
 
         for (rule, want) in [

@@ -21,6 +21,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod policy;
 pub mod routes;
+pub mod service_entry;
 mod snapshot;
 pub mod source;
 pub mod translate;

@@ -225,19 +225,21 @@ pub struct L7 {
     pub(crate) accepted_policies: BTreeMap<String, (pb::Authorization, BTreeSet<Identity>)>,
 }
 
-/// The full hostname `host` names from namespace `ns`.
+/// The full hostname `host` names from namespace `ns`. As in Istio, only a
+/// short name (no dot) is taken as a Service of that namespace; any other
+/// is literal (`httpbin.org` is a ServiceEntry's host).
 fn fqdn(host: &str, ns: &str) -> String {
-    match host.matches('.').count() {
-        0 => format!("{host}.{ns}.svc.cluster.local"),
-        1 => format!("{host}.svc.cluster.local"),
-        _ => host.to_string(),
+    if host.contains('.') {
+        host.to_string()
+    } else {
+        format!("{host}.{ns}.svc.cluster.local")
     }
 }
 
 use crate::translate::names as key;
 
 /// Istio's tie-break: the oldest first, then the name.
-fn order(meta: &ObjectMeta) -> (String, String, String) {
+pub(crate) fn order(meta: &ObjectMeta) -> (String, String, String) {
     let (ns, name) = key(meta);
     let created = meta
         .creation_timestamp
@@ -327,7 +329,13 @@ pub fn duration_ms(text: &str) -> Option<u64> {
 }
 
 /// One VirtualService's HTTP routes as a rule list, or the first problem.
-fn vs_rules(vs: &VirtualService, ns: &str) -> Result<Vec<pb::Rule>, String> {
+/// `by_host` gives each known hostname's service: a ServiceEntry's host
+/// does not name its namespace.
+fn vs_rules(
+    vs: &VirtualService,
+    ns: &str,
+    by_host: &BTreeMap<&str, &Service>,
+) -> Result<Vec<pb::Rule>, String> {
     let spec = &vs.spec;
     if spec.tcp.is_some() || spec.tls.is_some() {
         return Err(
@@ -473,7 +481,10 @@ fn vs_rules(vs: &VirtualService, ns: &str) -> Result<Vec<pb::Rule>, String> {
                     return Err(format!("{at}.route[{k}].destination.host: required"));
                 }
                 let host = fqdn(&d.destination.host, ns);
-                let namespace = host.split('.').nth(1).unwrap_or(ns).to_string();
+                let namespace = match by_host.get(host.as_str()) {
+                    Some(s) => s.namespace.clone(),
+                    None => host.split('.').nth(1).unwrap_or(ns).to_string(),
+                };
                 let weight = if r.route.len() == 1 && !explicit {
                     100
                 } else {
@@ -608,7 +619,8 @@ pub fn translate(
         let rules = if hosts.is_empty() {
             Err("spec.hosts: at least one host is required".to_string())
         } else {
-            vs_rules(vs, &ns).map(|r| hosts.iter().map(|h| (h.clone(), r.clone())).collect())
+            vs_rules(vs, &ns, &by_host)
+                .map(|r| hosts.iter().map(|h| (h.clone(), r.clone())).collect())
         };
         sources.push(Source {
             kind: "VirtualService",
@@ -750,14 +762,11 @@ pub fn translate(
                         svc.endpoints
                             .iter()
                             .filter(|ep| {
-                                let pod =
-                                    ep.workload_uid.rsplit("/Pod/").next().unwrap_or_default();
-                                snap.pods.get(pod).is_some_and(|p| {
-                                    let labels = p.metadata.labels.as_ref();
-                                    s.labels
-                                        .iter()
-                                        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
-                                })
+                                let labels =
+                                    crate::service_entry::labels_of(snap, &ep.workload_uid);
+                                s.labels
+                                    .iter()
+                                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
                             })
                             .map(|ep| ep.workload_uid.clone())
                             .collect()

@@ -8,6 +8,7 @@ use crate::httproute::HttpRoute;
 use crate::kinds::{Kind, Visitor, each_kind};
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
 use crate::routes::{DestinationRule, VirtualService};
+use crate::service_entry::ServiceEntry;
 use crate::waypoints::Gateway;
 
 /// Every resource the translation reads, keyed for lookup.
@@ -31,6 +32,8 @@ pub struct Snapshot {
     pub destination_rules: BTreeMap<String, DestinationRule>,
     /// Keyed by `namespace/name`.
     pub http_routes: BTreeMap<String, HttpRoute>,
+    /// Keyed by `namespace/name`.
+    pub service_entries: BTreeMap<String, ServiceEntry>,
 }
 
 impl Snapshot {

@@ -1,7 +1,7 @@
 //! Snapshot → workloads and services, as ztunnel consumes them. Pure: the same
 //! snapshot always gives the same output, and problems are returned, not logged.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService};
@@ -131,7 +131,8 @@ pub struct Translation {
     pub policies: Policies,
     /// Waypoint routes and destinations, with their statuses.
     pub l7: crate::routes::L7,
-    /// Each bound Service's `istio.io/WaypointBound` status.
+    /// Each bound Service's and ServiceEntry's `istio.io/WaypointBound`
+    /// status, and each refused ServiceEntry's `Accepted`.
     pub bindings: Vec<policy::Status>,
 }
 
@@ -196,9 +197,42 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
             Err(e) => errors.push(e),
         }
     }
+    // ServiceEntries take no address a Service VIP or a pod holds.
+    let mut taken: crate::service_entry::Taken = HashMap::new();
+    for s in &services {
+        for ip in &s.vips {
+            taken.insert(
+                *ip,
+                format!("the VIP of Service {}/{}", s.namespace, s.name),
+            );
+        }
+    }
+    for w in &out.workloads {
+        for ip in &w.addresses {
+            taken.insert(
+                *ip,
+                format!("the address of pod {}/{}", w.namespace, w.name),
+            );
+        }
+    }
+    let (entries, refused) =
+        crate::service_entry::translate(snap, mesh, &mut taken, &mut out.workloads);
+    services.extend(entries);
     out.services = services;
-    let (unbound, bindings) = crate::waypoints::bind(snap, &mut out, &mesh.cluster_id);
+    let (unbound, mut bindings) = crate::waypoints::bind(snap, &mut out, &mesh.cluster_id);
     errors.extend(unbound);
+    // A refused ServiceEntry says why on its own status, as a Service's
+    // binding does; what it would have served is not published.
+    bindings.extend(refused.iter().map(|e| policy::Status {
+        kind: e.kind,
+        namespace: e.namespace.clone(),
+        name: e.name.clone(),
+        accepted: false,
+        reason: "Invalid",
+        message: format!("{}: {}", e.field, e.message),
+        condition: "Accepted",
+    }));
+    errors.extend(refused);
     // Istio's static STRICT policy goes out only once a workload needs it.
     let strict = policies.static_strict_key();
     let referenced = out

@@ -326,13 +326,19 @@ pub fn bind(
         })
     };
     for svc in &mut cfg.services {
-        let k8s = snap
-            .services
-            .get(&format!("{}/{}", svc.namespace, svc.name));
-        let own = k8s.and_then(|s| s.metadata.labels.as_ref());
+        // A service is a Service's, or one host of a ServiceEntry's.
+        let (kind, own) = match crate::service_entry::origin(snap, svc) {
+            Some(se) => ("ServiceEntry", se.metadata.labels.as_ref()),
+            None => {
+                let k8s = snap
+                    .services
+                    .get(&format!("{}/{}", svc.namespace, svc.name));
+                ("Service", k8s.and_then(|s| s.metadata.labels.as_ref()))
+            }
+        };
         let namespace = snap.namespaces.get(&svc.namespace);
         let status = |accepted, reason, message: String| Status {
-            kind: "Service",
+            kind,
             namespace: svc.namespace.clone(),
             name: svc.name.clone(),
             accepted,
@@ -354,11 +360,13 @@ pub fn bind(
             }
             Err(u) => {
                 statuses.push(status(false, u.reason, format!("{}: {}", u.field, u.why)));
-                report("Service", &svc.namespace, &svc.name, u.field, u.why);
+                report(kind, &svc.namespace, &svc.name, u.field, u.why);
                 Some(u.reference)
             }
         };
     }
+    // The hosts of one ServiceEntry share its binding and its status.
+    statuses.dedup_by(|a, b| a.kind == b.kind && a.namespace == b.namespace && a.name == b.name);
     for w in &mut cfg.workloads {
         let pod: Option<&Pod> = snap.pods.get(&format!("{}/{}", w.namespace, w.name));
         let own = pod.and_then(|p| p.metadata.labels.as_ref());

@@ -796,3 +796,118 @@ spec:
     );
     lab.teardown()
 }
+
+/// A ServiceEntry for a server outside the mesh (a pod of a namespace that
+/// is not ambient), bound to the namespace's waypoint: routed by a
+/// VirtualService on its host, which is literal (`legacy.example`, as in
+/// Istio, is no Service), and guarded by an AuthorizationPolicy that
+/// targets the ServiceEntry. A refused ServiceEntry says why.
+#[test]
+fn service_entry_through_the_waypoint() -> Result<()> {
+    let outside = r#"
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: outside}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy-0, namespace: outside, labels: {app: legacy}}
+spec: {nodeName: node-2, containers: [{name: app}]}
+status: {podIP: 10.244.2.30}
+"#;
+    let mut lab = Lab::up(LabOptions::new(
+        "waypoint-serviceentry",
+        &format!("{MESH}{outside}"),
+    ))?;
+    let _legacy = apps::serve(lab.pod("outside/legacy-0"), 9080, App::Http)?;
+    let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    lab.write_manifest(
+        "entry.yaml",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: legacy, namespace: bookinfo}
+spec:
+  hosts: [legacy.example]
+  addresses: [10.96.5.1]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 9080}]
+  endpoints: [{address: 10.244.2.30}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: legacy, namespace: bookinfo}
+spec:
+  hosts: [legacy.example]
+  http:
+  - headers: {response: {set: {x-routed-by: weft}}}
+    route: [{destination: {host: legacy.example}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: legacy-no-delete, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: legacy}]
+  action: DENY
+  rules: [{to: [{operation: {methods: [DELETE]}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: hijack, namespace: bookinfo}
+spec:
+  hosts: [hijack.example]
+  addresses: [10.96.0.20]
+  resolution: STATIC
+  ports: [{number: 9080, name: http}]
+  endpoints: [{address: 10.244.2.30}]
+"#,
+    )?;
+    let client = lab.pod("bookinfo/productpage");
+    let dst: SocketAddr = "10.96.5.1:80".parse()?;
+    eventually("the ServiceEntry is served", Duration::from_secs(5), || {
+        let r = apps::http(client, dst, "GET", "/x", &[])?;
+        ensure!(r.status == 200, "{r:?}");
+        Ok(true)
+    })?;
+    let r = apps::http(client, dst, "GET", "/x", &[])?;
+    ensure!(served_by(&r) == "legacy-0", "{r:?}");
+    ensure!(r.body.contains("path /x\n"), "{r:?}");
+    ensure!(
+        r.header("x-routed-by") == Some("weft"),
+        "routed by the VirtualService on its host: {r:?}"
+    );
+    let r = apps::http(client, dst, "DELETE", "/x", &[])?;
+    ensure!(
+        r.status == 403 && r.body == "RBAC: access denied",
+        "the policy on the ServiceEntry: {r:?}"
+    );
+    let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+    let count = |code| {
+        metric_sum(
+            &text,
+            "istio_requests_total",
+            &[
+                ("reporter", "waypoint"),
+                ("destination_service", "legacy.example"),
+                ("response_code", code),
+            ],
+        )
+    };
+    ensure!(
+        count("200") >= 2.0 && count("403") >= 1.0,
+        "counted under its host: {text}"
+    );
+    // The other entry would take reviews' VIP: refused, and reviews still
+    // answers from its own pods.
+    ensure!(
+        lab.controller_log().contains(
+            "spec.addresses[0]: 10.96.0.20 is already the VIP of Service bookinfo/reviews"
+        ),
+        "the refusal names the field and the holder"
+    );
+    let r = get(&lab, "/", &[])?;
+    ensure!(served_by(&r).starts_with("reviews-"), "{r:?}");
+    lab.teardown()
+}
