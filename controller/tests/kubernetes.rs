@@ -731,3 +731,64 @@ async fn service_waypoint_bound_condition() {
     writer.write(&[]).await;
     assert_eq!(fake.patches(path).len(), 2, "and only once");
 }
+
+/// A ServiceEntry's status, as a Service's: a refusal is an `Accepted`
+/// condition; once it is served and bound, that condition goes and
+/// `istio.io/WaypointBound` takes its place; other conditions are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_entry_conditions() {
+    use weft_controller::policy::Status;
+    let (client, fake) = mock_client();
+    let path = "/apis/networking.istio.io/v1/namespaces/shop/serviceentries/legacy/status";
+    let other =
+        json!({"type": "example.com/Ready", "status": "True", "reason": "Fine", "message": ""});
+    fake.objects.lock().unwrap().insert(
+        path.into(),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+               "metadata": meta("legacy", Some("shop"), "1"),
+               "status": {"conditions": [other.clone()]}}),
+    );
+    let mut writer = StatusWriter::new(client);
+    let refused = Status {
+        kind: "ServiceEntry",
+        namespace: "shop".into(),
+        name: "legacy".into(),
+        accepted: false,
+        reason: "Invalid",
+        message: "spec.resolution: DNS is not supported".into(),
+        condition: "Accepted",
+    };
+    writer.write(&[(refused, Some(1))]).await;
+    let sent = fake.patches(path);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let conditions = sent[0]["status"]["conditions"].as_array().unwrap();
+    assert_eq!(conditions[0], other);
+    assert_eq!(conditions[1]["type"], "Accepted");
+    assert_eq!(conditions[1]["status"], "False");
+    assert_eq!(conditions[1]["observedGeneration"], 1);
+
+    let bound = Status {
+        kind: "ServiceEntry",
+        namespace: "shop".into(),
+        name: "legacy".into(),
+        accepted: true,
+        reason: "WaypointAccepted",
+        message: "bound to waypoint shop/waypoint".into(),
+        condition: "istio.io/WaypointBound",
+    };
+    writer.write(&[(bound.clone(), Some(2))]).await;
+    let sent = fake.patches(path);
+    assert_eq!(
+        sent.len(),
+        3,
+        "the refusal removed, the binding written: {sent:?}"
+    );
+    assert_eq!(sent[1]["status"]["conditions"], json!([other]));
+    let conditions = sent[2]["status"]["conditions"].as_array().unwrap();
+    assert_eq!(conditions[1]["type"], "istio.io/WaypointBound");
+    assert_eq!(conditions[1]["status"], "True");
+    writer.write(&[(bound, Some(2))]).await;
+    assert_eq!(fake.patches(path).len(), 3, "unchanged: not written again");
+    writer.write(&[]).await;
+    assert_eq!(fake.patches(path).len(), 4, "gone: its condition goes");
+}
