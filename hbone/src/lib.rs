@@ -7,6 +7,7 @@
 
 pub mod ca;
 pub mod client;
+pub mod io;
 pub mod server;
 mod stream;
 pub mod tls;

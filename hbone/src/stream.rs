@@ -42,6 +42,60 @@ impl H2Stream {
     }
 }
 
+impl H2Stream {
+    /// Sends a prefix of `data` as soon as flow control allows, without
+    /// copying it, and advances `data` past it. Call until `data` is empty.
+    pub fn poll_send_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        let n = ready!(self.poll_send_capacity(cx, data.len()))?;
+        let chunk = data.split_to(n);
+        self.send.send_data(chunk, false).map_err(h2_io)?;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Waits for send capacity for up to `want` (> 0) bytes: how many may go now.
+    fn poll_send_capacity(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        self.send.reserve_capacity(want);
+        loop {
+            match ready!(self.send.poll_capacity(cx)) {
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => return Poll::Ready(Ok(n.min(want))),
+            }
+        }
+    }
+
+    /// The next bytes received, as the frame carried them (no copy); `None`
+    /// at the end of the stream.
+    pub fn poll_recv_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.pending))));
+        }
+        loop {
+            if self.recv_done {
+                return Poll::Ready(Ok(None));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    if !data.is_empty() {
+                        return Poll::Ready(Ok(Some(data)));
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => self.recv_done = true,
+            }
+        }
+    }
+}
+
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e
@@ -96,21 +150,11 @@ impl AsyncWrite for H2Stream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        this.send.reserve_capacity(buf.len());
-        loop {
-            match ready!(this.send.poll_capacity(cx)) {
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                Some(Ok(0)) => continue,
-                Some(Ok(n)) => {
-                    let n = n.min(buf.len());
-                    this.send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                        .map_err(h2_io)?;
-                    return Poll::Ready(Ok(n));
-                }
-            }
-        }
+        let n = ready!(this.poll_send_capacity(cx, buf.len()))?;
+        this.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_io)?;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

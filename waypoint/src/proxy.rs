@@ -33,6 +33,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 use weft_api::{AppProtocol, Identity, Service, TunnelProtocol, WaypointRef, Workload};
 use weft_hbone::client::{ConnectError, Pool};
+use weft_hbone::io::ReadAhead;
 use weft_hbone::server::{ConnectRequest, ServeOptions, StreamBudget, forwarded_header};
 use weft_hbone::tls::{peer_identity, server_name};
 use weft_identity::CertManager;
@@ -153,7 +154,7 @@ impl Proxy {
             Ok(s) => s,
             Err(e) => return warn!(%peer, error = %e, "no certificate to serve HBONE with"),
         };
-        let accept = TlsAcceptor::from(server).accept(tcp);
+        let accept = TlsAcceptor::from(server).accept(ReadAhead::new(tcp));
         let tls = match tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, accept).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
@@ -1007,8 +1008,8 @@ impl Proxy {
                 async move {
                     let tcp = TcpStream::connect(hbone_addr).await?;
                     tcp.set_nodelay(true)?;
-                    let handshake =
-                        TlsConnector::from(tls).connect(server_name(hbone_addr.ip()), tcp);
+                    let handshake = TlsConnector::from(tls)
+                        .connect(server_name(hbone_addr.ip()), ReadAhead::new(tcp));
                     tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, handshake)
                         .await
                         .map_err(|_| {

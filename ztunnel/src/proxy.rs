@@ -201,16 +201,6 @@ pub async fn transparent_connect(src: IpAddr, dst: SocketAddr) -> io::Result<Tcp
     Ok(stream)
 }
 
-/// Copies both ways until both sides have closed, forwarding half-closes.
-/// Returns (bytes client→upstream, bytes upstream→client, error if it ended early).
-pub async fn splice<A, B>(client: &mut A, upstream: &mut B) -> (u64, u64, Option<io::Error>)
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    copy::copy_bidirectional(client, upstream).await
-}
-
 /// Connects to `target` from `src` (transparent) and splices `client` to it.
 /// A failed connect is counted and logged as a refusal. Returns (bytes
 /// client→target, bytes target→client, error).
@@ -225,7 +215,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     match transparent_connect(src.ip(), target).await {
-        Ok(mut upstream) => splice(client, &mut upstream).await,
+        Ok(mut upstream) => copy::copy_bidirectional(client, &mut upstream).await,
         Err(e) => {
             refused(
                 metrics,

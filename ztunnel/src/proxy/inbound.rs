@@ -16,14 +16,14 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 use weft_api::{Identity, Service, Workload};
+use weft_hbone::io::ReadAhead;
 use weft_hbone::server::{ConnectRequest, ServeOptions};
 use weft_hbone::tls::peer_identity;
 
 use weft_api::authz::Connection;
 
 use super::{
-    ConnectionLog, ProxyInputs, authorize, forward, identity_of, peer, refused, splice,
-    transparent_connect,
+    ConnectionLog, ProxyInputs, authorize, forward, identity_of, peer, refused, transparent_connect,
 };
 use crate::config::HBONE_PORT;
 use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
@@ -88,7 +88,7 @@ async fn serve_tls(
         Ok(s) => s,
         Err(e) => return refused(m, DIR, RefusalReason::tls_handshake, peer_addr, local, &e),
     };
-    let accept = TlsAcceptor::from(server).accept(tcp);
+    let accept = TlsAcceptor::from(server).accept(ReadAhead::new(tcp));
     let tls = match tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return refused(m, DIR, RefusalReason::tls_handshake, peer_addr, local, &e),
@@ -295,7 +295,8 @@ async fn connect(
         Ok(t) => t,
         Err(e) => return log.close(m, 0, 0, Some(&std::io::Error::other(e))),
     };
-    let (up, down, err) = splice(&mut tunnel, &mut upstream).await;
+    // Counted from the tunnel's side: up is tunnel → upstream.
+    let (down, up, err) = super::copy::copy_tunnel(&mut upstream, &mut tunnel).await;
     log.close(m, up, down, err.as_ref());
 }
 

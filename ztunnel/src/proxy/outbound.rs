@@ -15,12 +15,11 @@ use tokio_rustls::TlsConnector;
 use weft_api::Identity;
 use weft_hbone::H2Stream;
 use weft_hbone::client::ConnectError;
+use weft_hbone::io::ReadAhead;
 use weft_hbone::server::forwarded_header;
 use weft_hbone::tls::server_name;
 
-use super::{
-    ConnectionLog, ProxyInputs, forward, identity_of, peer, refused, splice, transparent_connect,
-};
+use super::{ConnectionLog, ProxyInputs, forward, identity_of, peer, refused, transparent_connect};
 use crate::config::HBONE_PORT;
 use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
 use crate::state::{ResolveError, Upstream};
@@ -209,7 +208,7 @@ async fn carry(
     let m = &pi.metrics;
     match tunnel {
         Ok(mut tunnel) => {
-            let (up, down, err) = splice(&mut client, &mut tunnel).await;
+            let (up, down, err) = super::copy::copy_tunnel(&mut client, &mut tunnel).await;
             log.close(m, up, down, err.as_ref());
         }
         Err(e) => {
@@ -256,7 +255,8 @@ async fn hbone_stream(
                             format!("connect to {hbone_addr}: {e}; is HBONE port 15008 reachable?"),
                         )
                     })?;
-                let handshake = TlsConnector::from(tls).connect(server_name(hbone_addr.ip()), tcp);
+                let handshake = TlsConnector::from(tls)
+                    .connect(server_name(hbone_addr.ip()), ReadAhead::new(tcp));
                 tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, handshake)
                     .await
                     .map_err(|_| {
