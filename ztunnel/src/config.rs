@@ -27,6 +27,10 @@ pub const ENV_DRAIN_DURATION: &str = "DRAIN_DURATION";
 /// How long a stopping ztunnel lets open connections finish (Istio's and
 /// Kubernetes' default grace period).
 pub const DEFAULT_DRAIN_DURATION: Duration = Duration::from_secs(30);
+/// Istio's name for it: the async runtime's worker threads.
+pub const ENV_WORKER_THREADS: &str = "ZTUNNEL_WORKER_THREADS";
+/// As Istio's ztunnel: two, whatever the node's size.
+pub const DEFAULT_WORKER_THREADS: usize = 2;
 /// Where capture is pinned: the node's bpffs (the DaemonSet mounts the host's
 /// `/sys/fs/bpf`), one directory per node network namespace.
 pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/weft";
@@ -113,6 +117,8 @@ pub struct Config {
     /// On SIGTERM: stop accepting, GOAWAY, and give open connections this
     /// long to finish.
     pub drain_duration: Duration,
+    /// Threads of the async runtime.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +214,14 @@ impl Config {
                 None
             }
         });
+        let workers = parse(ENV_WORKER_THREADS, &DEFAULT_WORKER_THREADS.to_string());
+        let worker_threads = workers.and_then(|v| match v.parse::<usize>() {
+            Ok(n) if (1..=64).contains(&n) => Some(n),
+            _ => {
+                errors.push(format!("{ENV_WORKER_THREADS}={v:?}: want 1 to 64"));
+                None
+            }
+        });
         let drain_duration = drain.and_then(|v| match v.parse::<u64>() {
             Ok(s) if s <= 3600 => Some(Duration::from_secs(s)),
             _ => {
@@ -226,6 +240,7 @@ impl Config {
             capture,
             max_connections,
             drain_duration,
+            worker_threads,
         ) {
             (
                 Some(source),
@@ -236,6 +251,7 @@ impl Config {
                 Some(capture),
                 Some(max_connections),
                 Some(drain_duration),
+                Some(worker_threads),
             ) if errors.is_empty() => Ok(Config {
                 node_name,
                 source,
@@ -244,6 +260,7 @@ impl Config {
                 listen_addr: DEFAULT_LISTEN_ADDR,
                 bpf_pin_dir: bpf_pin_dir(get),
                 drain_duration,
+                worker_threads,
                 admin_addr,
                 stats_addr,
                 readiness_addr,
@@ -303,6 +320,7 @@ mod tests {
             (ENV_ADMIN_ADDR, "nope"),
             (ENV_CERT_TTL, "1"),
             (ENV_CAPTURE, "iptables"),
+            (ENV_WORKER_THREADS, "0"),
         ];
         pairs.push((ENV_NODE_NAME, "n"));
         let err = Config::from_lookup(&lookup(&pairs))
@@ -315,6 +333,7 @@ mod tests {
             ENV_ADMIN_ADDR,
             ENV_CERT_TTL,
             ENV_CAPTURE,
+            ENV_WORKER_THREADS,
         ] {
             assert!(err.contains(want), "{want} missing from: {err}");
         }

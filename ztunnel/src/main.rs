@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
     let cfg = Config::from_lookup(&|k| std::env::var(k).ok())?;
     info!(config = ?cfg, "starting ztunnel");
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads)
         .enable_all()
         .build()?;
     rt.block_on(app::run(cfg))?;
