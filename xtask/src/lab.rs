@@ -26,9 +26,9 @@ pub fn scenario(name: &str) -> Result<String> {
     Ok(out)
 }
 
-pub fn up(name: &str) -> Result<()> {
+pub fn up(name: &str, release: bool) -> Result<()> {
     require_root("cargo xtask lab up")?;
-    let bins = build_bins(false)?;
+    let bins = build_bins(release)?;
     let mut opts = LabOptions::new(name, &scenario(name)?);
     opts.bin_dir = bins;
     let lab = Lab::up(opts)?;

@@ -19,7 +19,9 @@ usage: cargo xtask <command>
 
   demo                     run a two-node mesh on this host, send traffic, show what happened (root)
   test                     every check CI runs: format, eBPF object, unit and end-to-end tests (root)
-  lab up [SCENARIO]        start a lab from examples/SCENARIO (default l4); Ctrl-C removes it (root)
+  lab up [SCENARIO] [--release]
+                           start a lab from examples/SCENARIO (default l4), optimized binaries
+                           with --release (to profile); Ctrl-C removes it (root)
   lab down                 remove every lab on this host, also ones left by a crash
   lab status               list the labs on this host
   ebpf [--check]           rebuild ebpf/bpf/capture.bpf.o with clang (--check: fail if it is stale)
@@ -37,8 +39,10 @@ fn main() -> Result<()> {
     match args.as_slice() {
         ["demo"] => demo::run(),
         ["test", rest @ ..] => test::run(rest),
-        ["lab", "up"] => lab::up("l4"),
-        ["lab", "up", scenario] => lab::up(scenario),
+        ["lab", "up"] => lab::up("l4", false),
+        ["lab", "up", "--release"] => lab::up("l4", true),
+        ["lab", "up", scenario] => lab::up(scenario, false),
+        ["lab", "up", scenario, "--release"] => lab::up(scenario, true),
         ["lab", "down"] => lab::down(),
         ["lab", "status"] => lab::status(),
         ["ebpf"] => ebpf::build(false),
