@@ -468,6 +468,9 @@ pub fn rules(route: &HttpRoute, ns: &str, port: u32) -> Result<Vec<pb::Rule>, St
             response_headers,
             rewrite,
             timeout_ms,
+            // Istio's default retry policy.
+            retries: None,
+            fault: None,
         });
     }
     // Gateway API precedence is per match, not per rule: an exact path

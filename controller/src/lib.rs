@@ -20,6 +20,7 @@ pub mod labels;
 pub mod manifests;
 pub mod metrics;
 pub mod policy;
+pub mod resilience;
 pub mod routes;
 pub mod service_entry;
 mod snapshot;

@@ -54,9 +54,9 @@ pub struct HttpRoute {
     pub rewrite: Option<HttpRewrite>,
     pub timeout: Option<String>,
     pub headers: Option<Headers>,
-    /// Resilience (issue 11): refused with a status until implemented.
-    pub retries: Option<serde_yaml::Value>,
-    pub fault: Option<serde_yaml::Value>,
+    pub retries: Option<crate::resilience::HttpRetry>,
+    pub fault: Option<crate::resilience::HttpFault>,
+    /// Not implemented yet: refused with a status.
     pub mirror: Option<serde_yaml::Value>,
     pub mirrors: Option<serde_yaml::Value>,
     pub mirror_percentage: Option<serde_yaml::Value>,
@@ -349,8 +349,6 @@ fn vs_rules(
     for (i, r) in spec.http.iter().enumerate() {
         let at = format!("spec.http[{i}]");
         for (field, set) in [
-            ("retries", r.retries.is_some()),
-            ("fault", r.fault.is_some()),
             (
                 "mirror",
                 r.mirror.is_some() || r.mirrors.is_some() || r.mirror_percentage.is_some(),
@@ -530,11 +528,27 @@ fn vs_rules(
                 })
             }
         };
-        let timeout_ms = match &r.timeout {
+        let mut timeout_ms = match &r.timeout {
             None => 0,
             Some(t) => duration_ms(t)
                 .ok_or_else(|| format!("{at}.timeout: {t:?} is not a duration like 5s"))?,
         };
+        let mut retries = r
+            .retries
+            .as_ref()
+            .map(|rt| crate::resilience::retries(rt, &format!("{at}.retries")))
+            .transpose()?;
+        let fault = r
+            .fault
+            .as_ref()
+            .map(|f| crate::resilience::fault(f, &format!("{at}.fault")))
+            .transpose()?;
+        if fault.is_some() {
+            // As Istio: a route that injects faults has no retries and no
+            // timeout, so an injected abort is never retried.
+            timeout_ms = 0;
+            retries = Some(pb::RetryPolicy::default());
+        }
         rules.push(pb::Rule {
             name: r.name.clone().unwrap_or_else(|| {
                 format!(
@@ -548,6 +562,8 @@ fn vs_rules(
             response_headers: header_ops(r.headers.as_ref().and_then(|h| h.response.as_ref())),
             rewrite,
             timeout_ms,
+            retries,
+            fault,
         });
     }
     Ok(rules)
@@ -970,6 +986,38 @@ spec:
         );
     }
 
+    /// Retries and faults reach the rule; a rule that injects faults loses
+    /// its retries and its timeout, as in Istio.
+    #[test]
+    fn retries_and_faults() {
+        let vs = VS.replace(
+            "    timeout: 5s",
+            "    timeout: 5s\n    retries: {attempts: 3, perTryTimeout: 1s, retryOn: 5xx}",
+        );
+        let vs = vs.replace(
+            "  - match: [{headers: {end-user: {exact: jason}}}]",
+            "  - match: [{headers: {end-user: {exact: jason}}}]\n    timeout: 2s\n    retries: {attempts: 4}\n    fault: {delay: {fixedDelay: 7s, percentage: {value: 100}}}",
+        );
+        let l7 = run(&format!("{MESH}---{vs}"), None);
+        let Some(L7Resource::Route(_, route, _)) = l7
+            .resources
+            .iter()
+            .find(|r| matches!(r, L7Resource::Route(..)))
+        else {
+            panic!("{:?}", statuses(&l7))
+        };
+        let (faulty, plain) = (&route.rules[0], &route.rules[1]);
+        assert_eq!(faulty.fault.as_ref().map(|f| f.delay_ms), Some(7000));
+        assert_eq!(faulty.timeout_ms, 0);
+        assert_eq!(faulty.retries.as_ref().map(|r| r.attempts), Some(0));
+        let r = plain.retries.as_ref().unwrap();
+        assert_eq!(
+            (r.attempts, r.per_try_timeout_ms, plain.timeout_ms),
+            (3, 1000, 5000)
+        );
+        assert_eq!(r.retry_on, ["5xx"]);
+    }
+
     #[test]
     fn refusals_name_the_field_and_keep_the_last_good() {
         let good = run(&format!("{MESH}---{VS}"), None);
@@ -999,8 +1047,19 @@ spec:
                 "spec.http[1].timeout",
             ),
             (
-                VS.replace("timeout: 5s", "fault: {abort: {httpStatus: 500}}"),
-                "spec.http[1].fault: not supported",
+                VS.replace("timeout: 5s", "fault: {abort: {httpStatus: 700}}"),
+                "spec.http[1].fault.abort.httpStatus: 700",
+            ),
+            (
+                VS.replace(
+                    "timeout: 5s",
+                    "retries: {attempts: 2, retryOn: 'sometimes'}",
+                ),
+                "spec.http[1].retries.retryOn: unknown condition",
+            ),
+            (
+                VS.replace("timeout: 5s", "mirror: {host: reviews}"),
+                "spec.http[1].mirror: not supported",
             ),
         ] {
             let l7 = run(&format!("{MESH}---{edit}"), None);

@@ -30,9 +30,19 @@ pub struct Rule {
     pub response_headers: ::core::option::Option<HeaderOps>,
     #[prost(message, optional, tag = "8")]
     pub rewrite: ::core::option::Option<Rewrite>,
-    /// The whole request, in milliseconds; 0: none.
+    /// The whole request, in milliseconds; 0: none. With retries it caps all
+    /// attempts together.
     #[prost(uint64, tag = "9")]
     pub timeout_ms: u64,
+    /// Unset: Istio's default policy (2 retries on connect-failure,
+    /// refused-stream, unavailable, cancelled and 503). Set with attempts 0:
+    /// no retries.
+    #[prost(message, optional, tag = "10")]
+    pub retries: ::core::option::Option<RetryPolicy>,
+    /// Faults injected before the request goes upstream. A rule with faults
+    /// has no retries and no timeout, as in Istio.
+    #[prost(message, optional, tag = "11")]
+    pub fault: ::core::option::Option<Fault>,
     #[prost(oneof = "rule::Action", tags = "3, 4, 5")]
     pub action: ::core::option::Option<rule::Action>,
 }
@@ -47,6 +57,45 @@ pub mod rule {
         #[prost(message, tag = "5")]
         DirectResponse(super::DirectResponse),
     }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    #[prost(uint32, tag = "1")]
+    pub attempts: u32,
+    /// Each attempt's limit, in milliseconds; 0: none.
+    #[prost(uint64, tag = "2")]
+    pub per_try_timeout_ms: u64,
+    /// Envoy's retry_on conditions: 5xx, gateway-error, reset,
+    /// connect-failure, retriable-4xx, refused-stream,
+    /// retriable-status-codes, and for gRPC cancelled, deadline-exceeded,
+    /// internal, resource-exhausted, unavailable.
+    #[prost(string, repeated, tag = "3")]
+    pub retry_on: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// With retriable-status-codes: the codes retried.
+    #[prost(uint32, repeated, tag = "4")]
+    pub retriable_status_codes: ::prost::alloc::vec::Vec<u32>,
+    /// The base of the jittered exponential backoff, in milliseconds; 0: 25.
+    #[prost(uint64, tag = "5")]
+    pub backoff_base_ms: u64,
+}
+#[derive(Clone, Copy, PartialEq, ::prost::Message)]
+pub struct Fault {
+    /// A delay of delay_ms, for delay_percent of the requests.
+    #[prost(uint64, tag = "1")]
+    pub delay_ms: u64,
+    #[prost(double, tag = "2")]
+    pub delay_percent: f64,
+    /// An abort, for abort_percent of the requests: an HTTP status, or a gRPC
+    /// status (grpc_abort set) in a trailers-only response.
+    #[prost(uint32, tag = "3")]
+    pub abort_http_status: u32,
+    #[prost(bool, tag = "4")]
+    pub grpc_abort: bool,
+    #[prost(uint32, tag = "5")]
+    pub abort_grpc_status: u32,
+    #[prost(double, tag = "6")]
+    pub abort_percent: f64,
 }
 /// All fields must hold (AND).
 #[derive(Clone, PartialEq, ::prost::Message)]
