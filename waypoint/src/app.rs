@@ -120,6 +120,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         store,
         hbone: Pool::default(),
         http: HttpPool::default(),
+        retry_budget: crate::retry::Budget::default(),
         metrics,
         budget: StreamBudget::new(MAX_STREAMS, MAX_STREAMS / 2),
         drain: drain_rx,

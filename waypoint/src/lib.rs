@@ -10,8 +10,11 @@
 pub mod app;
 pub mod authz;
 pub mod config;
+pub mod fault;
 pub mod metrics;
 pub mod path;
 pub mod proxy;
+pub mod replay;
+pub mod retry;
 pub mod route;
 pub mod state;

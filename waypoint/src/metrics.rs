@@ -38,6 +38,14 @@ pub struct L4Labels {
     pub outcome: &'static str,
 }
 
+/// Retries the waypoint made, or the budget refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub destination_service: String,
+    /// `retried` or `budget_exhausted`.
+    pub outcome: &'static str,
+}
+
 /// Istio's buckets for request durations (milliseconds).
 const DURATION_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -54,6 +62,7 @@ pub struct Metrics {
     request_bytes: Family<HttpLabels, Histogram>,
     response_bytes: Family<HttpLabels, Histogram>,
     l4: Family<L4Labels, Counter>,
+    retries: Family<RetryLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -95,8 +104,15 @@ impl Default for Metrics {
             "Connections the waypoint forwarded at L4 (not HTTP), by outcome",
             l4.clone(),
         );
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "weft_waypoint_upstream_retries",
+            "Upstream retries, by destination service and outcome",
+            retries.clone(),
+        );
         Metrics {
             l4,
+            retries,
             registry,
             requests,
             duration,
@@ -114,6 +130,16 @@ impl Metrics {
     /// Counts a connection handled at L4.
     pub fn l4(&self, outcome: &'static str) {
         self.l4.get_or_create(&L4Labels { outcome }).inc();
+    }
+
+    /// Counts a retry (`retried`) or one the budget refused (`budget_exhausted`).
+    pub fn retry(&self, service: &str, outcome: &'static str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                destination_service: service.to_string(),
+                outcome,
+            })
+            .inc();
     }
 
     pub fn record(&self, r: &RequestRecord) {
@@ -184,6 +210,11 @@ impl RequestRecord {
         if let Some(s) = svc {
             self.service = Some(s.clone());
         }
+    }
+
+    /// The destination service's hostname, once known.
+    pub fn service_name(&self) -> Option<String> {
+        self.service.as_ref().map(|s| s.hostname.clone())
     }
 
     pub fn destination_workload(&mut self, w: &Arc<Workload>) {

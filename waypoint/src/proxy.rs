@@ -39,10 +39,13 @@ use weft_hbone::tls::{peer_identity, server_name};
 use weft_identity::CertManager;
 
 use crate::authz::{self, Decision};
+use crate::fault::{ABORT_BODY, Abort};
 use crate::metrics::{Metrics, RequestRecord};
 use crate::path;
+use crate::replay::{RETRY_BUFFER_LIMIT, Recorder};
+use crate::retry::{self, NO_RETRY};
 use crate::route::{Action, RequestInfo, Rule, rewrite_path};
-use crate::state::{Endpoint, State, Store};
+use crate::state::{Balance, Endpoint, State, Store};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -70,6 +73,8 @@ pub struct Proxy {
     pub hbone: Pool<(Identity, SocketAddr)>,
     pub http: HttpPool,
     pub metrics: Arc<Metrics>,
+    /// Retries in flight against each service (Envoy's retry budget).
+    pub retry_budget: retry::Budget,
     pub budget: Arc<StreamBudget>,
     pub drain: tokio::sync::watch::Receiver<bool>,
 }
@@ -94,6 +99,155 @@ struct Conn {
     /// That identity as Istio writes principals (`<td>/ns/<ns>/sa/<sa>`),
     /// made once for all the connection's requests.
     principal: Option<String>,
+}
+
+/// How an exchange ended without response headers.
+struct Failed {
+    outcome: retry::Outcome,
+    /// Retried until the policy's attempts ran out (Envoy's URX).
+    exhausted: bool,
+}
+
+impl Conn {
+    /// Sends the request to `first`, and again, to another endpoint where
+    /// there is one, while `policy` retries what came back and the budget
+    /// and the request body allow.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
+        &self,
+        parts: &http::request::Parts,
+        body: &Arc<Recorder>,
+        policy: &retry::Policy,
+        service: &str,
+        endpoints: &[Endpoint],
+        balance: Balance,
+        first: Endpoint,
+        record: &mut RequestRecord,
+    ) -> Result<Response<Incoming>, Failed> {
+        let mut active = self.proxy.retry_budget.start(service);
+        let mut ep = first;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut n = 0;
+        loop {
+            record.upstream = Some(ep.addr);
+            record.destination_workload(&ep.workload);
+            let Some(b) = body.reader() else {
+                return Err(Failed {
+                    outcome: retry::Outcome::Reset,
+                    exhausted: false,
+                });
+            };
+            let req = Request::from_parts(parts.clone(), b.boxed());
+            let sent = {
+                let _in_flight = self.proxy.store.in_flight(ep.addr);
+                let send = self.proxy.send(&ep, self.client_ip, req);
+                match policy.per_try_timeout {
+                    Some(t) => tokio::time::timeout(t, send).await.ok(),
+                    None => Some(send.await),
+                }
+            };
+            let outcome = match &sent {
+                None => retry::Outcome::PerTryTimeout,
+                Some(Ok(r)) => retry::Outcome::Response {
+                    status: r.status().as_u16(),
+                    grpc: r
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok()),
+                },
+                Some(Err(UpstreamError::Connect(e))) => {
+                    debug!(endpoint = %ep.addr, error = %e, "upstream connect failed");
+                    retry::Outcome::ConnectFailure
+                }
+                Some(Err(UpstreamError::Request(e))) => {
+                    debug!(endpoint = %ep.addr, error = %e, "upstream request failed");
+                    if refused_stream(e) {
+                        retry::Outcome::RefusedStream
+                    } else {
+                        retry::Outcome::Reset
+                    }
+                }
+            };
+            let done = |exhausted: bool, record: &mut RequestRecord| match sent {
+                Some(Ok(r)) => {
+                    if exhausted {
+                        record.flag("URX");
+                    }
+                    Ok(r)
+                }
+                _ => Err(Failed { outcome, exhausted }),
+            };
+            if !policy.retries(outcome) {
+                return done(false, record);
+            }
+            if n >= policy.attempts {
+                return done(n > 0, record);
+            }
+            if !body.replayable() {
+                return done(false, record);
+            }
+            if !active.try_retry() {
+                self.proxy.metrics.retry(service, "budget_exhausted");
+                return done(false, record);
+            }
+            self.proxy.metrics.retry(service, "retried");
+            n += 1;
+            tokio::time::sleep(policy.backoff(n, roll())).await;
+            // Another endpoint than those tried, where there is one (Istio's
+            // previous-hosts predicate).
+            tried.push(ep.addr);
+            let others: Vec<Endpoint> = endpoints
+                .iter()
+                .filter(|e| !tried.contains(&e.addr))
+                .cloned()
+                .collect();
+            let pool = if others.is_empty() {
+                endpoints
+            } else {
+                &others
+            };
+            if let Some(next) = self.proxy.store.choose(pool, balance, roll()) {
+                ep = next.clone();
+            }
+        }
+    }
+}
+
+/// Whether the upstream refused the stream before processing it (HTTP/2
+/// REFUSED_STREAM): safe to send again.
+fn refused_stream(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// The reply to an injected abort (Envoy's `FI`): the status with Envoy's
+/// body, or a trailers-only gRPC response.
+fn injected_abort(record: &mut RequestRecord, a: Abort) -> Response<Body> {
+    record.flag("FI");
+    match a {
+        Abort::Http(status) => reply(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            ABORT_BODY,
+        ),
+        Abort::Grpc(code) => {
+            let mut r = full(StatusCode::OK, Bytes::new());
+            let h = r.headers_mut();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from(code));
+            h.insert("grpc-message", HeaderValue::from_static(ABORT_BODY));
+            r
+        }
+    }
 }
 
 impl Conn {
@@ -484,8 +638,18 @@ impl Conn {
         if let Some(r) = rule {
             record.route = r.name.clone();
         }
-        // The endpoint: the rule's backend, or the destination itself.
-        let (endpoint, backend, upstream_protocol) = match rule.map(|r| &r.action) {
+        // Faults, as Envoy's fault filter before the router: a delay, then an abort.
+        if let Some(f) = rule.and_then(|r| r.fault.as_ref()) {
+            if let Some(d) = f.delay(roll()) {
+                record.flag("DI");
+                tokio::time::sleep(d).await;
+            }
+            if let Some(a) = f.abort(roll()) {
+                return injected_abort(record, a);
+            }
+        }
+        // The endpoints: the rule's backend's, or the destination's.
+        let (endpoints, balance, backend, upstream_protocol) = match rule.map(|r| &r.action) {
             Some(Action::Direct { status, body }) => {
                 let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
                 let mut resp = full(status, Bytes::from(body.clone()));
@@ -545,29 +709,30 @@ impl Conn {
                     b.port
                 };
                 let (eps, balance) = state.endpoints(svc, port, &b.subset);
-                let ep = self.proxy.store.choose(&eps, balance, roll()).cloned();
-                (ep, Some(b), port_protocol(svc, port))
+                (eps, balance, Some(b), port_protocol(svc, port))
             }
             None => match &self.dest {
                 Dest::Service(svc) => {
                     let (eps, balance) = state.endpoints(svc, self.target.port(), "");
-                    (
-                        self.proxy.store.choose(&eps, balance, roll()).cloned(),
-                        None,
-                        port_protocol(svc, self.target.port()),
-                    )
+                    (eps, balance, None, port_protocol(svc, self.target.port()))
                 }
                 Dest::Workload(w) => (
-                    Some(Endpoint {
+                    vec![Endpoint {
                         workload: w.clone(),
                         addr: self.target,
-                    }),
+                    }],
+                    Balance::LeastRequest,
                     None,
                     AppProtocol::Unknown,
                 ),
             },
         };
-        let Some(ep) = endpoint else {
+        let Some(ep) = self
+            .proxy
+            .store
+            .choose(&endpoints, balance, roll())
+            .cloned()
+        else {
             return local(
                 record,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -655,13 +820,34 @@ impl Conn {
                 parts.uri = uri;
             }
         }
-        let upstream_req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
-
-        let timeout = rule.and_then(|r| r.timeout);
-        let _in_flight = self.proxy.store.in_flight(ep.addr);
-        let sent = self.proxy.send(&ep, self.client_ip, upstream_req);
-        let result = match timeout {
-            Some(t) => match tokio::time::timeout(t, sent).await {
+        let default_retry;
+        let policy = match rule {
+            Some(r) => &r.retry,
+            None => {
+                default_retry = retry::Policy::istio_default();
+                &default_retry
+            }
+        };
+        // An upgrade is one exchange: never retried.
+        let policy = if client_upgrade.is_some() {
+            &NO_RETRY
+        } else {
+            policy
+        };
+        // The body is kept for a retry only where one may follow.
+        let keep = if policy.attempts == 0 {
+            0
+        } else {
+            RETRY_BUFFER_LIMIT
+        };
+        let body = Recorder::new(body.map_err(BoxError::from).boxed(), keep);
+        let service = record.service_name().unwrap_or_else(|| ep.addr.to_string());
+        let attempts = self.attempts(
+            &parts, &body, policy, &service, &endpoints, balance, ep, record,
+        );
+        // The route's timeout caps every attempt and the waits between them.
+        let result = match rule.and_then(|r| r.timeout) {
+            Some(t) => match tokio::time::timeout(t, attempts).await {
                 Ok(r) => r,
                 Err(_) => {
                     return local(
@@ -672,27 +858,29 @@ impl Conn {
                     );
                 }
             },
-            None => sent.await,
+            None => attempts.await,
         };
         let resp = match result {
             Ok(r) => r,
-            Err(UpstreamError::Connect(e)) => {
-                debug!(endpoint = %ep.addr, error = %e, "upstream connect failed");
-                return local(
-                    record,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UF",
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                );
-            }
-            Err(UpstreamError::Request(e)) => {
-                debug!(endpoint = %ep.addr, error = %e, "upstream request failed");
-                return local(
-                    record,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UC",
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-                );
+            Err(Failed { outcome, exhausted }) => {
+                let (status, flag, text) = match outcome {
+                    retry::Outcome::ConnectFailure => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        if exhausted { "UF,URX" } else { "UF" },
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                    ),
+                    retry::Outcome::PerTryTimeout => (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        if exhausted { "UT,URX" } else { "UT" },
+                        "upstream request timeout",
+                    ),
+                    _ => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        if exhausted { "UC,URX" } else { "UC" },
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                    ),
+                };
+                return local(record, status, flag, text);
             }
         };
         let mut resp = resp;

@@ -25,6 +25,8 @@ pub struct Rule {
     pub response_headers: HeaderOps,
     pub rewrite: Option<Rewrite>,
     pub timeout: Option<Duration>,
+    pub retry: crate::retry::Policy,
+    pub fault: Option<crate::fault::Fault>,
 }
 
 #[derive(Debug, Clone)]
@@ -222,6 +224,8 @@ impl Rule {
                 authority: non_empty(&w.authority),
             }),
             timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
+            retry: crate::retry::Policy::compile(r.retries.as_ref()),
+            fault: crate::fault::Fault::compile(r.fault.as_ref()),
         })
     }
 
