@@ -28,10 +28,13 @@ pub enum App {
     Echo,
     /// Writes `<peer ip>:<peer port>\n` and closes.
     WhoAmI,
-    /// HTTP/1.1: `hello from <pod>, you are <peer ip>\n`, then `path <path>`
-    /// and the request's `x-forwarded-for` and `x-*` headers, one per line,
-    /// to every request.
+    /// HTTP/1.1: `hello from <pod>, you are <peer ip>\n`, then `path <path>`,
+    /// `body <bytes read>` and the request's `x-forwarded-for` and `x-*`
+    /// headers, one per line, to every request.
     Http,
+    /// As [`App::Http`], but every answer has this status (a failing
+    /// backend: 503 for retries, say).
+    Status(u16),
     /// HTTP/1.1 that accepts an `Upgrade` (WebSocket's handshake) with 101
     /// and then echoes the raw bytes.
     Upgrade,
@@ -259,7 +262,11 @@ fn handle(mut conn: TcpStream, peer: SocketAddr, app: App, pod: &str) -> io::Res
             let mut r = reader.into_inner();
             io::copy(&mut r, &mut conn)?;
         }
-        App::Http => {
+        App::Http | App::Status(_) => {
+            let (code, reason) = match app {
+                App::Status(c) => (c, "Status"),
+                _ => (200, "OK"),
+            };
             let mut reader = BufReader::new(conn.try_clone()?);
             loop {
                 let mut line = String::new();
@@ -295,7 +302,8 @@ fn handle(mut conn: TcpStream, peer: SocketAddr, app: App, pod: &str) -> io::Res
                         chunked = true;
                     }
                 }
-                // The request body, if any, is read and dropped.
+                // The request body, if any, is read, counted and dropped.
+                let mut read = 0u64;
                 if chunked {
                     loop {
                         let mut size = String::new();
@@ -313,18 +321,19 @@ fn handle(mut conn: TcpStream, peer: SocketAddr, app: App, pod: &str) -> io::Res
                             }
                             break;
                         }
-                        io::copy(&mut (&mut reader).take(n as u64 + 2), &mut io::sink())?;
+                        read += io::copy(&mut (&mut reader).take(n as u64), &mut io::sink())?;
+                        io::copy(&mut (&mut reader).take(2), &mut io::sink())?;
                     }
                 } else {
-                    io::copy(&mut (&mut reader).take(length as u64), &mut io::sink())?;
+                    read = io::copy(&mut (&mut reader).take(length as u64), &mut io::sink())?;
                 }
                 let body = format!(
-                    "hello from {pod}, you are {}\npath {path}\n{echoed}",
+                    "hello from {pod}, you are {}\npath {path}\nbody {read}\n{echoed}",
                     peer.ip()
                 );
                 write!(
                     conn,
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                    "HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
                     body.len()
                 )?;
                 if !keep_alive {
@@ -470,13 +479,27 @@ pub fn http(
     path: &str,
     extra: &[(&str, &str)],
 ) -> Result<HttpResponse> {
+    http_with_body(pod, dst, method, path, extra, b"")
+}
+
+/// As [`http`], with a request body (its `content-length` set).
+pub fn http_with_body(
+    pod: &LabPod,
+    dst: SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+    body: &[u8],
+) -> Result<HttpResponse> {
     let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {dst}\r\nconnection: close\r\n");
     for (k, v) in extra {
         request.push_str(&format!("{k}: {v}\r\n"));
     }
-    request.push_str("content-length: 0\r\n\r\n");
+    request.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    let mut request = request.into_bytes();
+    request.extend_from_slice(body);
     client(pod, dst, move |mut conn| {
-        conn.write_all(request.as_bytes())?;
+        conn.write_all(&request)?;
         let mut raw = Vec::new();
         conn.read_to_end(&mut raw)?;
         parse_response(&String::from_utf8_lossy(&raw))

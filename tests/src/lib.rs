@@ -7,6 +7,7 @@
 //! a crash. Used by `cargo xtask lab|demo|bench` and by the tests in `tests/`.
 
 pub mod apps;
+pub mod bookinfo;
 pub mod check;
 pub mod lab;
 pub mod netns;

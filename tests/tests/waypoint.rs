@@ -8,81 +8,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use weft_tests::apps::{self, App, HttpResponse};
+use weft_tests::apps::{self, App};
+use weft_tests::bookinfo::{MESH, REVIEWS, WAYPOINT_POD, get, served_by};
 use weft_tests::check::{eventually, metric_sum};
 use weft_tests::{Lab, LabOptions};
-
-/// Bookinfo's reviews, two versions on node-2, a client on node-1, and a
-/// waypoint for the namespace (its pod is made by the lab, as the
-/// controller's Deployment would be in Kubernetes).
-const MESH: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: bookinfo
-  labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: waypoint
-  namespace: bookinfo
-spec:
-  gatewayClassName: istio-waypoint
-  listeners:
-  - name: mesh
-    port: 15008
-    protocol: HBONE
----
-apiVersion: v1
-kind: Pod
-metadata: {name: productpage, namespace: bookinfo, labels: {app: productpage}}
-spec: {nodeName: node-1, serviceAccountName: bookinfo-productpage, containers: [{name: app}]}
-status: {podIP: 10.244.1.10}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v1, namespace: bookinfo, labels: {app: reviews, version: v1}}
-spec: {nodeName: node-2, serviceAccountName: bookinfo-reviews, containers: [{name: app}]}
-status: {podIP: 10.244.2.10}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v2, namespace: bookinfo, labels: {app: reviews, version: v2}}
-spec: {nodeName: node-2, serviceAccountName: bookinfo-reviews, containers: [{name: app}]}
-status: {podIP: 10.244.2.11}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: waypoint-0, namespace: bookinfo, labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}
-spec: {nodeName: node-1, serviceAccountName: waypoint, containers: [{name: istio-proxy}]}
-status: {podIP: 10.244.1.20}
----
-apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: bookinfo}
-spec: {clusterIP: 10.96.0.20, selector: {app: reviews}, ports: [{name: http, port: 9080}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: reviews-tcp, namespace: bookinfo}
-spec: {clusterIP: 10.96.0.25, selector: {app: reviews}, ports: [{name: tcp-who, port: 9090}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: reviews-v1, namespace: bookinfo}
-spec: {clusterIP: 10.96.0.22, selector: {app: reviews, version: v1}, ports: [{name: http, port: 9080}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: reviews-grpc, namespace: bookinfo}
-spec: {clusterIP: 10.96.0.26, selector: {app: reviews, version: v1}, ports: [{name: grpc, port: 9080}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: reviews-v2, namespace: bookinfo}
-spec: {clusterIP: 10.96.0.23, selector: {app: reviews, version: v2}, ports: [{name: http, port: 9080}]}
-"#;
 
 /// A service bound to a misspelt waypoint.
 const RATINGS: &str = r#"
@@ -121,23 +50,6 @@ spec:
   - {name: v1, labels: {version: v1}}
   - {name: v2, labels: {version: v2}}
 "#;
-
-const REVIEWS: &str = "10.96.0.20:9080";
-const WAYPOINT_POD: &str = "bookinfo/waypoint-0";
-
-fn get(lab: &Lab, path: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
-    let client = lab.pod("bookinfo/productpage");
-    let dst: SocketAddr = REVIEWS.parse()?;
-    apps::http(client, dst, "GET", path, headers)
-}
-
-/// Which pod answered.
-fn served_by(r: &HttpResponse) -> &str {
-    r.body
-        .strip_prefix("hello from ")
-        .and_then(|b| b.split(',').next())
-        .unwrap_or("?")
-}
 
 #[test]
 fn virtual_service_routes_through_the_waypoint() -> Result<()> {
@@ -689,7 +601,7 @@ spec:
     })?;
     ensure!(raw.starts_with("HTTP/1.1 400"), "malformed: {raw:?}");
     let text = lab.waypoint_metrics(WAYPOINT_POD)?;
-    for (code, flag) in [("504", "UT"), ("503", "UF"), ("404", "NR")] {
+    for (code, flag) in [("504", "UT"), ("503", "UF,URX"), ("404", "NR")] {
         ensure!(
             metric_sum(
                 &text,

@@ -1,0 +1,232 @@
+//! End-to-end: the waypoint's resilience layers with Istio's YAML, over
+//! real HBONE through ztunnels on two nodes: retries (Istio's default
+//! policy, a VirtualService's, the request body sent again whole, the
+//! retry limit) and fault injection (delays, HTTP and gRPC aborts, each for
+//! its share of requests, never retried).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use weft_tests::apps::{self, App};
+use weft_tests::bookinfo::{MESH, REVIEWS, WAYPOINT_POD, get, served_by};
+use weft_tests::check::{eventually, metric_sum};
+use weft_tests::{Lab, LabOptions};
+
+/// Round robin over reviews' two pods, so a failing one is hit every other
+/// request when nothing retries.
+const ROUND_ROBIN: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  host: reviews
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#;
+
+fn routes(http: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: bookinfo}}\nspec:\n  hosts: [reviews]\n  http:\n{http}---{ROUND_ROBIN}"
+    )
+}
+
+fn retried(lab: &Lab) -> Result<f64> {
+    let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+    Ok(metric_sum(
+        &text,
+        "weft_waypoint_upstream_retries_total",
+        &[
+            ("destination_service", "reviews.bookinfo.svc.cluster.local"),
+            ("outcome", "retried"),
+        ],
+    ))
+}
+
+/// reviews-v2 answers 503 to everything; reviews-v1 serves.
+#[test]
+fn retries_send_a_failed_request_again() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("retries", MESH))?;
+    let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    let _v2 = apps::serve(lab.pod("bookinfo/reviews-v2"), 9080, App::Status(503))?;
+    let client = lab.pod("bookinfo/productpage").clone();
+    let reviews: SocketAddr = REVIEWS.parse()?;
+
+    // No VirtualService: Istio's default policy retries a 503 on another pod.
+    eventually("reviews answers", Duration::from_secs(5), || {
+        Ok(get(&lab, "/", &[]).is_ok_and(|r| r.status == 200))
+    })?;
+    for i in 0..30 {
+        let r = get(&lab, &format!("/default/{i}"), &[])?;
+        ensure!(
+            r.status == 200 && served_by(&r) == "reviews-v1",
+            "request {i}, default policy: {r:?}"
+        );
+    }
+    let by_default = retried(&lab)?;
+    ensure!(by_default >= 1.0, "retries counted: {by_default}");
+
+    // Retries off: every other request meets the failing pod.
+    lab.write_manifest(
+        "routes.yaml",
+        &routes("  - route: [{destination: {host: reviews}}]\n    retries: {attempts: 0}\n"),
+    )?;
+    eventually("retries off", Duration::from_secs(5), || {
+        Ok((0..4).any(|_| get(&lab, "/", &[]).is_ok_and(|r| r.status == 503)))
+    })?;
+    let failed = (0..20)
+        .filter(|_| get(&lab, "/", &[]).is_ok_and(|r| r.status == 503))
+        .count();
+    ensure!(
+        (8..=12).contains(&failed),
+        "round robin, no retries: half fail, got {failed} of 20"
+    );
+
+    // A VirtualService's policy; a 100 kB POST body goes again, whole.
+    lab.write_manifest(
+        "routes.yaml",
+        &routes(
+            "  - route: [{destination: {host: reviews}}]\n    retries: {attempts: 2, perTryTimeout: 2s, retryOn: gateway-error}\n",
+        ),
+    )?;
+    let body = "x".repeat(100_000);
+    let post = || apps::http_with_body(&client, reviews, "POST", "/upload", &[], body.as_bytes());
+    eventually("retries on", Duration::from_secs(5), || {
+        Ok((0..4).all(|_| post().is_ok_and(|r| r.status == 200)))
+    })?;
+    let before = retried(&lab)?;
+    for i in 0..10 {
+        let r = post()?;
+        ensure!(r.status == 200, "POST {i}: {r:?}");
+        ensure!(
+            r.body.contains("body 100000\n"),
+            "the body arrived whole: {}",
+            r.body
+        );
+    }
+    ensure!(
+        retried(&lab)? >= before + 4.0,
+        "about every other POST was retried"
+    );
+
+    // Only the failing pod: retried twice, then its 503 is returned (URX).
+    lab.write_manifest(
+        "routes.yaml",
+        &routes(
+            "  - route: [{destination: {host: reviews, subset: v2}}]\n    retries: {attempts: 2, retryOn: 5xx}\n",
+        ),
+    )?;
+    eventually("only v2", Duration::from_secs(5), || {
+        Ok(get(&lab, "/", &[]).is_ok_and(|r| r.status == 503))
+    })?;
+    let before = retried(&lab)?;
+    let r = get(&lab, "/", &[])?;
+    ensure!(
+        r.status == 503 && served_by(&r) == "reviews-v2",
+        "the upstream's own 503: {r:?}"
+    );
+    ensure!(retried(&lab)? == before + 2.0, "two retries, then no more");
+    let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+    ensure!(
+        metric_sum(
+            &text,
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "URX")]
+        ) >= 1.0,
+        "the retry limit is flagged: {text}"
+    );
+    lab.teardown()
+}
+
+/// Istio's fault injection: each fault for its share of the matching
+/// requests, only on its route, and never retried.
+#[test]
+fn fault_injection() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("faults", MESH))?;
+    let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    let _v2 = apps::serve(lab.pod("bookinfo/reviews-v2"), 9080, App::Http)?;
+    lab.write_manifest(
+        "routes.yaml",
+        &routes(
+            r#"  - match: [{headers: {x-fault: {exact: abort}}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 30}}}
+    retries: {attempts: 3, retryOn: 5xx}
+    route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{headers: {x-fault: {exact: delay}}}]
+    fault: {delay: {fixedDelay: 300ms, percentage: {value: 100}}}
+    route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{headers: {x-fault: {exact: grpc}}}]
+    fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
+    route: [{destination: {host: reviews, subset: v1}}]
+  - route: [{destination: {host: reviews, subset: v1}}]
+"#,
+        ),
+    )?;
+    eventually("the faults are in force", Duration::from_secs(5), || {
+        Ok(get(&lab, "/", &[("x-fault", "grpc")])
+            .is_ok_and(|r| r.header("grpc-status") == Some("14")))
+    })?;
+    let r = get(&lab, "/", &[("x-fault", "grpc")])?;
+    ensure!(
+        r.status == 200 && r.header("grpc-message") == Some("fault filter abort"),
+        "a trailers-only gRPC abort: {r:?}"
+    );
+
+    // 1,000 requests, 30% aborted: within ±5 points (over 3 standard
+    // deviations), and an injected abort is never retried.
+    let retries_before = retried(&lab)?;
+    let mut aborted = 0;
+    for i in 0..1000 {
+        let r = get(&lab, "/", &[("x-fault", "abort")])?;
+        match r.status {
+            503 => {
+                ensure!(r.body == "fault filter abort", "Envoy's body: {r:?}");
+                aborted += 1;
+            }
+            200 => ensure!(served_by(&r) == "reviews-v1", "{r:?}"),
+            _ => anyhow::bail!("request {i}: {r:?}"),
+        }
+    }
+    ensure!(
+        (250..=350).contains(&aborted),
+        "30% aborted, within 5 points: {aborted} of 1000"
+    );
+    ensure!(
+        retried(&lab)? == retries_before,
+        "injected aborts are not retried"
+    );
+
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = get(&lab, "/", &[("x-fault", "delay")])?;
+        ensure!(r.status == 200, "{r:?}");
+        ensure!(
+            started.elapsed() >= Duration::from_millis(300),
+            "delayed 300 ms: {:?}",
+            started.elapsed()
+        );
+    }
+    // The other route is untouched.
+    let started = Instant::now();
+    ensure!(get(&lab, "/", &[])?.status == 200);
+    ensure!(
+        started.elapsed() < Duration::from_millis(300),
+        "no delay without the header: {:?}",
+        started.elapsed()
+    );
+    let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+    let count = |code, flag| {
+        metric_sum(
+            &text,
+            "istio_requests_total",
+            &[("response_code", code), ("response_flags", flag)],
+        )
+    };
+    ensure!(
+        count("503", "FI") == f64::from(aborted) && count("200", "DI") >= 3.0,
+        "faults flagged FI and DI:\n{text}"
+    );
+    lab.teardown()
+}
