@@ -431,15 +431,14 @@ mod tests {
 
     use super::*;
 
-    /// Bulk one way, a reply the other way after the half-close, exact counts,
-    /// and the buffer grows for the bulk direction only.
-    #[tokio::test]
-    async fn half_close_and_counts() {
-        let (mut client, mut proxy_a) = duplex(64 * 1024);
-        let (mut proxy_b, mut server) = duplex(64 * 1024);
-        let proxy =
-            tokio::spawn(async move { copy_bidirectional(&mut proxy_a, &mut proxy_b).await });
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    /// `client` sends `n` pattern bytes and half-closes; `server` must get
+    /// them all, intact, and its reply `done` must reach `client`.
+    async fn bulk_then_reply(
+        mut client: tokio::io::DuplexStream,
+        mut server: tokio::io::DuplexStream,
+        n: u32,
+    ) {
+        let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
         let sent = data.clone();
         let writer = tokio::spawn(async move {
             client.write_all(&sent).await.unwrap();
@@ -450,10 +449,26 @@ mod tests {
         });
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, data);
+        assert!(
+            got == data,
+            "{} of {n} bytes, intact: {}",
+            got.len(),
+            got == data
+        );
         server.write_all(b"done").await.unwrap();
         server.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"done");
+    }
+
+    /// Bulk one way, a reply the other way after the half-close, exact counts,
+    /// and the buffer grows for the bulk direction only.
+    #[tokio::test]
+    async fn half_close_and_counts() {
+        let (client, mut proxy_a) = duplex(64 * 1024);
+        let (mut proxy_b, server) = duplex(64 * 1024);
+        let proxy =
+            tokio::spawn(async move { copy_bidirectional(&mut proxy_a, &mut proxy_b).await });
+        bulk_then_reply(client, server, 3_000_000).await;
         let (up, down, err) = proxy.await.unwrap();
         assert!(err.is_none(), "{err:?}");
         assert_eq!((up, down), (3_000_000, 4));
@@ -469,7 +484,7 @@ mod tests {
         use weft_hbone::server::{ServeOptions, StreamBudget, serve};
 
         let (near, far) = duplex(256 * 1024);
-        let (mut server, server_side) = duplex(64 * 1024);
+        let (server, server_side) = duplex(64 * 1024);
         let (counted_tx, counted_rx) = tokio::sync::oneshot::channel();
         let counted_tx = Arc::new(std::sync::Mutex::new(Some(counted_tx)));
         let opts = ServeOptions {
@@ -502,25 +517,10 @@ mod tests {
         )
         .await
         .unwrap();
-        let (mut client, mut client_side) = duplex(64 * 1024);
+        let (client, mut client_side) = duplex(64 * 1024);
         let outbound =
             tokio::spawn(async move { copy_tunnel(&mut client_side, &mut tunnel).await });
-
-        let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
-        let sent = data.clone();
-        let writer = tokio::spawn(async move {
-            client.write_all(&sent).await.unwrap();
-            client.shutdown().await.unwrap();
-            let mut reply = Vec::new();
-            client.read_to_end(&mut reply).await.unwrap();
-            reply
-        });
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
-        assert!(got == data, "{} bytes, intact: {}", got.len(), got == data);
-        server.write_all(b"done").await.unwrap();
-        server.shutdown().await.unwrap();
-        assert_eq!(writer.await.unwrap(), b"done");
+        bulk_then_reply(client, server, 5_000_000).await;
         let (up, down, err) = outbound.await.unwrap();
         assert!(err.is_none(), "{err:?}");
         assert_eq!((up, down), (5_000_000, 4));
