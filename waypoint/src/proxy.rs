@@ -115,32 +115,44 @@ impl Conn {
     #[allow(clippy::too_many_arguments)]
     async fn attempts(
         &self,
-        parts: &http::request::Parts,
-        body: &Arc<Recorder>,
+        mut parts: http::request::Parts,
+        body: Option<Arc<Recorder>>,
         policy: &retry::Policy,
-        service: &str,
         endpoints: &[Endpoint],
         balance: Balance,
         first: Endpoint,
         record: &mut RequestRecord,
     ) -> Result<Response<Incoming>, Failed> {
-        let mut active = self.proxy.retry_budget.start(service);
         let mut ep = first;
         let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut retrying = Vec::new();
         let mut n = 0;
         loop {
             record.upstream = Some(ep.addr);
             record.destination_workload(&ep.workload);
-            let Some(b) = body.reader() else {
-                return Err(Failed {
-                    outcome: retry::Outcome::Reset,
-                    exhausted: false,
-                });
+            // The last attempt the policy allows takes the head itself.
+            let head = if n < policy.attempts {
+                parts.clone()
+            } else {
+                std::mem::replace(&mut parts, Request::new(()).into_parts().0)
             };
-            let req = Request::from_parts(parts.clone(), b.boxed());
+            let b: Body = match &body {
+                None => empty(),
+                Some(r) => match r.reader() {
+                    Some(b) => b.boxed(),
+                    None => {
+                        return Err(Failed {
+                            outcome: retry::Outcome::Reset,
+                            exhausted: false,
+                        });
+                    }
+                },
+            };
             let sent = {
                 let _in_flight = self.proxy.store.in_flight(ep.addr);
-                let send = self.proxy.send(&ep, self.client_ip, req);
+                let send = self
+                    .proxy
+                    .send(&ep, self.client_ip, Request::from_parts(head, b));
                 match policy.per_try_timeout {
                     Some(t) => tokio::time::timeout(t, send).await.ok(),
                     None => Some(send.await),
@@ -184,14 +196,17 @@ impl Conn {
             if n >= policy.attempts {
                 return done(n > 0, record);
             }
-            if !body.replayable() {
+            if body.as_ref().is_some_and(|b| !b.replayable()) {
                 return done(false, record);
             }
-            if !active.try_retry() {
-                self.proxy.metrics.retry(service, "budget_exhausted");
+            let service = record.service_name().unwrap_or_else(|| ep.addr.to_string());
+            let active = self.proxy.store.load(endpoints) + 1;
+            let Some(r) = self.proxy.retry_budget.try_retry(&service, active) else {
+                self.proxy.metrics.retry(&service, "budget_exhausted");
                 return done(false, record);
-            }
-            self.proxy.metrics.retry(service, "retried");
+            };
+            retrying.push(r);
+            self.proxy.metrics.retry(&service, "retried");
             n += 1;
             tokio::time::sleep(policy.backoff(n, roll())).await;
             // Another endpoint than those tried, where there is one (Istio's
@@ -212,6 +227,10 @@ impl Conn {
             }
         }
     }
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new()).map_err(|e| match e {}).boxed()
 }
 
 /// Whether the upstream refused the stream before processing it (HTTP/2
@@ -834,17 +853,19 @@ impl Conn {
         } else {
             policy
         };
-        // The body is kept for a retry only where one may follow.
-        let keep = if policy.attempts == 0 {
-            0
+        // The body is kept for a retry only where one may follow; a request
+        // without one needs nothing kept.
+        let body = if body.is_end_stream() {
+            None
         } else {
-            RETRY_BUFFER_LIMIT
+            let keep = if policy.attempts == 0 {
+                0
+            } else {
+                RETRY_BUFFER_LIMIT
+            };
+            Some(Recorder::new(body.map_err(BoxError::from).boxed(), keep))
         };
-        let body = Recorder::new(body.map_err(BoxError::from).boxed(), keep);
-        let service = record.service_name().unwrap_or_else(|| ep.addr.to_string());
-        let attempts = self.attempts(
-            &parts, &body, policy, &service, &endpoints, balance, ep, record,
-        );
+        let attempts = self.attempts(parts, body, policy, &endpoints, balance, ep, record);
         // The route's timeout caps every attempt and the waits between them.
         let result = match rule.and_then(|r| r.timeout) {
             Some(t) => match tokio::time::timeout(t, attempts).await {

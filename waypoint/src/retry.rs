@@ -163,71 +163,54 @@ pub const BUDGET_PERCENT: usize = 20;
 /// ...but always at least this many.
 pub const MIN_RETRY_CONCURRENCY: usize = 3;
 
-/// Active requests and retries, per destination service.
+/// Retries in flight, per destination service. Nothing is counted for a
+/// request that is not retried: the service's active requests are the
+/// endpoints' in-flight counts, which the balancer keeps anyway.
 #[derive(Debug, Default)]
 pub struct Budget {
-    services: Mutex<HashMap<String, (usize, usize)>>,
+    retrying: Mutex<HashMap<String, usize>>,
     /// Retries refused by the budget, for the metrics.
     pub overflows: AtomicUsize,
 }
 
-/// Held while a request to a service is active.
+/// A retry in flight, counted until it drops.
 #[derive(Debug)]
-pub struct Active<'a> {
+pub struct Retrying<'a> {
     budget: &'a Budget,
-    service: &'a str,
-    retries: usize,
+    service: String,
 }
 
 impl Budget {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (usize, usize)>> {
-        self.services.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.retrying.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts an active request to `service` until the guard drops.
-    pub fn start<'a>(&'a self, service: &'a str) -> Active<'a> {
+    /// Room for one more retry to `service`, which has `active` requests in
+    /// flight (this one included), if the budget has it.
+    pub fn try_retry(&self, service: &str, active: usize) -> Option<Retrying<'_>> {
+        let allowed = (active * BUDGET_PERCENT / 100).max(MIN_RETRY_CONCURRENCY);
         let mut map = self.lock();
-        match map.get_mut(service) {
-            Some(e) => e.0 += 1,
-            None => {
-                map.insert(service.to_string(), (1, 0));
-            }
-        }
-        Active {
-            budget: self,
-            service,
-            retries: 0,
-        }
-    }
-}
-
-impl Active<'_> {
-    /// Takes room for one more retry, if the budget has it.
-    pub fn try_retry(&mut self) -> bool {
-        let mut map = self.budget.lock();
-        let Some((active, retrying)) = map.get_mut(self.service) else {
-            return false;
-        };
-        let allowed = (*active * BUDGET_PERCENT / 100).max(MIN_RETRY_CONCURRENCY);
-        if *retrying >= allowed {
+        let retrying = map.get(service).copied().unwrap_or(0);
+        if retrying >= allowed {
             drop(map);
-            self.budget.overflows.fetch_add(1, Ordering::Relaxed);
-            return false;
+            self.overflows.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
-        *retrying += 1;
-        self.retries += 1;
-        true
+        *map.entry(service.to_string()).or_default() += 1;
+        Some(Retrying {
+            budget: self,
+            service: service.to_string(),
+        })
     }
 }
 
-impl Drop for Active<'_> {
+impl Drop for Retrying<'_> {
     fn drop(&mut self) {
         let mut map = self.budget.lock();
-        if let Some(e) = map.get_mut(self.service) {
-            e.0 -= 1;
-            e.1 -= self.retries;
-            if e.0 == 0 {
-                map.remove(self.service);
+        if let Some(n) = map.get_mut(&self.service) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.service);
             }
         }
     }
@@ -365,26 +348,19 @@ mod tests {
     #[test]
     fn budget() {
         let b = Budget::default();
-        let mut reqs: Vec<Active<'_>> = (0..10).map(|_| b.start("svc")).collect();
         // 10 active: 20% is 2, but at least 3 retries at once.
-        let granted = reqs
-            .iter_mut()
-            .map(|r| r.try_retry())
-            .filter(|ok| *ok)
-            .count();
-        assert_eq!(granted, 3);
+        let first: Vec<_> = (0..10).filter_map(|_| b.try_retry("svc", 10)).collect();
+        assert_eq!(first.len(), 3);
         assert_eq!(b.overflows.load(Ordering::Relaxed), 7);
-        let mut more: Vec<Active<'_>> = (0..20).map(|_| b.start("svc")).collect();
-        // 30 active: 6 at once.
-        let granted = more
-            .iter_mut()
-            .map(|r| r.try_retry())
-            .filter(|ok| *ok)
-            .count();
-        assert_eq!(granted, 3, "3 more, 6 in all");
+        // 30 active: 6 at once, 3 more.
+        let more: Vec<_> = (0..10).filter_map(|_| b.try_retry("svc", 30)).collect();
+        assert_eq!(more.len(), 3);
         // Another service has its own.
-        assert!(b.start("other").try_retry());
-        drop(reqs);
+        assert!(b.try_retry("other", 1).is_some());
+        drop(first);
+        let again: Vec<_> = (0..10).filter_map(|_| b.try_retry("svc", 30)).collect();
+        assert_eq!(again.len(), 3, "finished retries give their room back");
+        drop(again);
         drop(more);
         assert!(b.lock().is_empty(), "nothing left behind");
     }

@@ -195,6 +195,18 @@ impl Store {
         endpoints.get(i)
     }
 
+    /// Requests in flight to any of `endpoints` (a service's active requests).
+    pub fn load(&self, endpoints: &[Endpoint]) -> usize {
+        let flights = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        endpoints
+            .iter()
+            .map(|e| flights.get(&e.addr).copied().unwrap_or(0))
+            .sum()
+    }
+
     /// Counts a request in flight to `addr` until the guard drops.
     pub fn in_flight(self: &Arc<Self>, addr: SocketAddr) -> InFlight {
         *self
