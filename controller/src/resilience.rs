@@ -58,6 +58,80 @@ pub struct Percent {
     pub value: f64,
 }
 
+/// `ConnectionPoolSettings`: Envoy's circuit breakers for one destination.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConnectionPool {
+    pub tcp: Option<TcpPool>,
+    pub http: Option<HttpPool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TcpPool {
+    pub max_connections: Option<i64>,
+    pub connect_timeout: Option<String>,
+    /// Not applied yet: the status lists them.
+    #[serde(flatten)]
+    pub rest: std::collections::BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpPool {
+    pub http1_max_pending_requests: Option<i64>,
+    pub http2_max_requests: Option<i64>,
+    pub max_requests_per_connection: Option<i64>,
+    pub max_retries: Option<i64>,
+    pub idle_timeout: Option<String>,
+    #[serde(flatten)]
+    pub rest: std::collections::BTreeMap<String, serde_yaml::Value>,
+}
+
+/// `connectionPool` at `at`, and the fields it has that are not applied
+/// yet (for the status: never silently).
+pub fn connection_pool(
+    cp: &ConnectionPool,
+    at: &str,
+) -> Result<(pb::ConnectionPool, Vec<String>), String> {
+    let count = |v: Option<i64>, field: &str| -> Result<u32, String> {
+        match v {
+            None => Ok(0),
+            Some(n) if n >= 1 => Ok(u32::try_from(n).unwrap_or(u32::MAX)),
+            Some(n) => Err(format!("{at}.{field}: {n} must be 1 or more")),
+        }
+    };
+    let ms = |v: &Option<String>, field: &str| -> Result<u64, String> {
+        match v {
+            None => Ok(0),
+            Some(t) => duration_ms(t)
+                .filter(|ms| *ms >= 1)
+                .ok_or_else(|| format!("{at}.{field}: {t:?} is not a duration of 1ms or more")),
+        }
+    };
+    let mut out = pb::ConnectionPool::default();
+    let mut not_applied = Vec::new();
+    if let Some(t) = &cp.tcp {
+        out.max_connections = count(t.max_connections, "tcp.maxConnections")?;
+        out.connect_timeout_ms = ms(&t.connect_timeout, "tcp.connectTimeout")?;
+        not_applied.extend(t.rest.keys().map(|k| format!("{at}.tcp.{k}")));
+    }
+    if let Some(h) = &cp.http {
+        out.http1_max_pending_requests =
+            count(h.http1_max_pending_requests, "http.http1MaxPendingRequests")?;
+        out.http2_max_requests = count(h.http2_max_requests, "http.http2MaxRequests")?;
+        out.max_requests_per_connection = count(
+            h.max_requests_per_connection,
+            "http.maxRequestsPerConnection",
+        )?;
+        // To allow no retries at all, a route sets `retries.attempts: 0`.
+        out.max_retries = count(h.max_retries, "http.maxRetries")?;
+        out.idle_timeout_ms = ms(&h.idle_timeout, "http.idleTimeout")?;
+        not_applied.extend(h.rest.keys().map(|k| format!("{at}.http.{k}")));
+    }
+    Ok((out, not_applied))
+}
+
 /// The conditions Envoy's `retry_on` (and `retry-grpc-on`) take that the
 /// waypoint evaluates.
 pub const RETRY_ON: &[&str] = &[

@@ -183,8 +183,9 @@ pub struct DestinationRuleSpec {
 #[serde(rename_all = "camelCase", default)]
 pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
-    /// Kept for issue 11 (connection pools, outlier detection, TLS):
-    /// accepted, not yet applied; the status says so.
+    pub connection_pool: Option<crate::resilience::ConnectionPool>,
+    /// Not applied yet (outlier detection, TLS, port-level settings): the
+    /// policy is accepted, and its status names each of them.
     #[serde(flatten)]
     pub rest: BTreeMap<String, serde_yaml::Value>,
 }
@@ -569,6 +570,25 @@ fn vs_rules(
     Ok(rules)
 }
 
+/// The connection pool of a traffic policy at `at`; what it (or the policy)
+/// sets that is not applied yet goes to `not_applied`.
+fn pool(
+    tp: Option<&TrafficPolicy>,
+    at: &str,
+    not_applied: &mut Vec<String>,
+) -> Result<Option<pb::ConnectionPool>, String> {
+    let Some(tp) = tp else {
+        return Ok(None);
+    };
+    not_applied.extend(tp.rest.keys().map(|k| format!("{at}.{k}")));
+    let Some(cp) = &tp.connection_pool else {
+        return Ok(None);
+    };
+    let (pool, rest) = crate::resilience::connection_pool(cp, &format!("{at}.connectionPool"))?;
+    not_applied.extend(rest);
+    Ok(Some(pool))
+}
+
 fn balance(tp: Option<&TrafficPolicy>, at: &str) -> Result<i32, String> {
     let Some(lb) = tp.and_then(|t| t.load_balancer.as_ref()) else {
         return Ok(pb::LoadBalancer::Unspecified as i32);
@@ -767,6 +787,12 @@ pub fn translate(
                 return Err("spec.workloadSelector: not supported for waypoints".to_string());
             }
             let lb = balance(dr.spec.traffic_policy.as_ref(), "spec.trafficPolicy")?;
+            let mut not_applied = Vec::new();
+            let connection_pool = pool(
+                dr.spec.traffic_policy.as_ref(),
+                "spec.trafficPolicy",
+                &mut not_applied,
+            )?;
             let mut subsets = Vec::new();
             let mut names = BTreeSet::new();
             for (i, s) in dr.spec.subsets.iter().enumerate() {
@@ -796,21 +822,30 @@ pub fn translate(
                         &format!("spec.subsets[{i}].trafficPolicy"),
                     )?,
                     workloads,
+                    connection_pool: pool(
+                        s.traffic_policy.as_ref(),
+                        &format!("spec.subsets[{i}].trafficPolicy"),
+                        &mut not_applied,
+                    )?,
                 });
             }
-            Ok(pb::Destination {
-                hostname: host.clone(),
-                namespace: svc.map(|s| s.namespace.clone()).unwrap_or_default(),
-                origin: format!(
-                    "DestinationRule {ns}/{}",
-                    dr.metadata.name.as_deref().unwrap_or_default()
-                ),
-                load_balancer: lb,
-                subsets,
-            })
+            Ok((
+                pb::Destination {
+                    hostname: host.clone(),
+                    namespace: svc.map(|s| s.namespace.clone()).unwrap_or_default(),
+                    origin: format!(
+                        "DestinationRule {ns}/{}",
+                        dr.metadata.name.as_deref().unwrap_or_default()
+                    ),
+                    load_balancer: lb,
+                    subsets,
+                    connection_pool,
+                },
+                not_applied,
+            ))
         })();
         match result {
-            Ok(d) => {
+            Ok((d, not_applied)) => {
                 let scope = svc.and_then(|s| waypoint_scope(s, cfg, trust_domain));
                 if done.contains(&host) {
                     out.statuses.push(status(
@@ -825,11 +860,14 @@ pub fn translate(
                     continue;
                 }
                 done.insert(host.clone());
-                let message = if scope.is_some() {
+                let mut message = if scope.is_some() {
                     "served to the waypoint".to_string()
                 } else {
                     format!("no waypoint serves {host}: subsets apply only through a waypoint")
                 };
+                if !not_applied.is_empty() {
+                    message.push_str(&format!("; not applied yet: {}", not_applied.join(", ")));
+                }
                 out.statuses.push(status(
                     "DestinationRule",
                     &dr.metadata,
@@ -1016,6 +1054,59 @@ spec:
             (3, 1000, 5000)
         );
         assert_eq!(r.retry_on, ["5xx"]);
+    }
+
+    /// Istio's circuit-breaking example: the pool reaches the waypoint, at
+    /// the top and per subset; what is not applied yet is named in the
+    /// status, never dropped silently.
+    #[test]
+    fn connection_pools() {
+        let dr = VS.replace(
+            "  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}",
+            "  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n    connectionPool:\n      tcp: {maxConnections: 1, connectTimeout: 2s}\n      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1, h2UpgradePolicy: UPGRADE}\n    outlierDetection: {consecutive5xxErrors: 1}",
+        );
+        let dr = dr.replace(
+            "  - {name: v1, labels: {version: v1}}",
+            "  - {name: v1, labels: {version: v1}, trafficPolicy: {connectionPool: {http: {http2MaxRequests: 7}}}}",
+        );
+        let l7 = run(&format!("{MESH}---{dr}"), None);
+        let Some(L7Resource::Destination(_, d, _)) = l7
+            .resources
+            .iter()
+            .find(|r| matches!(r, L7Resource::Destination(..)))
+        else {
+            panic!("{:?}", statuses(&l7))
+        };
+        let cp = d.connection_pool.as_ref().unwrap();
+        assert_eq!(
+            (
+                cp.max_connections,
+                cp.connect_timeout_ms,
+                cp.http1_max_pending_requests,
+                cp.max_requests_per_connection
+            ),
+            (1, 2000, 1, 1)
+        );
+        assert_eq!(
+            d.subsets[0]
+                .connection_pool
+                .as_ref()
+                .map(|p| p.http2_max_requests),
+            Some(7)
+        );
+        let st = statuses(&l7);
+        assert!(
+            st.iter().any(|s| s.contains("not applied yet: spec.trafficPolicy.outlierDetection, spec.trafficPolicy.connectionPool.http.h2UpgradePolicy")),
+            "{st:?}"
+        );
+        let bad = dr.replace("maxConnections: 1", "maxConnections: 0");
+        let st = statuses(&run(&format!("{MESH}---{bad}"), None));
+        assert!(
+            st.iter().any(|s| s.contains(
+                "spec.trafficPolicy.connectionPool.tcp.maxConnections: 0 must be 1 or more"
+            )),
+            "{st:?}"
+        );
     }
 
     #[test]

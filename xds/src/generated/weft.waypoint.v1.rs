@@ -268,6 +268,35 @@ pub struct Destination {
     pub load_balancer: i32,
     #[prost(message, repeated, tag = "5")]
     pub subsets: ::prost::alloc::vec::Vec<Subset>,
+    /// Circuit breakers; unset: no limits (Istio's defaults).
+    #[prost(message, optional, tag = "6")]
+    pub connection_pool: ::core::option::Option<ConnectionPool>,
+}
+/// DestinationRule trafficPolicy.connectionPool, per destination (the
+/// service, or one subset): Envoy's cluster circuit breakers. 0: no limit.
+/// Past a limit a request is answered 503 with flag UO.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConnectionPool {
+    /// Upstream HTTP/1.1 connections, each carrying one request at a time.
+    #[prost(uint32, tag = "1")]
+    pub max_connections: u32,
+    #[prost(uint64, tag = "2")]
+    pub connect_timeout_ms: u64,
+    /// Requests that may wait for an HTTP/1.1 connection when all are busy.
+    #[prost(uint32, tag = "3")]
+    pub http1_max_pending_requests: u32,
+    /// Requests in flight, whatever the protocol.
+    #[prost(uint32, tag = "4")]
+    pub http2_max_requests: u32,
+    /// After this many requests a connection is not reused.
+    #[prost(uint32, tag = "5")]
+    pub max_requests_per_connection: u32,
+    /// Retries in flight.
+    #[prost(uint32, tag = "6")]
+    pub max_retries: u32,
+    /// An idle upstream connection is closed after this long.
+    #[prost(uint64, tag = "7")]
+    pub idle_timeout_ms: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Subset {
@@ -286,6 +315,9 @@ pub struct Subset {
     /// WDS carries no labels.
     #[prost(string, repeated, tag = "4")]
     pub workloads: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Overrides the destination's, field by field; unset: the destination's.
+    #[prost(message, optional, tag = "5")]
+    pub connection_pool: ::core::option::Option<ConnectionPool>,
 }
 /// type.googleapis.com/weft.waypoint.v1.Authorization, named
 /// "<namespace>/<name>": one L7 AuthorizationPolicy.
