@@ -121,6 +121,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         hbone: Pool::default(),
         http: HttpPool::default(),
         retry_budget: crate::retry::Budget::default(),
+        breakers: crate::breaker::Breakers::default(),
         metrics,
         budget: StreamBudget::new(MAX_STREAMS, MAX_STREAMS / 2),
         drain: drain_rx,

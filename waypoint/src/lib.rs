@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod authz;
+pub mod breaker;
 pub mod config;
 pub mod fault;
 pub mod metrics;

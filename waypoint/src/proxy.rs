@@ -39,6 +39,7 @@ use weft_hbone::tls::{peer_identity, server_name};
 use weft_identity::CertManager;
 
 use crate::authz::{self, Decision};
+use crate::breaker::{Breaker, Breakers, Limits};
 use crate::fault::{ABORT_BODY, Abort};
 use crate::metrics::{Metrics, RequestRecord};
 use crate::path;
@@ -60,6 +61,8 @@ const HTTP_FIRST_BYTES: Duration = Duration::from_secs(60);
 const HTTP_IDLE: Duration = Duration::from_secs(90);
 /// Idle upstream HTTP connections kept per endpoint and client.
 const HTTP_IDLE_MAX: usize = 64;
+/// Upstream connect timeout when the DestinationRule sets none (Istio's).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything the data path shares.
 #[derive(Debug)]
@@ -75,6 +78,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// Retries in flight against each service (Envoy's retry budget).
     pub retry_budget: retry::Budget,
+    /// Each destination's circuit breakers (DestinationRule connectionPool).
+    pub breakers: Breakers,
     pub budget: Arc<StreamBudget>,
     pub drain: tokio::sync::watch::Receiver<bool>,
 }
@@ -106,6 +111,8 @@ struct Failed {
     outcome: retry::Outcome,
     /// Retried until the policy's attempts ran out (Envoy's URX).
     exhausted: bool,
+    /// Stopped by a circuit breaker (Envoy's UO).
+    overflow: bool,
 }
 
 impl Conn {
@@ -122,7 +129,13 @@ impl Conn {
         balance: Balance,
         first: Endpoint,
         record: &mut RequestRecord,
+        (breaker, limits, http1): (Option<Arc<Breaker>>, Limits, bool),
     ) -> Result<Response<Incoming>, Failed> {
+        let overflow = || Failed {
+            outcome: retry::Outcome::Reset,
+            exhausted: false,
+            overflow: true,
+        };
         let mut ep = first;
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retrying = Vec::new();
@@ -144,15 +157,35 @@ impl Conn {
                         return Err(Failed {
                             outcome: retry::Outcome::Reset,
                             exhausted: false,
+                            overflow: false,
                         });
                     }
                 },
             };
+            // Circuit breakers: a request slot, and for HTTP/1.1 a
+            // connection (or a place in the queue for one).
+            let (_slot, _connection) = match &breaker {
+                None => (None, None),
+                Some(br) => {
+                    let Ok(slot) = br.request() else {
+                        return Err(overflow());
+                    };
+                    let connection = if http1 {
+                        match br.connection().await {
+                            Ok(c) => c,
+                            Err(_) => return Err(overflow()),
+                        }
+                    } else {
+                        None
+                    };
+                    (Some(slot), connection)
+                }
+            };
             let sent = {
                 let _in_flight = self.proxy.store.in_flight(ep.addr);
-                let send = self
-                    .proxy
-                    .send(&ep, self.client_ip, Request::from_parts(head, b));
+                let send =
+                    self.proxy
+                        .send(&ep, self.client_ip, Request::from_parts(head, b), &limits);
                 match policy.per_try_timeout {
                     Some(t) => tokio::time::timeout(t, send).await.ok(),
                     None => Some(send.await),
@@ -188,7 +221,11 @@ impl Conn {
                     }
                     Ok(r)
                 }
-                _ => Err(Failed { outcome, exhausted }),
+                _ => Err(Failed {
+                    outcome,
+                    exhausted,
+                    overflow: false,
+                }),
             };
             if !policy.retries(outcome) {
                 return done(false, record);
@@ -205,7 +242,18 @@ impl Conn {
                 self.proxy.metrics.retry(&service, "budget_exhausted");
                 return done(false, record);
             };
-            retrying.push(r);
+            // The destination's maxRetries, on top of the budget.
+            let slot = match &breaker {
+                None => None,
+                Some(br) => match br.retry() {
+                    Some(s) => Some(s),
+                    None => {
+                        self.proxy.metrics.retry(&service, "overflow");
+                        return done(false, record);
+                    }
+                },
+            };
+            retrying.push((r, slot));
             self.proxy.metrics.retry(&service, "retried");
             n += 1;
             tokio::time::sleep(policy.backoff(n, roll())).await;
@@ -535,21 +583,27 @@ impl Conn {
             self.proxy.metrics.l4("denied");
             return info!(target: "access", client = %self.client_ip, target = %self.target, policy = %policy, "TCP connection denied");
         }
-        let endpoint = match &self.dest {
+        let (endpoint, limits) = match &self.dest {
             Dest::Service(svc) => {
                 let (eps, balance) = state.endpoints(svc, self.target.port(), "");
-                self.proxy.store.choose(&eps, balance, roll()).cloned()
+                (
+                    self.proxy.store.choose(&eps, balance, roll()).cloned(),
+                    state.limits(svc, "").1,
+                )
             }
-            Dest::Workload(w) => Some(Endpoint {
-                workload: w.clone(),
-                addr: self.target,
-            }),
+            Dest::Workload(w) => (
+                Some(Endpoint {
+                    workload: w.clone(),
+                    addr: self.target,
+                }),
+                Limits::default(),
+            ),
         };
         let Some(ep) = endpoint else {
             self.proxy.metrics.l4("no_endpoint");
             return warn!(target = %self.target, "TCP: no endpoint");
         };
-        match self.proxy.upstream(&ep, self.client_ip).await {
+        match self.proxy.upstream(&ep, self.client_ip, &limits).await {
             Ok(mut up) => {
                 self.proxy.metrics.l4("forwarded");
                 let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
@@ -668,7 +722,7 @@ impl Conn {
             }
         }
         // The endpoints: the rule's backend's, or the destination's.
-        let (endpoints, balance, backend, upstream_protocol) = match rule.map(|r| &r.action) {
+        let (endpoints, balance, backend, upstream_protocol, pool) = match rule.map(|r| &r.action) {
             Some(Action::Direct { status, body }) => {
                 let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
                 let mut resp = full(status, Bytes::from(body.clone()));
@@ -728,12 +782,20 @@ impl Conn {
                     b.port
                 };
                 let (eps, balance) = state.endpoints(svc, port, &b.subset);
-                (eps, balance, Some(b), port_protocol(svc, port))
+                let pool = state.limits(svc, &b.subset);
+                (eps, balance, Some(b), port_protocol(svc, port), pool)
             }
             None => match &self.dest {
                 Dest::Service(svc) => {
                     let (eps, balance) = state.endpoints(svc, self.target.port(), "");
-                    (eps, balance, None, port_protocol(svc, self.target.port()))
+                    let pool = state.limits(svc, "");
+                    (
+                        eps,
+                        balance,
+                        None,
+                        port_protocol(svc, self.target.port()),
+                        pool,
+                    )
                 }
                 Dest::Workload(w) => (
                     vec![Endpoint {
@@ -743,9 +805,11 @@ impl Conn {
                     Balance::LeastRequest,
                     None,
                     AppProtocol::Unknown,
+                    (String::new(), Limits::default()),
                 ),
             },
         };
+        let breaker = self.proxy.breakers.get(&pool.0, pool.1);
         let Some(ep) = self
             .proxy
             .store
@@ -865,7 +929,16 @@ impl Conn {
             };
             Some(Recorder::new(body.map_err(BoxError::from).boxed(), keep))
         };
-        let attempts = self.attempts(parts, body, policy, &endpoints, balance, ep, record);
+        let attempts = self.attempts(
+            parts,
+            body,
+            policy,
+            &endpoints,
+            balance,
+            ep,
+            record,
+            (breaker, pool.1, !h2_upstream),
+        );
         // The route's timeout caps every attempt and the waits between them.
         let result = match rule.and_then(|r| r.timeout) {
             Some(t) => match tokio::time::timeout(t, attempts).await {
@@ -883,7 +956,17 @@ impl Conn {
         };
         let resp = match result {
             Ok(r) => r,
-            Err(Failed { outcome, exhausted }) => {
+            Err(Failed { overflow: true, .. }) => {
+                return local(
+                    record,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UO",
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                );
+            }
+            Err(Failed {
+                outcome, exhausted, ..
+            }) => {
                 let (status, flag, text) = match outcome {
                     retry::Outcome::ConnectFailure => (
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -1188,10 +1271,17 @@ pub enum UpstreamError {
 impl Proxy {
     /// A byte stream to `ep`: HBONE to a meshed pod (the waypoint's identity,
     /// the pod's required), plain TCP otherwise.
-    async fn upstream(&self, ep: &Endpoint, client: IpAddr) -> Result<Box<dyn Io>, UpstreamError> {
+    async fn upstream(
+        &self,
+        ep: &Endpoint,
+        client: IpAddr,
+        limits: &Limits,
+    ) -> Result<Box<dyn Io>, UpstreamError> {
+        let connect_timeout = limits.connect_timeout.unwrap_or(CONNECT_TIMEOUT);
         if ep.workload.protocol != TunnelProtocol::Hbone {
-            let tcp = TcpStream::connect(ep.addr)
+            let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(ep.addr))
                 .await
+                .map_err(|_| UpstreamError::Connect(format!("{}: connect timed out", ep.addr)))?
                 .map_err(|e| UpstreamError::Connect(format!("{}: {e}", ep.addr)))?;
             let _ = tcp.set_nodelay(true);
             return Ok(Box::new(tcp));
@@ -1215,7 +1305,11 @@ impl Proxy {
             .stream(&(dst_id, hbone_addr), ep.addr, headers, || {
                 let tls = tls.clone();
                 async move {
-                    let tcp = TcpStream::connect(hbone_addr).await?;
+                    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(hbone_addr))
+                        .await
+                        .map_err(|_| {
+                            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                        })??;
                     tcp.set_nodelay(true)?;
                     let handshake = TlsConnector::from(tls)
                         .connect(server_name(hbone_addr.ip()), ReadAhead::new(tcp));
@@ -1234,19 +1328,23 @@ impl Proxy {
         Ok(Box::new(stream))
     }
 
-    /// Sends `req` to `ep` on a pooled HTTP/1.1 connection, or a new one.
+    /// Sends `req` to `ep` on a pooled connection, or a new one, within the
+    /// destination's per-connection `limits`.
     async fn send(
         self: &Arc<Self>,
         ep: &Endpoint,
         client: IpAddr,
         req: Request<Body>,
+        limits: &Limits,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let key = (ep.addr, client);
+        let idle = limits.idle_timeout.map_or(HTTP_IDLE, |t| t.min(HTTP_IDLE));
+        let max_uses = limits.max_requests_per_connection;
         if req.version() == http::Version::HTTP_2 {
-            let mut sender = match self.http.h2(&key) {
+            let mut sender = match self.http.h2(&key, idle, max_uses) {
                 Some(s) => s,
                 None => {
-                    let io = self.upstream(ep, client).await?;
+                    let io = self.upstream(ep, client, limits).await?;
                     let (sender, conn) = hyper::client::conn::http2::handshake(
                         TokioExecutor::new(),
                         TokioIo::new(io),
@@ -1258,7 +1356,9 @@ impl Proxy {
                             debug!(error = %e, "upstream HTTP/2 connection ended");
                         }
                     });
-                    self.http.put_h2(key, sender.clone());
+                    if max_uses != 1 {
+                        self.http.put_h2(key, sender.clone());
+                    }
                     sender
                 }
             };
@@ -1267,10 +1367,10 @@ impl Proxy {
                 .await
                 .map_err(UpstreamError::Request);
         }
-        let mut sender = match self.http.take(&key) {
+        let (mut sender, uses) = match self.http.take(&key, idle) {
             Some(s) => s,
             None => {
-                let io = self.upstream(ep, client).await?;
+                let io = self.upstream(ep, client, limits).await?;
                 let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
                     .await
                     .map_err(|e| UpstreamError::Connect(e.to_string()))?;
@@ -1279,26 +1379,31 @@ impl Proxy {
                         debug!(error = %e, "upstream HTTP connection ended");
                     }
                 });
-                sender
+                (sender, 0)
             }
         };
         let resp = sender
             .send_request(req)
             .await
             .map_err(UpstreamError::Request)?;
-        // Back to the pool once the response body is done.
-        let this = self.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                this.http.put(key, sender);
-            }
-        });
+        // Back to the pool once the response body is done, unless it has
+        // carried its `maxRequestsPerConnection`.
+        let uses = uses + 1;
+        if max_uses == 0 || uses < max_uses {
+            let this = self.clone();
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    this.http.put(key, sender, uses);
+                }
+            });
+        }
         Ok(resp)
     }
 }
 
-/// An upstream HTTP/1.1 connection, idle since when.
-type Idle = (Instant, SendRequest<Body>);
+/// An upstream HTTP/1.1 connection: idle since when, and how many requests
+/// it has carried.
+type Idle = (Instant, SendRequest<Body>, u32);
 
 /// Idle upstream HTTP/1.1 connections, and the one shared HTTP/2
 /// connection (with when it last carried a request), by (endpoint, client).
@@ -1306,56 +1411,65 @@ type Idle = (Instant, SendRequest<Body>);
 #[derive(Debug, Default)]
 pub struct HttpPool {
     idle: Mutex<HashMap<(SocketAddr, IpAddr), Vec<Idle>>>,
-    h2: Mutex<HashMap<(SocketAddr, IpAddr), (Instant, H2Sender)>>,
+    /// With when it last carried a request, and how many it has carried.
+    h2: Mutex<HashMap<(SocketAddr, IpAddr), Shared>>,
 }
 
 type H2Sender = hyper::client::conn::http2::SendRequest<Body>;
+/// The shared HTTP/2 connection: last used, requests carried, sender.
+type Shared = (Instant, u32, H2Sender);
 
 impl HttpPool {
-    fn h2(&self, key: &(SocketAddr, IpAddr)) -> Option<H2Sender> {
+    /// The shared HTTP/2 connection to `key`, unless idle longer than
+    /// `idle`; one that reaches `max_uses` requests (0: no limit) is handed
+    /// out a last time and no longer shared.
+    fn h2(&self, key: &(SocketAddr, IpAddr), idle: Duration, max_uses: u32) -> Option<H2Sender> {
         let mut h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        match h2.get_mut(key) {
-            Some((used, s)) if !s.is_closed() => {
-                *used = Instant::now();
-                Some(s.clone())
-            }
-            Some(_) => {
-                h2.remove(key);
-                None
-            }
-            None => None,
+        let (used, uses, s) = h2.get_mut(key)?;
+        if s.is_closed() || used.elapsed() >= idle {
+            h2.remove(key);
+            return None;
         }
+        *used = Instant::now();
+        *uses += 1;
+        let sender = s.clone();
+        if max_uses > 0 && *uses >= max_uses {
+            h2.remove(key);
+        }
+        Some(sender)
     }
 
     fn put_h2(&self, key: (SocketAddr, IpAddr), s: H2Sender) {
         self.h2
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(key, (Instant::now(), s));
+            .insert(key, (Instant::now(), 1, s));
     }
 
-    fn take(&self, key: &(SocketAddr, IpAddr)) -> Option<SendRequest<Body>> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.get_mut(key)?;
-        while let Some((at, s)) = list.pop() {
-            if at.elapsed() < HTTP_IDLE && s.is_ready() {
-                return Some(s);
+    /// An idle HTTP/1.1 connection to `key`, idle less than `idle`, and
+    /// the requests it has carried.
+    fn take(&self, key: &(SocketAddr, IpAddr), idle: Duration) -> Option<(SendRequest<Body>, u32)> {
+        let mut pool = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = pool.get_mut(key)?;
+        while let Some((at, s, uses)) = list.pop() {
+            if at.elapsed() < idle && s.is_ready() {
+                return Some((s, uses));
             }
         }
-        idle.remove(key);
+        pool.remove(key);
         None
     }
 
-    fn put(&self, key: (SocketAddr, IpAddr), s: SendRequest<Body>) {
+    fn put(&self, key: (SocketAddr, IpAddr), s: SendRequest<Body>, uses: u32) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.entry(key).or_default();
         // Stale entries are swept by `evict_idle` and skipped by `take`;
         // sweeping here too, on every response, cost a clock read per entry.
         if list.len() >= HTTP_IDLE_MAX {
-            list.retain(|(at, s)| at.elapsed() < HTTP_IDLE && !s.is_closed());
+            list.retain(|(at, s, _)| at.elapsed() < HTTP_IDLE && !s.is_closed());
         }
         if list.len() < HTTP_IDLE_MAX {
-            list.push((Instant::now(), s));
+            list.push((Instant::now(), s, uses));
         }
     }
 
@@ -1363,7 +1477,7 @@ impl HttpPool {
     pub fn evict_idle(&self) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.retain(|_, list| {
-            list.retain(|(at, s)| at.elapsed() < HTTP_IDLE && !s.is_closed());
+            list.retain(|(at, s, _)| at.elapsed() < HTTP_IDLE && !s.is_closed());
             !list.is_empty()
         });
         drop(idle);
@@ -1372,7 +1486,7 @@ impl HttpPool {
             .unwrap_or_else(PoisonError::into_inner)
             // Dropping the last sender closes the connection once its
             // streams finish.
-            .retain(|_, (used, s)| used.elapsed() < HTTP_IDLE && !s.is_closed());
+            .retain(|_, (used, _, s)| used.elapsed() < HTTP_IDLE && !s.is_closed());
     }
 }
 

@@ -17,6 +17,7 @@ use weft_xds::proto::workload;
 use weft_xds::types;
 
 use crate::authz::Policy;
+use crate::breaker::Limits;
 use crate::route::RouteTable;
 
 /// Load balancing among a destination's endpoints.
@@ -43,22 +44,32 @@ impl Balance {
 #[derive(Clone, Debug)]
 pub struct Destination {
     pub balance: Balance,
-    /// Subset name → its balance and the workloads it selects.
-    pub subsets: HashMap<String, (Balance, HashSet<String>)>,
+    pub limits: Limits,
+    /// Subset name → its balance, the workloads it selects and its limits.
+    pub subsets: HashMap<String, (Balance, HashSet<String>, Limits)>,
 }
 
 impl Destination {
     fn compile(d: &pb::Destination) -> Destination {
         let balance = Balance::from_proto(d.load_balancer, Balance::LeastRequest);
+        let limits = Limits::compile(d.connection_pool.as_ref(), Limits::default());
         let subsets = d
             .subsets
             .iter()
             .map(|s| {
                 let b = Balance::from_proto(s.load_balancer, balance);
-                (s.name.clone(), (b, s.workloads.iter().cloned().collect()))
+                let l = Limits::compile(s.connection_pool.as_ref(), limits);
+                (
+                    s.name.clone(),
+                    (b, s.workloads.iter().cloned().collect(), l),
+                )
             })
             .collect();
-        Destination { balance, subsets }
+        Destination {
+            balance,
+            limits,
+            subsets,
+        }
     }
 }
 
@@ -85,6 +96,20 @@ pub struct Endpoint {
 }
 
 impl State {
+    /// The circuit-breaker limits of `svc` (or its `subset`), and the key
+    /// its counters go by.
+    pub fn limits(&self, svc: &Service, subset: &str) -> (String, Limits) {
+        let key = format!("{}/{}", svc.namespace, svc.hostname);
+        let limits = match self.destinations.get(&key) {
+            None => Limits::default(),
+            Some(d) => match d.subsets.get(subset) {
+                Some((_, _, l)) => *l,
+                None => d.limits,
+            },
+        };
+        (format!("{key}/{subset}"), limits)
+    }
+
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.services_by_vip.get(&ip)
     }
@@ -123,7 +148,7 @@ impl State {
         let (balance, members) = match (dest, subset) {
             (Some(d), "") => (d.balance, None),
             (Some(d), name) => match d.subsets.get(name) {
-                Some((b, m)) => (*b, Some(m)),
+                Some((b, m, _)) => (*b, Some(m)),
                 None => return (Vec::new(), d.balance),
             },
             (None, "") => (Balance::LeastRequest, None),
