@@ -230,3 +230,83 @@ fn fault_injection() -> Result<()> {
     );
     lab.teardown()
 }
+
+/// Istio's circuit-breaking task: one connection, one request waiting for
+/// it; the rest of a burst is refused at once with 503 `UO`, and the
+/// served ones come back.
+#[test]
+fn circuit_breaking() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("breaker", MESH))?;
+    let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::SlowHttp(400))?;
+    lab.write_manifest(
+        "routes.yaml",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews, subset: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 3m}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+"#,
+    )?;
+    let client = lab.pod("bookinfo/productpage").clone();
+    let reviews: SocketAddr = REVIEWS.parse()?;
+    let burst = |n: usize| -> Vec<u16> {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                let client = client.clone();
+                std::thread::spawn(move || {
+                    apps::http(&client, reviews, "GET", "/", &[]).map(|r| {
+                        if r.status == 503 {
+                            assert!(r.body.ends_with("reset reason: overflow"), "{r:?}");
+                        }
+                        r.status
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().ok().and_then(Result::ok).unwrap_or(0))
+            .collect()
+    };
+    eventually("a burst overflows", Duration::from_secs(10), || {
+        Ok(burst(6).contains(&503))
+    })?;
+    let statuses = burst(6);
+    let (ok, overflow) = (
+        statuses.iter().filter(|s| **s == 200).count(),
+        statuses.iter().filter(|s| **s == 503).count(),
+    );
+    ensure!(
+        ok >= 1 && overflow >= 1 && ok + overflow == 6,
+        "one at a time served, one waiting, the rest refused: {statuses:?}"
+    );
+    ensure!(ok <= 3, "at most the connection, the queue and a freed turn: {statuses:?}");
+    // Once the burst is over, requests are served again.
+    ensure!(get(&lab, "/", &[])?.status == 200);
+    let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+    ensure!(
+        metric_sum(
+            &text,
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "UO")]
+        ) >= overflow as f64,
+        "overflows flagged UO:\n{text}"
+    );
+    lab.teardown()
+}
