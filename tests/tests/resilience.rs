@@ -296,7 +296,10 @@ spec:
         ok >= 1 && overflow >= 1 && ok + overflow == 6,
         "one at a time served, one waiting, the rest refused: {statuses:?}"
     );
-    ensure!(ok <= 3, "at most the connection, the queue and a freed turn: {statuses:?}");
+    ensure!(
+        ok <= 3,
+        "at most the connection, the queue and a freed turn: {statuses:?}"
+    );
     // Once the burst is over, requests are served again.
     ensure!(get(&lab, "/", &[])?.status == 200);
     let text = lab.waypoint_metrics(WAYPOINT_POD)?;
