@@ -102,9 +102,18 @@ pub fn labels_of<'a>(snap: &'a Snapshot, uid: &str) -> Option<&'a BTreeMap<Strin
 /// in Istio: `<cluster>/networking.istio.io/ServiceEntry/<ns>/<name>/<ip>`.
 const SE_UID: &str = "/networking.istio.io/ServiceEntry/";
 
-/// Addresses already taken when the ServiceEntries are translated: each
-/// Service VIP and pod address, with who holds it.
-pub type Taken = HashMap<IpAddr, String>;
+/// What is already taken when the ServiceEntries are translated, with who
+/// holds it: each Service VIP and pod address, and each host an older
+/// entry serves.
+#[derive(Debug, Default)]
+pub struct Taken {
+    pub addresses: HashMap<IpAddr, String>,
+    pub hosts: HashMap<String, String>,
+}
+
+/// The cluster's own service domain: its hosts are Services' (and
+/// waypoints'), never a ServiceEntry's.
+const CLUSTER_DOMAIN: &str = ".svc.cluster.local";
 
 /// Translates every ServiceEntry, oldest first (Istio's tie-break), into
 /// services, adding the workloads of inline endpoints to `workloads`.
@@ -141,11 +150,23 @@ fn service_entry(
         return Err(err("spec.hosts", "at least one host is required".into()));
     }
     for (i, h) in spec.hosts.iter().enumerate() {
+        let at = format!("spec.hosts[{i}]");
         if h.is_empty() || h.contains('*') || h.contains('/') || h.parse::<IpAddr>().is_ok() {
             return Err(err(
-                &format!("spec.hosts[{i}]"),
+                &at,
                 format!("{h:?}: a host must be a DNS name; wildcards and IPs are not served"),
             ));
+        }
+        // A host is one service's: an entry never takes over a Service's
+        // (or a waypoint's) name, its routes or the policies on it.
+        if h.ends_with(CLUSTER_DOMAIN) {
+            return Err(err(
+                &at,
+                format!("{h}: hosts in {} are Services'", &CLUSTER_DOMAIN[1..]),
+            ));
+        }
+        if let Some(holder) = taken.hosts.get(h) {
+            return Err(err(&at, format!("{h} is already the host of {holder}")));
         }
     }
     let resolution = spec.resolution.as_deref().unwrap_or("NONE");
@@ -195,7 +216,7 @@ fn service_entry(
                 .filter(|ip| len == if ip.is_ipv4() { "32" } else { "128" }),
         }
         .ok_or_else(|| err(&at, format!("{a:?}: only single IP addresses are served")))?;
-        if let Some(holder) = taken.get(&ip) {
+        if let Some(holder) = taken.addresses.get(&ip) {
             return Err(err(&at, format!("{ip} is already {holder}")));
         }
         vips.push(ip);
@@ -292,8 +313,23 @@ fn service_entry(
                 ));
             }
         }
-        // An address that is a pod (or an earlier entry's endpoint) is that
-        // workload; any other is a workload outside the mesh, as in Istio.
+        // An address that is a pod of this namespace (or an earlier
+        // entry's endpoint) is that workload; one that is another
+        // namespace's pod (or a node's) is refused: an entry must not send
+        // traffic around that pod's own waypoint. Any other address is a
+        // workload outside the mesh, as in Istio.
+        if let Some(w) = workloads
+            .iter()
+            .find(|w| w.addresses.contains(&ip) && (w.host_network || w.namespace != namespace))
+        {
+            return Err(err(
+                &format!("{at}.address"),
+                format!(
+                    "{ip} is pod {}/{} of another namespace or a node's address",
+                    w.namespace, w.name
+                ),
+            ));
+        }
         let uid = match workloads
             .iter()
             .chain(&added)
@@ -344,10 +380,15 @@ fn service_entry(
         });
     }
     for ip in &vips {
-        taken.insert(
+        taken.addresses.insert(
             *ip,
             format!("the address of ServiceEntry {namespace}/{name}"),
         );
+    }
+    for h in &spec.hosts {
+        taken
+            .hosts
+            .insert(h.clone(), format!("ServiceEntry {namespace}/{name}"));
     }
     workloads.extend(added);
     let ports: Vec<ServicePort> = ports.into_iter().map(|(_, p)| p).collect();
@@ -542,6 +583,20 @@ spec:
         assert_eq!(web.hostname, "web.shop.svc.cluster.local");
     }
 
+    /// An older entry in another namespace, and a pod there.
+    const OTHERS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: first, namespace: other, creationTimestamp: "2020-01-01T00:00:00Z"}
+spec: {hosts: [taken.example], resolution: STATIC, ports: [{number: 80, name: http}], endpoints: [{address: 192.0.2.200}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: victim, namespace: other}
+spec: {nodeName: n1, containers: [{name: app}]}
+status: {podIP: 10.244.9.9}
+"#;
+
     #[test]
     fn refusals_name_the_field() {
         let cases = [
@@ -579,6 +634,18 @@ spec:
                 "resolution: MAGIC",
                 "spec.resolution: unknown resolution \"MAGIC\"",
             ),
+            (
+                "hosts: [reviews.shop.svc.cluster.local]",
+                "spec.hosts[0]: reviews.shop.svc.cluster.local: hosts in svc.cluster.local are Services'",
+            ),
+            (
+                "hosts: [taken.example]",
+                "spec.hosts[0]: taken.example is already the host of ServiceEntry other/first",
+            ),
+            (
+                "endpoints: [{address: 10.244.9.9}]",
+                "spec.endpoints[0].address: 10.244.9.9 is pod other/victim of another namespace",
+            ),
         ];
         for (patch, want) in cases {
             let base = "{hosts: [e.example], resolution: STATIC, ports: [{number: 80, name: http}], endpoints: [{address: 192.0.2.1}]}";
@@ -586,7 +653,7 @@ spec:
             let over: serde_yaml::Mapping = serde_yaml::from_str(&format!("{{{patch}}}")).unwrap();
             spec.extend(over);
             let yaml = format!(
-                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: e, namespace: shop}}\nspec:\n  {}",
+                "{OTHERS}---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: e, namespace: shop, creationTimestamp: \"2026-01-01T00:00:00Z\"}}\nspec:\n  {}",
                 serde_yaml::to_string(&spec).unwrap().replace('\n', "\n  ")
             );
             let mut snap = Snapshot::default();

@@ -1,7 +1,7 @@
 //! Snapshot → workloads and services, as ztunnel consumes them. Pure: the same
 //! snapshot always gives the same output, and problems are returned, not logged.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService};
@@ -198,10 +198,10 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
         }
     }
     // ServiceEntries take no address a Service VIP or a pod holds.
-    let mut taken: crate::service_entry::Taken = HashMap::new();
+    let mut taken = crate::service_entry::Taken::default();
     for s in &services {
         for ip in &s.vips {
-            taken.insert(
+            taken.addresses.insert(
                 *ip,
                 format!("the VIP of Service {}/{}", s.namespace, s.name),
             );
@@ -209,7 +209,7 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
     }
     for w in &out.workloads {
         for ip in &w.addresses {
-            taken.insert(
+            taken.addresses.insert(
                 *ip,
                 format!("the address of pod {}/{}", w.namespace, w.name),
             );
