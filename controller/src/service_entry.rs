@@ -313,19 +313,20 @@ fn service_entry(
                 ));
             }
         }
-        // An address that is a pod of this namespace (or an earlier
-        // entry's endpoint) is that workload; one that is another
-        // namespace's pod (or a node's) is refused: an entry must not send
-        // traffic around that pod's own waypoint. Any other address is a
-        // workload outside the mesh, as in Istio.
-        if let Some(w) = workloads
-            .iter()
-            .find(|w| w.addresses.contains(&ip) && (w.host_network || w.namespace != namespace))
-        {
+        // An address that is a pod (or an earlier entry's endpoint) is that
+        // workload. A captured pod of another namespace, or a node's
+        // address, is refused: an entry must not send traffic around that
+        // pod's own waypoint and policies. Any other address is a workload
+        // outside the mesh, as in Istio.
+        if let Some(w) = workloads.iter().find(|w| {
+            w.addresses.contains(&ip)
+                && (w.host_network
+                    || (w.namespace != namespace && w.protocol == TunnelProtocol::Hbone))
+        }) {
             return Err(err(
                 &format!("{at}.address"),
                 format!(
-                    "{ip} is pod {}/{} of another namespace or a node's address",
+                    "{ip} is meshed pod {}/{} of another namespace, or a node's address",
                     w.namespace, w.name
                 ),
             ));
@@ -585,6 +586,10 @@ spec:
 
     /// An older entry in another namespace, and a pod there.
     const OTHERS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: other, labels: {istio.io/dataplane-mode: ambient}}
+---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: first, namespace: other, creationTimestamp: "2020-01-01T00:00:00Z"}
@@ -644,7 +649,7 @@ status: {podIP: 10.244.9.9}
             ),
             (
                 "endpoints: [{address: 10.244.9.9}]",
-                "spec.endpoints[0].address: 10.244.9.9 is pod other/victim of another namespace",
+                "spec.endpoints[0].address: 10.244.9.9 is meshed pod other/victim of another namespace",
             ),
         ];
         for (patch, want) in cases {
