@@ -140,6 +140,7 @@ impl Conn {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retrying = Vec::new();
         let mut n = 0;
+        let mut next_body = None;
         loop {
             record.upstream = Some(ep.addr);
             record.destination_workload(&ep.workload);
@@ -151,7 +152,7 @@ impl Conn {
             };
             let b: Body = match &body {
                 None => empty(),
-                Some(r) => match r.reader() {
+                Some(r) => match next_body.take().or_else(|| r.reader()) {
                     Some(b) => b.boxed(),
                     None => {
                         return Err(Failed {
@@ -219,6 +220,9 @@ impl Conn {
                     if exhausted {
                         record.flag("URX");
                     }
+                    if let Some(b) = &body {
+                        b.commit();
+                    }
                     Ok(r)
                 }
                 _ => Err(Failed {
@@ -236,7 +240,10 @@ impl Conn {
             if body.as_ref().is_some_and(|b| !b.replayable()) {
                 return done(false, record);
             }
-            let service = record.service_name().unwrap_or_else(|| ep.addr.to_string());
+            // A pod-targeted request has no service: one series for all.
+            let service = record
+                .service_name()
+                .unwrap_or_else(|| "unknown".to_string());
             let active = self.proxy.store.load(endpoints) + 1;
             let Some(r) = self.proxy.retry_budget.try_retry(&service, active) else {
                 self.proxy.metrics.retry(&service, "budget_exhausted");
@@ -253,6 +260,14 @@ impl Conn {
                     }
                 },
             };
+            // The next attempt's body now: the last attempt stops reading
+            // the client before the backoff, so it cannot overrun the copy.
+            if let Some(b) = &body {
+                match b.reader() {
+                    Some(r) => next_body = Some(r),
+                    None => return done(false, record),
+                }
+            }
             retrying.push((r, slot));
             self.proxy.metrics.retry(&service, "retried");
             n += 1;

@@ -7,7 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -29,8 +29,14 @@ struct Shared {
     done: bool,
     /// More than the limit was read (or reading failed): no replay.
     overflow: bool,
+    /// An attempt has its answer: nothing more is kept, and what was kept
+    /// goes once the current reader has replayed it.
+    committed: bool,
     /// The reader that may still read; older ones are cut off.
     generation: u64,
+    /// The reader waiting for the client's body, woken when a newer one
+    /// takes over so that it ends (and its upstream stream with it).
+    parked: Option<Waker>,
 }
 
 /// The client's body, with what was read of it so far.
@@ -53,7 +59,9 @@ impl Recorder {
                 trailers: None,
                 done,
                 overflow: false,
+                committed: false,
                 generation: 0,
+                parked: None,
             }),
             hint,
             limit,
@@ -69,6 +77,13 @@ impl Recorder {
         !self.lock().overflow
     }
 
+    /// The current attempt has its answer: there will be no retry, so
+    /// nothing more is kept (a long gRPC stream does not hold its first
+    /// megabyte for its whole life).
+    pub fn commit(&self) {
+        self.lock().committed = true;
+    }
+
     /// A body for the next attempt, from the start; earlier readers stop.
     /// `None` when the body can no longer be replayed.
     pub fn reader(self: &Arc<Self>) -> Option<Replay> {
@@ -77,6 +92,9 @@ impl Recorder {
             return None;
         }
         s.generation += 1;
+        if let Some(w) = s.parked.take() {
+            w.wake();
+        }
         Some(Replay {
             recorder: self.clone(),
             generation: s.generation,
@@ -114,6 +132,11 @@ impl Body for Replay {
             this.pos += 1;
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
+        if s.committed && !s.overflow {
+            // Replayed to the end, and no retry to come: let it go.
+            s.overflow = true;
+            s.chunks = Vec::new();
+        }
         if s.done {
             return match (&s.trailers, this.trailers_sent) {
                 (Some(t), false) => {
@@ -126,12 +149,25 @@ impl Body for Replay {
         let Some(source) = s.source.as_mut() else {
             return Poll::Ready(None);
         };
-        let frame = ready!(Pin::new(source).poll_frame(cx));
+        let frame = match Pin::new(source).poll_frame(cx) {
+            Poll::Pending => {
+                s.parked = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            Poll::Ready(f) => f,
+        };
         match frame {
             None => {
                 s.done = true;
                 s.source = None;
-                Poll::Ready(None)
+                // Trailers an earlier attempt read, before the end it did not.
+                match (&s.trailers, this.trailers_sent) {
+                    (Some(t), false) => {
+                        this.trailers_sent = true;
+                        Poll::Ready(Some(Ok(Frame::trailers(t.clone()))))
+                    }
+                    _ => Poll::Ready(None),
+                }
             }
             Some(Err(e)) => {
                 s.done = true;
@@ -232,6 +268,63 @@ mod tests {
             "the old reader is cut off"
         );
         assert_eq!(collect(second).await.unwrap().0, b"abcdef");
+    }
+
+    /// A reader waiting on the client is woken when a retry takes over,
+    /// and then ends with an error (its upstream stream with it).
+    #[tokio::test]
+    async fn a_superseded_waiting_reader_is_woken() {
+        /// A body fed by a channel: pending until something is sent.
+        struct Chan(tokio::sync::mpsc::Receiver<Bytes>);
+        impl Body for Chan {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let rec = Recorder::new(Chan(rx).boxed(), 1024);
+        let mut first = rec.reader().unwrap();
+        let waiting = tokio::spawn(async move { first.frame().await });
+        tokio::task::yield_now().await;
+        let second = rec.reader().unwrap();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the old reader was woken")
+            .unwrap();
+        assert!(matches!(ended, Some(Err(_))), "{ended:?}");
+        tx.send(Bytes::from_static(b"late")).await.unwrap();
+        drop(tx);
+        assert_eq!(collect(second).await.unwrap().0, b"late");
+    }
+
+    /// Once committed, what was kept goes after it is replayed, and no
+    /// more is kept.
+    #[tokio::test]
+    async fn commit_keeps_nothing_more() {
+        let rec = Recorder::new(body(&["ab", "cd"], false), 1024);
+        let mut r = rec.reader().unwrap();
+        assert_eq!(r.frame().await.unwrap().unwrap().into_data().unwrap(), "ab");
+        rec.commit();
+        assert_eq!(collect(r).await.unwrap().0, b"cd");
+        assert!(!rec.replayable());
+        assert!(rec.lock().chunks.is_empty());
+    }
+
+    /// Trailers an attempt read before the end reach the retry too.
+    #[tokio::test]
+    async fn trailers_survive_a_retry_before_the_end() {
+        let rec = Recorder::new(body(&["ab"], true), 1024);
+        let mut first = rec.reader().unwrap();
+        assert!(first.frame().await.unwrap().unwrap().is_data());
+        assert!(first.frame().await.unwrap().unwrap().is_trailers());
+        let (data, trailers) = collect(rec.reader().unwrap()).await.unwrap();
+        assert_eq!(data, b"ab");
+        assert!(trailers.is_some(), "trailers replayed");
     }
 
     #[tokio::test]
