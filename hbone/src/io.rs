@@ -13,7 +13,9 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::io::poll_read_buf;
 
 /// How much one socket read may take.
 pub const READ_AHEAD: usize = 64 * 1024;
@@ -22,19 +24,15 @@ pub const READ_AHEAD: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct ReadAhead<S> {
     io: S,
-    /// Bytes read and not yet handed out: `buf[pos..len]`.
-    buf: Vec<u8>,
-    pos: usize,
-    len: usize,
+    /// Bytes read and not yet handed out; no allocation while idle.
+    buf: BytesMut,
 }
 
 impl<S> ReadAhead<S> {
     pub fn new(io: S) -> Self {
         ReadAhead {
             io,
-            buf: Vec::new(),
-            pos: 0,
-            len: 0,
+            buf: BytesMut::new(),
         }
     }
 
@@ -53,32 +51,27 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         if out.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
-        if this.pos == this.len {
+        if this.buf.is_empty() {
             // A large read needs no help: straight into the caller's buffer.
             if out.remaining() >= READ_AHEAD {
                 return Pin::new(&mut this.io).poll_read(cx, out);
             }
-            if this.buf.is_empty() {
-                this.buf = vec![0; READ_AHEAD];
-            }
-            let mut rb = ReadBuf::new(&mut this.buf);
-            match Pin::new(&mut this.io).poll_read(cx, &mut rb) {
+            // Uninitialized capacity: nothing is zeroed per read.
+            this.buf.reserve(READ_AHEAD);
+            match poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
                 Poll::Pending => {
                     // Nothing flowing: hold no buffer while idle.
-                    this.buf = Vec::new();
+                    this.buf = BytesMut::new();
                     return Poll::Pending;
                 }
-                Poll::Ready(r) => r?,
-            }
-            this.pos = 0;
-            this.len = rb.filled().len();
-            if this.len == 0 {
-                return Poll::Ready(Ok(()));
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(_)) => {}
             }
         }
-        let n = (this.len - this.pos).min(out.remaining());
-        out.put_slice(&this.buf[this.pos..this.pos + n]);
-        this.pos += n;
+        let n = this.buf.len().min(out.remaining());
+        out.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -139,7 +132,7 @@ mod tests {
         let mut cx = Context::from_waker(waker);
         let mut rb = ReadBuf::new(&mut chunk);
         assert!(Pin::new(&mut r).poll_read(&mut cx, &mut rb).is_pending());
-        assert!(r.buf.is_empty());
+        assert_eq!(r.buf.capacity(), 0, "no buffer while idle");
         // Writes pass through; EOF reads as 0.
         r.write_all(b"back").await.unwrap();
         let mut back = [0u8; 4];

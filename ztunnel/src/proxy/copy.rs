@@ -306,11 +306,21 @@ impl ToTunnel {
                 self.pending = Bytes::copy_from_slice(rb.filled());
                 rb.filled().len()
             } else {
-                if self.spare.capacity() == 0 {
+                // Reads fill one allocation in turn; each read's bytes go to
+                // h2 as a slice of it, so a short read does not pin a whole
+                // buffer of its own.
+                if self.spare.capacity() < self.chunk / 2 {
                     self.spare = BytesMut::with_capacity(self.chunk);
                 }
-                let n = ready!(poll_read_buf(reader.as_mut(), cx, &mut self.spare))?;
-                self.pending = std::mem::take(&mut self.spare).freeze();
+                let n = match poll_read_buf(reader.as_mut(), cx, &mut self.spare) {
+                    Poll::Pending => {
+                        // Idle: hold no buffer while nothing comes.
+                        self.spare = BytesMut::new();
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(r) => r?,
+                };
+                self.pending = self.spare.split().freeze();
                 n
             };
             if n == 0 {
