@@ -138,6 +138,10 @@ pub const RETRY_ON: &[&str] = &[
     "5xx",
     "gateway-error",
     "reset",
+    "reset-before-request",
+    "envoy-ratelimited",
+    "retriable-headers",
+    "http3-post-connect-failure",
     "connect-failure",
     "retriable-4xx",
     "refused-stream",
@@ -179,6 +183,7 @@ pub fn retries(r: &HttpRetry, at: &str) -> Result<pb::RetryPolicy, String> {
     let attempts = u32::try_from(attempts.min(100)).unwrap_or(100);
     let mut out = pb::RetryPolicy {
         attempts,
+        allow_previous_hosts: r.retry_ignore_previous_hosts == Some(false),
         ..pb::RetryPolicy::default()
     };
     if let Some(t) = &r.per_try_timeout {
@@ -328,6 +333,12 @@ mod tests {
         assert_eq!((p.attempts, p.per_try_timeout_ms), (3, 2000));
         assert_eq!(p.retry_on, DEFAULT_RETRY_ON, "Istio's default conditions");
         assert_eq!(p.retriable_status_codes, [503]);
+        assert!(
+            retry("{attempts: 1, retryIgnorePreviousHosts: false}")
+                .unwrap()
+                .allow_previous_hosts
+        );
+        assert!(!retry("{attempts: 1}").unwrap().allow_previous_hosts);
         let p = retry("{attempts: 2, retryOn: 'gateway-error,connect-failure,409'}").unwrap();
         assert_eq!(
             p.retry_on,

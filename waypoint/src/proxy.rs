@@ -201,6 +201,7 @@ impl Conn {
                         .get("grpc-status")
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok()),
+                    ratelimited: r.headers().contains_key("x-envoy-ratelimited"),
                 },
                 Some(Err(UpstreamError::Connect(e))) => {
                     debug!(endpoint = %ep.addr, error = %e, "upstream connect failed");
@@ -273,8 +274,10 @@ impl Conn {
             n += 1;
             tokio::time::sleep(policy.backoff(n, roll())).await;
             // Another endpoint than those tried, where there is one (Istio's
-            // previous-hosts predicate).
-            tried.push(ep.addr);
+            // previous-hosts predicate), unless the policy allows them.
+            if !policy.previous_hosts {
+                tried.push(ep.addr);
+            }
             let others: Vec<Endpoint> = endpoints
                 .iter()
                 .filter(|e| !tried.contains(&e.addr))

@@ -13,9 +13,14 @@ use weft_xds::proto::waypoint as pb;
 /// What one attempt came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Response headers arrived: the status, and `grpc-status` when the
-    /// headers carry one (a trailers-only gRPC response).
-    Response { status: u16, grpc: Option<u32> },
+    /// Response headers arrived: the status, `grpc-status` when the
+    /// headers carry one (a trailers-only gRPC response), and whether they
+    /// carry `x-envoy-ratelimited`.
+    Response {
+        status: u16,
+        grpc: Option<u32>,
+        ratelimited: bool,
+    },
     /// No connection to the endpoint.
     ConnectFailure,
     /// The stream was refused before it was processed (HTTP/2 REFUSED_STREAM).
@@ -39,6 +44,8 @@ const G_DEADLINE: u32 = 1 << 8;
 const G_INTERNAL: u32 = 1 << 9;
 const G_EXHAUSTED: u32 = 1 << 10;
 const G_UNAVAILABLE: u32 = 1 << 11;
+const C_RESET_BEFORE: u32 = 1 << 12;
+const C_RATELIMITED: u32 = 1 << 13;
 
 /// Envoy's default base interval; the cap is ten times the base.
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
@@ -47,6 +54,7 @@ const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 pub const NO_RETRY: Policy = Policy {
     attempts: 0,
     per_try_timeout: None,
+    previous_hosts: false,
     on: 0,
     codes: Vec::new(),
     backoff: DEFAULT_BACKOFF,
@@ -58,6 +66,8 @@ pub struct Policy {
     /// Retries after the first attempt.
     pub attempts: u32,
     pub per_try_timeout: Option<Duration>,
+    /// A retry may go to an endpoint already tried.
+    pub previous_hosts: bool,
     on: u32,
     codes: Vec<u16>,
     backoff: Duration,
@@ -70,6 +80,7 @@ impl Policy {
         Policy {
             attempts: 2,
             per_try_timeout: None,
+            previous_hosts: false,
             on: C_CONNECT | C_REFUSED | G_UNAVAILABLE | G_CANCELLED | C_CODES,
             codes: vec![503],
             backoff: DEFAULT_BACKOFF,
@@ -88,6 +99,8 @@ impl Policy {
                 "5xx" => C_5XX,
                 "gateway-error" => C_GATEWAY,
                 "reset" => C_RESET,
+                "reset-before-request" => C_RESET_BEFORE,
+                "envoy-ratelimited" => C_RATELIMITED,
                 "connect-failure" => C_CONNECT,
                 "retriable-4xx" => C_4XX,
                 "refused-stream" => C_REFUSED,
@@ -102,6 +115,7 @@ impl Policy {
         });
         Policy {
             attempts: p.attempts,
+            previous_hosts: p.allow_previous_hosts,
             per_try_timeout: (p.per_try_timeout_ms > 0)
                 .then(|| Duration::from_millis(p.per_try_timeout_ms)),
             on,
@@ -124,12 +138,19 @@ impl Policy {
             // Every reset, connect failures and refusals included, for
             // 5xx, gateway-error and reset (Envoy); the narrower ones for
             // their own.
-            Outcome::ConnectFailure => on(C_5XX | C_GATEWAY | C_RESET | C_CONNECT),
-            Outcome::RefusedStream => on(C_5XX | C_GATEWAY | C_RESET | C_REFUSED),
+            // Nothing of the request reached the upstream: also
+            // reset-before-request.
+            Outcome::ConnectFailure => on(C_5XX | C_GATEWAY | C_RESET | C_CONNECT | C_RESET_BEFORE),
+            Outcome::RefusedStream => on(C_5XX | C_GATEWAY | C_RESET | C_REFUSED | C_RESET_BEFORE),
             Outcome::Reset => on(C_5XX | C_GATEWAY | C_RESET),
             Outcome::PerTryTimeout => on(C_5XX | C_GATEWAY | C_RESET),
-            Outcome::Response { status, grpc } => {
-                (on(C_5XX) && (500..600).contains(&status))
+            Outcome::Response {
+                status,
+                grpc,
+                ratelimited,
+            } => {
+                (on(C_RATELIMITED) && ratelimited)
+                    || (on(C_5XX) && (500..600).contains(&status))
                     || (on(C_GATEWAY) && matches!(status, 502..=504))
                     || (on(C_4XX) && status == 409)
                     || (on(C_CODES) && self.codes.contains(&status))
@@ -230,15 +251,26 @@ mod tests {
     }
 
     fn resp(status: u16) -> Outcome {
-        Outcome::Response { status, grpc: None }
+        Outcome::Response {
+            status,
+            grpc: None,
+            ratelimited: false,
+        }
     }
 
     fn grpc(code: u32) -> Outcome {
         Outcome::Response {
             status: 200,
             grpc: Some(code),
+            ratelimited: false,
         }
     }
+
+    const LIMITED: Outcome = Outcome::Response {
+        status: 429,
+        grpc: None,
+        ratelimited: true,
+    };
 
     /// Each condition against each outcome, as Envoy decides.
     #[test]
@@ -261,6 +293,7 @@ mod tests {
             grpc(13),
             grpc(14),
             grpc(2),
+            LIMITED,
         ];
         let table: &[(&[&str], &[u32], &[Outcome])] = &[
             (
@@ -296,6 +329,17 @@ mod tests {
                 &[ConnectFailure, RefusedStream, Reset, PerTryTimeout],
             ),
             (&["connect-failure"], &[], &[ConnectFailure]),
+            (
+                &["reset-before-request"],
+                &[],
+                &[ConnectFailure, RefusedStream],
+            ),
+            (&["envoy-ratelimited"], &[], &[LIMITED]),
+            (
+                &["retriable-headers", "http3-post-connect-failure"],
+                &[],
+                &[],
+            ),
             (&["refused-stream"], &[], &[RefusedStream]),
             (&["retriable-4xx"], &[], &[resp(409)]),
             (

@@ -67,9 +67,11 @@ pub struct RetryPolicy {
     #[prost(uint64, tag = "2")]
     pub per_try_timeout_ms: u64,
     /// Envoy's retry_on conditions: 5xx, gateway-error, reset,
-    /// connect-failure, retriable-4xx, refused-stream,
-    /// retriable-status-codes, and for gRPC cancelled, deadline-exceeded,
-    /// internal, resource-exhausted, unavailable.
+    /// reset-before-request, connect-failure, retriable-4xx, refused-stream,
+    /// retriable-status-codes, envoy-ratelimited, retriable-headers and
+    /// http3-post-connect-failure (neither can match in a waypoint: no
+    /// retriable headers are configurable, no HTTP/3 upstream), and for gRPC
+    /// cancelled, deadline-exceeded, internal, resource-exhausted, unavailable.
     #[prost(string, repeated, tag = "3")]
     pub retry_on: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     /// With retriable-status-codes: the codes retried.
@@ -78,6 +80,10 @@ pub struct RetryPolicy {
     /// The base of the jittered exponential backoff, in milliseconds; 0: 25.
     #[prost(uint64, tag = "5")]
     pub backoff_base_ms: u64,
+    /// A retry may go to an endpoint already tried (retryIgnorePreviousHosts:
+    /// false); by default it goes to another where there is one.
+    #[prost(bool, tag = "6")]
+    pub allow_previous_hosts: bool,
 }
 #[derive(Clone, Copy, PartialEq, ::prost::Message)]
 pub struct Fault {
