@@ -132,6 +132,63 @@ pub fn connection_pool(
     Ok((out, not_applied))
 }
 
+/// `OutlierDetection`: Envoy's consecutive-error ejection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OutlierDetection {
+    pub consecutive_5xx_errors: Option<i64>,
+    pub consecutive_gateway_errors: Option<i64>,
+    pub interval: Option<String>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<i64>,
+    /// Not applied yet: the status lists them.
+    #[serde(flatten)]
+    pub rest: std::collections::BTreeMap<String, serde_yaml::Value>,
+}
+
+/// `outlierDetection` at `at`, with Istio's defaults (5 consecutive 5xx,
+/// 30 s, 10%), and the fields not applied yet.
+pub fn outlier_detection(
+    od: &OutlierDetection,
+    at: &str,
+) -> Result<(pb::OutlierDetection, Vec<String>), String> {
+    let count = |v: Option<i64>, field: &str, default: u32| -> Result<u32, String> {
+        match v {
+            None => Ok(default),
+            Some(n) if n >= 0 => Ok(u32::try_from(n).unwrap_or(u32::MAX)),
+            Some(n) => Err(format!("{at}.{field}: {n} must not be negative")),
+        }
+    };
+    let base = match &od.base_ejection_time {
+        None => 30_000,
+        Some(t) => duration_ms(t).filter(|ms| *ms >= 1).ok_or_else(|| {
+            format!("{at}.baseEjectionTime: {t:?} is not a duration of 1ms or more")
+        })?,
+    };
+    if let Some(t) = &od.interval {
+        duration_ms(t)
+            .filter(|ms| *ms >= 1)
+            .ok_or_else(|| format!("{at}.interval: {t:?} is not a duration of 1ms or more"))?;
+    }
+    let max = count(od.max_ejection_percent, "maxEjectionPercent", 10)?;
+    if max > 100 {
+        return Err(format!("{at}.maxEjectionPercent: {max} is over 100"));
+    }
+    Ok((
+        pb::OutlierDetection {
+            consecutive_5xx_errors: count(od.consecutive_5xx_errors, "consecutive5xxErrors", 5)?,
+            consecutive_gateway_errors: count(
+                od.consecutive_gateway_errors,
+                "consecutiveGatewayErrors",
+                0,
+            )?,
+            base_ejection_time_ms: base,
+            max_ejection_percent: max,
+        },
+        od.rest.keys().map(|k| format!("{at}.{k}")).collect(),
+    ))
+}
+
 /// The conditions Envoy's `retry_on` (and `retry-grpc-on`) take that the
 /// waypoint evaluates.
 pub const RETRY_ON: &[&str] = &[

@@ -184,7 +184,8 @@ pub struct DestinationRuleSpec {
 pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<crate::resilience::ConnectionPool>,
-    /// Not applied yet (outlier detection, TLS, port-level settings): the
+    pub outlier_detection: Option<crate::resilience::OutlierDetection>,
+    /// Not applied yet (TLS, port-level settings): the
     /// policy is accepted, and its status names each of them.
     #[serde(flatten)]
     pub rest: BTreeMap<String, serde_yaml::Value>,
@@ -589,6 +590,20 @@ fn pool(
     Ok(Some(pool))
 }
 
+/// The outlier detection of a traffic policy at `at`.
+fn outliers(
+    tp: Option<&TrafficPolicy>,
+    at: &str,
+    not_applied: &mut Vec<String>,
+) -> Result<Option<pb::OutlierDetection>, String> {
+    let Some(od) = tp.and_then(|t| t.outlier_detection.as_ref()) else {
+        return Ok(None);
+    };
+    let (od, rest) = crate::resilience::outlier_detection(od, &format!("{at}.outlierDetection"))?;
+    not_applied.extend(rest);
+    Ok(Some(od))
+}
+
 fn balance(tp: Option<&TrafficPolicy>, at: &str) -> Result<i32, String> {
     let Some(lb) = tp.and_then(|t| t.load_balancer.as_ref()) else {
         return Ok(pb::LoadBalancer::Unspecified as i32);
@@ -793,6 +808,11 @@ pub fn translate(
                 "spec.trafficPolicy",
                 &mut not_applied,
             )?;
+            let outlier_detection = outliers(
+                dr.spec.traffic_policy.as_ref(),
+                "spec.trafficPolicy",
+                &mut not_applied,
+            )?;
             let mut subsets = Vec::new();
             let mut names = BTreeSet::new();
             for (i, s) in dr.spec.subsets.iter().enumerate() {
@@ -827,6 +847,11 @@ pub fn translate(
                         &format!("spec.subsets[{i}].trafficPolicy"),
                         &mut not_applied,
                     )?,
+                    outlier_detection: outliers(
+                        s.traffic_policy.as_ref(),
+                        &format!("spec.subsets[{i}].trafficPolicy"),
+                        &mut not_applied,
+                    )?,
                 });
             }
             Ok((
@@ -840,6 +865,7 @@ pub fn translate(
                     load_balancer: lb,
                     subsets,
                     connection_pool,
+                    outlier_detection,
                 },
                 not_applied,
             ))
@@ -1077,6 +1103,16 @@ spec:
         else {
             panic!("{:?}", statuses(&l7))
         };
+        let od = d.outlier_detection.as_ref().unwrap();
+        assert_eq!(
+            (
+                od.consecutive_5xx_errors,
+                od.base_ejection_time_ms,
+                od.max_ejection_percent
+            ),
+            (1, 30_000, 10),
+            "Istio's defaults where unset"
+        );
         let cp = d.connection_pool.as_ref().unwrap();
         assert_eq!(
             (
@@ -1096,7 +1132,9 @@ spec:
         );
         let st = statuses(&l7);
         assert!(
-            st.iter().any(|s| s.contains("not applied yet: spec.trafficPolicy.outlierDetection, spec.trafficPolicy.connectionPool.http.h2UpgradePolicy")),
+            st.iter().any(|s| s.contains(
+                "not applied yet: spec.trafficPolicy.connectionPool.http.h2UpgradePolicy"
+            )),
             "{st:?}"
         );
         let bad = dr.replace("maxConnections: 1", "maxConnections: 0");

@@ -277,6 +277,27 @@ pub struct Destination {
     /// Circuit breakers; unset: no limits (Istio's defaults).
     #[prost(message, optional, tag = "6")]
     pub connection_pool: ::core::option::Option<ConnectionPool>,
+    /// Unset: no endpoint is ever ejected.
+    #[prost(message, optional, tag = "7")]
+    pub outlier_detection: ::core::option::Option<OutlierDetection>,
+}
+/// DestinationRule trafficPolicy.outlierDetection, Envoy's consecutive-error
+/// ejection, per destination (the service or one subset).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx answers (connection failures and resets included)
+    /// that eject an endpoint; 0: this check is off.
+    #[prost(uint32, tag = "1")]
+    pub consecutive_5xx_errors: u32,
+    /// Consecutive 502, 503 and 504 answers (and connection failures); 0: off.
+    #[prost(uint32, tag = "2")]
+    pub consecutive_gateway_errors: u32,
+    /// An ejection lasts this long times the endpoint's ejections so far.
+    #[prost(uint64, tag = "3")]
+    pub base_ejection_time_ms: u64,
+    /// At most this share of the endpoints is ejected at once.
+    #[prost(uint32, tag = "4")]
+    pub max_ejection_percent: u32,
 }
 /// DestinationRule trafficPolicy.connectionPool, per destination (the
 /// service, or one subset): Envoy's cluster circuit breakers. 0: no limit.
@@ -324,6 +345,9 @@ pub struct Subset {
     /// Overrides the destination's, field by field; unset: the destination's.
     #[prost(message, optional, tag = "5")]
     pub connection_pool: ::core::option::Option<ConnectionPool>,
+    /// Overrides the destination's; unset: the destination's.
+    #[prost(message, optional, tag = "6")]
+    pub outlier_detection: ::core::option::Option<OutlierDetection>,
 }
 /// type.googleapis.com/weft.waypoint.v1.Authorization, named
 /// "<namespace>/<name>": one L7 AuthorizationPolicy.
