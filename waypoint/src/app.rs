@@ -122,6 +122,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         http: HttpPool::default(),
         retry_budget: crate::retry::Budget::default(),
         breakers: crate::breaker::Breakers::default(),
+        outliers: crate::outlier::Outliers::default(),
         metrics,
         budget: StreamBudget::new(MAX_STREAMS, MAX_STREAMS / 2),
         drain: drain_rx,

@@ -13,6 +13,7 @@ pub mod breaker;
 pub mod config;
 pub mod fault;
 pub mod metrics;
+pub mod outlier;
 pub mod path;
 pub mod proxy;
 pub mod replay;

@@ -42,11 +42,12 @@ use crate::authz::{self, Decision};
 use crate::breaker::{Breaker, Breakers, Limits};
 use crate::fault::{ABORT_BODY, Abort};
 use crate::metrics::{Metrics, RequestRecord};
+use crate::outlier::Outliers;
 use crate::path;
 use crate::replay::{RETRY_BUFFER_LIMIT, Recorder};
 use crate::retry::{self, NO_RETRY};
 use crate::route::{Action, RequestInfo, Rule, rewrite_path};
-use crate::state::{Balance, Endpoint, State, Store};
+use crate::state::{Balance, DestPolicy, Endpoint, State, Store};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -80,6 +81,8 @@ pub struct Proxy {
     pub retry_budget: retry::Budget,
     /// Each destination's circuit breakers (DestinationRule connectionPool).
     pub breakers: Breakers,
+    /// Each destination's failing endpoints (DestinationRule outlierDetection).
+    pub outliers: Outliers,
     pub budget: Arc<StreamBudget>,
     pub drain: tokio::sync::watch::Receiver<bool>,
 }
@@ -129,7 +132,7 @@ impl Conn {
         balance: Balance,
         first: Endpoint,
         record: &mut RequestRecord,
-        (breaker, limits, http1): (Option<Arc<Breaker>>, Limits, bool),
+        (breaker, pool, http1): (Option<Arc<Breaker>>, &DestPolicy, bool),
     ) -> Result<Response<Incoming>, Failed> {
         let overflow = || Failed {
             outcome: retry::Outcome::Reset,
@@ -184,9 +187,12 @@ impl Conn {
             };
             let sent = {
                 let _in_flight = self.proxy.store.in_flight(ep.addr);
-                let send =
-                    self.proxy
-                        .send(&ep, self.client_ip, Request::from_parts(head, b), &limits);
+                let send = self.proxy.send(
+                    &ep,
+                    self.client_ip,
+                    Request::from_parts(head, b),
+                    &pool.limits,
+                );
                 match policy.per_try_timeout {
                     Some(t) => tokio::time::timeout(t, send).await.ok(),
                     None => Some(send.await),
@@ -216,6 +222,14 @@ impl Conn {
                     }
                 }
             };
+            if let Some(d) = &pool.detection
+                && self
+                    .proxy
+                    .outliers
+                    .report(&pool.key, ep.addr, endpoints.len(), d, outcome)
+            {
+                info!(destination = %pool.key, endpoint = %ep.addr, "endpoint ejected (outlier detection)");
+            }
             let done = |exhausted: bool, record: &mut RequestRecord| match sent {
                 Some(Ok(r)) => {
                     if exhausted {
@@ -606,7 +620,7 @@ impl Conn {
                 let (eps, balance) = state.endpoints(svc, self.target.port(), "");
                 (
                     self.proxy.store.choose(&eps, balance, roll()).cloned(),
-                    state.limits(svc, "").1,
+                    state.limits(svc, "").limits,
                 )
             }
             Dest::Workload(w) => (
@@ -823,11 +837,16 @@ impl Conn {
                     Balance::LeastRequest,
                     None,
                     AppProtocol::Unknown,
-                    (String::new(), Limits::default()),
+                    DestPolicy::default(),
                 ),
             },
         };
-        let breaker = self.proxy.breakers.get(&pool.0, pool.1);
+        let breaker = self.proxy.breakers.get(&pool.key, pool.limits);
+        // Ejected endpoints sit out (all come back if every one is out).
+        let endpoints = match pool.detection {
+            Some(_) => self.proxy.outliers.healthy(&pool.key, endpoints),
+            None => endpoints,
+        };
         let Some(ep) = self
             .proxy
             .store
@@ -955,7 +974,7 @@ impl Conn {
             balance,
             ep,
             record,
-            (breaker, pool.1, !h2_upstream),
+            (breaker, &pool, !h2_upstream),
         );
         // The route's timeout caps every attempt and the waits between them.
         let result = match rule.and_then(|r| r.timeout) {

@@ -18,6 +18,20 @@ use weft_xds::types;
 
 use crate::authz::Policy;
 use crate::breaker::Limits;
+use crate::outlier::Detection;
+
+/// A subset's balance, the workloads it selects, its limits and its outlier
+/// detection.
+type SubsetPolicy = (Balance, HashSet<String>, Limits, Option<Detection>);
+
+/// A destination's circuit breakers and outlier detection, by the key their
+/// counters go by.
+#[derive(Clone, Debug, Default)]
+pub struct DestPolicy {
+    pub key: String,
+    pub limits: Limits,
+    pub detection: Option<Detection>,
+}
 use crate::route::RouteTable;
 
 /// Load balancing among a destination's endpoints.
@@ -45,29 +59,37 @@ impl Balance {
 pub struct Destination {
     pub balance: Balance,
     pub limits: Limits,
-    /// Subset name → its balance, the workloads it selects and its limits.
-    pub subsets: HashMap<String, (Balance, HashSet<String>, Limits)>,
+    pub detection: Option<Detection>,
+    /// Subset name → its balance, the workloads it selects, its limits and
+    /// its outlier detection.
+    pub subsets: HashMap<String, SubsetPolicy>,
 }
 
 impl Destination {
     fn compile(d: &pb::Destination) -> Destination {
         let balance = Balance::from_proto(d.load_balancer, Balance::LeastRequest);
         let limits = Limits::compile(d.connection_pool.as_ref(), Limits::default());
+        let detection = Detection::compile(d.outlier_detection.as_ref());
         let subsets = d
             .subsets
             .iter()
             .map(|s| {
                 let b = Balance::from_proto(s.load_balancer, balance);
                 let l = Limits::compile(s.connection_pool.as_ref(), limits);
+                let o = match &s.outlier_detection {
+                    Some(o) => Detection::compile(Some(o)),
+                    None => detection,
+                };
                 (
                     s.name.clone(),
-                    (b, s.workloads.iter().cloned().collect(), l),
+                    (b, s.workloads.iter().cloned().collect(), l, o),
                 )
             })
             .collect();
         Destination {
             balance,
             limits,
+            detection,
             subsets,
         }
     }
@@ -96,18 +118,22 @@ pub struct Endpoint {
 }
 
 impl State {
-    /// The circuit-breaker limits of `svc` (or its `subset`), and the key
-    /// its counters go by.
-    pub fn limits(&self, svc: &Service, subset: &str) -> (String, Limits) {
+    /// The circuit-breaker limits and outlier detection of `svc` (or its
+    /// `subset`), and the key their counters go by.
+    pub fn limits(&self, svc: &Service, subset: &str) -> DestPolicy {
         let key = format!("{}/{}", svc.namespace, svc.hostname);
-        let limits = match self.destinations.get(&key) {
-            None => Limits::default(),
+        let (limits, detection) = match self.destinations.get(&key) {
+            None => (Limits::default(), None),
             Some(d) => match d.subsets.get(subset) {
-                Some((_, _, l)) => *l,
-                None => d.limits,
+                Some((_, _, l, o)) => (*l, *o),
+                None => (d.limits, d.detection),
             },
         };
-        (format!("{key}/{subset}"), limits)
+        DestPolicy {
+            key: format!("{key}/{subset}"),
+            limits,
+            detection,
+        }
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
@@ -148,7 +174,7 @@ impl State {
         let (balance, members) = match (dest, subset) {
             (Some(d), "") => (d.balance, None),
             (Some(d), name) => match d.subsets.get(name) {
-                Some((b, m, _)) => (*b, Some(m)),
+                Some((b, m, _, _)) => (*b, Some(m)),
                 None => return (Vec::new(), d.balance),
             },
             (None, "") => (Balance::LeastRequest, None),
