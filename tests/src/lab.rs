@@ -520,11 +520,17 @@ impl Lab {
 
     /// The waypoint's Prometheus text (`istio_requests_total`, …).
     pub fn waypoint_metrics(&self, key: &str) -> Result<String> {
+        self.waypoint_stats(key, "/metrics")
+    }
+
+    /// `path` on the stats port (15020) of the waypoint pod `key`.
+    pub fn waypoint_stats(&self, key: &str, path: &str) -> Result<String> {
         let pod = &self.pods[key];
+        let owned = path.to_string();
         let (status, body) = pod
             .netns
-            .run(|| http_get(("127.0.0.1", STATS_PORT), "/metrics"))?;
-        anyhow::ensure!(status == 200, "waypoint metrics: HTTP {status}");
+            .run(move || http_get(("127.0.0.1", STATS_PORT), &owned))?;
+        anyhow::ensure!(status == 200, "waypoint {path}: HTTP {status}");
         Ok(body)
     }
 

@@ -370,5 +370,15 @@ spec:
             .contains("endpoint ejected (outlier detection)"),
         "the ejection is logged"
     );
+    // The admin view shows the ejected pod.
+    let view = lab.waypoint_stats(WAYPOINT_POD, "/debug/outliers")?;
+    let ejected: serde_json::Value = serde_json::from_str(&view)?;
+    ensure!(
+        ejected.as_array().is_some_and(|a| a.len() == 1
+            && a[0]["endpoint"] == "10.244.2.11:9080"
+            && a[0]["destination"] == "bookinfo/reviews.bookinfo.svc.cluster.local/"
+            && a[0]["ejections"] == 1),
+        "{view}"
+    );
     lab.teardown()
 }

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use weft_hbone::client::Pool;
 use weft_hbone::server::StreamBudget;
 use weft_identity::{CertManager, RemoteSigner};
-use weft_runtime::admin::{self, Handler, OPENMETRICS, TEXT};
+use weft_runtime::admin::{self, Handler, JSON, OPENMETRICS, TEXT};
 use weft_xds::client::AdsClient;
 use weft_xds::grpc::ControlPlaneAddress;
 
@@ -95,8 +95,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     tokio::spawn(certs.clone().refresh(wanted_rx));
 
     let metrics = Arc::new(Metrics::default());
+    let outliers = Arc::new(crate::outlier::Outliers::default());
     let ready = Arc::new(AtomicBool::new(false));
-    serve_admin(&cfg, &metrics, &ready).await?;
+    serve_admin(&cfg, &metrics, &outliers, &ready).await?;
 
     let shutdown = weft_runtime::shutdown_signal();
     tokio::pin!(shutdown);
@@ -122,7 +123,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         http: HttpPool::default(),
         retry_budget: crate::retry::Budget::default(),
         breakers: crate::breaker::Breakers::default(),
-        outliers: crate::outlier::Outliers::default(),
+        outliers,
         metrics,
         budget: StreamBudget::new(MAX_STREAMS, MAX_STREAMS / 2),
         drain: drain_rx,
@@ -193,11 +194,15 @@ async fn resolve(address: &str) -> Result<std::net::SocketAddr, AppError> {
 async fn serve_admin(
     cfg: &Config,
     metrics: &Arc<Metrics>,
+    outliers: &Arc<crate::outlier::Outliers>,
     ready: &Arc<AtomicBool>,
 ) -> Result<(), AppError> {
     let m = metrics.clone();
+    let o = outliers.clone();
     let stats: Handler = Arc::new(move |path| match path {
         "/metrics" | "/stats/prometheus" => (StatusCode::OK, OPENMETRICS, m.encode()),
+        // Endpoints ejected by outlier detection, now.
+        "/debug/outliers" => (StatusCode::OK, JSON, o.ejected_json()),
         _ => (StatusCode::NOT_FOUND, TEXT, "try /metrics\n".into()),
     });
     admin::serve("stats", cfg.stats_addr, stats)

@@ -72,6 +72,28 @@ impl Outliers {
         endpoints.into_iter().filter(|e| !out(&e.addr)).collect()
     }
 
+    /// The endpoints ejected now, as JSON lines for the admin view:
+    /// destination, endpoint, seconds left, ejections so far.
+    pub fn ejected_json(&self) -> String {
+        let now = Instant::now();
+        let map = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<String> = map
+            .iter()
+            .flat_map(|(dest, hosts)| {
+                hosts.iter().filter_map(move |(addr, h)| {
+                    let until = h.ejected_until.filter(|t| *t > now)?;
+                    Some(format!(
+                        "{{\"destination\":{dest:?},\"endpoint\":\"{addr}\",\"ejected_for_s\":{:.1},\"ejections\":{}}}",
+                        (until - now).as_secs_f64(),
+                        h.ejections
+                    ))
+                })
+            })
+            .collect();
+        out.sort();
+        format!("[{}]\n", out.join(",\n "))
+    }
+
     /// Whether `addr` of `dest` is ejected now (for tests and the admin view).
     pub fn ejected(&self, dest: &str, addr: SocketAddr) -> bool {
         let map = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);

@@ -82,7 +82,7 @@ pub struct Proxy {
     /// Each destination's circuit breakers (DestinationRule connectionPool).
     pub breakers: Breakers,
     /// Each destination's failing endpoints (DestinationRule outlierDetection).
-    pub outliers: Outliers,
+    pub outliers: Arc<Outliers>,
     pub budget: Arc<StreamBudget>,
     pub drain: tokio::sync::watch::Receiver<bool>,
 }
