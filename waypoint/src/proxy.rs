@@ -617,10 +617,10 @@ impl Conn {
         }
         let (endpoint, limits) = match &self.dest {
             Dest::Service(svc) => {
-                let (eps, balance) = state.endpoints(svc, self.target.port(), "");
+                let (eps, balance, policy) = state.endpoints(svc, self.target.port(), "");
                 (
                     self.proxy.store.choose(&eps, balance, roll()).cloned(),
-                    state.limits(svc, "").limits,
+                    policy.limits,
                 )
             }
             Dest::Workload(w) => (
@@ -813,14 +813,12 @@ impl Conn {
                 } else {
                     b.port
                 };
-                let (eps, balance) = state.endpoints(svc, port, &b.subset);
-                let pool = state.limits(svc, &b.subset);
+                let (eps, balance, pool) = state.endpoints(svc, port, &b.subset);
                 (eps, balance, Some(b), port_protocol(svc, port), pool)
             }
             None => match &self.dest {
                 Dest::Service(svc) => {
-                    let (eps, balance) = state.endpoints(svc, self.target.port(), "");
-                    let pool = state.limits(svc, "");
+                    let (eps, balance, pool) = state.endpoints(svc, self.target.port(), "");
                     (
                         eps,
                         balance,

@@ -118,24 +118,6 @@ pub struct Endpoint {
 }
 
 impl State {
-    /// The circuit-breaker limits and outlier detection of `svc` (or its
-    /// `subset`), and the key their counters go by.
-    pub fn limits(&self, svc: &Service, subset: &str) -> DestPolicy {
-        let key = format!("{}/{}", svc.namespace, svc.hostname);
-        let (limits, detection) = match self.destinations.get(&key) {
-            None => (Limits::default(), None),
-            Some(d) => match d.subsets.get(subset) {
-                Some((_, _, l, o)) => (*l, *o),
-                None => (d.limits, d.detection),
-            },
-        };
-        DestPolicy {
-            key: format!("{key}/{subset}"),
-            limits,
-            detection,
-        }
-    }
-
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.services_by_vip.get(&ip)
     }
@@ -166,19 +148,35 @@ impl State {
     }
 
     /// The endpoints of `svc` for service port `port`, within `subset` when
-    /// one is named, and the balance that applies. An unknown subset has no
+    /// one is named, the balance that applies, and the destination's
+    /// circuit breakers and outlier detection. An unknown subset has no
     /// endpoints (503), as in Envoy.
-    pub fn endpoints(&self, svc: &Service, port: u16, subset: &str) -> (Vec<Endpoint>, Balance) {
+    pub fn endpoints(
+        &self,
+        svc: &Service,
+        port: u16,
+        subset: &str,
+    ) -> (Vec<Endpoint>, Balance, DestPolicy) {
         let key = format!("{}/{}", svc.namespace, svc.hostname);
         let dest = self.destinations.get(&key);
-        let (balance, members) = match (dest, subset) {
-            (Some(d), "") => (d.balance, None),
+        let (balance, members, limits, detection) = match (dest, subset) {
+            (Some(d), "") => (d.balance, None, d.limits, d.detection),
             (Some(d), name) => match d.subsets.get(name) {
-                Some((b, m, _, _)) => (*b, Some(m)),
-                None => return (Vec::new(), d.balance),
+                Some((b, m, l, o)) => (*b, Some(m), *l, *o),
+                None => return (Vec::new(), d.balance, DestPolicy::default()),
             },
-            (None, "") => (Balance::LeastRequest, None),
-            (None, _) => return (Vec::new(), Balance::LeastRequest),
+            (None, "") => (Balance::LeastRequest, None, Limits::default(), None),
+            (None, _) => return (Vec::new(), Balance::LeastRequest, DestPolicy::default()),
+        };
+        // The counters' key is only made for a destination that has some.
+        let policy = if limits == Limits::default() && detection.is_none() {
+            DestPolicy::default()
+        } else {
+            DestPolicy {
+                key: format!("{key}/{subset}"),
+                limits,
+                detection,
+            }
         };
         let endpoints = svc
             .endpoints
@@ -194,7 +192,7 @@ impl State {
                 })
             })
             .collect();
-        (endpoints, balance)
+        (endpoints, balance, policy)
     }
 }
 
