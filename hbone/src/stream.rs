@@ -84,6 +84,8 @@ impl H2Stream {
             }
             match ready!(self.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
+                    // Credit goes back as soon as the frame is ours: at most
+                    // one frame is buffered here, and the window stays open.
                     let _ = self.recv.flow_control().release_capacity(data.len());
                     if !data.is_empty() {
                         return Poll::Ready(Ok(Some(data)));
@@ -116,27 +118,17 @@ impl AsyncRead for H2Stream {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        loop {
-            if !this.pending.is_empty() {
-                let n = this.pending.len().min(out.remaining());
-                out.put_slice(&this.pending[..n]);
-                this.pending.advance(n);
-                return Poll::Ready(Ok(()));
-            }
-            if this.recv_done {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // Credit goes back as soon as the frame is ours: at most one
-                    // frame is buffered here, and the window stays open.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    this.pending = data;
-                }
-                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                None => this.recv_done = true,
-            }
+        if out.remaining() == 0 {
+            return Poll::Ready(Ok(()));
         }
+        // A frame at a time; what does not fit waits for the next read.
+        if let Some(mut data) = ready!(this.poll_recv_bytes(cx))? {
+            let n = data.len().min(out.remaining());
+            out.put_slice(&data[..n]);
+            data.advance(n);
+            this.pending = data;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

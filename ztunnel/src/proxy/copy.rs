@@ -28,6 +28,20 @@ const GROWTH: usize = 8;
 /// Reads that fill the buffer before it grows a step.
 const FULL_READS_TO_GROW: u32 = 2;
 
+/// Counts a read of `n` bytes into a buffer of `len`; true when the
+/// direction has filled its buffer often enough to grow a step.
+fn filled(total: &mut u64, full_reads: &mut u32, n: usize, len: usize) -> bool {
+    *total += n as u64;
+    if n == len && len < LARGE {
+        *full_reads += 1;
+        if *full_reads >= FULL_READS_TO_GROW {
+            *full_reads = 0;
+            return true;
+        }
+    }
+    false
+}
+
 /// One direction: read, write it all out, repeat.
 ///
 /// While a direction is idle or chatty its reads land on the stack and are
@@ -71,15 +85,7 @@ impl Pipe {
     /// Counts a read of `n` bytes into a buffer of `len`; true when the
     /// direction has filled it often enough to grow a step.
     fn filled(&mut self, n: usize, len: usize) -> bool {
-        self.total += n as u64;
-        if n == len && len < LARGE {
-            self.full_reads += 1;
-            if self.full_reads >= FULL_READS_TO_GROW {
-                self.full_reads = 0;
-                return true;
-            }
-        }
-        false
+        filled(&mut self.total, &mut self.full_reads, n, len)
     }
 
     fn poll_copy<R, W>(
@@ -327,13 +333,8 @@ impl ToTunnel {
                 self.read_done = true;
                 continue;
             }
-            self.total += n as u64;
-            if n == self.chunk && self.chunk < LARGE {
-                self.full_reads += 1;
-                if self.full_reads >= FULL_READS_TO_GROW {
-                    self.full_reads = 0;
-                    self.chunk = (self.chunk * GROWTH).min(LARGE);
-                }
+            if filled(&mut self.total, &mut self.full_reads, n, self.chunk) {
+                self.chunk = (self.chunk * GROWTH).min(LARGE);
             }
         }
     }
