@@ -471,6 +471,8 @@ pub fn rules(route: &HttpRoute, ns: &str, port: u32) -> Result<Vec<pb::Rule>, St
             // Istio's default retry policy.
             retries: None,
             fault: None,
+            mirrors: Vec::new(),
+            cors: None,
         });
     }
     // Gateway API precedence is per match, not per rule: an exact path

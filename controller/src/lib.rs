@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod balance;
 pub mod bypass;
 pub mod ca;
 pub mod deploy;

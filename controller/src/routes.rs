@@ -182,19 +182,11 @@ pub struct DestinationRuleSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct TrafficPolicy {
-    pub load_balancer: Option<LoadBalancerSettings>,
+    pub load_balancer: Option<crate::balance::LoadBalancerSettings>,
     pub connection_pool: Option<crate::resilience::ConnectionPool>,
     pub outlier_detection: Option<crate::resilience::OutlierDetection>,
     /// Not applied yet (TLS, port-level settings): the
     /// policy is accepted, and its status names each of them.
-    #[serde(flatten)]
-    pub rest: BTreeMap<String, serde_yaml::Value>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct LoadBalancerSettings {
-    pub simple: Option<String>,
     #[serde(flatten)]
     pub rest: BTreeMap<String, serde_yaml::Value>,
 }
@@ -566,6 +558,8 @@ fn vs_rules(
             timeout_ms,
             retries,
             fault,
+            mirrors: Vec::new(),
+            cors: None,
         });
     }
     Ok(rules)
@@ -604,26 +598,13 @@ fn outliers(
     Ok(Some(od))
 }
 
-fn balance(tp: Option<&TrafficPolicy>, at: &str) -> Result<i32, String> {
-    let Some(lb) = tp.and_then(|t| t.load_balancer.as_ref()) else {
-        return Ok(pb::LoadBalancer::Unspecified as i32);
-    };
-    if let Some(k) = lb.rest.keys().next() {
-        return Err(format!(
-            "{at}.loadBalancer.{k}: not supported yet; use simple"
-        ));
-    }
-    Ok(match lb.simple.as_deref() {
-        None | Some("UNSPECIFIED") => pb::LoadBalancer::Unspecified,
-        Some("ROUND_ROBIN") => pb::LoadBalancer::RoundRobin,
-        Some("LEAST_REQUEST") | Some("LEAST_CONN") => pb::LoadBalancer::LeastRequest,
-        Some("RANDOM") => pb::LoadBalancer::Random,
-        Some(other) => {
-            return Err(format!(
-                "{at}.loadBalancer.simple: {other:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM"
-            ));
-        }
-    } as i32)
+/// The load balancer of a traffic policy at `at`.
+fn balance(
+    tp: Option<&TrafficPolicy>,
+    at: &str,
+    not_applied: &mut Vec<String>,
+) -> Result<(i32, Option<pb::ConsistentHash>), String> {
+    crate::balance::load_balancer(tp.and_then(|t| t.load_balancer.as_ref()), at, not_applied)
 }
 
 /// Translates every VirtualService and DestinationRule in `snap` for the
@@ -801,8 +782,12 @@ pub fn translate(
             if dr.spec.workload_selector.is_some() {
                 return Err("spec.workloadSelector: not supported for waypoints".to_string());
             }
-            let lb = balance(dr.spec.traffic_policy.as_ref(), "spec.trafficPolicy")?;
             let mut not_applied = Vec::new();
+            let (lb, consistent_hash) = balance(
+                dr.spec.traffic_policy.as_ref(),
+                "spec.trafficPolicy",
+                &mut not_applied,
+            )?;
             let connection_pool = pool(
                 dr.spec.traffic_policy.as_ref(),
                 "spec.trafficPolicy",
@@ -834,13 +819,16 @@ pub fn translate(
                             .collect()
                     })
                     .unwrap_or_default();
+                let (load_balancer, consistent_hash) = balance(
+                    s.traffic_policy.as_ref(),
+                    &format!("spec.subsets[{i}].trafficPolicy"),
+                    &mut not_applied,
+                )?;
                 subsets.push(pb::Subset {
                     name: s.name.clone(),
                     labels: s.labels.clone(),
-                    load_balancer: balance(
-                        s.traffic_policy.as_ref(),
-                        &format!("spec.subsets[{i}].trafficPolicy"),
-                    )?,
+                    load_balancer,
+                    consistent_hash,
                     workloads,
                     connection_pool: pool(
                         s.traffic_policy.as_ref(),
@@ -866,6 +854,7 @@ pub fn translate(
                     subsets,
                     connection_pool,
                     outlier_detection,
+                    consistent_hash,
                 },
                 not_applied,
             ))

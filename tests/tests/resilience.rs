@@ -382,3 +382,168 @@ spec:
     );
     lab.teardown()
 }
+
+fn hashed_by(key: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: bookinfo}}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {key}\n"
+    )
+}
+
+/// Requests served by reviews-v1, as the waypoint counts them.
+fn served_by_v1(lab: &Lab) -> Result<f64> {
+    let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+    Ok(metric_sum(
+        &text,
+        "istio_requests_total",
+        &[
+            ("reporter", "waypoint"),
+            ("destination_workload", "reviews-v1"),
+        ],
+    ))
+}
+
+/// DestinationRule consistentHash: by a header, a generated cookie, the
+/// client's address and a query parameter, each key stays on one pod while
+/// different keys spread over both; the waypoint's metrics count each
+/// request on the pod that served it.
+#[test]
+fn consistent_hash_keeps_a_key_on_one_pod() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("hash", MESH))?;
+    let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    let _v2 = apps::serve(lab.pod("bookinfo/reviews-v2"), 9080, App::Http)?;
+
+    // A header: each of 16 users' four requests reach one pod (by chance
+    // about 1 in 8^16 without the hash), and the users use both pods.
+    lab.write_manifest("dr.yaml", &hashed_by("{httpHeaderName: x-user}"))?;
+    let pods_of_users = |lab: &Lab| -> Result<Option<Vec<String>>> {
+        let mut pods = Vec::new();
+        for u in 0..16 {
+            let user = format!("user-{u}");
+            let mut seen = Vec::new();
+            for _ in 0..4 {
+                let r = get(lab, "/", &[("x-user", &user)])?;
+                ensure!(r.status == 200, "{r:?}");
+                seen.push(served_by(&r).to_string());
+            }
+            seen.dedup();
+            if seen.len() != 1 {
+                return Ok(None);
+            }
+            pods.push(seen.remove(0));
+        }
+        Ok(Some(pods))
+    };
+    let mut pods = None;
+    eventually(
+        "the header hash is in force",
+        Duration::from_secs(10),
+        || {
+            pods = pods_of_users(&lab)?;
+            Ok(pods.is_some())
+        },
+    )?;
+    let pods = pods.unwrap_or_default();
+    ensure!(
+        pods.iter().any(|p| p == "reviews-v1") && pods.iter().any(|p| p == "reviews-v2"),
+        "16 users on one pod: {pods:?}"
+    );
+    // Again, later: the same users on the same pods.
+    ensure!(
+        pods_of_users(&lab)?.as_ref() == Some(&pods),
+        "users moved between pods"
+    );
+
+    // A cookie with a ttl: set on the first answer as Envoy writes it, and
+    // the requests that send it back stay on the pod that set it.
+    lab.write_manifest(
+        "dr.yaml",
+        &hashed_by("{httpCookie: {name: session, path: /, ttl: 60s}}"),
+    )?;
+    let mut set = String::new();
+    eventually(
+        "the cookie hash is in force",
+        Duration::from_secs(10),
+        || {
+            set = get(&lab, "/", &[])?
+                .header("set-cookie")
+                .unwrap_or_default()
+                .to_string();
+            Ok(!set.is_empty())
+        },
+    )?;
+    ensure!(
+        set.starts_with("session=\"") && set.ends_with("\"; Max-Age=60; Path=/; HttpOnly"),
+        "Set-Cookie: {set}"
+    );
+    let mut cookie_pods = Vec::new();
+    for _ in 0..16 {
+        let first = get(&lab, "/", &[])?;
+        let set = first.header("set-cookie").unwrap_or_default();
+        let cookie = set.split(';').next().unwrap_or_default().to_string();
+        let pod = served_by(&first).to_string();
+        let before = served_by_v1(&lab)?;
+        let mut v1 = 0;
+        for _ in 0..5 {
+            let r = get(&lab, "/", &[("cookie", &cookie)])?;
+            ensure!(
+                served_by(&r) == pod && r.header("set-cookie").is_none(),
+                "{cookie} was set by {pod}: {r:?}"
+            );
+            if pod == "reviews-v1" {
+                v1 += 1;
+            }
+        }
+        let counted = served_by_v1(&lab)? - before;
+        ensure!(
+            counted == f64::from(v1),
+            "istio_requests_total counts {counted} on reviews-v1, {v1} served"
+        );
+        cookie_pods.push(pod);
+    }
+    ensure!(
+        cookie_pods.iter().any(|p| p == "reviews-v1")
+            && cookie_pods.iter().any(|p| p == "reviews-v2"),
+        "16 new cookies on one pod: {cookie_pods:?}"
+    );
+
+    // The client's address: productpage always reaches the same pod.
+    lab.write_manifest(
+        "dr.yaml",
+        &hashed_by("{useSourceIp: true, maglev: {tableSize: 65537}}"),
+    )?;
+    eventually(
+        "the cookie hash is no longer in force",
+        Duration::from_secs(10),
+        || Ok(get(&lab, "/", &[])?.header("set-cookie").is_none()),
+    )?;
+    let first = served_by(&get(&lab, "/", &[])?).to_string();
+    for i in 0..20 {
+        let r = get(&lab, "/", &[])?;
+        ensure!(served_by(&r) == first, "request {i}: {r:?}, first {first}");
+    }
+
+    // A query parameter.
+    lab.write_manifest("dr.yaml", &hashed_by("{httpQueryParameterName: u}"))?;
+    let pods_of = |lab: &Lab| -> Result<Vec<String>> {
+        let mut pods = Vec::new();
+        for u in 0..16 {
+            let mut seen: Vec<String> = (0..4)
+                .map(|_| Ok(served_by(&get(lab, &format!("/?u=user-{u}"), &[])?).to_string()))
+                .collect::<Result<_>>()?;
+            seen.dedup();
+            pods.push(seen.join("+"));
+        }
+        Ok(pods)
+    };
+    eventually(
+        "the query hash is in force",
+        Duration::from_secs(10),
+        || {
+            let pods = pods_of(&lab)?;
+            Ok(pods.iter().all(|p| !p.contains('+'))
+                && pods.iter().any(|p| p == "reviews-v1")
+                && pods.iter().any(|p| p == "reviews-v2"))
+        },
+    )?;
+    lab.teardown()
+}

@@ -12,6 +12,7 @@ pub mod authz;
 pub mod breaker;
 pub mod config;
 pub mod fault;
+pub mod hash;
 pub mod metrics;
 pub mod outlier;
 pub mod path;

@@ -163,33 +163,10 @@ impl Outliers {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use weft_api::Workload;
-
     use super::*;
 
     fn ep(i: u8) -> Endpoint {
-        Endpoint {
-            workload: Arc::new(Workload {
-                uid: format!("w{i}"),
-                name: format!("w{i}"),
-                namespace: "ns".into(),
-                workload_name: String::new(),
-                canonical_name: String::new(),
-                canonical_revision: String::new(),
-                service_account: "default".into(),
-                trust_domain: "cluster.local".into(),
-                node: String::new(),
-                addresses: Vec::new(),
-                protocol: Default::default(),
-                named_ports: Default::default(),
-                authorization_policies: Vec::new(),
-                host_network: false,
-                waypoint: None,
-            }),
-            addr: SocketAddr::from(([10, 0, 0, i], 80)),
-        }
+        Endpoint::for_test(i)
     }
 
     fn status(s: u16) -> Outcome {

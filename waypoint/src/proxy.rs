@@ -41,6 +41,7 @@ use weft_identity::CertManager;
 use crate::authz::{self, Decision};
 use crate::breaker::{Breaker, Breakers, Limits};
 use crate::fault::{ABORT_BODY, Abort};
+use crate::hash::Keyed;
 use crate::metrics::{Metrics, RequestRecord};
 use crate::outlier::Outliers;
 use crate::path;
@@ -129,7 +130,7 @@ impl Conn {
         body: Option<Arc<Recorder>>,
         policy: &retry::Policy,
         endpoints: &[Endpoint],
-        balance: Balance,
+        (balance, hash): (&Balance, Option<u64>),
         first: Endpoint,
         record: &mut RequestRecord,
         (breaker, pool, http1): (Option<Arc<Breaker>>, &DestPolicy, bool),
@@ -292,17 +293,11 @@ impl Conn {
             if !policy.previous_hosts {
                 tried.push(ep.addr);
             }
-            let others: Vec<Endpoint> = endpoints
-                .iter()
-                .filter(|e| !tried.contains(&e.addr))
-                .cloned()
-                .collect();
-            let pool = if others.is_empty() {
-                endpoints
-            } else {
-                &others
-            };
-            if let Some(next) = self.proxy.store.choose(pool, balance, roll()) {
+            if let Some(next) = self
+                .proxy
+                .store
+                .choose(endpoints, balance, roll(), hash, &tried)
+            {
                 ep = next.clone();
             }
         }
@@ -618,8 +613,15 @@ impl Conn {
         let (endpoint, limits) = match &self.dest {
             Dest::Service(svc) => {
                 let (eps, balance, policy) = state.endpoints(svc, self.target.port(), "");
+                let hash = match &balance {
+                    Balance::Hash(h) => h.connection_key(self.client_ip),
+                    _ => None,
+                };
                 (
-                    self.proxy.store.choose(&eps, balance, roll()).cloned(),
+                    self.proxy
+                        .store
+                        .choose(&eps, &balance, roll(), hash, &[])
+                        .cloned(),
                     policy.limits,
                 )
             }
@@ -845,10 +847,16 @@ impl Conn {
             Some(_) => self.proxy.outliers.healthy(&pool.key, endpoints),
             None => endpoints,
         };
+        // A consistent hash keys on the request (and may set a cookie on
+        // the response).
+        let keyed = match &balance {
+            Balance::Hash(h) => h.key(req.headers(), query.as_deref(), self.client_ip, roll()),
+            _ => Keyed::default(),
+        };
         let Some(ep) = self
             .proxy
             .store
-            .choose(&endpoints, balance, roll())
+            .choose(&endpoints, &balance, roll(), keyed.hash, &[])
             .cloned()
         else {
             return local(
@@ -969,7 +977,7 @@ impl Conn {
             body,
             policy,
             &endpoints,
-            balance,
+            (&balance, keyed.hash),
             ep,
             record,
             (breaker, &pool, !h2_upstream),
@@ -1044,6 +1052,9 @@ impl Conn {
         }
         if let Some(r) = rule {
             r.response_headers.apply(&mut parts.headers);
+        }
+        if let Some(c) = keyed.set_cookie {
+            parts.headers.append(http::header::SET_COOKIE, c);
         }
         Response::from_parts(parts, body.map_err(BoxError::from).boxed())
     }

@@ -18,6 +18,7 @@ use weft_xds::types;
 
 use crate::authz::Policy;
 use crate::breaker::Limits;
+use crate::hash::HashPolicy;
 use crate::outlier::Detection;
 
 /// A subset's balance, the workloads it selects, its limits and its outlier
@@ -35,21 +36,28 @@ pub struct DestPolicy {
 use crate::route::RouteTable;
 
 /// Load balancing among a destination's endpoints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Balance {
     RoundRobin,
     /// Power of two choices over requests in flight (Istio's default).
     LeastRequest,
     Random,
+    /// By a hash of the request (consistentHash).
+    Hash(Arc<HashPolicy>),
 }
 
 impl Balance {
-    fn from_proto(v: i32, inherit: Balance) -> Balance {
-        match pb::LoadBalancer::try_from(v) {
+    /// A destination's (or a subset's, inheriting `inherit`) balance: a
+    /// consistent hash, or one of the simple ones.
+    fn compile(lb: i32, hash: Option<&pb::ConsistentHash>, inherit: &Balance) -> Balance {
+        if let Some(h) = hash.and_then(HashPolicy::compile) {
+            return Balance::Hash(Arc::new(h));
+        }
+        match pb::LoadBalancer::try_from(lb) {
             Ok(pb::LoadBalancer::RoundRobin) => Balance::RoundRobin,
             Ok(pb::LoadBalancer::LeastRequest) => Balance::LeastRequest,
             Ok(pb::LoadBalancer::Random) => Balance::Random,
-            _ => inherit,
+            _ => inherit.clone(),
         }
     }
 }
@@ -67,14 +75,18 @@ pub struct Destination {
 
 impl Destination {
     fn compile(d: &pb::Destination) -> Destination {
-        let balance = Balance::from_proto(d.load_balancer, Balance::LeastRequest);
+        let balance = Balance::compile(
+            d.load_balancer,
+            d.consistent_hash.as_ref(),
+            &Balance::LeastRequest,
+        );
         let limits = Limits::compile(d.connection_pool.as_ref(), Limits::default());
         let detection = Detection::compile(d.outlier_detection.as_ref());
         let subsets = d
             .subsets
             .iter()
             .map(|s| {
-                let b = Balance::from_proto(s.load_balancer, balance);
+                let b = Balance::compile(s.load_balancer, s.consistent_hash.as_ref(), &balance);
                 let l = Limits::compile(s.connection_pool.as_ref(), limits);
                 let o = match &s.outlier_detection {
                     Some(o) => Detection::compile(Some(o)),
@@ -115,6 +127,33 @@ pub struct Endpoint {
     pub workload: Arc<Workload>,
     /// Pod address and target port.
     pub addr: SocketAddr,
+}
+
+#[cfg(test)]
+impl Endpoint {
+    /// Endpoint `i`: workload `w<i>` at 10.0.0.<i>:80.
+    pub(crate) fn for_test(i: u8) -> Endpoint {
+        Endpoint {
+            workload: Arc::new(Workload {
+                uid: format!("w{i}"),
+                name: format!("w{i}"),
+                namespace: "ns".into(),
+                workload_name: String::new(),
+                canonical_name: String::new(),
+                canonical_revision: String::new(),
+                service_account: "default".into(),
+                trust_domain: "cluster.local".into(),
+                node: String::new(),
+                addresses: Vec::new(),
+                protocol: Default::default(),
+                named_ports: Default::default(),
+                authorization_policies: Vec::new(),
+                host_network: false,
+                waypoint: None,
+            }),
+            addr: SocketAddr::from(([10, 0, 0, i], 80)),
+        }
+    }
 }
 
 impl State {
@@ -160,10 +199,10 @@ impl State {
         let key = format!("{}/{}", svc.namespace, svc.hostname);
         let dest = self.destinations.get(&key);
         let (balance, members, limits, detection) = match (dest, subset) {
-            (Some(d), "") => (d.balance, None, d.limits, d.detection),
+            (Some(d), "") => (d.balance.clone(), None, d.limits, d.detection),
             (Some(d), name) => match d.subsets.get(name) {
-                Some((b, m, l, o)) => (*b, Some(m), *l, *o),
-                None => return (Vec::new(), d.balance, DestPolicy::default()),
+                Some((b, m, l, o)) => (b.clone(), Some(m), *l, *o),
+                None => return (Vec::new(), d.balance.clone(), DestPolicy::default()),
             },
             (None, "") => (Balance::LeastRequest, None, Limits::default(), None),
             (None, _) => return (Vec::new(), Balance::LeastRequest, DestPolicy::default()),
@@ -216,20 +255,52 @@ impl Store {
         *self.state.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(state);
     }
 
-    /// Chooses one of `endpoints`; `roll` is a random number.
+    /// Chooses one of `endpoints`, not one of `tried` while others are
+    /// left (Istio's previous-hosts predicate for retries). `roll` is a
+    /// random number; `hash` the request's, for a consistent hash (a
+    /// request without one is placed by `roll`).
     pub fn choose<'a>(
         &self,
         endpoints: &'a [Endpoint],
-        balance: Balance,
+        balance: &Balance,
         roll: u64,
+        hash: Option<u64>,
+        tried: &[SocketAddr],
     ) -> Option<&'a Endpoint> {
-        if endpoints.is_empty() {
+        if let Balance::Hash(h) = balance {
+            return endpoints.get(h.pick(endpoints, hash.unwrap_or(roll), tried)?);
+        }
+        // Retries only: the indexes of the endpoints not tried yet.
+        let others: Vec<usize> = if tried.is_empty() {
+            Vec::new()
+        } else {
+            (0..endpoints.len())
+                .filter(|&i| !tried.contains(&endpoints[i].addr))
+                .collect()
+        };
+        if others.is_empty() {
+            let i = self.pick(endpoints.len(), |i| endpoints[i].addr, balance, roll)?;
+            return endpoints.get(i);
+        }
+        let j = self.pick(others.len(), |j| endpoints[others[j]].addr, balance, roll)?;
+        endpoints.get(others[j])
+    }
+
+    /// One of `n` candidates by a simple balance; `addr` gives each one's
+    /// address, for its requests in flight.
+    fn pick(
+        &self,
+        n: usize,
+        addr: impl Fn(usize) -> SocketAddr,
+        balance: &Balance,
+        roll: u64,
+    ) -> Option<usize> {
+        if n == 0 {
             return None;
         }
-        let n = endpoints.len();
-        let i = match balance {
+        Some(match balance {
             Balance::RoundRobin => self.cursor.fetch_add(1, Ordering::Relaxed) % n,
-            Balance::Random => (roll % n as u64) as usize,
+            Balance::Random | Balance::Hash(_) => (roll % n as u64) as usize,
             Balance::LeastRequest => {
                 let a = (roll % n as u64) as usize;
                 let b = ((roll >> 32) % n as u64) as usize;
@@ -237,11 +308,10 @@ impl Store {
                     .in_flight
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
-                let load = |i: usize| flights.get(&endpoints[i].addr).copied().unwrap_or(0);
+                let load = |i: usize| flights.get(&addr(i)).copied().unwrap_or(0);
                 if load(b) < load(a) { b } else { a }
             }
-        };
-        endpoints.get(i)
+        })
     }
 
     /// Requests in flight to any of `endpoints` (a service's active requests).

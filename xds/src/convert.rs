@@ -616,6 +616,16 @@ pub fn assemble<'a>(
     out
 }
 
+/// Whether `n` is prime: a Maglev table's size must be, so that each
+/// endpoint's permutation visits every slot. The controller refuses any
+/// other `tableSize`; the waypoint rounds one up.
+pub fn is_prime(n: u64) -> bool {
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;

@@ -43,6 +43,13 @@ pub struct Rule {
     /// has no retries and no timeout, as in Istio.
     #[prost(message, optional, tag = "11")]
     pub fault: ::core::option::Option<Fault>,
+    /// Copies of each request, each to its own backend, for its share of
+    /// requests; their answers are dropped.
+    #[prost(message, repeated, tag = "12")]
+    pub mirrors: ::prost::alloc::vec::Vec<Mirror>,
+    /// Unset: no CORS handling; requests pass as they are.
+    #[prost(message, optional, tag = "13")]
+    pub cors: ::core::option::Option<Cors>,
     #[prost(oneof = "rule::Action", tags = "3, 4, 5")]
     pub action: ::core::option::Option<rule::Action>,
 }
@@ -57,6 +64,47 @@ pub mod rule {
         #[prost(message, tag = "5")]
         DirectResponse(super::DirectResponse),
     }
+}
+/// A mirror (VirtualService mirror / mirrors, HTTPRoute RequestMirror): the
+/// copy goes with "-shadow" appended to its host, as Envoy's does.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Mirror {
+    #[prost(string, tag = "1")]
+    pub hostname: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub subset: ::prost::alloc::string::String,
+    /// The service port; 0: the port the request came to.
+    #[prost(uint32, tag = "4")]
+    pub port: u32,
+    /// The share of requests copied, 0 to 100.
+    #[prost(double, tag = "5")]
+    pub percent: f64,
+}
+/// VirtualService corsPolicy, as Envoy's CORS filter applies it.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Cors {
+    /// An Origin any of these matches is allowed.
+    #[prost(message, repeated, tag = "1")]
+    pub allow_origins: ::prost::alloc::vec::Vec<StringMatch>,
+    /// Sent joined with ", "; empty: not sent.
+    #[prost(string, repeated, tag = "2")]
+    pub allow_methods: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "3")]
+    pub allow_headers: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "4")]
+    pub expose_headers: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Access-Control-Max-Age in seconds; 0: not sent.
+    #[prost(uint64, tag = "5")]
+    pub max_age_seconds: u64,
+    /// Access-Control-Allow-Credentials: true is sent.
+    #[prost(bool, tag = "6")]
+    pub allow_credentials: bool,
+    /// A preflight whose origin is not allowed: answered 200 with no CORS
+    /// headers (Istio's unmatchedPreflights IGNORE) rather than forwarded.
+    #[prost(bool, tag = "7")]
+    pub ignore_unmatched_preflights: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RetryPolicy {
@@ -280,6 +328,55 @@ pub struct Destination {
     /// Unset: no endpoint is ever ejected.
     #[prost(message, optional, tag = "7")]
     pub outlier_detection: ::core::option::Option<OutlierDetection>,
+    /// Set: the endpoint is chosen by a hash of the request, and
+    /// load_balancer is unused.
+    #[prost(message, optional, tag = "8")]
+    pub consistent_hash: ::core::option::Option<ConsistentHash>,
+}
+/// DestinationRule loadBalancer.consistentHash: requests with the same key
+/// go to the same endpoint while the endpoints stay the same. A request
+/// without the key goes to a random endpoint, as in Envoy.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConsistentHash {
+    /// A Maglev table rather than a ring.
+    #[prost(bool, tag = "5")]
+    pub maglev: bool,
+    /// The ring's minimum size (Istio's default 1024) or the Maglev table's
+    /// size (a prime; default 65537).
+    #[prost(uint64, tag = "6")]
+    pub table_size: u64,
+    #[prost(oneof = "consistent_hash::Key", tags = "1, 2, 3, 4")]
+    pub key: ::core::option::Option<consistent_hash::Key>,
+}
+/// Nested message and enum types in `ConsistentHash`.
+pub mod consistent_hash {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Key {
+        /// Lower case.
+        #[prost(string, tag = "1")]
+        Header(::prost::alloc::string::String),
+        #[prost(message, tag = "2")]
+        Cookie(super::HashCookie),
+        /// The client workload's address.
+        #[prost(bool, tag = "3")]
+        SourceIp(bool),
+        #[prost(string, tag = "4")]
+        QueryParameter(::prost::alloc::string::String),
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HashCookie {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub path: ::prost::alloc::string::String,
+    /// A request without the cookie gets one, on the response, that the next
+    /// requests hash by. Istio sets one when its httpCookie has a ttl.
+    #[prost(bool, tag = "3")]
+    pub generate: bool,
+    /// Max-Age in seconds; 0: a session cookie.
+    #[prost(uint64, tag = "4")]
+    pub ttl_seconds: u64,
 }
 /// DestinationRule trafficPolicy.outlierDetection, Envoy's consecutive-error
 /// ejection, per destination (the service or one subset).
@@ -348,6 +445,10 @@ pub struct Subset {
     /// Overrides the destination's; unset: the destination's.
     #[prost(message, optional, tag = "6")]
     pub outlier_detection: ::core::option::Option<OutlierDetection>,
+    /// With load_balancer: overrides the destination's balance, when either
+    /// is set.
+    #[prost(message, optional, tag = "7")]
+    pub consistent_hash: ::core::option::Option<ConsistentHash>,
 }
 /// type.googleapis.com/weft.waypoint.v1.Authorization, named
 /// "<namespace>/<name>": one L7 AuthorizationPolicy.
