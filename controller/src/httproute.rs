@@ -85,7 +85,7 @@ pub struct Filter {
     pub request_redirect: Option<Redirect>,
     #[serde(rename = "urlRewrite")]
     pub url_rewrite: Option<UrlRewrite>,
-    pub request_mirror: Option<serde_yaml::Value>,
+    pub request_mirror: Option<RequestMirror>,
     pub extension_ref: Option<serde_yaml::Value>,
     pub cors: Option<serde_yaml::Value>,
 }
@@ -133,6 +133,31 @@ pub struct PathModifier {
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RequestMirror {
+    pub backend_ref: BackendObjectRef,
+    pub percent: Option<u32>,
+    pub fraction: Option<Fraction>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct BackendObjectRef {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub port: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Fraction {
+    pub numerator: u32,
+    pub denominator: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct BackendRef {
     pub group: Option<String>,
     pub kind: Option<String>,
@@ -153,6 +178,61 @@ pub struct Timeouts {
 fn is_service(group: &Option<String>, kind: &Option<String>) -> bool {
     matches!(group.as_deref(), None | Some("") | Some("core"))
         && matches!(kind.as_deref(), None | Some("Service"))
+}
+
+/// A Service backend (at `at`) of a route in namespace `ns`: its hostname,
+/// namespace and port.
+fn service_backend(
+    b: &BackendObjectRef,
+    ns: &str,
+    at: &str,
+) -> Result<(String, String, u32), String> {
+    if !is_service(&b.group, &b.kind) {
+        return Err(format!("{at}: only Service backends are supported"));
+    }
+    let bns = b.namespace.clone().unwrap_or_else(|| ns.to_string());
+    if bns != ns {
+        // Gateway API wants a ReferenceGrant in `bns` for this.
+        return Err(format!(
+            "{at}.namespace: {bns:?} is another namespace; a cross-namespace backend needs a ReferenceGrant, which Weft does not read yet"
+        ));
+    }
+    let port = b
+        .port
+        .ok_or_else(|| format!("{at}.port: required for a Service backend"))?;
+    Ok((format!("{}.{bns}.svc.cluster.local", b.name), bns, port))
+}
+
+/// A RequestMirror filter (at `at`): its share is `percent`, or
+/// `fraction` (denominator 100 when unset), or all requests.
+fn request_mirror(m: &RequestMirror, ns: &str, at: &str) -> Result<pb::Mirror, String> {
+    let (hostname, namespace, port) =
+        service_backend(&m.backend_ref, ns, &format!("{at}.backendRef"))?;
+    let percent = match (m.percent, &m.fraction) {
+        (Some(_), Some(_)) => {
+            return Err(format!("{at}: percent and fraction are exclusive; set one"));
+        }
+        (Some(p), None) if p <= 100 => f64::from(p),
+        (Some(p), None) => return Err(format!("{at}.percent: {p} is over 100")),
+        (None, Some(f)) => {
+            let d = f.denominator.unwrap_or(100);
+            if d == 0 || f.numerator > d {
+                return Err(format!(
+                    "{at}.fraction: {}/{d} is not a fraction of at most 1",
+                    f.numerator
+                ));
+            }
+            f64::from(f.numerator) * 100.0 / f64::from(d)
+        }
+        (None, None) => 100.0,
+    };
+    Ok(pb::Mirror {
+        hostname,
+        namespace,
+        subset: String::new(),
+        port,
+        percent,
+    })
 }
 
 /// The services (full hostnames) an HTTPRoute attaches to, with the port
@@ -321,6 +401,7 @@ pub fn rules(route: &HttpRoute, ns: &str, port: u32) -> Result<Vec<pb::Rule>, St
         let mut response_headers = None;
         let mut redirect = None;
         let mut rewrite = None;
+        let mut mirrors = Vec::new();
         for (k, f) in r.filters.iter().enumerate() {
             let fat = format!("{at}.filters[{k}]");
             match (f.kind.as_str(), f) {
@@ -387,9 +468,16 @@ pub fn rules(route: &HttpRoute, ns: &str, port: u32) -> Result<Vec<pb::Rule>, St
                         authority: u.hostname.clone().unwrap_or_default(),
                     });
                 }
+                (
+                    "RequestMirror",
+                    Filter {
+                        request_mirror: Some(m),
+                        ..
+                    },
+                ) => mirrors.push(request_mirror(m, ns, &format!("{fat}.requestMirror"))?),
                 (kind, _) => {
                     return Err(format!(
-                        "{fat}: {kind:?} is not supported (RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite), or its field is missing"
+                        "{fat}: {kind:?} is not supported (RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite, RequestMirror), or its field is missing"
                     ));
                 }
             }
@@ -409,28 +497,24 @@ pub fn rules(route: &HttpRoute, ns: &str, port: u32) -> Result<Vec<pb::Rule>, St
             let mut backends = Vec::new();
             for (k, b) in r.backend_refs.iter().enumerate() {
                 let bat = format!("{at}.backendRefs[{k}]");
-                if !is_service(&b.group, &b.kind) {
-                    return Err(format!("{bat}: only Service backends are supported"));
-                }
                 if !b.filters.is_empty() {
                     return Err(format!(
                         "{bat}.filters: per-backend filters are not supported yet"
                     ));
                 }
-                let bns = b.namespace.clone().unwrap_or_else(|| ns.to_string());
-                if bns != ns {
-                    // Gateway API wants a ReferenceGrant in `bns` for this.
-                    return Err(format!(
-                        "{bat}.namespace: {bns:?} is another namespace; a cross-namespace backend needs a ReferenceGrant, which Weft does not read yet"
-                    ));
-                }
+                let object = BackendObjectRef {
+                    group: b.group.clone(),
+                    kind: b.kind.clone(),
+                    name: b.name.clone(),
+                    namespace: b.namespace.clone(),
+                    port: b.port,
+                };
+                let (hostname, namespace, port) = service_backend(&object, ns, &bat)?;
                 backends.push(pb::Backend {
-                    hostname: format!("{}.{bns}.svc.cluster.local", b.name),
-                    namespace: bns,
+                    hostname,
+                    namespace,
                     subset: String::new(),
-                    port: b
-                        .port
-                        .ok_or_else(|| format!("{bat}.port: required for a Service backend"))?,
+                    port,
                     weight: b.weight.unwrap_or(1),
                     request_headers: None,
                     response_headers: None,
@@ -471,7 +555,7 @@ pub fn rules(route: &HttpRoute, ns: &str, port: u32) -> Result<Vec<pb::Rule>, St
             // Istio's default retry policy.
             retries: None,
             fault: None,
-            mirrors: Vec::new(),
+            mirrors,
             cors: None,
         });
     }

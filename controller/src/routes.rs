@@ -56,12 +56,21 @@ pub struct HttpRoute {
     pub headers: Option<Headers>,
     pub retries: Option<crate::resilience::HttpRetry>,
     pub fault: Option<crate::resilience::HttpFault>,
+    pub mirror: Option<Destination>,
+    pub mirrors: Vec<HttpMirrorPolicy>,
+    pub mirror_percentage: Option<crate::resilience::Percent>,
+    /// Deprecated integer form of `mirrorPercentage`.
+    pub mirror_percent: Option<u32>,
     /// Not implemented yet: refused with a status.
-    pub mirror: Option<serde_yaml::Value>,
-    pub mirrors: Option<serde_yaml::Value>,
-    pub mirror_percentage: Option<serde_yaml::Value>,
     pub cors_policy: Option<serde_yaml::Value>,
     pub delegate: Option<serde_yaml::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpMirrorPolicy {
+    pub destination: Destination,
+    pub percentage: Option<crate::resilience::Percent>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -322,6 +331,73 @@ pub fn duration_ms(text: &str) -> Option<u64> {
     (v.is_finite() && v >= 0.0).then(|| (v * scale).round() as u64)
 }
 
+/// A destination host as a full hostname and the namespace of its service.
+fn service_ref(host: &str, ns: &str, by_host: &BTreeMap<&str, &Service>) -> (String, String) {
+    let host = fqdn(host, ns);
+    let namespace = match by_host.get(host.as_str()) {
+        Some(s) => s.namespace.clone(),
+        None => host.split('.').nth(1).unwrap_or(ns).to_string(),
+    };
+    (host, namespace)
+}
+
+/// A rule's `mirror` (with `mirrorPercentage`, default 100%) or `mirrors`
+/// (each with its `percentage`, default 100%).
+fn mirrors(
+    r: &HttpRoute,
+    at: &str,
+    ns: &str,
+    by_host: &BTreeMap<&str, &Service>,
+) -> Result<Vec<pb::Mirror>, String> {
+    let mut list: Vec<(String, &Destination, f64)> = Vec::new();
+    if let Some(d) = &r.mirror {
+        if !r.mirrors.is_empty() {
+            return Err(format!("{at}: mirror and mirrors are exclusive; set one"));
+        }
+        let percent = match (&r.mirror_percentage, r.mirror_percent) {
+            (Some(p), _) => p.value,
+            (None, Some(p)) => f64::from(p),
+            (None, None) => 100.0,
+        };
+        list.push((format!("{at}.mirror"), d, percent));
+    } else if r.mirror_percentage.is_some() || r.mirror_percent.is_some() {
+        return Err(format!(
+            "{at}.mirrorPercentage: only with mirror; each of mirrors has its own percentage"
+        ));
+    }
+    for (i, m) in r.mirrors.iter().enumerate() {
+        let percent = m.percentage.as_ref().map_or(100.0, |p| p.value);
+        list.push((
+            format!("{at}.mirrors[{i}].destination"),
+            &m.destination,
+            percent,
+        ));
+    }
+    if !list.is_empty() && r.route.is_empty() {
+        return Err(format!(
+            "{at}.mirror: only a rule with a route mirrors its requests"
+        ));
+    }
+    list.into_iter()
+        .map(|(at, d, percent)| {
+            if d.host.is_empty() {
+                return Err(format!("{at}.host: required"));
+            }
+            if !(0.0..=100.0).contains(&percent) {
+                return Err(format!("{at}: percentage {percent} is not within 0 to 100"));
+            }
+            let (hostname, namespace) = service_ref(&d.host, ns, by_host);
+            Ok(pb::Mirror {
+                hostname,
+                namespace,
+                subset: d.subset.clone().unwrap_or_default(),
+                port: d.port.as_ref().map_or(0, |p| p.number),
+                percent,
+            })
+        })
+        .collect()
+}
+
 /// One VirtualService's HTTP routes as a rule list, or the first problem.
 /// `by_host` gives each known hostname's service: a ServiceEntry's host
 /// does not name its namespace.
@@ -343,10 +419,6 @@ fn vs_rules(
     for (i, r) in spec.http.iter().enumerate() {
         let at = format!("spec.http[{i}]");
         for (field, set) in [
-            (
-                "mirror",
-                r.mirror.is_some() || r.mirrors.is_some() || r.mirror_percentage.is_some(),
-            ),
             ("corsPolicy", r.cors_policy.is_some()),
             ("delegate", r.delegate.is_some()),
         ] {
@@ -472,11 +544,7 @@ fn vs_rules(
                 if d.destination.host.is_empty() {
                     return Err(format!("{at}.route[{k}].destination.host: required"));
                 }
-                let host = fqdn(&d.destination.host, ns);
-                let namespace = match by_host.get(host.as_str()) {
-                    Some(s) => s.namespace.clone(),
-                    None => host.split('.').nth(1).unwrap_or(ns).to_string(),
-                };
+                let (host, namespace) = service_ref(&d.destination.host, ns, by_host);
                 let weight = if r.route.len() == 1 && !explicit {
                     100
                 } else {
@@ -558,7 +626,7 @@ fn vs_rules(
             timeout_ms,
             retries,
             fault,
-            mirrors: Vec::new(),
+            mirrors: mirrors(r, &at, ns, by_host)?,
             cors: None,
         });
     }
@@ -960,6 +1028,46 @@ spec:
   - {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {simple: RANDOM}}}
 "#;
 
+    /// `mirror` with its percentage (100% when unset, the deprecated
+    /// integer form read too) and `mirrors`, each with its own.
+    #[test]
+    fn mirrors_translate() {
+        let rule = |edit: &str| {
+            let l7 = run(
+                &format!("{MESH}---{}", VS.replace("timeout: 5s", edit)),
+                None,
+            );
+            l7.resources
+                .iter()
+                .find_map(|r| match r {
+                    L7Resource::Route(_, route, _) => Some(route.rules[1].mirrors.clone()),
+                    _ => None,
+                })
+                .expect("served")
+        };
+        let m = rule("mirror: {host: reviews, subset: v2, port: {number: 9080}}");
+        assert_eq!(
+            m,
+            [pb::Mirror {
+                hostname: "reviews.shop.svc.cluster.local".into(),
+                namespace: "shop".into(),
+                subset: "v2".into(),
+                port: 9080,
+                percent: 100.0,
+            }]
+        );
+        let m = rule("mirror: {host: reviews}\n    mirrorPercentage: {value: 12.5}");
+        assert_eq!(m[0].percent, 12.5);
+        let m = rule("mirror: {host: reviews}\n    mirrorPercent: 7");
+        assert_eq!(m[0].percent, 7.0);
+        let m = rule(
+            "mirrors:\n    - {destination: {host: reviews}, percentage: {value: 30}}\n    - destination: {host: ratings.other.svc.cluster.local}",
+        );
+        assert_eq!(m.len(), 2);
+        assert_eq!((m[0].percent, m[1].percent), (30.0, 100.0));
+        assert_eq!(m[1].namespace, "other");
+    }
+
     fn run(yaml: &str, previous: Option<&L7>) -> L7 {
         let mut snap = Snapshot::default();
         let errors = parse(yaml, "test", &mut snap);
@@ -1176,8 +1284,22 @@ spec:
                 "spec.http[1].retries.retryOn: unknown condition",
             ),
             (
-                VS.replace("timeout: 5s", "mirror: {host: reviews}"),
-                "spec.http[1].mirror: not supported",
+                VS.replace(
+                    "timeout: 5s",
+                    "mirror: {host: a}\n    mirrors: [{destination: {host: b}}]",
+                ),
+                "spec.http[1]: mirror and mirrors are exclusive",
+            ),
+            (
+                VS.replace("timeout: 5s", "mirrorPercentage: {value: 5}"),
+                "spec.http[1].mirrorPercentage: only with mirror",
+            ),
+            (
+                VS.replace(
+                    "timeout: 5s",
+                    "mirrors: [{destination: {host: b}, percentage: {value: 150}}]",
+                ),
+                "spec.http[1].mirrors[0].destination: percentage 150",
             ),
         ] {
             let l7 = run(&format!("{MESH}---{edit}"), None);
@@ -1270,6 +1392,78 @@ spec:
                     && s.contains("already routed by VirtualService shop/reviews")),
             "{text:?}"
         );
+    }
+
+    /// RequestMirror: all requests, a percent or a fraction; its refusals
+    /// name the field.
+    #[test]
+    fn http_route_request_mirror() {
+        let with = |filter: &str| {
+            let route = HTTPROUTE.replace(
+                "  - backendRefs: [{name: reviews, port: 9080, weight: 3}",
+                &format!("  - filters: [{{type: RequestMirror, requestMirror: {filter}}}]\n    backendRefs: [{{name: reviews, port: 9080, weight: 3}}"),
+            );
+            run(&format!("{MESH}---{route}"), None)
+        };
+        for (filter, percent) in [
+            ("{backendRef: {name: reviews, port: 9080}}", 100.0),
+            (
+                "{backendRef: {name: reviews, port: 9080}, percent: 20}",
+                20.0,
+            ),
+            (
+                "{backendRef: {name: reviews, port: 9080}, fraction: {numerator: 1, denominator: 8}}",
+                12.5,
+            ),
+        ] {
+            let l7 = with(filter);
+            let mirrors: Vec<pb::Mirror> = l7
+                .resources
+                .iter()
+                .find_map(|r| match r {
+                    L7Resource::Route(_, route, _) => {
+                        Some(route.rules.iter().flat_map(|r| r.mirrors.clone()).collect())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default();
+            assert_eq!(
+                mirrors,
+                [pb::Mirror {
+                    hostname: "reviews.shop.svc.cluster.local".into(),
+                    namespace: "shop".into(),
+                    subset: String::new(),
+                    port: 9080,
+                    percent,
+                }],
+                "{filter}"
+            );
+        }
+        for (filter, want) in [
+            (
+                "{backendRef: {name: reviews}}",
+                "requestMirror.backendRef.port: required",
+            ),
+            (
+                "{backendRef: {name: reviews, port: 9080, namespace: other}}",
+                "requestMirror.backendRef.namespace",
+            ),
+            (
+                "{backendRef: {name: reviews, port: 9080}, percent: 101}",
+                "requestMirror.percent: 101",
+            ),
+            (
+                "{backendRef: {name: reviews, port: 9080}, percent: 1, fraction: {numerator: 1}}",
+                "percent and fraction are exclusive",
+            ),
+            (
+                "{backendRef: {name: reviews, port: 9080}, fraction: {numerator: 3, denominator: 2}}",
+                "requestMirror.fraction: 3/2",
+            ),
+        ] {
+            let text = statuses(&with(filter));
+            assert!(text.iter().any(|s| s.contains(want)), "{want}: {text:?}");
+        }
     }
 
     #[test]

@@ -3,8 +3,8 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -48,6 +48,19 @@ pub struct Server {
     stop: Arc<AtomicBool>,
     /// Connections accepted so far.
     pub accepted: Arc<AtomicU64>,
+    /// [`App::Http`] and [`App::Status`]: the body of each answer so far,
+    /// which says what the request was.
+    pub answered: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// The bodies answered so far.
+    pub fn answers(&self) -> Vec<String> {
+        self.answered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 impl Drop for Server {
@@ -66,8 +79,10 @@ pub fn serve(pod: &LabPod, port: u16, app: App) -> Result<Server> {
 pub fn serve_in(netns: &NetNs, name: &str, port: u16, app: App) -> Result<Server> {
     let stop = Arc::new(AtomicBool::new(false));
     let accepted = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(Mutex::new(Vec::new()));
     let (tx, rx) = std::sync::mpsc::channel();
     let (s, a, name) = (stop.clone(), accepted.clone(), name.to_string());
+    let log = answered.clone();
     netns.spawn(move || {
         let listener = TcpListener::bind(("0.0.0.0", port));
         let listener = match listener {
@@ -93,8 +108,9 @@ pub fn serve_in(netns: &NetNs, name: &str, port: u16, app: App) -> Result<Server
             if let Ok((conn, peer)) = listener.accept() {
                 a.fetch_add(1, Ordering::AcqRel);
                 let name = name.clone();
+                let log = log.clone();
                 thread::spawn(move || {
-                    let _ = handle(conn, peer, app, &name);
+                    let _ = handle(conn, peer, app, &name, &log);
                 });
             }
         }
@@ -102,7 +118,11 @@ pub fn serve_in(netns: &NetNs, name: &str, port: u16, app: App) -> Result<Server
     })?;
     rx.recv()?
         .with_context(|| format!("binding port {port} in {}", netns.name()))?;
-    Ok(Server { stop, accepted })
+    Ok(Server {
+        stop,
+        accepted,
+        answered,
+    })
 }
 
 /// What a run of [`churn`] came to.
@@ -208,7 +228,13 @@ pub fn echo_forever(port: u16) -> Result<()> {
     })
 }
 
-fn handle(mut conn: TcpStream, peer: SocketAddr, app: App, pod: &str) -> io::Result<()> {
+fn handle(
+    mut conn: TcpStream,
+    peer: SocketAddr,
+    app: App,
+    pod: &str,
+    answered: &Mutex<Vec<String>>,
+) -> io::Result<()> {
     match app {
         App::Sink => {
             let (n, digest) = drain(&mut conn)?;
@@ -336,6 +362,10 @@ fn handle(mut conn: TcpStream, peer: SocketAddr, app: App, pod: &str) -> io::Res
                     "HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
                     body.len()
                 )?;
+                answered
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(body);
                 if !keep_alive {
                     break;
                 }

@@ -547,3 +547,160 @@ fn consistent_hash_keeps_a_key_on_one_pod() -> Result<()> {
     )?;
     lab.teardown()
 }
+
+/// reviews routed to v1, mirrored to the reviews-v2 Service.
+fn mirrored(extra: &str) -> String {
+    routes(&format!(
+        "  - route: [{{destination: {{host: reviews, subset: v1}}}}]\n    mirror: {{host: reviews-v2}}\n{extra}"
+    ))
+}
+
+fn mirror_count(lab: &Lab, outcome: &str) -> Result<f64> {
+    let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+    Ok(metric_sum(
+        &text,
+        "weft_waypoint_mirror_requests_total",
+        &[
+            (
+                "destination_service",
+                "reviews-v2.bookinfo.svc.cluster.local",
+            ),
+            ("outcome", outcome),
+        ],
+    ))
+}
+
+/// VirtualService mirror: each request (or its share of them) is copied to
+/// another service, body included and its host suffixed `-shadow`; the
+/// client only ever sees the route's answer, and a mirror that hangs
+/// neither delays nor fails it.
+#[test]
+fn mirroring_copies_requests_and_never_holds_them() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("mirror", MESH))?;
+    let v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    let v2 = apps::serve(lab.pod("bookinfo/reviews-v2"), 9080, App::Http)?;
+    let client = lab.pod("bookinfo/productpage");
+    let dst: SocketAddr = REVIEWS.parse()?;
+    lab.write_manifest("routes.yaml", &mirrored(""))?;
+    eventually("the mirror is in force", Duration::from_secs(10), || {
+        let r = get(&lab, "/", &[])?;
+        Ok(served_by(&r) == "reviews-v1" && v2.answers().iter().any(|a| a.contains("-shadow")))
+    })?;
+    // A copy still on its way is not one of the 20 below.
+    std::thread::sleep(Duration::from_millis(300));
+    let v2_requests = |lab: &Lab| -> Result<f64> {
+        let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+        Ok(metric_sum(
+            &text,
+            "istio_requests_total",
+            &[("destination_workload", "reviews-v2")],
+        ))
+    };
+    let before = v2.answers().len();
+    let counted = mirror_count(&lab, "responded")?;
+    let served = v1.answers().len();
+    let v2_before = v2_requests(&lab)?;
+    for i in 0..20 {
+        let r = apps::http_with_body(client, dst, "POST", &format!("/m{i}"), &[], b"mirror-me")?;
+        ensure!(
+            r.status == 200 && served_by(&r) == "reviews-v1",
+            "request {i}: {r:?}"
+        );
+    }
+    eventually("20 copies reach reviews-v2", Duration::from_secs(5), || {
+        Ok(v2.answers().len() >= before + 20)
+    })?;
+    let copies = v2.answers()[before..].to_vec();
+    ensure!(copies.len() == 20, "{} copies", copies.len());
+    for (i, c) in copies.iter().enumerate() {
+        ensure!(
+            c.contains(&format!("path /m{i}\n"))
+                && c.contains("body 9\n")
+                && c.contains("host: 10.96.0.20-shadow:9080"),
+            "copy {i}: {c}"
+        );
+    }
+    ensure!(
+        v1.answers().len() - served == 20,
+        "the route served each once"
+    );
+    eventually(
+        "the waypoint counts the copies",
+        Duration::from_secs(5),
+        || Ok(mirror_count(&lab, "responded")? - counted == 20.0),
+    )?;
+    // The copies are not requests of the client's.
+    ensure!(
+        v2_requests(&lab)? == v2_before,
+        "mirrored requests counted as the client's"
+    );
+
+    // Half of the requests: 400 draw within 4 standard deviations of 200.
+    lab.write_manifest(
+        "routes.yaml",
+        &mirrored("    mirrorPercentage: {value: 50}\n"),
+    )?;
+    eventually(
+        "the 50% mirror is in force",
+        Duration::from_secs(10),
+        || {
+            let before = v2.answers().len();
+            for _ in 0..20 {
+                get(&lab, "/", &[])?;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(v2.answers().len() - before < 20)
+        },
+    )?;
+    let counted = mirror_count(&lab, "responded")?;
+    for _ in 0..400 {
+        ensure!(get(&lab, "/", &[])?.status == 200);
+    }
+    let mut share = 0.0;
+    eventually("the copies are counted", Duration::from_secs(5), || {
+        let now = mirror_count(&lab, "responded")? - counted;
+        let again = {
+            std::thread::sleep(Duration::from_millis(200));
+            mirror_count(&lab, "responded")? - counted
+        };
+        share = again;
+        Ok(now == again)
+    })?;
+    ensure!(
+        (160.0..=240.0).contains(&share),
+        "{share} of 400 requests mirrored at 50%"
+    );
+
+    // A mirror that hangs: every client request is answered anyway, and
+    // each copy ends at the route's timeout, counted.
+    drop(v2);
+    // The old server lets go of the port within its poll period.
+    let mut hang = None;
+    eventually("reviews-v2 serves, hanging", Duration::from_secs(2), || {
+        hang = apps::serve(lab.pod("bookinfo/reviews-v2"), 9080, App::SlowHttp(60_000)).ok();
+        Ok(hang.is_some())
+    })?;
+    lab.write_manifest("routes.yaml", &mirrored("    timeout: 2s\n"))?;
+    eventually("the timeout is in force", Duration::from_secs(10), || {
+        get(&lab, "/", &[])?;
+        Ok(mirror_count(&lab, "timeout")? > 0.0)
+    })?;
+    let timed_out = mirror_count(&lab, "timeout")?;
+    for i in 0..20 {
+        let start = Instant::now();
+        let r = get(&lab, "/", &[])?;
+        ensure!(
+            r.status == 200
+                && served_by(&r) == "reviews-v1"
+                && start.elapsed() < Duration::from_secs(1),
+            "request {i} with a hanging mirror: {r:?} after {:?}",
+            start.elapsed()
+        );
+    }
+    eventually(
+        "the hanging copies time out",
+        Duration::from_secs(10),
+        || Ok(mirror_count(&lab, "timeout")? - timed_out >= 20.0),
+    )?;
+    lab.teardown()
+}

@@ -125,6 +125,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         breakers: crate::breaker::Breakers::default(),
         outliers,
         metrics,
+        mirrors: Arc::new(tokio::sync::Semaphore::new(
+            crate::mirror::MIRRORS_IN_FLIGHT,
+        )),
         budget: StreamBudget::new(MAX_STREAMS, MAX_STREAMS / 2),
         drain: drain_rx,
     });

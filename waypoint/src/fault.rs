@@ -23,8 +23,9 @@ pub struct Fault {
 /// The body of an injected abort, as Envoy's.
 pub const ABORT_BODY: &str = "fault filter abort";
 
-/// Whether a roll (uniform over u64) falls within `percent` of a million.
-fn hit(percent: f64, roll: u64) -> bool {
+/// Whether a roll (uniform over u64) falls within `percent` (0 to 100):
+/// a fault's, a mirror's.
+pub fn hit(percent: f64, roll: u64) -> bool {
     ((roll % 1_000_000) as f64) < percent * 10_000.0
 }
 

@@ -14,6 +14,7 @@ pub mod config;
 pub mod fault;
 pub mod hash;
 pub mod metrics;
+pub mod mirror;
 pub mod outlier;
 pub mod path;
 pub mod proxy;

@@ -38,11 +38,13 @@ pub struct L4Labels {
     pub outcome: &'static str,
 }
 
-/// Retries the waypoint made, or the budget refused.
+/// Retries the waypoint made or refused, and mirrored requests, by the
+/// service they went to.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RetryLabels {
+pub struct OutcomeLabels {
     pub destination_service: String,
-    /// `retried` or `budget_exhausted`.
+    /// Retries: `retried`, `budget_exhausted` or `overflow`. Mirrors:
+    /// `responded`, `failed`, `timeout` or `dropped`.
     pub outcome: &'static str,
 }
 
@@ -62,7 +64,8 @@ pub struct Metrics {
     request_bytes: Family<HttpLabels, Histogram>,
     response_bytes: Family<HttpLabels, Histogram>,
     l4: Family<L4Labels, Counter>,
-    retries: Family<RetryLabels, Counter>,
+    retries: Family<OutcomeLabels, Counter>,
+    mirrors: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -104,15 +107,22 @@ impl Default for Metrics {
             "Connections the waypoint forwarded at L4 (not HTTP), by outcome",
             l4.clone(),
         );
-        let retries = Family::<RetryLabels, Counter>::default();
+        let retries = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "weft_waypoint_upstream_retries",
             "Upstream retries, by destination service and outcome",
             retries.clone(),
         );
+        let mirrors = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "weft_waypoint_mirror_requests",
+            "Mirrored requests, by the service mirrored to and outcome",
+            mirrors.clone(),
+        );
         Metrics {
             l4,
             retries,
+            mirrors,
             registry,
             requests,
             duration,
@@ -135,7 +145,19 @@ impl Metrics {
     /// Counts a retry (`retried`) or one the budget refused (`budget_exhausted`).
     pub fn retry(&self, service: &str, outcome: &'static str) {
         self.retries
-            .get_or_create(&RetryLabels {
+            .get_or_create(&OutcomeLabels {
+                destination_service: service.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Counts a mirrored request: `responded` (any status), `failed` (no
+    /// answer), `timeout`, or `dropped` (not sent: too many in flight, no
+    /// endpoint, or its body could not be copied).
+    pub fn mirror(&self, service: &str, outcome: &'static str) {
+        self.mirrors
+            .get_or_create(&OutcomeLabels {
                 destination_service: service.to_string(),
                 outcome,
             })

@@ -43,6 +43,7 @@ use crate::breaker::{Breaker, Breakers, Limits};
 use crate::fault::{ABORT_BODY, Abort};
 use crate::hash::Keyed;
 use crate::metrics::{Metrics, RequestRecord};
+use crate::mirror::{Copied, MIRROR_TIMEOUT, Mirror, Tee, shadow_authority};
 use crate::outlier::Outliers;
 use crate::path;
 use crate::replay::{RETRY_BUFFER_LIMIT, Recorder};
@@ -84,6 +85,8 @@ pub struct Proxy {
     pub breakers: Breakers,
     /// Each destination's failing endpoints (DestinationRule outlierDetection).
     pub outliers: Arc<Outliers>,
+    /// Mirrored requests in flight (at most [`crate::mirror::MIRRORS_IN_FLIGHT`]).
+    pub mirrors: Arc<tokio::sync::Semaphore>,
     pub budget: Arc<StreamBudget>,
     pub drain: tokio::sync::watch::Receiver<bool>,
 }
@@ -910,42 +913,35 @@ impl Conn {
         // one (`http` is HTTP/1.1; `http2`, `grpc` are HTTP/2), the
         // client's where it is not declared. An upgrade stays HTTP/1.1.
         let downstream = parts.version;
-        let h2_upstream = client_upgrade.is_none()
-            && match upstream_protocol {
-                AppProtocol::Http2 | AppProtocol::Grpc => true,
-                AppProtocol::Http11 => false,
-                _ => downstream == http::Version::HTTP_2,
-            };
-        if !h2_upstream && downstream == http::Version::HTTP_2 {
-            // h2 → HTTP/1.1: the authority becomes Host, the URI its path.
-            if !parts.headers.contains_key(http::header::HOST)
-                && let Ok(v) = HeaderValue::from_str(&authority)
-            {
-                parts.headers.insert(http::header::HOST, v);
-            }
-            if let Some(pq) = parts.uri.path_and_query().cloned() {
-                parts.uri = http::Uri::from(pq);
-            }
-            parts.version = http::Version::HTTP_11;
+        let h2_upstream = client_upgrade.is_none() && upstream_is_h2(upstream_protocol, downstream);
+        // Mirrors get the request as it is now, with its body copied.
+        let mirrors: Vec<&Mirror> = match rule {
+            Some(r) if client_upgrade.is_none() => r
+                .mirrors
+                .iter()
+                .filter(|m| crate::fault::hit(m.percent, roll()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let body: Body = body.map_err(BoxError::from).boxed();
+        let (body, mut copies) = if mirrors.is_empty() || body.is_end_stream() {
+            (body, Vec::new())
+        } else {
+            let (tee, copies) = Tee::new(body, mirrors.len());
+            (tee.boxed(), copies.into_iter().map(Some).collect())
+        };
+        for (i, m) in mirrors.iter().enumerate() {
+            let copy = copies.get_mut(i).and_then(Option::take);
+            self.mirror(
+                state,
+                m,
+                parts.clone(),
+                copy,
+                rule.and_then(|r| r.timeout),
+                &authority,
+            );
         }
-        if h2_upstream {
-            parts.version = http::Version::HTTP_2;
-            // The URI carries scheme and authority.
-            let host = parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-                .unwrap_or_else(|| authority.clone());
-            let pq = parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string();
-            if let Ok(uri) = format!("http://{host}{pq}").parse() {
-                parts.uri = uri;
-            }
-        }
+        for_upstream(&mut parts, &authority, h2_upstream);
         let default_retry;
         let policy = match rule {
             Some(r) => &r.retry,
@@ -970,7 +966,7 @@ impl Conn {
             } else {
                 RETRY_BUFFER_LIMIT
             };
-            Some(Recorder::new(body.map_err(BoxError::from).boxed(), keep))
+            Some(Recorder::new(body, keep))
         };
         let attempts = self.attempts(
             parts,
@@ -1061,6 +1057,86 @@ impl Conn {
 }
 
 impl Conn {
+    /// Sends a copy of the request to mirror `m`, on its own task, its host
+    /// suffixed `-shadow`; `copy` brings the body once the client has sent
+    /// it (none: the request has no body). Nothing of it reaches the client.
+    fn mirror(
+        &self,
+        state: &State,
+        m: &Mirror,
+        mut parts: http::request::Parts,
+        copy: Option<tokio::sync::oneshot::Receiver<Copied>>,
+        timeout: Option<Duration>,
+        authority: &str,
+    ) {
+        let metrics = &self.proxy.metrics;
+        let Some(svc) = state.service(&m.service) else {
+            debug!(mirror = %m.service, "mirror: no such service");
+            return metrics.mirror(&m.service, "dropped");
+        };
+        let port = if m.port == 0 {
+            self.target.port()
+        } else {
+            m.port
+        };
+        let (endpoints, balance, pool) = state.endpoints(svc, port, &m.subset);
+        let Some(ep) = self
+            .proxy
+            .store
+            .choose(&endpoints, &balance, roll(), None, &[])
+            .cloned()
+        else {
+            return metrics.mirror(&svc.hostname, "dropped");
+        };
+        let Ok(permit) = self.proxy.mirrors.clone().try_acquire_owned() else {
+            return metrics.mirror(&svc.hostname, "dropped");
+        };
+        let host = parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or(authority);
+        let shadow = shadow_authority(host);
+        if let Ok(v) = HeaderValue::from_str(&shadow) {
+            parts.headers.insert(http::header::HOST, v);
+        }
+        let h2 = upstream_is_h2(port_protocol(svc, port), parts.version);
+        for_upstream(&mut parts, &shadow, h2);
+        let proxy = self.proxy.clone();
+        let client = self.client_ip;
+        let service = svc.hostname.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let exchange = async {
+                let body = match copy {
+                    None => empty(),
+                    Some(rx) => match rx.await {
+                        Ok(c) => c.body(),
+                        Err(_) => return "dropped",
+                    },
+                };
+                let req = Request::from_parts(parts, body);
+                match proxy.send(&ep, client, req, &pool.limits).await {
+                    Ok(resp) => {
+                        // Read to the end and dropped, so the connection
+                        // can carry the next one.
+                        let mut body = resp.into_body();
+                        while let Some(Ok(_)) = body.frame().await {}
+                        "responded"
+                    }
+                    Err(e) => {
+                        debug!(endpoint = %ep.addr, error = %e, "mirror failed");
+                        "failed"
+                    }
+                }
+            };
+            let outcome = tokio::time::timeout(timeout.unwrap_or(MIRROR_TIMEOUT), exchange)
+                .await
+                .unwrap_or("timeout");
+            proxy.metrics.mirror(&service, outcome);
+        });
+    }
+
     /// The policies' decision on a request (or, `tcp`, a connection
     /// forwarded at L4). `Err` names the DENY that matched, or is empty when
     /// no ALLOW did.
@@ -1170,6 +1246,51 @@ fn port_protocol(svc: &Service, port: u16) -> AppProtocol {
 /// kept, unless the scheme changes and it was http's own 80. A redirect port
 /// replaces either. The scheme's well-known port is never written (80 for
 /// http, 443 for https). IPv6 literals keep their brackets.
+/// Whether a request goes upstream over HTTP/2: the port's declared
+/// protocol, or the client's where it declares none.
+fn upstream_is_h2(protocol: AppProtocol, downstream: http::Version) -> bool {
+    match protocol {
+        AppProtocol::Http2 | AppProtocol::Grpc => true,
+        AppProtocol::Http11 => false,
+        _ => downstream == http::Version::HTTP_2,
+    }
+}
+
+/// Makes `parts` (as the client sent them, `authority` its host) a request
+/// of the upstream's version.
+fn for_upstream(parts: &mut http::request::Parts, authority: &str, h2_upstream: bool) {
+    if !h2_upstream && parts.version == http::Version::HTTP_2 {
+        // h2 → HTTP/1.1: the authority becomes Host, the URI its path.
+        if !parts.headers.contains_key(http::header::HOST)
+            && let Ok(v) = HeaderValue::from_str(authority)
+        {
+            parts.headers.insert(http::header::HOST, v);
+        }
+        if let Some(pq) = parts.uri.path_and_query().cloned() {
+            parts.uri = http::Uri::from(pq);
+        }
+        parts.version = http::Version::HTTP_11;
+    }
+    if h2_upstream {
+        parts.version = http::Version::HTTP_2;
+        // The URI carries scheme and authority.
+        let host = parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .unwrap_or_else(|| authority.to_string());
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        if let Ok(uri) = format!("http://{host}{pq}").parse() {
+            parts.uri = uri;
+        }
+    }
+}
+
 fn redirect_host(authority: &str, host: Option<&str>, port: Option<u16>, scheme: &str) -> String {
     let (host, kept) = match host {
         Some(h) => split_authority(h),

@@ -27,6 +27,7 @@ pub struct Rule {
     pub timeout: Option<Duration>,
     pub retry: crate::retry::Policy,
     pub fault: Option<crate::fault::Fault>,
+    pub mirrors: Vec<crate::mirror::Mirror>,
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +227,12 @@ impl Rule {
             timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
             retry: crate::retry::Policy::compile(r.retries.as_ref()),
             fault: crate::fault::Fault::compile(r.fault.as_ref()),
+            mirrors: r
+                .mirrors
+                .iter()
+                .enumerate()
+                .map(|(i, m)| crate::mirror::Mirror::compile(m, &format!("{at}.mirrors[{i}]")))
+                .collect::<Result<_, _>>()?,
         })
     }
 
