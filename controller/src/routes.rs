@@ -61,9 +61,22 @@ pub struct HttpRoute {
     pub mirror_percentage: Option<crate::resilience::Percent>,
     /// Deprecated integer form of `mirrorPercentage`.
     pub mirror_percent: Option<u32>,
-    /// Not implemented yet: refused with a status.
-    pub cors_policy: Option<serde_yaml::Value>,
+    pub cors_policy: Option<CorsPolicy>,
     pub delegate: Option<serde_yaml::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct CorsPolicy {
+    pub allow_origins: Vec<StringMatch>,
+    /// Deprecated: exact origins.
+    pub allow_origin: Vec<String>,
+    pub allow_methods: Vec<String>,
+    pub allow_headers: Vec<String>,
+    pub expose_headers: Vec<String>,
+    pub max_age: Option<String>,
+    pub allow_credentials: Option<bool>,
+    pub unmatched_preflights: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -341,6 +354,60 @@ fn service_ref(host: &str, ns: &str, by_host: &BTreeMap<&str, &Service>) -> (Str
     (host, namespace)
 }
 
+/// A rule's `corsPolicy`, as Istio hands it to Envoy's CORS filter: lists
+/// joined with commas, `maxAge` in seconds, `unmatchedPreflights` FORWARD
+/// (the default) or IGNORE.
+fn cors(c: &CorsPolicy, at: &str) -> Result<pb::Cors, String> {
+    let mut allow_origins = c
+        .allow_origins
+        .iter()
+        .enumerate()
+        .map(|(i, m)| string_match(m, &format!("{at}.allowOrigins[{i}]"), false))
+        .collect::<Result<Vec<_>, String>>()?;
+    allow_origins.extend(c.allow_origin.iter().map(|o| pb::StringMatch {
+        kind: Some(pb::string_match::Kind::Exact(o.clone())),
+        ignore_case: false,
+    }));
+    for (field, list) in [
+        ("allowMethods", &c.allow_methods),
+        ("allowHeaders", &c.allow_headers),
+        ("exposeHeaders", &c.expose_headers),
+    ] {
+        if let Some(bad) = list
+            .iter()
+            .find(|v| v.is_empty() || !v.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(format!("{at}.{field}: {bad:?} is not a token"));
+        }
+    }
+    let max_age_seconds = match &c.max_age {
+        None => 0,
+        Some(t) => {
+            duration_ms(t)
+                .ok_or_else(|| format!("{at}.maxAge: {t:?} is not a duration like 24h"))?
+                / 1000
+        }
+    };
+    let ignore_unmatched_preflights = match c.unmatched_preflights.as_deref() {
+        None | Some("UNSPECIFIED") | Some("FORWARD") => false,
+        Some("IGNORE") => true,
+        Some(other) => {
+            return Err(format!(
+                "{at}.unmatchedPreflights: {other:?} is not one of FORWARD, IGNORE"
+            ));
+        }
+    };
+    Ok(pb::Cors {
+        allow_origins,
+        allow_methods: c.allow_methods.clone(),
+        allow_headers: c.allow_headers.clone(),
+        expose_headers: c.expose_headers.clone(),
+        max_age_seconds,
+        allow_credentials: c.allow_credentials == Some(true),
+        ignore_unmatched_preflights,
+    })
+}
+
 /// A rule's `mirror` (with `mirrorPercentage`, default 100%) or `mirrors`
 /// (each with its `percentage`, default 100%).
 fn mirrors(
@@ -418,15 +485,10 @@ fn vs_rules(
     let mut rules = Vec::new();
     for (i, r) in spec.http.iter().enumerate() {
         let at = format!("spec.http[{i}]");
-        for (field, set) in [
-            ("corsPolicy", r.cors_policy.is_some()),
-            ("delegate", r.delegate.is_some()),
-        ] {
-            if set {
-                return Err(format!(
-                    "{at}.{field}: not supported by Weft's waypoint yet"
-                ));
-            }
+        if r.delegate.is_some() {
+            return Err(format!(
+                "{at}.delegate: not supported by Weft's waypoint yet"
+            ));
         }
         let mut matches = Vec::new();
         for (j, m) in r.matches.iter().enumerate() {
@@ -627,7 +689,11 @@ fn vs_rules(
             retries,
             fault,
             mirrors: mirrors(r, &at, ns, by_host)?,
-            cors: None,
+            cors: r
+                .cors_policy
+                .as_ref()
+                .map(|c| cors(c, &format!("{at}.corsPolicy")))
+                .transpose()?,
         });
     }
     Ok(rules)
@@ -1066,6 +1132,54 @@ spec:
         assert_eq!(m.len(), 2);
         assert_eq!((m[0].percent, m[1].percent), (30.0, 100.0));
         assert_eq!(m[1].namespace, "other");
+    }
+
+    /// corsPolicy: origins from both fields, lists as written, maxAge in
+    /// seconds, IGNORE read; a bad value is refused naming its field.
+    #[test]
+    fn cors_translates() {
+        let vs = VS.replace(
+            "timeout: 5s",
+            "corsPolicy:\n      allowOrigins: [{exact: 'https://a.example'}, {prefix: 'https://b.'}]\n      allowOrigin: ['https://c.example']\n      allowMethods: [GET, POST]\n      allowHeaders: [x-user]\n      exposeHeaders: [x-trace]\n      maxAge: 24h\n      allowCredentials: true\n      unmatchedPreflights: IGNORE",
+        );
+        let l7 = run(&format!("{MESH}---{vs}"), None);
+        let cors = l7
+            .resources
+            .iter()
+            .find_map(|r| match r {
+                L7Resource::Route(_, route, _) => route.rules[1].cors.clone(),
+                _ => None,
+            })
+            .expect("served");
+        assert_eq!(cors.allow_origins.len(), 3);
+        assert_eq!(
+            cors.allow_origins[2].kind,
+            Some(pb::string_match::Kind::Exact("https://c.example".into()))
+        );
+        assert_eq!(cors.allow_methods, ["GET", "POST"]);
+        assert_eq!(cors.max_age_seconds, 86400);
+        assert!(cors.allow_credentials && cors.ignore_unmatched_preflights);
+        for (edit, want) in [
+            (
+                "corsPolicy: {maxAge: forever}",
+                "spec.http[1].corsPolicy.maxAge",
+            ),
+            (
+                "corsPolicy: {unmatchedPreflights: DROP}",
+                "spec.http[1].corsPolicy.unmatchedPreflights",
+            ),
+            (
+                "corsPolicy: {allowHeaders: ['x user']}",
+                "spec.http[1].corsPolicy.allowHeaders",
+            ),
+        ] {
+            let l7 = run(
+                &format!("{MESH}---{}", VS.replace("timeout: 5s", edit)),
+                None,
+            );
+            let text = statuses(&l7);
+            assert!(text.iter().any(|s| s.contains(want)), "{want}: {text:?}");
+        }
     }
 
     fn run(yaml: &str, previous: Option<&L7>) -> L7 {

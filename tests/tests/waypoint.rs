@@ -823,3 +823,107 @@ spec:
     ensure!(served_by(&r).starts_with("reviews-"), "{r:?}");
     lab.teardown()
 }
+
+/// VirtualService corsPolicy: a preflight from an allowed origin is
+/// answered at the waypoint and never reaches the pods; a request from it
+/// gets the allow headers on the pod's answer; a preflight from any other
+/// origin goes to the pods, untouched.
+#[test]
+fn cors_preflight_at_the_waypoint() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("cors", MESH))?;
+    let v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    let v2 = apps::serve(lab.pod("bookinfo/reviews-v2"), 9080, App::Http)?;
+    lab.write_manifest(
+        "routes.yaml",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews}}]
+    corsPolicy:
+      allowOrigins: [{exact: "https://shop.example"}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-user]
+      exposeHeaders: [x-trace]
+      maxAge: 1h
+      allowCredentials: true
+"#,
+    )?;
+    let client = lab.pod("bookinfo/productpage");
+    let dst: SocketAddr = REVIEWS.parse()?;
+    let preflight = |origin: &str| {
+        apps::http(
+            client,
+            dst,
+            "OPTIONS",
+            "/reviews/1",
+            &[
+                ("origin", origin),
+                ("access-control-request-method", "POST"),
+            ],
+        )
+    };
+    let answers = || v1.answers().len() + v2.answers().len();
+    eventually(
+        "the CORS policy is in force",
+        Duration::from_secs(10),
+        || {
+            Ok(preflight("https://shop.example")?
+                .header("access-control-allow-origin")
+                .is_some())
+        },
+    )?;
+    let requests = |lab: &Lab| -> Result<f64> {
+        let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+        Ok(metric_sum(
+            &text,
+            "istio_requests_total",
+            &[("reporter", "waypoint"), ("response_code", "200")],
+        ))
+    };
+    let counted = requests(&lab)?;
+    let before = answers();
+    let r = preflight("https://shop.example")?;
+    ensure!(r.status == 200, "{r:?}");
+    for (name, value) in [
+        ("access-control-allow-origin", "https://shop.example"),
+        ("access-control-allow-methods", "GET,POST"),
+        ("access-control-allow-headers", "x-user"),
+        ("access-control-max-age", "3600"),
+        ("access-control-allow-credentials", "true"),
+    ] {
+        ensure!(r.header(name) == Some(value), "{name}: {r:?}");
+    }
+    ensure!(answers() == before, "the preflight reached a pod");
+
+    let r = get(&lab, "/", &[("origin", "https://shop.example")])?;
+    ensure!(
+        r.body.starts_with("hello from reviews-")
+            && r.header("access-control-allow-origin") == Some("https://shop.example")
+            && r.header("access-control-expose-headers") == Some("x-trace")
+            && r.header("access-control-allow-credentials") == Some("true")
+            && r.header("access-control-allow-methods").is_none(),
+        "{r:?}"
+    );
+    ensure!(answers() == before + 1);
+
+    let r = preflight("https://evil.example")?;
+    ensure!(
+        r.body.contains("path /reviews/1")
+            && r.headers
+                .iter()
+                .all(|(n, _)| !n.starts_with("access-control-")),
+        "{r:?}"
+    );
+    ensure!(answers() == before + 2, "the other preflight went to a pod");
+    let r = get(&lab, "/", &[])?;
+    ensure!(r.header("access-control-allow-origin").is_none(), "{r:?}");
+    ensure!(
+        requests(&lab)? - counted == 4.0,
+        "istio_requests_total counts the four, preflight included"
+    );
+    lab.teardown()
+}

@@ -11,6 +11,7 @@ pub mod app;
 pub mod authz;
 pub mod breaker;
 pub mod config;
+pub mod cors;
 pub mod fault;
 pub mod hash;
 pub mod metrics;

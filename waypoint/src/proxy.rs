@@ -40,6 +40,7 @@ use weft_identity::CertManager;
 
 use crate::authz::{self, Decision};
 use crate::breaker::{Breaker, Breakers, Limits};
+use crate::cors;
 use crate::fault::{ABORT_BODY, Abort};
 use crate::hash::Keyed;
 use crate::metrics::{Metrics, RequestRecord};
@@ -748,6 +749,26 @@ impl Conn {
         if let Some(r) = rule {
             record.route = r.name.clone();
         }
+        // CORS, after authorization and before faults as in Istio's filter
+        // chain: a preflight is answered here, a CORS request's answer
+        // gets the allow headers.
+        let cors = match rule.and_then(|r| r.cors.as_ref()) {
+            None => None,
+            Some(c) => match c.verdict(req.method(), req.headers()) {
+                cors::Verdict::Pass => None,
+                cors::Verdict::Decorate(h) => Some(h),
+                cors::Verdict::Answer(h) => {
+                    let mut resp = full(StatusCode::OK, Bytes::new());
+                    resp.headers_mut().extend(h);
+                    return resp;
+                }
+            },
+        };
+        let decorate = |headers: &mut HeaderMap| {
+            for (name, value) in cors.iter().flatten() {
+                headers.insert(name, value.clone());
+            }
+        };
         // Faults, as Envoy's fault filter before the router: a delay, then an abort.
         if let Some(f) = rule.and_then(|r| r.fault.as_ref()) {
             if let Some(d) = f.delay(roll()) {
@@ -766,6 +787,7 @@ impl Conn {
                 if let Some(r) = rule {
                     r.response_headers.apply(resp.headers_mut());
                 }
+                decorate(resp.headers_mut());
                 return resp;
             }
             Some(Action::Redirect(rd)) => {
@@ -792,6 +814,7 @@ impl Conn {
                 if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{new_path}")) {
                     resp.headers_mut().insert(http::header::LOCATION, v);
                 }
+                decorate(resp.headers_mut());
                 return resp;
             }
             Some(Action::Forward(backends)) => {
@@ -1052,6 +1075,7 @@ impl Conn {
         if let Some(c) = keyed.set_cookie {
             parts.headers.append(http::header::SET_COOKIE, c);
         }
+        decorate(&mut parts.headers);
         Response::from_parts(parts, body.map_err(BoxError::from).boxed())
     }
 }

@@ -28,6 +28,7 @@ pub struct Rule {
     pub retry: crate::retry::Policy,
     pub fault: Option<crate::fault::Fault>,
     pub mirrors: Vec<crate::mirror::Mirror>,
+    pub cors: Option<crate::cors::Cors>,
 }
 
 #[derive(Debug, Clone)]
@@ -233,6 +234,11 @@ impl Rule {
                 .enumerate()
                 .map(|(i, m)| crate::mirror::Mirror::compile(m, &format!("{at}.mirrors[{i}]")))
                 .collect::<Result<_, _>>()?,
+            cors: r
+                .cors
+                .as_ref()
+                .map(|c| crate::cors::Cors::compile(c, &format!("{at}.cors")))
+                .transpose()?,
         })
     }
 
@@ -306,7 +312,7 @@ impl HeaderOps {
 }
 
 impl StringMatch {
-    fn compile(m: &pb::StringMatch, at: &str) -> Result<Self, RouteError> {
+    pub(crate) fn compile(m: &pb::StringMatch, at: &str) -> Result<Self, RouteError> {
         Ok(match &m.kind {
             Some(pb::string_match::Kind::Exact(s)) => StringMatch::Exact(s.clone(), m.ignore_case),
             Some(pb::string_match::Kind::Prefix(s)) => {
