@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
 use kube::api::{ApiResource, GroupVersionKind, ObjectMeta};
 use serde::de::DeserializeOwned;
 
@@ -19,6 +19,7 @@ use crate::kubernetes::Watched;
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
 use crate::routes::{DestinationRule, VirtualService};
 use crate::service_entry::ServiceEntry;
+use crate::telemetry::Telemetry;
 use crate::waypoints::Gateway;
 
 /// What the controller needs to know about one kind.
@@ -33,8 +34,12 @@ pub struct KindInfo {
     pub namespaced: bool,
     /// The controller writes `Accepted` conditions to its status.
     pub status: bool,
-    /// A CRD that may not be installed: the controller starts without it.
+    /// A CRD that may not be installed, or a kind that may not be
+    /// readable (the mesh config): the controller starts without it.
     pub optional: bool,
+    /// Only objects of this name are read (a field selector on the watch):
+    /// the mesh config's ConfigMap, not every ConfigMap of the cluster.
+    pub only_name: Option<&'static str>,
 }
 
 impl KindInfo {
@@ -96,6 +101,8 @@ pub fn each_kind(v: &mut impl Visitor) {
     v.visit::<DestinationRule>();
     v.visit::<HttpRoute>();
     v.visit::<ServiceEntry>();
+    v.visit::<ConfigMap>();
+    v.visit::<Telemetry>();
 }
 
 /// The description of the kind named `kind`.
@@ -164,6 +171,7 @@ kind!(
         namespaced: false,
         status: false,
         optional: false,
+        only_name: None,
     }
 );
 kind!(
@@ -178,6 +186,7 @@ kind!(
         namespaced: false,
         status: false,
         optional: false,
+        only_name: None,
     }
 );
 kind!(
@@ -192,6 +201,7 @@ kind!(
         namespaced: true,
         status: false,
         optional: false,
+        only_name: None,
     }
 );
 kind!(
@@ -206,6 +216,7 @@ kind!(
         namespaced: true,
         status: false,
         optional: false,
+        only_name: None,
     }
 );
 kind!(
@@ -220,6 +231,7 @@ kind!(
         namespaced: true,
         status: true,
         optional: true,
+        only_name: None,
     }
 );
 kind!(
@@ -234,6 +246,7 @@ kind!(
         namespaced: true,
         status: true,
         optional: true,
+        only_name: None,
     }
 );
 kind!(
@@ -248,6 +261,7 @@ kind!(
         namespaced: true,
         status: false,
         optional: true,
+        only_name: None,
     }
 );
 /// Istio serves networking objects at v1, v1beta1 and v1alpha3.
@@ -265,6 +279,7 @@ kind!(
         namespaced: true,
         status: true,
         optional: true,
+        only_name: None,
     }
 );
 kind!(
@@ -279,6 +294,7 @@ kind!(
         namespaced: true,
         status: true,
         optional: true,
+        only_name: None,
     }
 );
 // Its status carries `istio.io/WaypointBound`, as a Service's does, and
@@ -295,6 +311,7 @@ kind!(
         namespaced: true,
         status: false,
         optional: true,
+        only_name: None,
     }
 );
 // Gateway API status lives under `status.parents`, one entry per parent
@@ -311,6 +328,39 @@ kind!(
         namespaced: true,
         status: true,
         optional: true,
+        only_name: None,
+    }
+);
+
+// Only the mesh config's: the watch asks for that name alone.
+kind!(
+    ConfigMap,
+    config_maps,
+    typed,
+    KindInfo {
+        group: "",
+        versions: CORE_V1,
+        kind: "ConfigMap",
+        plural: "configmaps",
+        namespaced: true,
+        status: false,
+        optional: true,
+        only_name: Some(crate::telemetry::MESH_CONFIG_MAP),
+    }
+);
+kind!(
+    Telemetry,
+    telemetries,
+    dynamic,
+    KindInfo {
+        group: "telemetry.istio.io",
+        versions: &["v1", "v1alpha1"],
+        kind: "Telemetry",
+        plural: "telemetries",
+        namespaced: true,
+        status: true,
+        optional: true,
+        only_name: None,
     }
 );
 

@@ -51,13 +51,18 @@ pub struct KubeSource {
 fn reflect<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
-    what: &'static str,
+    info: &'static KindInfo,
     dirty: Arc<AtomicBool>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone,
 {
-    let stream = watcher(api, watcher::Config::default())
+    let what = info.kind;
+    let config = match info.only_name {
+        Some(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
+        None => watcher::Config::default(),
+    };
+    let stream = watcher(api, config)
         .default_backoff()
         .modify(|o| o.managed_fields_mut().clear())
         .reflect(writer);
@@ -176,7 +181,7 @@ where
     reflect(
         Api::<K>::all(client.clone()),
         writer,
-        K::INFO.kind,
+        &K::INFO,
         dirty.clone(),
     );
     Box::new(Typed(reader))
@@ -188,7 +193,7 @@ pub(crate) fn dynamic<K: Kind>(client: &Client, dirty: &Arc<AtomicBool>) -> Box<
     let writer = reflector::store::Writer::new(ar.clone());
     let reader = writer.as_reader();
     let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
-    reflect(api, writer, K::INFO.kind, dirty.clone());
+    reflect(api, writer, &K::INFO, dirty.clone());
     Box::new(Dynamic::<K>(reader, std::marker::PhantomData))
 }
 

@@ -26,6 +26,7 @@ pub mod routes;
 pub mod service_entry;
 mod snapshot;
 pub mod source;
+pub mod telemetry;
 pub mod translate;
 pub mod waypoints;
 pub mod xds;

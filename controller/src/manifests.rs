@@ -129,6 +129,14 @@ impl Visitor for Load<'_> {
                 ..ObjectMeta::default()
             }
         };
+        // A kind read under one name only (the mesh config's ConfigMap):
+        // others are skipped, as the API server's watch never sends them.
+        if K::INFO
+            .only_name
+            .is_some_and(|n| meta().name.as_deref() != Some(n))
+        {
+            return;
+        }
         let doc_key = K::INFO.key(&meta());
         let result = serde_yaml::from_value::<K>(value)
             .map(|o| {

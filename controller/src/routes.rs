@@ -228,6 +228,7 @@ pub enum L7Resource {
     Route(String, pb::Route, BTreeSet<Identity>),
     Destination(String, pb::Destination, BTreeSet<Identity>),
     Authorization(String, pb::Authorization, BTreeSet<Identity>),
+    Telemetry(String, pb::Telemetry, BTreeSet<Identity>),
 }
 
 /// The L7 translation.

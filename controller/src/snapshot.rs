@@ -2,13 +2,14 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
 
 use crate::httproute::HttpRoute;
 use crate::kinds::{Kind, Visitor, each_kind};
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
 use crate::routes::{DestinationRule, VirtualService};
 use crate::service_entry::ServiceEntry;
+use crate::telemetry::Telemetry;
 use crate::waypoints::Gateway;
 
 /// Every resource the translation reads, keyed for lookup.
@@ -34,6 +35,10 @@ pub struct Snapshot {
     pub http_routes: BTreeMap<String, HttpRoute>,
     /// Keyed by `namespace/name`.
     pub service_entries: BTreeMap<String, ServiceEntry>,
+    /// Only those named `istio` (the mesh config), by `namespace/name`.
+    pub config_maps: BTreeMap<String, ConfigMap>,
+    /// Keyed by `namespace/name`.
+    pub telemetries: BTreeMap<String, Telemetry>,
 }
 
 impl Snapshot {

@@ -216,6 +216,10 @@ impl Published {
                     let ty = types::L7_AUTHORIZATION.type_url;
                     (ty, name, to_any(ty, m), scope)
                 }
+                L7Resource::Telemetry(name, m, scope) => {
+                    let ty = types::TELEMETRY.type_url;
+                    (ty, name, to_any(ty, m), scope)
+                }
             };
             put(ty, name.clone(), any, Vec::new(), Some(scope.clone()));
         }

@@ -65,6 +65,8 @@ struct Fake {
     objects: Arc<Mutex<HashMap<String, Value>>>,
     /// Every single-object GET served from `objects`, by path.
     reads: Arc<Mutex<Vec<String>>>,
+    /// Every list served, as `path?query`.
+    listed: Arc<Mutex<Vec<String>>>,
 }
 
 impl Fake {
@@ -82,6 +84,16 @@ impl Fake {
             .into_iter()
             .filter(|(m, p, _)| m == Method::PATCH && p == path)
             .map(|(_, _, b)| b)
+            .collect()
+    }
+
+    /// The queries `path` was listed with.
+    fn list_queries(&self, path: &str) -> Vec<String> {
+        self.listed
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("{path}?")).map(str::to_string))
             .collect()
     }
 
@@ -146,6 +158,7 @@ impl Fake {
             return reply(StatusCode::OK, o);
         }
         if let Some(items) = self.lists.lock().unwrap().get(&path) {
+            self.listed.lock().unwrap().push(format!("{path}?{query}"));
             return reply(
                 StatusCode::OK,
                 &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
@@ -284,6 +297,12 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
                     "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "a"}, "ports": [{"port": 80}]}})],
     );
     fake.list("/api/v1/nodes", vec![]);
+    // The mesh config: only the ConfigMap named `istio` is asked for.
+    fake.list(
+        "/api/v1/configmaps",
+        vec![json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta("istio", Some("istio-system"), "1"),
+                    "data": {"mesh": "extensionProviders: []"}})],
+    );
     fake.list(
         AP,
         vec![
@@ -319,6 +338,15 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
     }
     assert_eq!(snap.namespaces.len(), 2);
     assert_eq!(snap.pods.len(), 3);
+    assert!(snap.config_maps.contains_key("istio-system/istio"));
+    let queries = fake.list_queries("/api/v1/configmaps");
+    assert!(
+        !queries.is_empty()
+            && queries
+                .iter()
+                .all(|q| q.contains("fieldSelector=metadata.name%3Distio")),
+        "{queries:?}"
+    );
     assert!(
         snap.pods["shop/a"].metadata.managed_fields.is_none()
             || snap.pods["shop/a"]

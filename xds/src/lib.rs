@@ -11,6 +11,7 @@
 pub mod client;
 pub mod convert;
 pub mod grpc;
+pub mod otlp;
 pub mod proto;
 pub mod types;
 

@@ -77,6 +77,13 @@ pub const L7_AUTHORIZATION: ResourceType = ResourceType {
     audience: Audience::Waypoint,
 };
 
+/// One waypoint's tracing and other telemetry (`weft.waypoint.v1.Telemetry`).
+pub const TELEMETRY: ResourceType = ResourceType {
+    type_url: "type.googleapis.com/weft.waypoint.v1.Telemetry",
+    name: "telemetry",
+    audience: Audience::Waypoint,
+};
+
 /// Every type the control plane serves.
 pub const REGISTRY: &[&ResourceType] = &[
     &ADDRESS,
@@ -84,6 +91,7 @@ pub const REGISTRY: &[&ResourceType] = &[
     &ROUTE,
     &DESTINATION,
     &L7_AUTHORIZATION,
+    &TELEMETRY,
 ];
 
 /// The registered type with this URL.

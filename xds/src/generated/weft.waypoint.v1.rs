@@ -533,6 +533,40 @@ pub struct AuthzCondition {
     #[prost(string, repeated, tag = "3")]
     pub not_values: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
+/// type.googleapis.com/weft.waypoint.v1.Telemetry, named
+/// "<namespace>/<gateway>": one waypoint's telemetry beyond its metrics, as
+/// Istio's Telemetry resources and MeshConfig extensionProviders select it.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Telemetry {
+    /// What it was resolved from, for logs: "Telemetry istio-system/mesh".
+    #[prost(string, tag = "1")]
+    pub origin: ::prost::alloc::string::String,
+    /// Unset: no spans.
+    #[prost(message, optional, tag = "2")]
+    pub tracing: ::core::option::Option<Tracing>,
+}
+/// Tracing to an OpenTelemetry collector over OTLP/gRPC.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Tracing {
+    /// The extensionProviders entry.
+    #[prost(string, tag = "1")]
+    pub provider: ::prost::alloc::string::String,
+    /// The collector: a service, reached at one of its endpoints (over HBONE
+    /// when it is in the mesh), and its OTLP/gRPC port.
+    #[prost(string, tag = "2")]
+    pub hostname: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "4")]
+    pub port: u32,
+    /// The share of traces started here that are sampled, 0 to 100. A request
+    /// that carries a sampling decision keeps it.
+    #[prost(double, tag = "5")]
+    pub sampling_percent: f64,
+    /// Spans are made and propagated, never sent (disableSpanReporting).
+    #[prost(bool, tag = "6")]
+    pub disable_reporting: bool,
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum LoadBalancer {
