@@ -245,6 +245,19 @@ impl Drop for StreamGuard {
     }
 }
 
+/// A W3C `traceparent` for one HBONE connection: a random trace and span,
+/// not sampled, as Istio's ztunnel puts on its CONNECTs so that both ends
+/// can name the connection alike.
+pub fn traceparent() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 24];
+    // The system's generator does not fail on Linux; zeros would only make
+    // an id a receiver ignores.
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!("00-{}-{}-00", hex(&b[..16]), hex(&b[16..]))
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
@@ -281,6 +294,22 @@ mod tests {
             },
         ));
         async move { Ok(near) }
+    }
+
+    #[test]
+    fn traceparents_are_w3c_and_fresh() {
+        let a = traceparent();
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(parts.len(), 4, "{a}");
+        assert_eq!((parts[0], parts[3]), ("00", "00"));
+        assert_eq!((parts[1].len(), parts[2].len()), (32, 16));
+        assert!(
+            parts[1]
+                .bytes()
+                .chain(parts[2].bytes())
+                .all(|b| b.is_ascii_hexdigit())
+        );
+        assert_ne!(a, traceparent());
     }
 
     /// A pooled connection is reused while it has streams, dropped once it has

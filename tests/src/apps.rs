@@ -557,16 +557,44 @@ fn parse_response(text: &str) -> Result<HttpResponse> {
     })
 }
 
+/// What an HTTP/2 test server does with a request: its path and whole body
+/// in, the response body and trailers out.
+pub type H2Handler = Arc<dyn Fn(&str, bytes::Bytes) -> (Vec<u8>, http::HeaderMap) + Send + Sync>;
+
 /// An HTTP/2 (h2c, prior knowledge) server in `pod` on `port`, as a gRPC
 /// service answers: the request body echoed back after a line
 /// `hello from <pod> over HTTP/2, path <path>`, then trailers
 /// `grpc-status: 0` and `x-echoed-bytes: <n>`. Stops when the returned
 /// sender is dropped.
 pub fn serve_h2(pod: &LabPod, port: u16) -> Result<tokio::sync::oneshot::Sender<()>> {
+    let name = pod.name.clone();
+    serve_h2_with(
+        pod,
+        port,
+        Arc::new(move |path, body| {
+            let n = body.len();
+            let mut out = format!("hello from {name} over HTTP/2, path {path}\n").into_bytes();
+            out.extend_from_slice(&body);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            if let Ok(v) = http::HeaderValue::from_str(&n.to_string()) {
+                trailers.insert("x-echoed-bytes", v);
+            }
+            (out, trailers)
+        }),
+    )
+}
+
+/// An HTTP/2 (h2c, prior knowledge) server in `pod` on `port` that answers
+/// each request with `handler`. Stops when the returned sender is dropped.
+pub fn serve_h2_with(
+    pod: &LabPod,
+    port: u16,
+    handler: H2Handler,
+) -> Result<tokio::sync::oneshot::Sender<()>> {
     use http_body_util::BodyExt;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let name = pod.name.clone();
     pod.netns.spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -587,11 +615,11 @@ pub fn serve_h2(pod: &LabPod, port: u16) -> Result<tokio::sync::oneshot::Sender<
                     let Ok((conn, _)) = listener.accept().await else {
                         continue;
                     };
-                    let name = name.clone();
+                    let handler = handler.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(
                             move |req: hyper::Request<hyper::body::Incoming>| {
-                                let name = name.clone();
+                                let handler = handler.clone();
                                 async move {
                                     let path = req.uri().path().to_string();
                                     let body = req
@@ -600,17 +628,7 @@ pub fn serve_h2(pod: &LabPod, port: u16) -> Result<tokio::sync::oneshot::Sender<
                                         .await
                                         .map(|b| b.to_bytes())
                                         .unwrap_or_default();
-                                    let n = body.len();
-                                    let mut out =
-                                        format!("hello from {name} over HTTP/2, path {path}\n")
-                                            .into_bytes();
-                                    out.extend_from_slice(&body);
-                                    let mut trailers = http::HeaderMap::new();
-                                    trailers
-                                        .insert("grpc-status", http::HeaderValue::from_static("0"));
-                                    if let Ok(v) = http::HeaderValue::from_str(&n.to_string()) {
-                                        trailers.insert("x-echoed-bytes", v);
-                                    }
+                                    let (out, trailers) = handler(&path, body);
                                     let body = http_body_util::Full::new(bytes::Bytes::from(out))
                                         .with_trailers(async move { Some(Ok(trailers)) });
                                     Ok::<_, std::convert::Infallible>(hyper::Response::new(body))

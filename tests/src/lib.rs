@@ -11,6 +11,7 @@ pub mod bookinfo;
 pub mod check;
 pub mod lab;
 pub mod netns;
+pub mod otlp;
 pub mod peer;
 pub mod rollout;
 pub mod tcpdump;

@@ -704,3 +704,190 @@ fn mirroring_copies_requests_and_never_holds_them() -> Result<()> {
     )?;
     lab.teardown()
 }
+
+/// An OpenTelemetry collector outside the mesh.
+const COLLECTOR: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: observability}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: otel-collector, namespace: observability, labels: {app: otel-collector}}
+spec: {nodeName: node-1, containers: [{name: collector}]}
+status: {podIP: 10.244.1.30}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: otel-collector, namespace: observability}
+spec: {clusterIP: 10.96.0.40, selector: {app: otel-collector}, ports: [{name: grpc-otlp, port: 4317}]}
+"#;
+
+/// The mesh config that names the collector, and a mesh-wide Telemetry that
+/// traces every request.
+const TRACING: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    extensionProviders:
+    - name: otel
+      opentelemetry: {service: otel-collector.observability.svc.cluster.local, port: 4317}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing: [{providers: [{name: otel}], randomSamplingPercentage: 100}]
+"#;
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn attr<'a>(attrs: &'a [weft_xds::otlp::KeyValue], key: &str) -> Option<String> {
+    attrs.iter().find(|a| a.key == key).map(|a| a.text())
+}
+
+/// Telemetry tracing over OTLP: the waypoint continues the client's W3C
+/// trace with a server span and one client span per attempt (a retry is a
+/// second one), sends each attempt's context upstream, starts traces for
+/// requests without one, and keeps a client's decision not to sample.
+#[test]
+fn tracing_spans_reach_an_otlp_collector() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("tracing", &format!("{MESH}---{COLLECTOR}")))?;
+    let v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    let _v2 = apps::serve(lab.pod("bookinfo/reviews-v2"), 9080, App::Status(503))?;
+    let collector = weft_tests::otlp::serve(lab.pod("observability/otel-collector"), 4317)?;
+    lab.write_manifest("telemetry.yaml", TRACING)?;
+    lab.write_manifest(
+        "routes.yaml",
+        &routes("  - route: [{destination: {host: reviews}}]\n    retries: {attempts: 2, retryOn: 5xx}\n"),
+    )?;
+    let traced = |trace: &str| {
+        collector
+            .spans()
+            .into_iter()
+            .filter(|(_, s)| hex(&s.trace_id) == trace)
+            .collect::<Vec<_>>()
+    };
+    let mut n = 0;
+    let mut send = |lab: &Lab, flags: &str| -> Result<(String, String, String)> {
+        n += 1;
+        let trace = format!("{n:032x}");
+        let parent = format!("{:016x}", 0xabc0 + n);
+        let tp = format!("00-{trace}-{parent}-{flags}");
+        let r = get(lab, "/", &[("traceparent", &tp)])?;
+        Ok((trace, parent, r.body))
+    };
+    eventually("spans reach the collector", Duration::from_secs(15), || {
+        let (trace, _, _) = send(&lab, "01")?;
+        std::thread::sleep(Duration::from_millis(1500));
+        Ok(!traced(&trace).is_empty())
+    })?;
+
+    let mut sent = Vec::new();
+    for _ in 0..4 {
+        sent.push(send(&lab, "01")?);
+    }
+    let (untraced, _, _) = send(&lab, "00")?;
+    let fresh_served = v1.answers().len();
+    let fresh = get(&lab, "/", &[])?;
+    ensure!(fresh.status == 200, "{fresh:?}");
+    let (last, _, _) = send(&lab, "01")?;
+    eventually("the last trace arrives", Duration::from_secs(10), || {
+        Ok(traced(&last).len() >= 2)
+    })?;
+    let mut retried = 0;
+    for (trace, parent, body) in &sent {
+        let spans = traced(trace);
+        let servers: Vec<_> = spans
+            .iter()
+            .filter(|(_, s)| s.kind == weft_xds::otlp::SPAN_KIND_SERVER)
+            .collect();
+        ensure!(servers.len() == 1, "trace {trace}: {spans:?}");
+        let (resource, server) = servers[0];
+        ensure!(
+            hex(&server.parent_span_id) == *parent
+                && server.name == "reviews.bookinfo.svc.cluster.local:9080/*"
+                && attr(&server.attributes, "http.method").as_deref() == Some("GET")
+                && attr(&server.attributes, "http.status_code").as_deref() == Some("200")
+                && attr(&server.attributes, "upstream_cluster").as_deref()
+                    == Some("outbound|9080||reviews.bookinfo.svc.cluster.local")
+                && server.status.as_ref().is_some_and(|s| s.code == 0),
+            "server span of {trace}: {server:?}"
+        );
+        ensure!(
+            attr(resource, "service.name").as_deref() == Some("waypoint.bookinfo"),
+            "{resource:?}"
+        );
+        let mut clients: Vec<_> = spans
+            .iter()
+            .map(|(_, s)| s)
+            .filter(|s| s.kind == weft_xds::otlp::SPAN_KIND_CLIENT)
+            .collect();
+        clients.sort_by_key(|s| s.start_time_unix_nano);
+        ensure!(
+            !clients.is_empty() && clients.iter().all(|c| c.parent_span_id == server.span_id),
+            "client spans of {trace}: {clients:?}"
+        );
+        let codes: Vec<String> = clients
+            .iter()
+            .map(|c| attr(&c.attributes, "http.status_code").unwrap_or_default())
+            .collect();
+        match codes.as_slice() {
+            [ok] if ok == "200" => {}
+            [failed, ok] if failed == "503" && ok == "200" => {
+                retried += 1;
+                ensure!(
+                    clients[0].status.as_ref().is_some_and(|s| s.code == 2),
+                    "a 503 attempt is an error: {:?}",
+                    clients[0]
+                );
+            }
+            other => anyhow::bail!("trace {trace}: attempts {other:?}"),
+        }
+        // The pod saw the last attempt's context, B3 included.
+        let answered = clients[clients.len() - 1];
+        ensure!(
+            body.contains(&format!("x-b3-traceid: {trace}"))
+                && body.contains(&format!("x-b3-spanid: {}", hex(&answered.span_id)))
+                && body.contains(&format!("x-b3-parentspanid: {}", hex(&server.span_id)))
+                && body.contains("x-b3-sampled: 1"),
+            "trace {trace}: the pod saw {body}"
+        );
+    }
+    // Round robin over one healthy and one failing pod: a trace retried
+    // at least once (each retry moves the cursor on too).
+    ensure!(retried >= 1, "{retried} of 4 traces retried");
+    ensure!(
+        traced(&untraced).is_empty(),
+        "a trace the client did not sample was reported"
+    );
+    // The request without a trace: a new root, sampled at 100%.
+    let new_trace = fresh
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("x-b3-traceid: "))
+        .unwrap_or_default()
+        .to_string();
+    ensure!(new_trace.len() == 32, "{fresh:?}");
+    ensure!(v1.answers().len() > fresh_served);
+    eventually("the new trace arrives", Duration::from_secs(5), || {
+        Ok(traced(&new_trace).iter().any(|(_, s)| {
+            s.kind == weft_xds::otlp::SPAN_KIND_SERVER && s.parent_span_id.is_empty()
+        }))
+    })?;
+    let exported = metric_sum(
+        &lab.waypoint_metrics(WAYPOINT_POD)?,
+        "weft_waypoint_spans_total",
+        &[("outcome", "exported")],
+    );
+    ensure!(
+        exported == collector.spans().len() as f64,
+        "{exported} exported, {} received",
+        collector.spans().len()
+    );
+    lab.teardown()
+}

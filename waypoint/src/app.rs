@@ -114,6 +114,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         }
     }
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let (tracer, spans) = crate::trace::Tracer::new(metrics.clone());
     let proxy = Arc::new(Proxy {
         identity: cfg.identity.clone(),
         gateway: cfg.gateway.clone(),
@@ -128,9 +129,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         mirrors: Arc::new(tokio::sync::Semaphore::new(
             crate::mirror::MIRRORS_IN_FLIGHT,
         )),
+        tracer,
         budget: StreamBudget::new(MAX_STREAMS, MAX_STREAMS / 2),
         drain: drain_rx,
     });
+    tokio::spawn(crate::trace::export(
+        proxy.clone(),
+        spans,
+        crate::trace::resource(&cfg.gateway, cfg.identity.namespace()),
+    ));
     let listener =
         admin::reuse_port_listener(cfg.listen_addr, false).map_err(|source| AppError::Bind {
             what: "HBONE (15008)",

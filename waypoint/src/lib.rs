@@ -23,3 +23,4 @@ pub mod replay;
 pub mod retry;
 pub mod route;
 pub mod state;
+pub mod trace;

@@ -31,10 +31,11 @@ pub struct HttpLabels {
     pub connection_security_policy: &'static str,
 }
 
-/// What became of a connection forwarded at L4.
+/// What became of a connection forwarded at L4 (`forwarded`, `denied`,
+/// `no_endpoint`, `connect_failed`), or of trace spans (`exported`,
+/// `failed`, `dropped`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct L4Labels {
-    /// `forwarded`, `denied`, `no_endpoint`, `connect_failed`.
+pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
@@ -63,9 +64,10 @@ pub struct Metrics {
     duration: Family<HttpLabels, Histogram>,
     request_bytes: Family<HttpLabels, Histogram>,
     response_bytes: Family<HttpLabels, Histogram>,
-    l4: Family<L4Labels, Counter>,
+    l4: Family<OutcomeLabel, Counter>,
     retries: Family<OutcomeLabels, Counter>,
     mirrors: Family<OutcomeLabels, Counter>,
+    spans: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -101,7 +103,7 @@ impl Default for Metrics {
             "Response body sizes",
             response_bytes.clone(),
         );
-        let l4 = Family::<L4Labels, Counter>::default();
+        let l4 = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "weft_waypoint_l4_connections",
             "Connections the waypoint forwarded at L4 (not HTTP), by outcome",
@@ -119,10 +121,17 @@ impl Default for Metrics {
             "Mirrored requests, by the service mirrored to and outcome",
             mirrors.clone(),
         );
+        let spans = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "weft_waypoint_spans",
+            "Trace spans: exported, failed (the collector did not take them) or dropped (queue full)",
+            spans.clone(),
+        );
         Metrics {
             l4,
             retries,
             mirrors,
+            spans,
             registry,
             requests,
             duration,
@@ -139,7 +148,7 @@ impl Metrics {
 
     /// Counts a connection handled at L4.
     pub fn l4(&self, outcome: &'static str) {
-        self.l4.get_or_create(&L4Labels { outcome }).inc();
+        self.l4.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
     /// Counts a retry (`retried`) or one the budget refused (`budget_exhausted`).
@@ -150,6 +159,13 @@ impl Metrics {
                 outcome,
             })
             .inc();
+    }
+
+    /// Counts `n` spans by what became of them.
+    pub fn spans(&self, outcome: &'static str, n: u64) {
+        self.spans
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc_by(n);
     }
 
     /// Counts a mirrored request: `responded` (any status), `failed` (no
@@ -197,6 +213,11 @@ pub struct RequestRecord {
     pub duration: Duration,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// The request's server span, when the waypoint traces.
+    pub trace: Option<crate::trace::Active>,
+    /// The upstream cluster as Envoy names it in spans
+    /// (`outbound|<port>|<subset>|<host>`).
+    pub cluster: String,
 }
 
 impl RequestRecord {

@@ -51,6 +51,7 @@ use crate::replay::{RETRY_BUFFER_LIMIT, Recorder};
 use crate::retry::{self, NO_RETRY};
 use crate::route::{Action, RequestInfo, Rule, rewrite_path};
 use crate::state::{Balance, DestPolicy, Endpoint, State, Store};
+use crate::trace;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -88,6 +89,8 @@ pub struct Proxy {
     pub outliers: Arc<Outliers>,
     /// Mirrored requests in flight (at most [`crate::mirror::MIRRORS_IN_FLIGHT`]).
     pub mirrors: Arc<tokio::sync::Semaphore>,
+    /// Makes the spans of requests (when the waypoint's Telemetry traces).
+    pub tracer: crate::trace::Tracer,
     pub budget: Arc<StreamBudget>,
     pub drain: tokio::sync::watch::Receiver<bool>,
 }
@@ -153,11 +156,16 @@ impl Conn {
             record.upstream = Some(ep.addr);
             record.destination_workload(&ep.workload);
             // The last attempt the policy allows takes the head itself.
-            let head = if n < policy.attempts {
+            let mut head = if n < policy.attempts {
                 parts.clone()
             } else {
                 std::mem::replace(&mut parts, Request::new(()).into_parts().0)
             };
+            // Each attempt is a client span, its context sent upstream.
+            let attempt = record
+                .trace
+                .as_ref()
+                .map(|t| self.proxy.tracer.attempt(t, &mut head.headers, roll()));
             let b: Body = match &body {
                 None => empty(),
                 Some(r) => match next_body.take().or_else(|| r.reader()) {
@@ -227,6 +235,25 @@ impl Conn {
                     }
                 }
             };
+            if let (Some(t), Some(a)) = (record.trace.as_ref(), attempt) {
+                let (status, error) = match &sent {
+                    Some(Ok(r)) => (Some(r.status().as_u16()), None),
+                    Some(Err(e)) => (None, Some(e.to_string())),
+                    None => (None, Some("per-try timeout".to_string())),
+                };
+                self.proxy.tracer.end_attempt(
+                    t,
+                    a,
+                    format!("router {} egress", record.cluster),
+                    vec![
+                        trace_attr("upstream_address", &ep.addr.to_string()),
+                        trace_attr("upstream_cluster", &record.cluster),
+                        trace_attr("http.method", &record.method),
+                    ],
+                    status,
+                    error.as_deref(),
+                );
+            }
             if let Some(d) = &pool.detection
                 && self
                     .proxy
@@ -308,6 +335,10 @@ impl Conn {
     }
 }
 
+fn trace_attr(key: &str, value: &str) -> weft_xds::otlp::KeyValue {
+    weft_xds::otlp::KeyValue::string(key, value)
+}
+
 fn empty() -> Body {
     Full::new(Bytes::new()).map_err(|e| match e {}).boxed()
 }
@@ -375,7 +406,8 @@ impl Conn {
     }
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+/// A byte stream upstream: TCP or an HBONE stream.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 // === front ===
@@ -641,7 +673,11 @@ impl Conn {
             self.proxy.metrics.l4("no_endpoint");
             return warn!(target = %self.target, "TCP: no endpoint");
         };
-        match self.proxy.upstream(&ep, self.client_ip, &limits).await {
+        match self
+            .proxy
+            .upstream(&ep, Some(self.client_ip), &limits)
+            .await
+        {
             Ok(mut up) => {
                 self.proxy.metrics.l4("forwarded");
                 let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
@@ -659,10 +695,53 @@ impl Conn {
         let state = self.proxy.store.snapshot();
         let mut record = RequestRecord::new(&req, self.client_ip, self.client_id.as_ref());
         record.source(state.workload_by_ip(self.client_ip));
+        record.trace = self
+            .proxy
+            .tracer
+            .start(state.tracing(), req.headers(), roll);
+        let user_agent = record.trace.as_ref().and_then(|_| {
+            req.headers()
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
+        let protocol = format!("{:?}", req.version());
         let resp = self.route(&state, req, &mut record).await;
         let size = resp.body().size_hint().exact().unwrap_or(0);
         record.finish(resp.status(), start.elapsed(), size);
         self.proxy.metrics.record(&record);
+        if let Some(active) = record.trace.take() {
+            let name = match &record.service {
+                Some(s) => format!("{}:{}/*", s.hostname, self.target.port()),
+                None => format!("{}/*", self.target),
+            };
+            let mut attributes = vec![
+                trace_attr("http.method", &record.method),
+                trace_attr(
+                    "http.url",
+                    &format!("http://{}{}", record.authority, record.path),
+                ),
+                trace_attr("http.protocol", &protocol),
+                trace_attr("component", "proxy"),
+                trace_attr("response_flags", record.flags),
+                trace_attr("upstream_cluster", &record.cluster),
+                trace::peer(self.client_ip),
+                trace_attr("node_id", &self.proxy.identity.to_string()),
+            ];
+            if let Some(ua) = user_agent {
+                attributes.push(trace_attr("user_agent", &ua));
+            }
+            if let Some(u) = record.upstream {
+                attributes.push(trace_attr("upstream_address", &u.to_string()));
+            }
+            if let Some(w) = &record.destination {
+                attributes.push(trace_attr("istio.canonical_service", &w.canonical_name));
+                attributes.push(trace_attr("istio.namespace", &w.namespace));
+            }
+            self.proxy
+                .tracer
+                .end(active, name, attributes, resp.status().as_u16());
+        }
         info!(
             target: "access",
             method = %record.method,
@@ -842,11 +921,13 @@ impl Conn {
                     b.port
                 };
                 let (eps, balance, pool) = state.endpoints(svc, port, &b.subset);
+                record.cluster = format!("outbound|{port}|{}|{}", b.subset, svc.hostname);
                 (eps, balance, Some(b), port_protocol(svc, port), pool)
             }
             None => match &self.dest {
                 Dest::Service(svc) => {
                     let (eps, balance, pool) = state.endpoints(svc, self.target.port(), "");
+                    record.cluster = format!("outbound|{}||{}", self.target.port(), svc.hostname);
                     (
                         eps,
                         balance,
@@ -856,10 +937,14 @@ impl Conn {
                     )
                 }
                 Dest::Workload(w) => (
-                    vec![Endpoint {
-                        workload: w.clone(),
-                        addr: self.target,
-                    }],
+                    {
+                        record.cluster =
+                            format!("outbound|{}||{}", self.target.port(), self.target.ip());
+                        vec![Endpoint {
+                            workload: w.clone(),
+                            addr: self.target,
+                        }]
+                    },
                     Balance::LeastRequest,
                     None,
                     AppProtocol::Unknown,
@@ -1410,7 +1495,7 @@ fn reply(status: StatusCode, text: &str) -> Response<Body> {
 }
 
 /// A cheap random number (xorshift, seeded per thread from the clock).
-fn roll() -> u64 {
+pub(crate) fn roll() -> u64 {
     use std::cell::Cell;
     thread_local! {
         static SEED: Cell<u64> = Cell::new({
@@ -1461,11 +1546,13 @@ pub enum UpstreamError {
 
 impl Proxy {
     /// A byte stream to `ep`: HBONE to a meshed pod (the waypoint's identity,
-    /// the pod's required), plain TCP otherwise.
-    async fn upstream(
+    /// the pod's required), plain TCP otherwise. `client`, the address the
+    /// request came from, goes in HBONE's `Forwarded` (none for the
+    /// waypoint's own traffic).
+    pub(crate) async fn upstream(
         &self,
         ep: &Endpoint,
-        client: IpAddr,
+        client: Option<IpAddr>,
         limits: &Limits,
     ) -> Result<Box<dyn Io>, UpstreamError> {
         let connect_timeout = limits.connect_timeout.unwrap_or(CONNECT_TIMEOUT);
@@ -1488,7 +1575,9 @@ impl Proxy {
             .map_err(|e| UpstreamError::Connect(e.to_string()))?;
         let hbone_addr = SocketAddr::new(ep.addr.ip(), weft_hbone::HBONE_PORT);
         let mut headers = HeaderMap::new();
-        if let Ok(v) = HeaderValue::from_str(&forwarded_header(client)) {
+        if let Some(client) = client
+            && let Ok(v) = HeaderValue::from_str(&forwarded_header(client))
+        {
             headers.insert("forwarded", v);
         }
         let stream = self
@@ -1535,7 +1624,7 @@ impl Proxy {
             let mut sender = match self.http.h2(&key, idle, max_uses) {
                 Some(s) => s,
                 None => {
-                    let io = self.upstream(ep, client, limits).await?;
+                    let io = self.upstream(ep, Some(client), limits).await?;
                     let (sender, conn) = hyper::client::conn::http2::handshake(
                         TokioExecutor::new(),
                         TokioIo::new(io),
@@ -1561,7 +1650,7 @@ impl Proxy {
         let (mut sender, uses) = match self.http.take(&key, idle) {
             Some(s) => s,
             None => {
-                let io = self.upstream(ep, client, limits).await?;
+                let io = self.upstream(ep, Some(client), limits).await?;
                 let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
                     .await
                     .map_err(|e| UpstreamError::Connect(e.to_string()))?;

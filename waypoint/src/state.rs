@@ -119,6 +119,8 @@ pub struct State {
     routes: HashMap<String, Arc<RouteTable>>,
     destinations: HashMap<String, Arc<Destination>>,
     policies: Vec<Arc<Policy>>,
+    /// This waypoint's tracing, when its Telemetry turns it on.
+    tracing: Option<Arc<pb::Tracing>>,
 }
 
 /// An endpoint chosen for a request.
@@ -179,6 +181,11 @@ impl State {
 
     pub fn route(&self, service_key: &str) -> Option<&Arc<RouteTable>> {
         self.routes.get(service_key)
+    }
+
+    /// Where and how this waypoint traces, when it does.
+    pub fn tracing(&self) -> Option<&pb::Tracing> {
+        self.tracing.as_deref()
     }
 
     /// Every L7 authorization policy this waypoint enforces.
@@ -372,6 +379,7 @@ struct Cache {
     routes: BTreeMap<String, Arc<RouteTable>>,
     destinations: BTreeMap<String, Arc<Destination>>,
     policies: BTreeMap<String, Arc<Policy>>,
+    telemetry: BTreeMap<String, pb::Telemetry>,
 }
 
 impl Cache {
@@ -410,6 +418,12 @@ impl Cache {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         s.policies = self.policies.values().cloned().collect();
+        // The controller sends each waypoint its own Telemetry only.
+        s.tracing = self
+            .telemetry
+            .values()
+            .find_map(|t| t.tracing.clone())
+            .map(Arc::new);
         s
     }
 }
@@ -506,6 +520,31 @@ pub fn client(client: AdsClient, store: Arc<Store>) -> AdsClient {
             },
         )
     };
+    let (c4, s4) = (cache.clone(), store.clone());
+    let telemetry = move |updates: Vec<Update<pb::Telemetry>>| {
+        apply(
+            &c4,
+            &s4,
+            updates,
+            |c, name, t| {
+                if let Some(tr) = &t.tracing
+                    && (u16::try_from(tr.port).is_err()
+                        || !(0.0..=100.0).contains(&tr.sampling_percent))
+                {
+                    return Err(format!(
+                        "{}: tracing port or sampling out of range",
+                        t.origin
+                    ));
+                }
+                info!(component = "xds", telemetry = %name, origin = %t.origin, tracing = t.tracing.as_ref().map_or("off", |t| t.provider.as_str()), "telemetry applied");
+                c.telemetry.insert(name, t);
+                Ok(())
+            },
+            |c, name| {
+                c.telemetry.remove(name);
+            },
+        )
+    };
     let destinations = move |updates: Vec<Update<pb::Destination>>| {
         apply(
             &cache,
@@ -526,4 +565,5 @@ pub fn client(client: AdsClient, store: Arc<Store>) -> AdsClient {
         .handle::<pb::Route, _>(types::ROUTE.type_url, routes)
         .handle::<pb::Destination, _>(types::DESTINATION.type_url, destinations)
         .handle::<pb::Authorization, _>(types::L7_AUTHORIZATION.type_url, policies)
+        .handle::<pb::Telemetry, _>(types::TELEMETRY.type_url, telemetry)
 }

@@ -240,6 +240,9 @@ async fn hbone_stream(
     if let Ok(v) = HeaderValue::from_str(&forwarded_header(client.ip())) {
         headers.insert("forwarded", v);
     }
+    if let Ok(v) = HeaderValue::from_str(&weft_hbone::client::traceparent()) {
+        headers.insert("traceparent", v);
+    }
     let key = (client.ip(), src_id.clone(), dst_id.clone(), hbone_addr);
     pi.pool
         .stream(&key, target, headers, || {
