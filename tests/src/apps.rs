@@ -35,6 +35,9 @@ pub enum App {
     /// As [`App::Http`], but every answer has this status (a failing
     /// backend: 503 for retries, say).
     Status(u16),
+    /// As [`App::Http`], but every other answer (the first, third, ...)
+    /// has this status: a backend that fails half its requests.
+    Flaky(u16),
     /// HTTP/1.1 that accepts an `Upgrade` (WebSocket's handshake) with 101
     /// and then echoes the raw bytes.
     Upgrade,
@@ -288,11 +291,7 @@ fn handle(
             let mut r = reader.into_inner();
             io::copy(&mut r, &mut conn)?;
         }
-        App::Http | App::Status(_) => {
-            let (code, reason) = match app {
-                App::Status(c) => (c, "Status"),
-                _ => (200, "OK"),
-            };
+        App::Http | App::Status(_) | App::Flaky(_) => {
             let mut reader = BufReader::new(conn.try_clone()?);
             loop {
                 let mut line = String::new();
@@ -357,6 +356,15 @@ fn handle(
                     "hello from {pod}, you are {}\npath {path}\nbody {read}\n{echoed}",
                     peer.ip()
                 );
+                let answered_so_far = answered
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .len();
+                let (code, reason) = match app {
+                    App::Status(c) => (c, "Status"),
+                    App::Flaky(c) if answered_so_far.is_multiple_of(2) => (c, "Status"),
+                    _ => (200, "OK"),
+                };
                 write!(
                     conn,
                     "HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",

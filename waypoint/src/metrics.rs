@@ -27,7 +27,7 @@ pub struct HttpLabels {
     pub request_protocol: &'static str,
     pub response_code: u16,
     pub grpc_response_status: String,
-    pub response_flags: &'static str,
+    pub response_flags: String,
     pub connection_security_policy: &'static str,
 }
 
@@ -209,7 +209,8 @@ pub struct RequestRecord {
     pub route: String,
     pub upstream: Option<SocketAddr>,
     pub status: u16,
-    pub flags: &'static str,
+    /// Envoy's response flags, comma-separated in the order set; `-`: none.
+    pub flags: String,
     pub duration: Duration,
     pub request_bytes: u64,
     pub response_bytes: u64,
@@ -234,15 +235,23 @@ impl RequestRecord {
             client: Some(client),
             source_principal: principal.cloned(),
             request_bytes: req.body().size_hint().exact().unwrap_or(0),
-            flags: "-",
+            flags: "-".into(),
             ..RequestRecord::default()
         }
     }
 
     /// Sets a response flag (Envoy's: NR no route, UH no healthy upstream,
     /// UF upstream connect failure, UT upstream timeout, NC no cluster, …).
-    pub fn flag(&mut self, flag: &'static str) {
-        self.flags = flag;
+    /// A flag already set is not repeated; `DI` then `UF` is `DI,UF`.
+    pub fn flag(&mut self, flag: &str) {
+        for f in flag.split(',').filter(|f| !f.is_empty()) {
+            if self.flags == "-" {
+                self.flags = f.to_string();
+            } else if !self.flags.split(',').any(|g| g == f) {
+                self.flags.push(',');
+                self.flags.push_str(f);
+            }
+        }
     }
 
     pub fn source(&mut self, w: Option<&Arc<Workload>>) {
@@ -288,7 +297,7 @@ impl RequestRecord {
             request_protocol: "http",
             response_code: self.status,
             grpc_response_status: String::new(),
-            response_flags: self.flags,
+            response_flags: self.flags.clone(),
             connection_security_policy: "mutual_tls",
         }
     }
@@ -299,11 +308,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn flags_accumulate() {
+        let mut r = RequestRecord {
+            flags: "-".into(),
+            ..RequestRecord::default()
+        };
+        r.flag("");
+        assert_eq!(r.flags, "-");
+        r.flag("DI");
+        r.flag("UF,URX");
+        r.flag("DI");
+        assert_eq!(r.flags, "DI,UF,URX");
+    }
+
+    #[test]
     fn istio_names_and_labels() {
         let m = Metrics::default();
         let r = RequestRecord {
             status: 503,
-            flags: "UF",
+            flags: "UF".into(),
             duration: Duration::from_millis(3),
             ..RequestRecord::default()
         };

@@ -268,6 +268,160 @@ spec:
   rules: [{to: [{operation: {methods: [DELETE]}}]}]
 "#;
 
+/// reviews' routes for steps 12 and 13: `rules` under `http:`, over all of
+/// reviews' pods in turn.
+fn reviews_routes(rules: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: bookinfo}}\nspec:\n  hosts: [reviews]\n  http:\n{rules}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: bookinfo}}\nspec:\n  host: reviews\n  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}\n"
+    )
+}
+
+/// Requests from productpage to reviews, `n` of them: how many answered 200.
+fn successes(lab: &Lab, n: usize, headers: &[(&str, &str)]) -> Result<usize> {
+    let client = lab.pod("bookinfo/productpage");
+    let reviews: SocketAddr = "10.96.0.20:9080".parse()?;
+    let mut ok = 0;
+    for _ in 0..n {
+        if apps::http(client, reviews, "GET", "/", headers)?.status == 200 {
+            ok += 1;
+        }
+    }
+    Ok(ok)
+}
+
+/// The waypoint's request count for reviews whose response flags include
+/// `flag`.
+fn flagged(lab: &Lab, flag: &str) -> Result<f64> {
+    let m = lab.waypoint_metrics("bookinfo/waypoint-0")?;
+    Ok(m.lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .filter(|l| {
+            l.split("response_flags=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .is_some_and(|f| f.split(',').any(|x| x == flag))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Steps 12-14: retries, faults and a circuit breaker, on Istio's YAML.
+fn resilience(lab: &Lab, servers: &mut Vec<apps::Server>) -> Result<()> {
+    let pods = [
+        "bookinfo/reviews-v1",
+        "bookinfo/reviews-v2",
+        "bookinfo/reviews-v3",
+    ];
+    let restart = |servers: &mut Vec<apps::Server>, app: App| -> Result<()> {
+        servers.clear();
+        for pod in pods {
+            let mut s = None;
+            // The old server lets go of the port within its poll period.
+            eventually("the server restarts", Duration::from_secs(2), || {
+                s = apps::serve(lab.pod(pod), 9080, app).ok();
+                Ok(s.is_some())
+            })?;
+            servers.extend(s);
+        }
+        Ok(())
+    };
+
+    println!("\n12. Retries: every reviews pod now answers 503 to every other request");
+    restart(servers, App::Flaky(503))?;
+    lab.write_manifest(
+        "reviews.yaml",
+        &reviews_routes(
+            "  - route: [{destination: {host: reviews}}]\n    retries: {attempts: 0}\n",
+        ),
+    )?;
+    eventually("no retries", Duration::from_secs(5), || {
+        Ok(successes(lab, 10, &[])? < 10)
+    })?;
+    let without = successes(lab, 200, &[])?;
+    lab.write_manifest(
+        "reviews.yaml",
+        &reviews_routes(
+            "  - route: [{destination: {host: reviews}}]\n    retries: {attempts: 3, retryOn: 5xx}\n",
+        ),
+    )?;
+    eventually("retries on 5xx", Duration::from_secs(5), || {
+        Ok(successes(lab, 10, &[])? == 10)
+    })?;
+    let with = successes(lab, 200, &[])?;
+    println!("   retries: {{attempts: 0}}                   {without:>3} of 200 succeed");
+    println!("   retries: {{attempts: 3, retryOn: 5xx}}     {with:>3} of 200 succeed");
+
+    println!("\n13. Fault injection for end-user jason: 50% aborted with 503, 50% delayed 50 ms");
+    restart(servers, App::Http)?;
+    lab.write_manifest(
+        "reviews.yaml",
+        &reviews_routes(
+            "  - match: [{headers: {end-user: {exact: jason}}}]\n    fault:\n      abort: {httpStatus: 503, percentage: {value: 50}}\n      delay: {fixedDelay: 50ms, percentage: {value: 50}}\n    route: [{destination: {host: reviews}}]\n  - route: [{destination: {host: reviews}}]\n",
+        ),
+    )?;
+    eventually("the fault is in force", Duration::from_secs(5), || {
+        Ok(successes(lab, 10, &[("end-user", "jason")])? < 10)
+    })?;
+    let (di, fi) = (flagged(lab, "DI")?, flagged(lab, "FI")?);
+    let jason = successes(lab, 200, &[("end-user", "jason")])?;
+    let others = successes(lab, 200, &[])?;
+    let (delayed, aborted) = (flagged(lab, "DI")? - di, flagged(lab, "FI")? - fi);
+    println!(
+        "   jason:  {jason:>3} of 200 succeed; the waypoint flagged {aborted} aborted (FI), {delayed} delayed (DI)"
+    );
+    println!("   others: {others:>3} of 200 succeed");
+
+    println!(
+        "\n14. Circuit breaker: DestinationRule connectionPool maxConnections 1, http1MaxPendingRequests 1;"
+    );
+    println!("   reviews answers after 200 ms; 20 requests at once");
+    restart(servers, App::SlowHttp(200))?;
+    lab.write_manifest(
+        "reviews.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  host: reviews\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1}\n      http: {http1MaxPendingRequests: 1}\n",
+    )?;
+    let burst = || -> Result<(usize, usize)> {
+        let handles: Vec<_> = (0..20)
+            .map(|_| {
+                let client = lab.pod("bookinfo/productpage").clone();
+                std::thread::spawn(move || {
+                    apps::http(
+                        &client,
+                        "10.96.0.20:9080".parse().expect("an address"),
+                        "GET",
+                        "/",
+                        &[],
+                    )
+                    .map(|r| r.status)
+                })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for h in handles {
+            statuses.push(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a request thread panicked"))??,
+            );
+        }
+        Ok((
+            statuses.iter().filter(|s| **s == 200).count(),
+            statuses.iter().filter(|s| **s == 503).count(),
+        ))
+    };
+    let uo = flagged(lab, "UO")?;
+    let mut seen = (0, 0);
+    eventually("the breaker trips", Duration::from_secs(10), || {
+        seen = burst()?;
+        Ok(seen.1 > 0)
+    })?;
+    let tripped = flagged(lab, "UO")? - uo;
+    println!(
+        "   {} answered 200, {} got 503 with flag UO (istio_requests_total{{response_flags=\"UO\"}} +{tripped})",
+        seen.0, seen.1
+    );
+    Ok(())
+}
+
 /// Steps 7-11: the waypoint, on a lab of its own (examples/l7).
 fn waypoint(bins: &std::path::Path) -> Result<()> {
     println!("\n== Waypoint: examples/l7 — bookinfo is ambient and uses waypoint `waypoint` ==");
@@ -392,6 +546,7 @@ fn waypoint(bins: &std::path::Path) -> Result<()> {
             .collect();
         println!("   {}", short.join(","));
     }
+    resilience(&lab, &mut servers)?;
     drop(servers);
     println!("\n== removing the waypoint lab ==");
     drop(lab);
