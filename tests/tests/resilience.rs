@@ -746,7 +746,7 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn attr<'a>(attrs: &'a [weft_xds::otlp::KeyValue], key: &str) -> Option<String> {
+fn attr(attrs: &[weft_xds::otlp::KeyValue], key: &str) -> Option<String> {
     attrs.iter().find(|a| a.key == key).map(|a| a.text())
 }
 
