@@ -45,8 +45,42 @@ pub struct RouteRule {
     pub filters: Vec<Filter>,
     pub backend_refs: Vec<BackendRef>,
     pub timeouts: Option<Timeouts>,
-    pub retry: Option<serde_yaml::Value>,
+    pub retry: Option<RouteRetry>,
     pub session_persistence: Option<serde_yaml::Value>,
+}
+
+/// Gateway API `HTTPRouteRetry` (GEP-1731).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RouteRetry {
+    pub codes: Vec<u32>,
+    pub attempts: Option<i64>,
+    pub backoff: Option<String>,
+}
+
+/// A rule's `retry` as the waypoint's retry policy: `attempts` retries
+/// (Istio's 2 when unset), on `codes` and on failures to connect or a
+/// refused stream (a request that never reached the backend), or on
+/// Istio's default conditions without codes; `backoff` is the base of the
+/// jittered backoff.
+fn route_retry(r: &RouteRetry, at: &str) -> Result<pb::RetryPolicy, String> {
+    if let Some(c) = r.codes.iter().find(|c| !(400..=599).contains(*c)) {
+        return Err(format!("{at}.codes: {c} is not a status from 400 to 599"));
+    }
+    let retry_on = (!r.codes.is_empty()).then(|| {
+        let mut on = vec!["connect-failure".to_string(), "refused-stream".to_string()];
+        on.extend(r.codes.iter().map(u32::to_string));
+        on.join(",")
+    });
+    crate::resilience::retries(
+        &crate::resilience::HttpRetry {
+            attempts: Some(r.attempts.unwrap_or(2)),
+            retry_on,
+            backoff: r.backoff.clone(),
+            ..Default::default()
+        },
+        at,
+    )
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -324,11 +358,14 @@ pub fn rules(route: &HttpRoute, ns: &str, port: u32) -> Result<Vec<pb::Rule>, St
     let mut out = Vec::new();
     for (i, r) in route.spec.rules.iter().enumerate() {
         let at = format!("spec.rules[{i}]");
-        if r.retry.is_some() || r.session_persistence.is_some() {
-            return Err(format!(
-                "{at}: retry and sessionPersistence are not supported yet"
-            ));
+        if r.session_persistence.is_some() {
+            return Err(format!("{at}.sessionPersistence: not supported yet"));
         }
+        let retries = r
+            .retry
+            .as_ref()
+            .map(|x| route_retry(x, &format!("{at}.retry")))
+            .transpose()?;
         let mut matches = Vec::new();
         let defaults = [RouteMatch::default()];
         let given = if r.matches.is_empty() {
@@ -552,8 +589,8 @@ pub fn rules(route: &HttpRoute, ns: &str, port: u32) -> Result<Vec<pb::Rule>, St
             response_headers,
             rewrite,
             timeout_ms,
-            // Istio's default retry policy.
-            retries: None,
+            // Unset: Istio's default retry policy.
+            retries,
             fault: None,
             mirrors,
             cors: None,

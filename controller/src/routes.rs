@@ -1581,6 +1581,48 @@ spec:
         }
     }
 
+    /// HTTPRoute `retry`: its codes (with connect failures), its attempts
+    /// (2 when unset), its backoff; a code out of range is refused.
+    #[test]
+    fn http_route_retry() {
+        let with = |retry: &str| {
+            let route = HTTPROUTE.replace(
+                "    timeouts: {request: 2s}",
+                &format!("    timeouts: {{request: 2s}}\n    retry: {retry}"),
+            );
+            run(&format!("{MESH}---{route}"), None)
+        };
+        let l7 = with("{codes: [500, 503], attempts: 4, backoff: 100ms}");
+        let policy = l7
+            .resources
+            .iter()
+            .find_map(|r| match r {
+                L7Resource::Route(_, route, _) => route
+                    .rules
+                    .iter()
+                    .find(|r| r.timeout_ms == 2000)
+                    .and_then(|r| r.retries.clone()),
+                _ => None,
+            })
+            .expect("a retry policy");
+        assert_eq!(policy.attempts, 4);
+        assert_eq!(policy.backoff_base_ms, 100);
+        assert_eq!(policy.retriable_status_codes, [500, 503]);
+        assert_eq!(
+            policy.retry_on,
+            [
+                "connect-failure",
+                "refused-stream",
+                "retriable-status-codes"
+            ]
+        );
+        let text = statuses(&with("{codes: [302]}"));
+        assert!(
+            text.iter().any(|s| s.contains("retry.codes: 302")),
+            "{text:?}"
+        );
+    }
+
     #[test]
     fn http_route_precedence_is_per_match() {
         let route = r#"

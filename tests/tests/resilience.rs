@@ -891,3 +891,101 @@ fn tracing_spans_reach_an_otlp_collector() -> Result<()> {
     );
     lab.teardown()
 }
+
+fn retry_count(lab: &Lab, outcome: &str) -> Result<f64> {
+    let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+    Ok(metric_sum(
+        &text,
+        "weft_waypoint_upstream_retries_total",
+        &[
+            ("destination_service", "reviews.bookinfo.svc.cluster.local"),
+            ("outcome", outcome),
+        ],
+    ))
+}
+
+/// Hostile: a body larger than the retry buffer goes upstream once, whole,
+/// and is never sent again; a retry storm against a dead pod (40 requests
+/// at once, 10 retries each) is held by the retry budget.
+#[test]
+fn retries_under_pressure() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("retry-storm", MESH))?;
+    let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    let v2 = apps::serve(lab.pod("bookinfo/reviews-v2"), 9080, App::Status(503))?;
+    lab.write_manifest(
+        "routes.yaml",
+        &routes("  - route: [{destination: {host: reviews}}]\n    retries: {attempts: 3, retryOn: 5xx}\n"),
+    )?;
+    eventually("retries on", Duration::from_secs(5), || {
+        Ok((0..4).all(|_| get(&lab, "/", &[]).is_ok_and(|r| r.status == 200)))
+    })?;
+    let client = lab.pod("bookinfo/productpage");
+    let reviews: SocketAddr = REVIEWS.parse()?;
+    let big = vec![b'x'; 2 * 1024 * 1024];
+    let before = retry_count(&lab, "retried")?;
+    let (mut ok, mut failed) = (0, 0);
+    for i in 0..6 {
+        let r = apps::http_with_body(client, reviews, "POST", "/big", &[], &big)?;
+        ensure!(
+            r.body.contains("body 2097152\n"),
+            "POST {i}: the body arrived whole once: {r:?}"
+        );
+        match (r.status, served_by(&r)) {
+            (200, "reviews-v1") => ok += 1,
+            (503, "reviews-v2") => failed += 1,
+            _ => anyhow::bail!("POST {i}: {r:?}"),
+        }
+    }
+    ensure!(
+        ok > 0 && failed > 0,
+        "round robin reached both pods: {ok} ok, {failed} failed"
+    );
+    ensure!(
+        retry_count(&lab, "retried")? == before,
+        "a body over the retry buffer was sent again"
+    );
+
+    // The dead pod: its port closed, every attempt fails to connect.
+    drop(v2);
+    lab.write_manifest(
+        "routes.yaml",
+        &routes(
+            "  - route: [{destination: {host: reviews, subset: v2}}]\n    retries: {attempts: 10, retryOn: connect-failure}\n",
+        ),
+    )?;
+    eventually("only the dead pod", Duration::from_secs(10), || {
+        Ok(get(&lab, "/", &[])?.status == 503)
+    })?;
+    let (retried0, exhausted0) = (
+        retry_count(&lab, "retried")?,
+        retry_count(&lab, "budget_exhausted")?,
+    );
+    let threads: Vec<_> = (0..40)
+        .map(|_| {
+            let client = client.clone();
+            std::thread::spawn(move || {
+                apps::http(&client, reviews, "GET", "/", &[]).map(|r| r.status)
+            })
+        })
+        .collect();
+    for t in threads {
+        let status = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client panicked"))??;
+        ensure!(status == 503, "a request to a dead pod answered {status}");
+    }
+    let retried = retry_count(&lab, "retried")? - retried0;
+    let exhausted = retry_count(&lab, "budget_exhausted")? - exhausted0;
+    ensure!(
+        exhausted >= 1.0,
+        "the budget refused no retry ({retried} retried)"
+    );
+    ensure!(
+        retried < 200.0,
+        "the budget held {retried} retries of the 400 asked"
+    );
+    println!(
+        "retry storm: {retried} retries made, {exhausted} refused by the budget, of 400 asked"
+    );
+    lab.teardown()
+}

