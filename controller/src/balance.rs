@@ -65,6 +65,11 @@ pub struct Maglev {
     pub table_size: Option<u64>,
 }
 
+/// Envoy's largest Maglev table (a prime).
+const MAGLEV_MAX: u64 = 5_000_011;
+/// Envoy's largest ring.
+const RING_MAX: u64 = 8_388_608;
+
 /// Fields of `LoadBalancerSettings` accepted but not applied yet.
 const NOT_APPLIED: &[&str] = &["localityLbSetting", "warmupDurationSecs", "warmup"];
 
@@ -181,6 +186,11 @@ fn consistent_hash(c: &ConsistentHash, at: &str) -> Result<pb::ConsistentHash, S
         }
         (Some(m), None) => {
             let size = m.table_size.unwrap_or(0);
+            if size > MAGLEV_MAX {
+                return Err(format!(
+                    "{at}.maglev.tableSize: {size} is over Envoy's limit of {MAGLEV_MAX}"
+                ));
+            }
             if size != 0 && !weft_xds::convert::is_prime(size) {
                 return Err(format!(
                     "{at}.maglev.tableSize: {size} is not a prime number"
@@ -188,7 +198,15 @@ fn consistent_hash(c: &ConsistentHash, at: &str) -> Result<pb::ConsistentHash, S
             }
             (true, size)
         }
-        (None, _) => (false, ring.unwrap_or(0)),
+        (None, _) => {
+            let size = ring.unwrap_or(0);
+            if size > RING_MAX {
+                return Err(format!(
+                    "{at}.ringHash.minimumRingSize: {size} is over Envoy's limit of {RING_MAX}"
+                ));
+            }
+            (false, size)
+        }
     };
     Ok(pb::ConsistentHash {
         key: keys.pop(),
@@ -282,6 +300,14 @@ mod tests {
             (
                 "consistentHash: {useSourceIp: true, maglev: {}, ringHash: {}}",
                 "exclusive",
+            ),
+            (
+                "consistentHash: {useSourceIp: true, maglev: {tableSize: 18446744073709551557}}",
+                "over Envoy's limit",
+            ),
+            (
+                "consistentHash: {useSourceIp: true, ringHash: {minimumRingSize: 100000000}}",
+                "over Envoy's limit",
             ),
             (
                 "{simple: RANDOM, consistentHash: {useSourceIp: true}}",

@@ -240,6 +240,8 @@ pub struct L7 {
     accepted: BTreeMap<String, Vec<(String, pb::Route)>>,
     /// Each L7 AuthorizationPolicy's last accepted form, by `namespace/name`.
     pub(crate) accepted_policies: BTreeMap<String, (pb::Authorization, BTreeSet<Identity>)>,
+    /// The last mesh config that parsed.
+    pub(crate) mesh_config: Option<crate::telemetry::MeshConfig>,
 }
 
 /// The full hostname `host` names from namespace `ns`. As in Istio, only a

@@ -79,7 +79,7 @@ pub struct ProviderRef {
 /// The parts of MeshConfig read here; the rest is Istio's and ignored.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
-struct MeshConfig {
+pub(crate) struct MeshConfig {
     extension_providers: Vec<ExtensionProvider>,
     default_providers: DefaultProviders,
     default_config: ProxyConfig,
@@ -118,6 +118,21 @@ struct ExtensionProvider {
 struct OpenTelemetry {
     service: String,
     port: u32,
+    /// OTLP over HTTP (4318): not served; such a provider is refused.
+    http: Option<serde_yaml::Value>,
+}
+
+impl OpenTelemetry {
+    /// Why the waypoint cannot export to it, if it cannot.
+    fn problem(&self) -> Option<&'static str> {
+        if self.http.is_some() {
+            Some("exports OTLP over HTTP; Weft's waypoint exports OTLP over gRPC only")
+        } else if self.service.is_empty() || !(1..=65535).contains(&self.port) {
+            Some("needs opentelemetry.service and a port from 1 to 65535")
+        } else {
+            None
+        }
+    }
 }
 
 /// The tracing a waypoint ends with, and what set each part.
@@ -130,8 +145,15 @@ struct Effective {
 }
 
 /// Adds each waypoint's Telemetry resource to `l7`, and a status for each
-/// Telemetry resource and for the mesh config when it does not parse.
-pub fn translate(snap: &Snapshot, mesh: &Mesh, cfg: &LocalConfig, l7: &mut L7) {
+/// Telemetry resource. A mesh config that stops parsing keeps its last good
+/// version (from `previous`), and the error is logged.
+pub fn translate(
+    snap: &Snapshot,
+    mesh: &Mesh,
+    cfg: &LocalConfig,
+    previous: Option<&L7>,
+    l7: &mut L7,
+) {
     let root = &mesh.root_namespace;
     let mesh_config = match snap
         .config_maps
@@ -141,10 +163,12 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, cfg: &LocalConfig, l7: &mut L7) {
         None => MeshConfig::default(),
         Some(Ok(m)) => m,
         Some(Err(e)) => {
-            tracing::warn!(config_map = %format!("{root}/{MESH_CONFIG_MAP}"), error = %e, "mesh config does not parse; no extension providers");
-            MeshConfig::default()
+            let kept = previous.and_then(|p| p.mesh_config.clone());
+            tracing::warn!(config_map = %format!("{root}/{MESH_CONFIG_MAP}"), error = %e, kept_last_good = kept.is_some(), "mesh config does not parse");
+            kept.unwrap_or_default()
         }
     };
+    l7.mesh_config = Some(mesh_config.clone());
     let mut telemetries: Vec<&Telemetry> = snap.telemetries.values().collect();
     telemetries.sort_by_key(|t| order(&t.metadata));
     let mut statuses: BTreeMap<(String, String), Result<Vec<String>, String>> = BTreeMap::new();
@@ -203,20 +227,31 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, cfg: &LocalConfig, l7: &mut L7) {
                 eff.origin = format!("Telemetry {ns}/{name}");
             }
         }
+        // A default provider that cannot be served (none is refused on a
+        // Telemetry) traces nothing, and says why.
         let tracing = eff.provider.as_ref().and_then(|p| {
             let otel = mesh_config
                 .extension_providers
                 .iter()
-                .find(|e| &e.name == p)?
-                .opentelemetry
-                .as_ref()?;
+                .find(|e| &e.name == p)
+                .and_then(|e| e.opentelemetry.as_ref())
+                .filter(|o| o.problem().is_none());
+            if otel.is_none() {
+                tracing::warn!(waypoint = %wp.key(), provider = %p, origin = %eff.origin, "tracing provider is not an OpenTelemetry (OTLP/gRPC) one in the mesh config; no tracing");
+            }
+            let otel = otel?;
             let (hostname, namespace) = collector(&otel.service, cfg);
             Some(pb::Tracing {
                 provider: p.clone(),
                 hostname,
                 namespace,
                 port: otel.port,
-                sampling_percent: eff.sampling,
+                // MeshConfig's sampling is not checked elsewhere.
+                sampling_percent: if eff.sampling.is_finite() {
+                    eff.sampling.clamp(0.0, 100.0)
+                } else {
+                    DEFAULT_SAMPLING
+                },
                 disable_reporting: eff.disable_reporting,
             })
         });
@@ -312,12 +347,10 @@ fn check(t: &Telemetry, mesh: &MeshConfig) -> Result<Vec<String>, String> {
             ));
         };
         match &e.opentelemetry {
-            Some(o) if !o.service.is_empty() && (1..=65535).contains(&o.port) => {}
-            Some(_) => {
-                return Err(format!(
-                    "{at}.providers[0]: {:?} needs opentelemetry.service and opentelemetry.port",
-                    p.name
-                ));
+            Some(o) => {
+                if let Some(why) = o.problem() {
+                    return Err(format!("{at}.providers[0]: {:?} {why}", p.name));
+                }
             }
             None => {
                 let kind = e.other.keys().next().map_or("unknown", String::as_str);
@@ -481,6 +514,33 @@ spec:
         );
     }
 
+    /// A mesh config that stops parsing keeps its last good version.
+    #[test]
+    fn mesh_config_keeps_its_last_good_version() {
+        let selecting = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: istio-system}\nspec: {tracing: [{providers: [{name: otel}]}]}\n";
+        let load = |mesh_config: &str| {
+            let mut snap = Snapshot::default();
+            parse(
+                &format!(
+                    "{}---{mesh_config}---\n{selecting}",
+                    crate::testdata::shop_with_waypoint!()
+                ),
+                "test",
+                &mut snap,
+            );
+            snap
+        };
+        let good = translate_all(&load(MESH_CONFIG), &Mesh::default(), None);
+        assert!(telemetry(&good.l7).tracing.is_some());
+        let broken = MESH_CONFIG.replace("    extensionProviders:", "    extensionProviders: {{");
+        let next = translate_all(&load(&broken), &Mesh::default(), Some(&good));
+        assert_eq!(
+            telemetry(&next.l7).tracing,
+            telemetry(&good.l7).tracing,
+            "the last good mesh config still serves"
+        );
+    }
+
     /// MeshConfig's defaultProviders trace with no Telemetry, at the
     /// defaultConfig's sampling (Istio's 1% without one).
     #[test]
@@ -534,6 +594,24 @@ spec:
             );
             assert_eq!(telemetry(&l7).tracing, None, "{want}");
         }
+        let http = MESH_CONFIG.replace("port: 4317}", "port: 4318, http: {path: /v1/traces}}");
+        let mut snap = Snapshot::default();
+        parse(
+            &format!(
+                "{}---{http}---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: t, namespace: istio-system}}\nspec: {{tracing: [{{providers: [{{name: otel}}]}}]}}\n",
+                crate::testdata::shop_with_waypoint!()
+            ),
+            "test",
+            &mut snap,
+        );
+        let l7 = translate_all(&snap, &Mesh::default(), None).l7;
+        assert!(
+            statuses(&l7)
+                .iter()
+                .any(|s| s.contains("Invalid") && s.contains("OTLP over HTTP")),
+            "{:?}",
+            statuses(&l7)
+        );
         let l7 = run(
             "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: shop}\nspec: {tracing: [{providers: [{name: otel}], customTags: {a: {literal: {value: b}}}}]}\n",
         );

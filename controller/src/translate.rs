@@ -248,7 +248,7 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
     errors.extend(policies.errors.iter().cloned());
     let mut l7 = crate::routes::translate(snap, &out, &mesh.trust_domain, previous.map(|t| &t.l7));
     crate::l7_policy::translate(snap, mesh, &out, previous.map(|t| &t.l7), &mut l7);
-    crate::telemetry::translate(snap, mesh, &out, &mut l7);
+    crate::telemetry::translate(snap, mesh, &out, previous.map(|t| &t.l7), &mut l7);
     if mesh.l7_policy_waypoint_only {
         crate::bypass::waypoint_only(&mut out, &l7.resources, &mesh.trust_domain);
     }

@@ -102,6 +102,10 @@ pub fn serve_in(netns: &NetNs, name: &str, port: u16, app: App) -> Result<Server
         // the stop flag is seen within POLL_MS (a sleep loop would add its
         // period to every connection's latency).
         const POLL_MS: u16 = 50;
+        // The connections open now, so that a stopped server also ends the
+        // kept-alive ones a proxy would otherwise go on using.
+        let open: Arc<Mutex<std::collections::HashMap<u64, TcpStream>>> = Arc::default();
+        let mut next = 0u64;
         while !s.load(Ordering::Acquire) {
             let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, PollTimeout::from(POLL_MS)) {
@@ -112,10 +116,28 @@ pub fn serve_in(netns: &NetNs, name: &str, port: u16, app: App) -> Result<Server
                 a.fetch_add(1, Ordering::AcqRel);
                 let name = name.clone();
                 let log = log.clone();
+                let id = next;
+                next += 1;
+                if let Ok(c) = conn.try_clone() {
+                    open.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(id, c);
+                }
+                let open = open.clone();
                 thread::spawn(move || {
                     let _ = handle(conn, peer, app, &name, &log);
+                    open.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&id);
                 });
             }
+        }
+        for c in open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+        {
+            let _ = c.shutdown(std::net::Shutdown::Both);
         }
         Ok(())
     })?;
@@ -356,10 +378,15 @@ fn handle(
                     "hello from {pod}, you are {}\npath {path}\nbody {read}\n{echoed}",
                     peer.ip()
                 );
-                let answered_so_far = answered
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .len();
+                // Counted and logged under one lock: concurrent requests to
+                // a Flaky server still alternate.
+                let answered_so_far = {
+                    let mut log = answered
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    log.push(body.clone());
+                    log.len() - 1
+                };
                 let (code, reason) = match app {
                     App::Status(c) => (c, "Status"),
                     App::Flaky(c) if answered_so_far.is_multiple_of(2) => (c, "Status"),
@@ -370,10 +397,6 @@ fn handle(
                     "HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
                     body.len()
                 )?;
-                answered
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(body);
                 if !keep_alive {
                     break;
                 }

@@ -842,6 +842,11 @@ metadata: {name: reviews, namespace: bookinfo}
 spec:
   hosts: [reviews]
   http:
+  - match: [{headers: {x-fail: {exact: "yes"}}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
+    route: [{destination: {host: reviews}}]
+    corsPolicy:
+      allowOrigins: [{exact: "https://shop.example"}]
   - route: [{destination: {host: reviews}}]
     corsPolicy:
       allowOrigins: [{exact: "https://shop.example"}]
@@ -921,9 +926,20 @@ spec:
     ensure!(answers() == before + 2, "the other preflight went to a pod");
     let r = get(&lab, "/", &[])?;
     ensure!(r.header("access-control-allow-origin").is_none(), "{r:?}");
+    // The waypoint's own answers carry the headers too (Envoy's CORS
+    // filter sits before the fault filter and the router).
+    let r = get(
+        &lab,
+        "/",
+        &[("origin", "https://shop.example"), ("x-fail", "yes")],
+    )?;
+    ensure!(
+        r.status == 503 && r.header("access-control-allow-origin") == Some("https://shop.example"),
+        "an injected abort: {r:?}"
+    );
     ensure!(
         requests(&lab)? - counted == 4.0,
-        "istio_requests_total counts the four, preflight included"
+        "istio_requests_total counts the four answered 200, preflight included"
     );
     lab.teardown()
 }

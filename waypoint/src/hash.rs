@@ -17,13 +17,16 @@ use crate::state::Endpoint;
 
 /// Istio's ring size when none is set (Envoy's default).
 const RING_SIZE: u64 = 1024;
-/// Envoy's largest ring.
-const RING_MAX: u64 = 8 * 1024 * 1024;
+/// The largest ring built (Envoy allows 8M points; 1M, 16 MiB, is plenty
+/// for an even spread over thousands of endpoints).
+const RING_MAX: u64 = 1024 * 1024;
 /// Envoy's Maglev table size when none is set.
 const MAGLEV_SIZE: u64 = 65537;
+/// Envoy's largest Maglev table (a prime).
+const MAGLEV_MAX: u64 = 5_000_011;
 /// Tables kept per policy: one per endpoint set in use (service ports,
 /// endpoints ejected or not).
-const TABLES_KEPT: usize = 8;
+const TABLES_KEPT: usize = 4;
 
 /// What a request is hashed by.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +86,7 @@ impl HashPolicy {
                 c.table_size
             };
             // The table is only filled in full for a prime size.
-            Kind::Maglev(next_prime(size.clamp(2, MAGLEV_SIZE * 64)))
+            Kind::Maglev(next_prime(size.clamp(2, MAGLEV_MAX)))
         } else {
             let size = if c.table_size == 0 {
                 RING_SIZE
@@ -178,24 +181,30 @@ impl HashPolicy {
         Some(table.pick(hash, |i| !all_tried && skip(i)))
     }
 
-    /// The table for this endpoint set, built once.
+    /// The table for this endpoint set, built once (outside the lock, so
+    /// requests for other sets never wait on a build).
     fn table(&self, endpoints: &[Endpoint]) -> Arc<Table> {
-        let mut tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
         let same = |set: &[SocketAddr]| {
             set.len() == endpoints.len() && set.iter().zip(endpoints).all(|(a, e)| *a == e.addr)
         };
-        if let Some((_, t)) = tables.iter().find(|(set, _)| same(set)) {
-            return t.clone();
+        {
+            let tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((_, t)) = tables.iter().find(|(set, _)| same(set)) {
+                return t.clone();
+            }
         }
         let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
         let t = Arc::new(match self.kind {
             Kind::Ring(min) => Table::ring(&addrs, min),
             Kind::Maglev(size) => Table::maglev(&addrs, size),
         });
-        if tables.len() >= TABLES_KEPT {
-            tables.remove(0);
+        let mut tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
+        if !tables.iter().any(|(set, _)| same(set)) {
+            if tables.len() >= TABLES_KEPT {
+                tables.remove(0);
+            }
+            tables.push((addrs, t.clone()));
         }
-        tables.push((addrs, t.clone()));
         t
     }
 }
@@ -213,7 +222,7 @@ impl Table {
     /// at least `min` of them.
     fn ring(endpoints: &[SocketAddr], min: u64) -> Table {
         let n = endpoints.len() as u64;
-        let per = min.div_ceil(n).max(1);
+        let per = min.div_ceil(n).clamp(1, (RING_MAX / n.max(1)).max(1));
         let mut points = Vec::with_capacity((per * n) as usize);
         for (i, addr) in endpoints.iter().enumerate() {
             for k in 0..per {

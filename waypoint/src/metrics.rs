@@ -216,6 +216,9 @@ pub struct RequestRecord {
     pub response_bytes: u64,
     /// The request's server span, when the waypoint traces.
     pub trace: Option<crate::trace::Active>,
+    /// CORS headers for the answer, whatever it is, once the route's
+    /// policy has allowed the request's origin.
+    pub cors: Option<http::HeaderMap>,
     /// The upstream cluster as Envoy names it in spans
     /// (`outbound|<port>|<subset>|<host>`).
     pub cluster: String,

@@ -143,7 +143,10 @@ impl Body for Tee {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        // A mirror that gave up (no endpoint, too many in flight) needs no copy.
+        this.waiting.retain(|w| !w.is_closed());
         if this.waiting.is_empty() {
+            this.copy = BytesMut::new();
             return Poll::Ready(frame);
         }
         match &frame {

@@ -706,7 +706,10 @@ impl Conn {
                 .map(str::to_string)
         });
         let protocol = format!("{:?}", req.version());
-        let resp = self.route(&state, req, &mut record).await;
+        let mut resp = self.route(&state, req, &mut record).await;
+        for (name, value) in record.cors.take().iter().flatten() {
+            resp.headers_mut().insert(name, value.clone());
+        }
         let size = resp.body().size_hint().exact().unwrap_or(0);
         record.finish(resp.status(), start.elapsed(), size);
         self.proxy.metrics.record(&record);
@@ -829,25 +832,19 @@ impl Conn {
             record.route = r.name.clone();
         }
         // CORS, after authorization and before faults as in Istio's filter
-        // chain: a preflight is answered here, a CORS request's answer
-        // gets the allow headers.
-        let cors = match rule.and_then(|r| r.cors.as_ref()) {
-            None => None,
-            Some(c) => match c.verdict(req.method(), req.headers()) {
-                cors::Verdict::Pass => None,
-                cors::Verdict::Decorate(h) => Some(h),
+        // chain: a preflight is answered here; the answer to a CORS request,
+        // from upstream or local (an abort, a 503), gets the allow headers.
+        if let Some(c) = rule.and_then(|r| r.cors.as_ref()) {
+            match c.verdict(req.method(), req.headers()) {
+                cors::Verdict::Pass => {}
+                cors::Verdict::Decorate(h) => record.cors = Some(h),
                 cors::Verdict::Answer(h) => {
                     let mut resp = full(StatusCode::OK, Bytes::new());
                     resp.headers_mut().extend(h);
                     return resp;
                 }
-            },
-        };
-        let decorate = |headers: &mut HeaderMap| {
-            for (name, value) in cors.iter().flatten() {
-                headers.insert(name, value.clone());
             }
-        };
+        }
         // Faults, as Envoy's fault filter before the router: a delay, then an abort.
         if let Some(f) = rule.and_then(|r| r.fault.as_ref()) {
             if let Some(d) = f.delay(roll()) {
@@ -866,7 +863,6 @@ impl Conn {
                 if let Some(r) = rule {
                     r.response_headers.apply(resp.headers_mut());
                 }
-                decorate(resp.headers_mut());
                 return resp;
             }
             Some(Action::Redirect(rd)) => {
@@ -893,7 +889,6 @@ impl Conn {
                 if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{new_path}")) {
                     resp.headers_mut().insert(http::header::LOCATION, v);
                 }
-                decorate(resp.headers_mut());
                 return resp;
             }
             Some(Action::Forward(backends)) => {
@@ -1017,6 +1012,10 @@ impl Conn {
             b.request_headers.apply(&mut parts.headers);
         }
         append_forwarded_for(&mut parts.headers, self.client_ip);
+        // Hop-by-hop headers are the client connection's, not the
+        // upstream's: a client's `Connection: close` must not close the
+        // pooled upstream connection (an upgrade keeps its own).
+        strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
         // The upstream's protocol, as Istio decides it: the port's declared
         // one (`http` is HTTP/1.1; `http2`, `grpc` are HTTP/2), the
         // client's where it is not declared. An upgrade stays HTTP/1.1.
@@ -1150,6 +1149,10 @@ impl Conn {
             });
         }
         let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(
+            &mut parts.headers,
+            parts.status == StatusCode::SWITCHING_PROTOCOLS,
+        );
         parts.version = downstream;
         if let Some(b) = backend {
             b.response_headers.apply(&mut parts.headers);
@@ -1160,7 +1163,7 @@ impl Conn {
         if let Some(c) = keyed.set_cookie {
             parts.headers.append(http::header::SET_COOKIE, c);
         }
-        decorate(&mut parts.headers);
+
         Response::from_parts(parts, body.map_err(BoxError::from).boxed())
     }
 }
@@ -1325,6 +1328,41 @@ fn info_of<'a>(
         authority,
         port,
         headers: &parts.headers,
+    }
+}
+
+/// Removes the hop-by-hop headers of RFC 9110 §7.6.1 (those `Connection`
+/// names, and the fixed ones), as Envoy does; `upgrade` keeps `Connection`
+/// and `Upgrade` for a WebSocket handshake. `TE: trailers` stays (gRPC).
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && !(upgrade && t == "upgrade"))
+        .collect();
+    for name in &named {
+        headers.remove(name.as_str());
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "trailer",
+        "transfer-encoding",
+    ] {
+        headers.remove(name);
+    }
+    if !upgrade {
+        headers.remove(http::header::CONNECTION);
+        headers.remove(http::header::UPGRADE);
+    }
+    if headers
+        .get(http::header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(http::header::TE);
     }
 }
 
@@ -1896,6 +1934,25 @@ mod tests {
         };
         assert!(is_upgrade(&h("websocket")) && is_websocket(&h("WebSocket")));
         assert!(is_upgrade(&h("h2c")) && !is_websocket(&h("h2c")));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stay_on_their_hop() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-kept"]);
+        let mut ws = HeaderMap::new();
+        ws.insert("connection", "Upgrade".parse().unwrap());
+        ws.insert("upgrade", "websocket".parse().unwrap());
+        strip_hop_by_hop(&mut ws, true);
+        assert!(is_upgrade(&ws), "a WebSocket handshake keeps its headers");
     }
 
     #[test]

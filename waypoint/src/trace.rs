@@ -56,8 +56,9 @@ pub struct Incoming {
     pub tracestate: Option<String>,
 }
 
+/// `2N` lowercase hex digits (W3C and B3 both), not all zero.
 fn hex_bytes<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != 2 * N {
+    if s.len() != 2 * N || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     let mut out = [0u8; N];
@@ -222,6 +223,11 @@ impl Tracer {
     ) -> Option<Active> {
         let t = tracing?;
         let incoming = Incoming::from_headers(headers);
+        // `b3: 0`, `b3: 1`, `b3: d`: a decision without a trace (B3 single).
+        let decided = headers
+            .get(B3)
+            .and_then(|v| v.to_str().ok())
+            .and_then(b3_sampled);
         let (trace_id, parent, sampled, tracestate) = match incoming {
             Some(i) => (
                 i.trace_id,
@@ -234,7 +240,8 @@ impl Tracer {
                 let mut id = [0u8; 16];
                 id[..8].copy_from_slice(&self.id(roll()).to_be_bytes());
                 id[8..].copy_from_slice(&self.id(roll()).to_be_bytes());
-                (id, None, sample(t.sampling_percent, roll()), None)
+                let sampled = decided.unwrap_or_else(|| sample(t.sampling_percent, roll()));
+                (id, None, sampled, None)
             }
         };
         Some(Active {
@@ -568,6 +575,8 @@ mod tests {
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "garbage",
         ] {
             assert_eq!(
@@ -639,6 +648,11 @@ mod tests {
             .count();
         assert!((800..=1200).contains(&sampled), "{sampled} of 4000");
         assert!(tracer.start(None, &sampled_in, || 1).is_none());
+        // `b3: 0` alone: the client decided not to sample, whatever the share.
+        let no = tracer
+            .start(Some(&tracing(100.0)), &headers(&[("b3", "0")]), || 5)
+            .unwrap();
+        assert!(!no.sampled);
     }
 
     /// Unsampled or unreported spans never reach the queue; a full queue

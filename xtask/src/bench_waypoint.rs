@@ -328,6 +328,23 @@ impl Run {
 }
 
 /// CPU seconds of this process's finished children so far.
+/// One line of the results table.
+fn print_row(label: &str, r: &Run) {
+    println!(
+        "{:<34} {:>10.0} {:>8.2} {:>8.2} {:>8.1} {:>9.2} {:>9.2} {:>8.2} {:>11.0} {:>7}",
+        label,
+        r.rps,
+        r.p50_ms,
+        r.p99_ms,
+        r.rss_mb,
+        r.proxy_cpu,
+        r.backend_cpu,
+        r.client_cpu,
+        r.per_cpu(),
+        r.errors
+    );
+}
+
 fn children_cpu() -> f64 {
     nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
         .map(|u| {
@@ -614,19 +631,7 @@ pub fn run() -> Result<()> {
             &backend_pids,
         )?;
         for (who, r) in [("weft waypoint", &w), ("envoy", &e)] {
-            println!(
-                "{:<34} {:>10.0} {:>8.2} {:>8.2} {:>8.1} {:>9.2} {:>9.2} {:>8.2} {:>11.0} {:>7}",
-                format!("{name}: {who}"),
-                r.rps,
-                r.p50_ms,
-                r.p99_ms,
-                r.rss_mb,
-                r.proxy_cpu,
-                r.backend_cpu,
-                r.client_cpu,
-                r.per_cpu(),
-                r.errors
-            );
+            print_row(&format!("{name}: {who}"), r);
         }
         ratios.push((name, w.clone(), e.clone()));
     }
@@ -681,19 +686,7 @@ pub fn run() -> Result<()> {
         "\nwith retries (2, 5xx,connect-failure), connectionPool and outlierDetection on both (HTTP/1.1, 64 conns):"
     );
     for (who, r) in [("weft waypoint", &w), ("envoy", &e)] {
-        println!(
-            "{:<34} {:>10.0} {:>8.2} {:>8.2} {:>8.1} {:>9.2} {:>9.2} {:>8.2} {:>11.0} {:>7}",
-            format!("layers: {who}"),
-            r.rps,
-            r.p50_ms,
-            r.p99_ms,
-            r.rss_mb,
-            r.proxy_cpu,
-            r.backend_cpu,
-            r.client_cpu,
-            r.per_cpu(),
-            r.errors
-        );
+        print_row(&format!("layers: {who}"), r);
     }
     println!(
         "  weft with layers / without (goal: within 10%): rps {:.2}x, p99 {:.2}x",

@@ -88,7 +88,7 @@ pub struct Cors {
     /// An Origin any of these matches is allowed.
     #[prost(message, repeated, tag = "1")]
     pub allow_origins: ::prost::alloc::vec::Vec<StringMatch>,
-    /// Sent joined with ", "; empty: not sent.
+    /// Sent joined with "," (as Istio hands them to Envoy); empty: not sent.
     #[prost(string, repeated, tag = "2")]
     pub allow_methods: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(string, repeated, tag = "3")]
