@@ -1341,7 +1341,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty() && !(upgrade && t == "upgrade"))
+        .filter(|t| !(t.is_empty() || (upgrade && t == "upgrade")))
         .collect();
     for name in &named {
         headers.remove(name.as_str());
