@@ -1,8 +1,8 @@
 //! Prometheus text for a process's registry, and the source and destination
-//! labels Istio's standard metrics share (TCP in ztunnel, HTTP in the
-//! waypoint).
+//! labels Istio's standard metrics share (TCP in ztunnel and the waypoint,
+//! HTTP in the waypoint).
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::registry::Registry;
 use weft_api::{Identity, Service, Workload};
 
@@ -81,6 +81,53 @@ impl PeerLabels {
             destination_app: name(dst.workload, |w| &w.canonical_name),
             destination_version: name(dst.workload, |w| &w.canonical_revision),
             destination_cluster: "Kubernetes".into(),
+        }
+    }
+}
+
+/// Istio's TCP label set (`istio_tcp_*`).
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: Reporter,
+    #[prometheus(flatten)]
+    pub peers: PeerLabels,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: SecurityPolicy,
+}
+
+#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Reporter {
+    #[default]
+    source,
+    destination,
+    /// A waypoint, for the connections it forwards at L4 (Istio's).
+    waypoint,
+}
+
+#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SecurityPolicy {
+    #[default]
+    unknown,
+    mutual_tls,
+    none,
+}
+
+impl TcpLabels {
+    pub fn new(
+        reporter: Reporter,
+        src: &Peer<'_>,
+        dst: &Peer<'_>,
+        security: SecurityPolicy,
+    ) -> Self {
+        TcpLabels {
+            reporter,
+            peers: PeerLabels::new(src, dst),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: security,
         }
     }
 }

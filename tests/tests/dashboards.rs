@@ -200,11 +200,13 @@ fn regex_match(pattern: &str, value: &str) -> bool {
 }
 
 fn shows(panel: &Panel, text: &str, qrep: &str) -> bool {
+    shows_for(panel, text, qrep, "reviews.bookinfo.svc.cluster.local")
+}
+
+fn shows_for(panel: &Panel, text: &str, qrep: &str, service: &str) -> bool {
     series(text, panel.metric).iter().any(|labels| {
         panel.matchers.iter().all(|(k, op, v)| {
-            let want = v
-                .replace("$qrep", qrep)
-                .replace("$service", "reviews.bookinfo.svc.cluster.local");
+            let want = v.replace("$qrep", qrep).replace("$service", service);
             let have = labels.get(*k).map(String::as_str).unwrap_or_default();
             match op {
                 Op::Eq => have == want,
@@ -247,6 +249,8 @@ fn stock_dashboards_and_kiali_on_the_labs_metrics() -> Result<()> {
     for _ in 0..10 {
         ensure!(get(&lab, "/", &[])?.status == 200);
         apps::whoami(client, "10.244.2.10:9090".parse::<SocketAddr>()?)?;
+        // TCP to a service bound to the waypoint: forwarded at L4 there.
+        apps::whoami(client, "10.96.0.25:9090".parse::<SocketAddr>()?)?;
     }
     let text = format!(
         "{}\n{}\n{}",
@@ -337,6 +341,39 @@ fn stock_dashboards_and_kiali_on_the_labs_metrics() -> Result<()> {
     // The mesh dashboard reads the waypoint already.
     expect("HTTP/gRPC Workloads", true, true)?;
     expect("TCP Workloads", true, true)?;
+    // TCP through the waypoint: its `istio_tcp_*` feed the Service
+    // dashboard's TCP panels once `waypoint` is in $qrep.
+    let tcp = "reviews-tcp.bookinfo.svc.cluster.local";
+    for title in [
+        "TCP Received Bytes / TCP Sent Bytes",
+        "Client Workloads: TCP bytes by source",
+    ] {
+        let p = PANELS
+            .iter()
+            .find(|p| p.title == title)
+            .ok_or_else(|| anyhow::anyhow!("no panel {title}"))?;
+        let (default, edited) = (
+            shows_for(p, &text, "destination", tcp),
+            shows_for(p, &text, "destination|waypoint", tcp),
+        );
+        println!("service   {title} for {tcp}: default {default}, with waypoint {edited}");
+        ensure!(!default && edited, "{title} for {tcp}: {default}, {edited}");
+    }
+    let waypoint_tcp: Vec<_> = series(&text, "istio_tcp_received_bytes_total")
+        .into_iter()
+        .filter(|l| l.get("reporter").map(String::as_str) == Some("waypoint"))
+        .collect();
+    ensure!(!waypoint_tcp.is_empty(), "no waypoint TCP series");
+    for labels in &waypoint_tcp {
+        for k in KIALI {
+            ensure!(
+                labels
+                    .get(*k)
+                    .is_some_and(|v| !v.is_empty() && v != "unknown"),
+                "Kiali needs {k}: {labels:?}"
+            );
+        }
+    }
     drop(servers);
     lab.teardown()
 }

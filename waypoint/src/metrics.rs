@@ -16,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use weft_api::{Identity, Service, Workload};
-use weft_runtime::metrics::{Peer, PeerLabels};
+use weft_runtime::metrics::{Peer, PeerLabels, Reporter, SecurityPolicy, TcpLabels};
 
 /// Istio's request label set.
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,6 +68,10 @@ pub struct Metrics {
     retries: Family<OutcomeLabels, Counter>,
     mirrors: Family<OutcomeLabels, Counter>,
     spans: Family<OutcomeLabel, Counter>,
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -127,11 +131,40 @@ impl Default for Metrics {
             "Trace spans: exported, failed (the collector did not take them) or dropped (queue full)",
             spans.clone(),
         );
+        let tcp = |registry: &mut Registry, name: &str, help: &str| {
+            let f = Family::<TcpLabels, Counter>::default();
+            registry.register(name, help, f.clone());
+            f
+        };
+        let tcp_opened = tcp(
+            &mut registry,
+            "istio_tcp_connections_opened",
+            "Connections forwarded at L4, opened",
+        );
+        let tcp_closed = tcp(
+            &mut registry,
+            "istio_tcp_connections_closed",
+            "Connections forwarded at L4, closed",
+        );
+        let tcp_sent = tcp(
+            &mut registry,
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client on connections forwarded at L4",
+        );
+        let tcp_received = tcp(
+            &mut registry,
+            "istio_tcp_received_bytes",
+            "Bytes received from the client on connections forwarded at L4",
+        );
         Metrics {
             l4,
             retries,
             mirrors,
             spans,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
             registry,
             requests,
             duration,
@@ -159,6 +192,24 @@ impl Metrics {
                 outcome,
             })
             .inc();
+    }
+
+    /// Istio's TCP labels for a connection the waypoint forwards at L4.
+    pub fn tcp_labels(src: &Peer<'_>, dst: &Peer<'_>) -> TcpLabels {
+        TcpLabels::new(Reporter::waypoint, src, dst, SecurityPolicy::mutual_tls)
+    }
+
+    /// A connection forwarded at L4 opened.
+    pub fn tcp_opened(&self, labels: &TcpLabels) {
+        self.tcp_opened.get_or_create(labels).inc();
+    }
+
+    /// It closed, having received `received` bytes from the client and
+    /// sent it `sent`.
+    pub fn tcp_closed(&self, labels: &TcpLabels, received: u64, sent: u64) {
+        self.tcp_closed.get_or_create(labels).inc();
+        self.tcp_received.get_or_create(labels).inc_by(received);
+        self.tcp_sent.get_or_create(labels).inc_by(sent);
     }
 
     /// Counts `n` spans by what became of them.

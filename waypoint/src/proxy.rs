@@ -52,6 +52,7 @@ use crate::retry::{self, NO_RETRY};
 use crate::route::{Action, RequestInfo, Rule, rewrite_path};
 use crate::state::{Balance, DestPolicy, Endpoint, State, Store};
 use crate::trace;
+use weft_runtime::metrics::Peer;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -680,7 +681,28 @@ impl Conn {
         {
             Ok(mut up) => {
                 self.proxy.metrics.l4("forwarded");
-                let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+                let dst_id = ep.workload.identity().ok();
+                let svc = match &self.dest {
+                    Dest::Service(s) => Some(s.as_ref()),
+                    Dest::Workload(_) => None,
+                };
+                let labels = Metrics::tcp_labels(
+                    &Peer {
+                        workload: state.workload_by_ip(self.client_ip).map(|w| w.as_ref()),
+                        identity: self.client_id.as_ref(),
+                        service: None,
+                    },
+                    &Peer {
+                        workload: Some(&ep.workload),
+                        identity: dst_id.as_ref(),
+                        service: svc,
+                    },
+                );
+                self.proxy.metrics.tcp_opened(&labels);
+                let (received, sent) = tokio::io::copy_bidirectional(&mut io, &mut up)
+                    .await
+                    .unwrap_or((0, 0));
+                self.proxy.metrics.tcp_closed(&labels, received, sent);
             }
             Err(e) => {
                 self.proxy.metrics.l4("connect_failed");

@@ -5,35 +5,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-pub use weft_runtime::metrics::{Peer, PeerLabels};
-
-/// Istio's TCP label set (`istio_tcp_*`).
-#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    pub reporter: Reporter,
-    #[prometheus(flatten)]
-    pub peers: PeerLabels,
-    pub request_protocol: &'static str,
-    pub response_flags: &'static str,
-    pub connection_security_policy: SecurityPolicy,
-}
-
-#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum Reporter {
-    #[default]
-    source,
-    destination,
-}
-
-#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum SecurityPolicy {
-    #[default]
-    unknown,
-    mutual_tls,
-    none,
-}
+pub use weft_runtime::metrics::{Peer, PeerLabels, Reporter, SecurityPolicy, TcpLabels};
 
 /// Why a connection was refused before any upstream was reached.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -193,25 +165,6 @@ impl Metrics {
         let cur = c.get();
         if total > cur {
             c.inc_by(total - cur);
-        }
-    }
-}
-
-// === impl TcpLabels ===
-
-impl TcpLabels {
-    pub fn new(
-        reporter: Reporter,
-        src: &Peer<'_>,
-        dst: &Peer<'_>,
-        security: SecurityPolicy,
-    ) -> Self {
-        TcpLabels {
-            reporter,
-            peers: PeerLabels::new(src, dst),
-            request_protocol: "tcp",
-            response_flags: "-",
-            connection_security_policy: security,
         }
     }
 }
