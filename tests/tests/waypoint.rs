@@ -469,10 +469,21 @@ fn h2_grpc_and_websocket_through_the_waypoint() -> Result<()> {
             "istio_requests_total",
             &[
                 ("destination_service_name", "reviews-grpc"),
-                ("response_code", "200")
+                ("response_code", "200"),
+                ("request_protocol", "grpc"),
+                ("grpc_response_status", "0"),
             ]
         ) >= 1.0,
-        "counted"
+        "counted as gRPC, with the status from the trailers:\n{text}"
+    );
+    // The response's size is the whole stream's (counted as it ends).
+    ensure!(
+        metric_sum(
+            &text,
+            "istio_response_bytes_sum",
+            &[("destination_service_name", "reviews-grpc")]
+        ) >= 1_000_000.0,
+        "response bytes:\n{text}"
     );
     drop(_h2);
     drop(_h2b);

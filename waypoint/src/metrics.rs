@@ -270,6 +270,10 @@ pub struct RequestRecord {
     /// CORS headers for the answer, whatever it is, once the route's
     /// policy has allowed the request's origin.
     pub cors: Option<http::HeaderMap>,
+    /// A gRPC request (`content-type: application/grpc...`).
+    pub grpc: bool,
+    /// The answer's `grpc-status`, from its headers or its trailers.
+    pub grpc_status: Option<String>,
     /// The upstream cluster as Envoy names it in spans
     /// (`outbound|<port>|<subset>|<host>`).
     pub cluster: String,
@@ -287,6 +291,10 @@ impl RequestRecord {
                 .unwrap_or_default()
                 .to_string(),
             client: Some(client),
+            grpc: req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
             source_principal: principal.cloned(),
             request_bytes: req.body().size_hint().exact().unwrap_or(0),
             flags: "-".into(),
@@ -348,18 +356,144 @@ impl RequestRecord {
         HttpLabels {
             reporter: "waypoint",
             peers: PeerLabels::new(&src, &dst),
-            request_protocol: "http",
+            request_protocol: if self.grpc { "grpc" } else { "http" },
             response_code: self.status,
-            grpc_response_status: String::new(),
+            grpc_response_status: self.grpc_status.clone().unwrap_or_default(),
             response_flags: self.flags.clone(),
             connection_security_policy: "mutual_tls",
         }
     }
 }
 
+/// A response body that records its request's metrics when it ends (or
+/// is dropped, the client gone): the duration and size of the whole
+/// exchange, and a gRPC status from the trailers, as Envoy's stats do.
+pub struct Recorded {
+    inner: crate::proxy::Body,
+    record: Option<RequestRecord>,
+    metrics: Arc<Metrics>,
+    start: std::time::Instant,
+    bytes: u64,
+}
+
+impl std::fmt::Debug for Recorded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorded")
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl Recorded {
+    pub fn new(
+        inner: crate::proxy::Body,
+        record: RequestRecord,
+        metrics: Arc<Metrics>,
+        start: std::time::Instant,
+    ) -> Self {
+        Recorded {
+            inner,
+            record: Some(record),
+            metrics,
+            start,
+            bytes: 0,
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(mut r) = self.record.take() {
+            r.duration = self.start.elapsed();
+            r.response_bytes = self.bytes;
+            self.metrics.record(&r);
+        }
+    }
+}
+
+impl http_body::Body for Recorded {
+    type Data = bytes::Bytes;
+    type Error = crate::proxy::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if let (Some(t), Some(r)) = (f.trailers_ref(), this.record.as_mut())
+                    && let Some(v) = t.get("grpc-status").and_then(|v| v.to_str().ok())
+                {
+                    r.grpc_status = Some(v.to_string());
+                }
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+            }
+            _ => this.finish(),
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gRPC answer is counted when its body ends, with the status from
+    /// its trailers and the bytes it carried.
+    #[tokio::test]
+    async fn recorded_at_the_end_of_the_body() {
+        use http_body_util::BodyExt;
+        let m = Arc::new(Metrics::default());
+        let record = RequestRecord {
+            flags: "-".into(),
+            grpc: true,
+            status: 200,
+            ..RequestRecord::default()
+        };
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"12345"))
+            .map_err(crate::proxy::BoxError::from)
+            .with_trailers(async move { Some(Ok(trailers)) })
+            .boxed();
+        let recorded = Recorded::new(body, record, m.clone(), std::time::Instant::now());
+        assert!(
+            !m.encode().contains("istio_requests_total{"),
+            "not before the end"
+        );
+        let _ = recorded.collect().await;
+        let text = m.encode();
+        assert!(
+            text.contains("request_protocol=\"grpc\"")
+                && text.contains("grpc_response_status=\"14\""),
+            "{text}"
+        );
+        assert!(text.contains("istio_response_bytes_sum{"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("istio_response_bytes_sum{") && l.ends_with(" 5.0")),
+            "{text}"
+        );
+    }
 
     #[test]
     fn flags_accumulate() {

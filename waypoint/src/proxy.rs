@@ -43,7 +43,7 @@ use crate::breaker::{Breaker, Breakers, Limits};
 use crate::cors;
 use crate::fault::{ABORT_BODY, Abort};
 use crate::hash::Keyed;
-use crate::metrics::{Metrics, RequestRecord};
+use crate::metrics::{Metrics, Recorded, RequestRecord};
 use crate::mirror::{Copied, MIRROR_TIMEOUT, Mirror, Tee, shadow_authority};
 use crate::outlier::Outliers;
 use crate::path;
@@ -734,7 +734,14 @@ impl Conn {
         }
         let size = resp.body().size_hint().exact().unwrap_or(0);
         record.finish(resp.status(), start.elapsed(), size);
-        self.proxy.metrics.record(&record);
+        if record.grpc {
+            // A trailers-only answer (an error, or an injected abort).
+            record.grpc_status = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+        }
         if let Some(active) = record.trace.take() {
             let name = match &record.service {
                 Some(s) => format!("{}:{}/*", s.hostname, self.target.port()),
@@ -780,7 +787,11 @@ impl Conn {
             duration_ms = start.elapsed().as_millis() as u64,
             "request"
         );
-        resp
+        // The metrics go out when the body ends: its size, the whole
+        // duration, a gRPC status in its trailers.
+        let (parts, body) = resp.into_parts();
+        let body = Recorded::new(body, record, self.proxy.metrics.clone(), start);
+        Response::from_parts(parts, body.boxed())
     }
 
     async fn route(
