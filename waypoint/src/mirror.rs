@@ -204,27 +204,14 @@ mod tests {
     }
 
     /// A body in these chunks, each its own frame.
-    #[derive(Debug)]
-    struct Chunks(Vec<&'static str>);
-
-    impl Body for Chunks {
-        type Data = Bytes;
-        type Error = BoxError;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            if self.0.is_empty() {
-                return Poll::Ready(None);
-            }
-            let c = self.0.remove(0);
-            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(c.as_bytes())))))
-        }
-    }
-
     fn chunks(parts: &[&'static str]) -> BoxBody {
-        Chunks(parts.to_vec()).boxed()
+        crate::replay::tests::Frames(
+            parts
+                .iter()
+                .map(|p| Frame::data(Bytes::from_static(p.as_bytes())))
+                .collect(),
+        )
+        .boxed()
     }
 
     /// The upstream reads the body as it is; each mirror gets all of it

@@ -206,13 +206,13 @@ impl Body for Replay {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use http_body_util::{BodyExt, Full};
 
     use super::*;
 
-    /// A body of these frames, in order.
-    struct Frames(std::collections::VecDeque<Frame<Bytes>>);
+    /// A body of these frames, in order (shared with other modules' tests).
+    pub(crate) struct Frames(pub(crate) std::collections::VecDeque<Frame<Bytes>>);
 
     impl Body for Frames {
         type Data = Bytes;
