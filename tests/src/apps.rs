@@ -589,7 +589,9 @@ fn parse_response(text: &str) -> Result<HttpResponse> {
 }
 
 /// What an HTTP/2 test server does with a request: its path and whole body
-/// in, the response body and trailers out.
+/// in, the response body and trailers out. An empty body with trailers is
+/// answered trailers-only (the trailers as the response's headers, ending
+/// the stream), as gRPC answers an error.
 pub type H2Handler = Arc<dyn Fn(&str, bytes::Bytes) -> (Vec<u8>, http::HeaderMap) + Send + Sync>;
 
 /// An HTTP/2 (h2c, prior knowledge) server in `pod` on `port`, as a gRPC
@@ -660,8 +662,18 @@ pub fn serve_h2_with(
                                         .map(|b| b.to_bytes())
                                         .unwrap_or_default();
                                     let (out, trailers) = handler(&path, body);
+                                    if out.is_empty() && !trailers.is_empty() {
+                                        let mut resp = hyper::Response::new(
+                                            http_body_util::Full::new(bytes::Bytes::new())
+                                                .with_trailers(async { None })
+                                                .boxed(),
+                                        );
+                                        *resp.headers_mut() = trailers;
+                                        return Ok::<_, std::convert::Infallible>(resp);
+                                    }
                                     let body = http_body_util::Full::new(bytes::Bytes::from(out))
-                                        .with_trailers(async move { Some(Ok(trailers)) });
+                                        .with_trailers(async move { Some(Ok(trailers)) })
+                                        .boxed();
                                     Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
                                 }
                             },
@@ -691,8 +703,19 @@ pub fn serve_h2_with(
 #[derive(Debug, Clone)]
 pub struct H2Response {
     pub status: u16,
+    pub headers: http::HeaderMap,
     pub body: Vec<u8>,
     pub trailers: http::HeaderMap,
+}
+
+impl H2Response {
+    /// The gRPC status: the trailers', or a trailers-only answer's.
+    pub fn grpc_status(&self) -> Option<&str> {
+        self.trailers
+            .get("grpc-status")
+            .or_else(|| self.headers.get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+    }
 }
 
 /// Sends one HTTP/2 (prior knowledge) POST of `body` from inside `pod` to
@@ -741,10 +764,12 @@ pub fn h2_post(
             let resp =
                 tokio::time::timeout(Duration::from_secs(20), send.send_request(req)).await??;
             let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
             let collected = resp.into_body().collect().await?;
             let trailers = collected.trailers().cloned().unwrap_or_default();
             Ok(H2Response {
                 status,
+                headers,
                 body: collected.to_bytes().to_vec(),
                 trailers,
             })

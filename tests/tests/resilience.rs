@@ -1141,3 +1141,106 @@ fn connection_pool_limits() -> Result<()> {
     );
     lab.teardown()
 }
+
+/// gRPC retry conditions over HTTP/2 to a `grpc` port: a pod that fails
+/// every other call with a trailers-only `grpc-status` is retried on the
+/// matching condition (`unavailable` 14, `resource-exhausted` 8,
+/// `cancelled` 1, `deadline-exceeded` 4), with a streamed request body
+/// sent again whole, and not on another condition, whose failures reach
+/// the client and are counted with their gRPC status.
+#[test]
+fn grpc_retry_conditions() -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    let mut lab = Lab::up(LabOptions::new("grpc-retry", MESH))?;
+    let code = Arc::new(AtomicU32::new(14));
+    let calls = Arc::new(AtomicU64::new(0));
+    let (c, n) = (code.clone(), calls.clone());
+    let _h2 = apps::serve_h2_with(
+        lab.pod("bookinfo/reviews-v1"),
+        9080,
+        Arc::new(move |_, body| {
+            let mut t = http::HeaderMap::new();
+            if n.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
+                let status = c.load(Ordering::SeqCst).to_string();
+                t.insert(
+                    "grpc-status",
+                    http::HeaderValue::from_str(&status).expect("digits"),
+                );
+                (Vec::new(), t)
+            } else {
+                t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                (format!("ok {}", body.len()).into_bytes(), t)
+            }
+        }),
+    )?;
+    let client = lab.pod("bookinfo/productpage");
+    let grpc: SocketAddr = "10.96.0.26:9080".parse()?;
+    let call = || apps::h2_post(client, grpc, "/echo.Echo/Call", b"x".to_vec(), 1);
+    let applied = || {
+        lab.waypoint_log(WAYPOINT_POD)
+            .matches("route table applied")
+            .count()
+    };
+    let set_retry_on = |condition: &str| -> Result<()> {
+        let before = applied();
+        lab.write_manifest(
+            "routes.yaml",
+            &format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews-grpc, namespace: bookinfo}}\nspec:\n  hosts: [reviews-grpc]\n  http:\n  - route: [{{destination: {{host: reviews-grpc}}}}]\n    retries: {{attempts: 2, retryOn: {condition}}}\n"
+            ),
+        )?;
+        eventually(
+            "the retry policy is in force",
+            Duration::from_secs(10),
+            || Ok(applied() > before),
+        )
+    };
+    for (status, condition) in [
+        (14, "unavailable"),
+        (8, "resource-exhausted"),
+        (1, "cancelled"),
+        (4, "deadline-exceeded"),
+    ] {
+        code.store(status, Ordering::SeqCst);
+        set_retry_on(condition)?;
+        for i in 0..6 {
+            let r = call()?;
+            ensure!(
+                r.grpc_status() == Some("0") && r.body == b"ok 1",
+                "{condition}: call {i}: {r:?}"
+            );
+        }
+    }
+    // A streamed request body (200 KB in 16 pieces) is sent again whole
+    // with the retry.
+    let big = vec![7u8; 200_000];
+    for i in 0..2 {
+        let r = apps::h2_post(client, grpc, "/echo.Echo/Upload", big.clone(), 16)?;
+        ensure!(
+            r.grpc_status() == Some("0") && r.body == b"ok 200000",
+            "upload {i}: {r:?}"
+        );
+    }
+    // Another condition: every other call's status 14 reaches the client.
+    code.store(14, Ordering::SeqCst);
+    set_retry_on("resource-exhausted")?;
+    let failed = (0..6)
+        .map(|_| call().map(|r| r.grpc_status() == Some("14")))
+        .collect::<Result<Vec<bool>>>()?
+        .into_iter()
+        .filter(|f| *f)
+        .count();
+    ensure!(failed == 3, "{failed} of 6 calls saw status 14");
+    let counted = metric_sum(
+        &lab.waypoint_metrics(WAYPOINT_POD)?,
+        "istio_requests_total",
+        &[
+            ("destination_service_name", "reviews-grpc"),
+            ("request_protocol", "grpc"),
+            ("grpc_response_status", "14"),
+        ],
+    );
+    ensure!(counted == 3.0, "{counted} counted with grpc status 14");
+    lab.teardown()
+}
