@@ -1244,3 +1244,82 @@ fn grpc_retry_conditions() -> Result<()> {
     ensure!(counted == 3.0, "{counted} counted with grpc status 14");
     lab.teardown()
 }
+
+/// DestinationRule `tcp.connectTimeout`: an endpoint that never answers a
+/// SYN (an underlay address nobody holds: ARP goes unanswered for about 3 s
+/// before the kernel gives up) fails at the timeout with 503 `UF`, well
+/// before the kernel would.
+#[test]
+fn connect_timeout_bounds_a_silent_endpoint() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("connect-timeout", MESH))?;
+    let client = lab.pod("bookinfo/productpage");
+    let silent: SocketAddr = "10.96.0.91:80".parse()?;
+    let manifests = |timeout: &str| {
+        format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: silent, namespace: bookinfo}}
+spec:
+  hosts: [silent.example]
+  addresses: [10.96.0.91]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 10.240.0.99}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: silent, namespace: bookinfo}}
+spec:
+  hosts: [silent.example]
+  http:
+  - route: [{{destination: {{host: silent.example}}}}]
+    retries: {{attempts: 0}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: silent, namespace: bookinfo}}
+spec:
+  host: silent.example
+  trafficPolicy: {{connectionPool: {{tcp: {{connectTimeout: {timeout}}}}}}}
+"#
+        )
+    };
+    let applied = || {
+        lab.waypoint_log(WAYPOINT_POD)
+            .matches("destination policy applied")
+            .count()
+    };
+    let timed = |timeout: &str| -> Result<(Duration, apps::HttpResponse)> {
+        let before = applied();
+        lab.write_manifest("silent.yaml", &manifests(timeout))?;
+        eventually("the pool is in force", Duration::from_secs(10), || {
+            Ok(applied() > before)
+        })?;
+        let start = Instant::now();
+        let r = apps::http(client, silent, "GET", "/", &[])?;
+        Ok((start.elapsed(), r))
+    };
+    let (short, r) = timed("500ms")?;
+    ensure!(r.status == 503, "{r:?}");
+    let text = lab.waypoint_metrics(WAYPOINT_POD)?;
+    ensure!(
+        metric_sum(
+            &text,
+            "istio_requests_total",
+            &[
+                ("destination_service", "silent.example"),
+                ("response_flags", "UF")
+            ]
+        ) >= 1.0,
+        "counted UF:\n{text}"
+    );
+    let (long, r) = timed("20s")?;
+    ensure!(r.status == 503, "{r:?}");
+    println!("connectTimeout 500ms: answered after {short:?}; 20s: after {long:?}");
+    ensure!(
+        short < Duration::from_millis(1500) && long > short + Duration::from_millis(1000),
+        "connectTimeout 500ms answered after {short:?}; 20s (the kernel gives up first) after {long:?}"
+    );
+    lab.teardown()
+}
