@@ -66,8 +66,65 @@ pub struct TracingConfig {
     pub providers: Vec<ProviderRef>,
     pub random_sampling_percentage: Option<f64>,
     pub disable_span_reporting: Option<bool>,
-    pub custom_tags: Option<serde_yaml::Value>,
+    pub custom_tags: Option<BTreeMap<String, CustomTag>>,
     pub enable_istio_tags: Option<bool>,
+}
+
+/// `Tracing.CustomTag`: exactly one of its three kinds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CustomTag {
+    pub literal: Option<TagLiteral>,
+    pub environment: Option<TagSource>,
+    pub header: Option<TagSource>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TagLiteral {
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct TagSource {
+    pub name: String,
+    pub default_value: String,
+}
+
+/// The custom tags as the waypoint takes them, or the first problem.
+fn custom_tags(tags: &BTreeMap<String, CustomTag>, at: &str) -> Result<Vec<pb::CustomTag>, String> {
+    use pb::custom_tag::Value;
+    tags.iter()
+        .map(|(name, t)| {
+            let at = format!("{at}.customTags[{name}]");
+            let (value, default_value) = match (&t.literal, &t.environment, &t.header) {
+                (Some(l), None, None) => (Value::Literal(l.value.clone()), String::new()),
+                (None, Some(e), None) if !e.name.is_empty() => {
+                    (Value::Environment(e.name.clone()), e.default_value.clone())
+                }
+                (None, None, Some(h))
+                    if !h.name.is_empty()
+                        && h.name.bytes().all(|b| b.is_ascii_graphic() && b != b':') =>
+                {
+                    (
+                        Value::Header(h.name.to_ascii_lowercase()),
+                        h.default_value.clone(),
+                    )
+                }
+                _ => {
+                    return Err(format!(
+                        "{at}: exactly one of literal, environment, header, with a name"
+                    ));
+                }
+            };
+            Ok(pb::CustomTag {
+                name: name.clone(),
+                value: Some(value),
+                default_value,
+            })
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -141,6 +198,7 @@ struct Effective {
     provider: Option<String>,
     sampling: f64,
     disable_reporting: bool,
+    custom_tags: Vec<pb::CustomTag>,
     origin: String,
 }
 
@@ -186,6 +244,7 @@ pub fn translate(
             .and_then(|t| t.sampling)
             .unwrap_or(DEFAULT_SAMPLING),
         disable_reporting: false,
+        custom_tags: Vec::new(),
         origin: format!("MeshConfig {root}/{MESH_CONFIG_MAP}"),
     };
     for wp in waypoints.values() {
@@ -224,6 +283,10 @@ pub fn translate(
                 if let Some(d) = c.disable_span_reporting {
                     eff.disable_reporting = d;
                 }
+                if let Some(tags) = &c.custom_tags {
+                    // Checked with the resource: a bad one is refused there.
+                    eff.custom_tags = custom_tags(tags, "spec.tracing[0]").unwrap_or_default();
+                }
                 eff.origin = format!("Telemetry {ns}/{name}");
             }
         }
@@ -253,6 +316,7 @@ pub fn translate(
                     DEFAULT_SAMPLING
                 },
                 disable_reporting: eff.disable_reporting,
+                custom_tags: eff.custom_tags.clone(),
             })
         });
         let scope: BTreeSet<Identity> = Identity::new(&mesh.trust_domain, &wp.namespace, &wp.name)
@@ -368,9 +432,11 @@ fn check(t: &Telemetry, mesh: &MeshConfig) -> Result<Vec<String>, String> {
             "{at}.randomSamplingPercentage: {s} is not within 0 to 100"
         ));
     }
+    if let Some(tags) = &c.custom_tags {
+        custom_tags(tags, at)?;
+    }
     for (field, set) in [
         ("match", c.matches.is_some()),
-        ("customTags", c.custom_tags.is_some()),
         ("enableIstioTags", c.enable_istio_tags.is_some()),
     ] {
         if set {
@@ -481,6 +547,7 @@ spec:
                 port: 4317,
                 sampling_percent: 100.0,
                 disable_reporting: false,
+                custom_tags: Vec::new(),
             })
         );
         let namespace = r#"
@@ -499,7 +566,13 @@ kind: Telemetry
 metadata: {name: waypoint, namespace: shop}
 spec:
   targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
-  tracing: [{randomSamplingPercentage: 50, disableSpanReporting: true}]
+  tracing:
+  - randomSamplingPercentage: 50
+    disableSpanReporting: true
+    customTags:
+      team: {literal: {value: shop}}
+      user: {header: {name: X-User, defaultValue: anonymous}}
+      zone: {environment: {name: ZONE}}
 "#;
         let l7 = run(&format!("{mesh_wide}---{namespace}---{targeted}"));
         let t = telemetry(&l7);
@@ -507,6 +580,32 @@ spec:
         let t = t.tracing.unwrap();
         assert_eq!(t.sampling_percent, 50.0);
         assert!(t.disable_reporting);
+        use pb::custom_tag::Value;
+        let tags: Vec<(String, Option<Value>, String)> = t
+            .custom_tags
+            .into_iter()
+            .map(|c| (c.name, c.value, c.default_value))
+            .collect();
+        assert_eq!(
+            tags,
+            [
+                (
+                    "team".into(),
+                    Some(Value::Literal("shop".into())),
+                    String::new()
+                ),
+                (
+                    "user".into(),
+                    Some(Value::Header("x-user".into())),
+                    "anonymous".into()
+                ),
+                (
+                    "zone".into(),
+                    Some(Value::Environment("ZONE".into())),
+                    String::new()
+                ),
+            ]
+        );
         assert!(
             statuses(&l7).iter().all(|s| s.contains("Accepted")),
             "{:?}",
@@ -581,6 +680,10 @@ spec:
                 "[{providers: [{name: otel}, {name: zipkin}]}]",
                 "spec.tracing[0].providers: one provider only",
             ),
+            (
+                "[{providers: [{name: otel}], customTags: {a: {literal: {value: b}, header: {name: x}}}}]",
+                "spec.tracing[0].customTags[a]: exactly one",
+            ),
         ] {
             let yaml = format!(
                 "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: t, namespace: istio-system}}\nspec: {{tracing: {tracing}}}\n"
@@ -613,12 +716,12 @@ spec:
             statuses(&l7)
         );
         let l7 = run(
-            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: shop}\nspec: {tracing: [{providers: [{name: otel}], customTags: {a: {literal: {value: b}}}}]}\n",
+            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: shop}\nspec: {tracing: [{providers: [{name: otel}], match: {mode: SERVER}}]}\n",
         );
         assert!(
             statuses(&l7)
                 .iter()
-                .any(|s| s.contains("not applied yet: spec.tracing[0].customTags")),
+                .any(|s| s.contains("not applied yet: spec.tracing[0].match")),
             "{:?}",
             statuses(&l7)
         );

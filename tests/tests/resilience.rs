@@ -750,7 +750,12 @@ apiVersion: telemetry.istio.io/v1
 kind: Telemetry
 metadata: {name: mesh-default, namespace: istio-system}
 spec:
-  tracing: [{providers: [{name: otel}], randomSamplingPercentage: 100}]
+  tracing:
+  - providers: [{name: otel}]
+    randomSamplingPercentage: 100
+    customTags:
+      team: {literal: {value: bookinfo}}
+      user: {header: {name: x-user, defaultValue: anonymous}}
 "#;
 
 fn hex(b: &[u8]) -> String {
@@ -826,7 +831,9 @@ fn tracing_spans_reach_an_otlp_collector() -> Result<()> {
                 && attr(&server.attributes, "http.status_code").as_deref() == Some("200")
                 && attr(&server.attributes, "upstream_cluster").as_deref()
                     == Some("outbound|9080||reviews.bookinfo.svc.cluster.local")
-                && server.status.as_ref().is_some_and(|s| s.code == 0),
+                && server.status.as_ref().is_some_and(|s| s.code == 0)
+                && attr(&server.attributes, "team").as_deref() == Some("bookinfo")
+                && attr(&server.attributes, "user").as_deref() == Some("anonymous"),
             "server span of {trace}: {server:?}"
         );
         ensure!(
@@ -840,7 +847,9 @@ fn tracing_spans_reach_an_otlp_collector() -> Result<()> {
             .collect();
         clients.sort_by_key(|s| s.start_time_unix_nano);
         ensure!(
-            !clients.is_empty() && clients.iter().all(|c| c.parent_span_id == server.span_id),
+            !clients.is_empty()
+                && clients.iter().all(|c| c.parent_span_id == server.span_id
+                    && attr(&c.attributes, "team").as_deref() == Some("bookinfo")),
             "client spans of {trace}: {clients:?}"
         );
         let codes: Vec<String> = clients

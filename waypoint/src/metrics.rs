@@ -267,6 +267,8 @@ pub struct RequestRecord {
     pub response_bytes: u64,
     /// The request's server span, when the waypoint traces.
     pub trace: Option<crate::trace::Active>,
+    /// The Telemetry's custom tags, valued for this request: on each span.
+    pub trace_tags: Vec<weft_xds::otlp::KeyValue>,
     /// CORS headers for the answer, whatever it is, once the route's
     /// policy has allowed the request's origin.
     pub cors: Option<http::HeaderMap>,

@@ -246,11 +246,14 @@ impl Conn {
                     t,
                     a,
                     format!("router {} egress", record.cluster),
-                    vec![
+                    [
                         trace_attr("upstream_address", &ep.addr.to_string()),
                         trace_attr("upstream_cluster", &record.cluster),
                         trace_attr("http.method", &record.method),
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(record.trace_tags.iter().cloned())
+                    .collect(),
                     status,
                     error.as_deref(),
                 );
@@ -721,6 +724,11 @@ impl Conn {
             .proxy
             .tracer
             .start(state.tracing(), req.headers(), roll);
+        if record.trace.is_some()
+            && let Some(t) = state.tracing()
+        {
+            record.trace_tags = trace::custom_tags(t, req.headers());
+        }
         let user_agent = record.trace.as_ref().and_then(|_| {
             req.headers()
                 .get(http::header::USER_AGENT)
@@ -770,6 +778,7 @@ impl Conn {
                 attributes.push(trace_attr("istio.canonical_service", &w.canonical_name));
                 attributes.push(trace_attr("istio.namespace", &w.namespace));
             }
+            attributes.extend(record.trace_tags.iter().cloned());
             self.proxy
                 .tracer
                 .end(active, name, attributes, resp.status().as_u16());

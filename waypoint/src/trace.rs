@@ -515,6 +515,31 @@ pub fn resource(gateway: &str, namespace: &str) -> Vec<otlp::KeyValue> {
     ]
 }
 
+/// The Telemetry's custom tags, valued for a request with `headers`: a
+/// literal, a request header, or an environment variable of the waypoint
+/// (each with its default when absent).
+pub fn custom_tags(tracing: &pb::Tracing, headers: &HeaderMap) -> Vec<otlp::KeyValue> {
+    use pb::custom_tag::Value;
+    tracing
+        .custom_tags
+        .iter()
+        .map(|t| {
+            let value = match &t.value {
+                Some(Value::Literal(v)) => v.clone(),
+                Some(Value::Header(h)) => headers
+                    .get(h.as_str())
+                    .and_then(|v| v.to_str().ok())
+                    .map_or_else(|| t.default_value.clone(), str::to_string),
+                Some(Value::Environment(e)) => {
+                    std::env::var(e).unwrap_or_else(|_| t.default_value.clone())
+                }
+                None => t.default_value.clone(),
+            };
+            otlp::KeyValue::string(&t.name, value)
+        })
+        .collect()
+}
+
 /// The client's address as a span attribute.
 pub fn peer(ip: IpAddr) -> otlp::KeyValue {
     otlp::KeyValue::string("peer.address", ip.to_string())
@@ -687,6 +712,45 @@ mod tests {
                 .contains("weft_waypoint_spans_total{outcome=\"dropped\"} 5"),
             "{}",
             metrics.encode()
+        );
+    }
+
+    #[test]
+    fn custom_tag_values() {
+        use pb::custom_tag::Value;
+        let t = pb::Tracing {
+            custom_tags: vec![
+                pb::CustomTag {
+                    name: "team".into(),
+                    value: Some(Value::Literal("shop".into())),
+                    default_value: String::new(),
+                },
+                pb::CustomTag {
+                    name: "user".into(),
+                    value: Some(Value::Header("x-user".into())),
+                    default_value: "anonymous".into(),
+                },
+                pb::CustomTag {
+                    name: "zone".into(),
+                    value: Some(Value::Environment("WEFT_TEST_SURELY_UNSET".into())),
+                    default_value: "none".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        let text = |h: &HeaderMap| -> Vec<String> {
+            custom_tags(&t, h)
+                .iter()
+                .map(|kv| format!("{}={}", kv.key, kv.text()))
+                .collect()
+        };
+        assert_eq!(
+            text(&headers(&[("x-user", "jason")])),
+            ["team=shop", "user=jason", "zone=none"]
+        );
+        assert_eq!(
+            text(&HeaderMap::new()),
+            ["team=shop", "user=anonymous", "zone=none"]
         );
     }
 

@@ -566,6 +566,32 @@ pub struct Tracing {
     /// Spans are made and propagated, never sent (disableSpanReporting).
     #[prost(bool, tag = "6")]
     pub disable_reporting: bool,
+    /// Telemetry customTags: more attributes on every span.
+    #[prost(message, repeated, tag = "7")]
+    pub custom_tags: ::prost::alloc::vec::Vec<CustomTag>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CustomTag {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub default_value: ::prost::alloc::string::String,
+    #[prost(oneof = "custom_tag::Value", tags = "2, 3, 4")]
+    pub value: ::core::option::Option<custom_tag::Value>,
+}
+/// Nested message and enum types in `CustomTag`.
+pub mod custom_tag {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Value {
+        #[prost(string, tag = "2")]
+        Literal(::prost::alloc::string::String),
+        /// A request header; default_value when the request has none.
+        #[prost(string, tag = "3")]
+        Header(::prost::alloc::string::String),
+        /// An environment variable of the waypoint; default_value when unset.
+        #[prost(string, tag = "4")]
+        Environment(::prost::alloc::string::String),
+    }
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
