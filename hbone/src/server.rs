@@ -305,6 +305,13 @@ impl ConnectRequest {
         self.header("forwarded").and_then(parse_forwarded_for)
     }
 
+    /// The service the client reached, from `Forwarded: host=` (a claim:
+    /// trust it only among the destination's own services).
+    pub fn forwarded_host(&self) -> Option<&str> {
+        self.header("forwarded")
+            .and_then(|v| forwarded_param(v, "host"))
+    }
+
     /// A request header as text, if present and valid UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.request.headers().get(name)?.to_str().ok()
@@ -343,14 +350,7 @@ impl ConnectRequest {
 /// Parses the first `for=` of an RFC 7239 `Forwarded` header:
 /// `for=10.0.0.1`, `for="10.0.0.1:4711"`, `for="[2001:db8::1]:4711"`.
 pub fn parse_forwarded_for(value: &str) -> Option<IpAddr> {
-    let node = value
-        .split([',', ';'])
-        .map(str::trim)
-        .find_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            k.trim().eq_ignore_ascii_case("for").then_some(v.trim())
-        })?
-        .trim_matches('"');
+    let node = forwarded_param(value, "for")?;
     if let Ok(ip) = node.parse() {
         return Some(ip);
     }
@@ -360,6 +360,33 @@ pub fn parse_forwarded_for(value: &str) -> Option<IpAddr> {
     node.strip_prefix('[')
         .and_then(|n| n.split(']').next())
         .and_then(|n| n.parse().ok())
+}
+
+/// The first `name=` parameter of a `Forwarded` value, unquoted.
+fn forwarded_param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
+    value
+        .split([',', ';'])
+        .map(str::trim)
+        .find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            k.trim().eq_ignore_ascii_case(name).then_some(v.trim())
+        })
+        .map(|v| v.trim_matches('"'))
+}
+
+/// The `Forwarded` header value carrying `ip` and, when the client reached
+/// a service, its hostname (RFC 7239 `host=`), so the far end can name the
+/// service in its metrics.
+pub fn forwarded_header_for(ip: IpAddr, host: Option<&str>) -> String {
+    let for_ = forwarded_header(ip);
+    match host.filter(|h| {
+        !h.is_empty()
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    }) {
+        Some(h) => format!("{for_};host={h}"),
+        None => for_,
+    }
 }
 
 /// The `Forwarded` header value carrying `ip`.
@@ -398,6 +425,20 @@ mod tests {
     }
 
     /// What we write is what we read.
+    #[test]
+    fn forwarded_host() {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let v = forwarded_header_for(ip, Some("reviews.shop.svc.cluster.local"));
+        assert_eq!(v, "for=10.0.0.1;host=reviews.shop.svc.cluster.local");
+        assert_eq!(parse_forwarded_for(&v), Some(ip));
+        assert_eq!(
+            forwarded_param(&v, "host"),
+            Some("reviews.shop.svc.cluster.local")
+        );
+        assert_eq!(forwarded_header_for(ip, Some("a;b")), "for=10.0.0.1");
+        assert_eq!(forwarded_header_for(ip, None), "for=10.0.0.1");
+    }
+
     #[test]
     fn forwarded_round_trip() {
         for ip in ["10.0.0.1", "2001:db8::7"] {

@@ -341,8 +341,9 @@ fn stock_dashboards_and_kiali_on_the_labs_metrics() -> Result<()> {
     // The mesh dashboard reads the waypoint already.
     expect("HTTP/gRPC Workloads", true, true)?;
     expect("TCP Workloads", true, true)?;
-    // TCP through the waypoint: its `istio_tcp_*` feed the Service
-    // dashboard's TCP panels once `waypoint` is in $qrep.
+    // TCP through the waypoint feeds the Service dashboard's TCP panels:
+    // the destination ztunnel names the service (the waypoint's CONNECT
+    // says it in `Forwarded: host=`), and the waypoint reports its own.
     let tcp = "reviews-tcp.bookinfo.svc.cluster.local";
     for title in [
         "TCP Received Bytes / TCP Sent Bytes",
@@ -357,7 +358,7 @@ fn stock_dashboards_and_kiali_on_the_labs_metrics() -> Result<()> {
             shows_for(p, &text, "destination|waypoint", tcp),
         );
         println!("service   {title} for {tcp}: default {default}, with waypoint {edited}");
-        ensure!(!default && edited, "{title} for {tcp}: {default}, {edited}");
+        ensure!(default && edited, "{title} for {tcp}: {default}, {edited}");
     }
     let waypoint_tcp: Vec<_> = series(&text, "istio_tcp_received_bytes_total")
         .into_iter()

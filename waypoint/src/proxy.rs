@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 use weft_api::{AppProtocol, Identity, Service, TunnelProtocol, WaypointRef, Workload};
 use weft_hbone::client::{ConnectError, Pool};
 use weft_hbone::io::ReadAhead;
-use weft_hbone::server::{ConnectRequest, ServeOptions, StreamBudget, forwarded_header};
+use weft_hbone::server::{ConnectRequest, ServeOptions, StreamBudget, forwarded_header_for};
 use weft_hbone::tls::{peer_identity, server_name};
 use weft_identity::CertManager;
 
@@ -201,9 +201,10 @@ impl Conn {
             };
             let sent = {
                 let _in_flight = self.proxy.store.in_flight(ep.addr);
+                let service = record.service.as_ref().map(|s| s.hostname.as_str());
                 let send = self.proxy.send(
                     &ep,
-                    self.client_ip,
+                    (self.client_ip, service),
                     Request::from_parts(head, b),
                     &pool.limits,
                 );
@@ -679,7 +680,15 @@ impl Conn {
         };
         match self
             .proxy
-            .upstream(&ep, Some(self.client_ip), &limits)
+            .upstream(
+                &ep,
+                Some(self.client_ip),
+                match &self.dest {
+                    Dest::Service(s) => Some(s.hostname.as_str()),
+                    Dest::Workload(_) => None,
+                },
+                &limits,
+            )
             .await
         {
             Ok(mut up) => {
@@ -1270,7 +1279,10 @@ impl Conn {
                     },
                 };
                 let req = Request::from_parts(parts, body);
-                match proxy.send(&ep, client, req, &pool.limits).await {
+                match proxy
+                    .send(&ep, (client, Some(service.as_str())), req, &pool.limits)
+                    .await
+                {
                     Ok(resp) => {
                         // Read to the end and dropped, so the connection
                         // can carry the next one.
@@ -1633,6 +1645,7 @@ impl Proxy {
         &self,
         ep: &Endpoint,
         client: Option<IpAddr>,
+        service: Option<&str>,
         limits: &Limits,
     ) -> Result<Box<dyn Io>, UpstreamError> {
         let connect_timeout = limits.connect_timeout.unwrap_or(CONNECT_TIMEOUT);
@@ -1656,7 +1669,7 @@ impl Proxy {
         let hbone_addr = SocketAddr::new(ep.addr.ip(), weft_hbone::HBONE_PORT);
         let mut headers = HeaderMap::new();
         if let Some(client) = client
-            && let Ok(v) = HeaderValue::from_str(&forwarded_header(client))
+            && let Ok(v) = HeaderValue::from_str(&forwarded_header_for(client, service))
         {
             headers.insert("forwarded", v);
         }
@@ -1693,7 +1706,7 @@ impl Proxy {
     async fn send(
         self: &Arc<Self>,
         ep: &Endpoint,
-        client: IpAddr,
+        (client, service): (IpAddr, Option<&str>),
         req: Request<Body>,
         limits: &Limits,
     ) -> Result<Response<Incoming>, UpstreamError> {
@@ -1704,7 +1717,7 @@ impl Proxy {
             let mut sender = match self.http.h2(&key, idle, max_uses) {
                 Some(s) => s,
                 None => {
-                    let io = self.upstream(ep, Some(client), limits).await?;
+                    let io = self.upstream(ep, Some(client), service, limits).await?;
                     let (sender, conn) = hyper::client::conn::http2::handshake(
                         TokioExecutor::new(),
                         TokioIo::new(io),
@@ -1730,7 +1743,7 @@ impl Proxy {
         let (mut sender, uses) = match self.http.take(&key, idle) {
             Some(s) => s,
             None => {
-                let io = self.upstream(ep, Some(client), limits).await?;
+                let io = self.upstream(ep, Some(client), service, limits).await?;
                 let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
                     .await
                     .map_err(|e| UpstreamError::Connect(e.to_string()))?;

@@ -466,7 +466,7 @@ async fn send(
             .choose(&endpoints, &balance, crate::proxy::roll(), None, &[])
             .cloned()
             .ok_or_else(|| format!("collector {key}: no endpoint on port {port}"))?;
-        let io = proxy.upstream(&ep, None, &Limits::default()).await?;
+        let io = proxy.upstream(&ep, None, None, &Limits::default()).await?;
         let (sender, c) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
         tokio::spawn(async move {

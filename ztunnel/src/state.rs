@@ -24,6 +24,8 @@ pub struct State {
     services: HashMap<IpAddr, Arc<Service>>,
     /// Services by `namespace/hostname`: how waypoint references resolve.
     services_by_key: HashMap<String, Arc<Service>>,
+    /// Workload uid → the services it is an endpoint of.
+    services_by_workload: HashMap<String, Vec<Arc<Service>>>,
     /// Workloads that are a waypoint's pods (endpoints of a Service that
     /// some binding names): their HBONE connections carry the traffic they
     /// proxy, as themselves.
@@ -145,6 +147,12 @@ impl State {
             for vip in &svc.vips {
                 s.services.insert(*vip, svc.clone());
             }
+            for ep in &svc.endpoints {
+                s.services_by_workload
+                    .entry(ep.workload_uid.clone())
+                    .or_default()
+                    .push(svc.clone());
+            }
             s.services_by_key
                 .insert(format!("{}/{}", svc.namespace, svc.hostname), svc);
         }
@@ -215,6 +223,29 @@ impl State {
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
         self.by_uid.get(uid)
+    }
+
+    /// The service an inbound connection to `w` on `port` was for, as
+    /// Istio's ztunnel guesses it for its metrics: the one the client named
+    /// (`host`), if `w` is one of its endpoints; else the first of `w`'s
+    /// services with a port that targets `port`.
+    pub fn inbound_service(
+        &self,
+        w: &Workload,
+        port: u16,
+        host: Option<&str>,
+    ) -> Option<&Arc<Service>> {
+        let mine = self.services_by_workload.get(&w.uid)?;
+        if let Some(h) = host
+            && let Some(s) = mine.iter().find(|s| s.hostname == h)
+        {
+            return Some(s);
+        }
+        mine.iter().find(|s| {
+            s.endpoints
+                .iter()
+                .any(|e| e.workload_uid == w.uid && e.ports.values().any(|t| *t == port))
+        })
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {

@@ -274,13 +274,14 @@ async fn connect(
     if !authorize(m, &state, DIR, &dst, &conn, client, target) {
         return req.refuse(StatusCode::UNAUTHORIZED);
     }
+    let service = state.inbound_service(&dst, target.port(), req.forwarded_host());
     let log = ConnectionLog::open(
         m,
         DIR,
         client,
         target,
         peer(Some(&src), Some(&peer_id), None),
-        peer(Some(&dst), Some(&conn_id), None),
+        peer(Some(&dst), Some(&conn_id), service.map(|s| s.as_ref())),
         SecurityPolicy::mutual_tls,
     );
     let mut upstream = match transparent_connect(client_ip, target).await {

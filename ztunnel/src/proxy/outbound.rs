@@ -16,7 +16,7 @@ use weft_api::Identity;
 use weft_hbone::H2Stream;
 use weft_hbone::client::ConnectError;
 use weft_hbone::io::ReadAhead;
-use weft_hbone::server::forwarded_header;
+use weft_hbone::server::forwarded_header_for;
 use weft_hbone::tls::server_name;
 
 use super::{ConnectionLog, ProxyInputs, forward, identity_of, peer, refused, transparent_connect};
@@ -128,7 +128,13 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
             );
             let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
             let tunnel = Box::pin(hbone_stream(
-                &pi, &src_id, &dst_id, hbone_addr, target, peer_addr,
+                &pi,
+                &src_id,
+                &dst_id,
+                hbone_addr,
+                target,
+                peer_addr,
+                service.as_deref(),
             ))
             .await;
             carry(&pi, client, tunnel, log, peer_addr, target).await;
@@ -170,6 +176,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
                 address,
                 target,
                 peer_addr,
+                service.as_deref(),
             ))
             .await;
             carry(&pi, client, tunnel, log, peer_addr, target).await;
@@ -230,6 +237,7 @@ async fn hbone_stream(
     hbone_addr: SocketAddr,
     target: SocketAddr,
     client: SocketAddr,
+    service: Option<&weft_api::Service>,
 ) -> Result<H2Stream, ConnectError> {
     let tls = pi
         .certs
@@ -237,7 +245,8 @@ async fn hbone_stream(
         .await
         .map_err(|e| ConnectError::Dial(Box::new(e)))?;
     let mut headers = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&forwarded_header(client.ip())) {
+    let host = service.map(|s| s.hostname.as_str());
+    if let Ok(v) = HeaderValue::from_str(&forwarded_header_for(client.ip(), host)) {
         headers.insert("forwarded", v);
     }
     if let Ok(v) = HeaderValue::from_str(&weft_hbone::client::traceparent()) {
