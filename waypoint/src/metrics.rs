@@ -333,6 +333,14 @@ impl RequestRecord {
         self.service.as_ref().map(|s| s.hostname.clone())
     }
 
+    /// Names the upstream cluster as Envoy does in spans; formatted only
+    /// when the request is traced (it is used nowhere else).
+    pub fn cluster(&mut self, port: u16, subset: &str, host: impl std::fmt::Display) {
+        if self.trace.is_some() {
+            self.cluster = format!("outbound|{port}|{subset}|{host}");
+        }
+    }
+
     pub fn destination_workload(&mut self, w: &Arc<Workload>) {
         self.destination = Some(w.clone());
     }

@@ -744,7 +744,7 @@ impl Conn {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         });
-        let protocol = format!("{:?}", req.version());
+        let version = req.version();
         let mut resp = self.route(&state, req, &mut record).await;
         for (name, value) in record.cors.take().iter().flatten() {
             resp.headers_mut().insert(name, value.clone());
@@ -770,7 +770,7 @@ impl Conn {
                     "http.url",
                     &format!("http://{}{}", record.authority, record.path),
                 ),
-                trace_attr("http.protocol", &protocol),
+                trace_attr("http.protocol", &format!("{version:?}")),
                 trace_attr("component", "proxy"),
                 trace_attr("response_flags", &record.flags),
                 trace_attr("upstream_cluster", &record.cluster),
@@ -967,13 +967,13 @@ impl Conn {
                     b.port
                 };
                 let (eps, balance, pool) = state.endpoints(svc, port, &b.subset);
-                record.cluster = format!("outbound|{port}|{}|{}", b.subset, svc.hostname);
+                record.cluster(port, &b.subset, &svc.hostname);
                 (eps, balance, Some(b), port_protocol(svc, port), pool)
             }
             None => match &self.dest {
                 Dest::Service(svc) => {
                     let (eps, balance, pool) = state.endpoints(svc, self.target.port(), "");
-                    record.cluster = format!("outbound|{}||{}", self.target.port(), svc.hostname);
+                    record.cluster(self.target.port(), "", &svc.hostname);
                     (
                         eps,
                         balance,
@@ -984,8 +984,7 @@ impl Conn {
                 }
                 Dest::Workload(w) => (
                     {
-                        record.cluster =
-                            format!("outbound|{}||{}", self.target.port(), self.target.ip());
+                        record.cluster(self.target.port(), "", self.target.ip());
                         vec![Endpoint {
                             workload: w.clone(),
                             addr: self.target,
