@@ -322,11 +322,7 @@ fn set_cookie(name: &str, value: &str, path: &str, ttl_seconds: u64) -> Option<H
 /// FNV-1a, then MurmurHash3's finalizer so that near keys spread over the
 /// whole range.
 pub fn hash64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let mut h = weft_xds::fnv1a(bytes);
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;

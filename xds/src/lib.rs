@@ -32,10 +32,16 @@ pub fn to_any(type_url: &str, msg: &impl prost::Message) -> proto::discovery::Sh
 /// the same content has the same version across controller restarts and a
 /// reconnecting client with current resources is not sent them again.
 pub fn version_of(bytes: &[u8]) -> String {
+    format!("{:016x}", fnv1a(bytes))
+}
+
+/// FNV-1a, 64 bits: stable across processes and releases (resource
+/// versions, the waypoint's consistent hashing).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    format!("{h:016x}")
+    h
 }
