@@ -33,16 +33,31 @@ fn routes(http: &str) -> String {
     )
 }
 
-fn retried(lab: &Lab) -> Result<f64> {
+/// The waypoint's retries against reviews with this outcome.
+fn retry_count(lab: &Lab, outcome: &str) -> Result<f64> {
     let text = lab.waypoint_metrics(WAYPOINT_POD)?;
     Ok(metric_sum(
         &text,
         "weft_waypoint_upstream_retries_total",
         &[
             ("destination_service", "reviews.bookinfo.svc.cluster.local"),
-            ("outcome", "retried"),
+            ("outcome", outcome),
         ],
     ))
+}
+
+/// Writes manifests `file` and waits until the waypoint has applied them:
+/// until its log has one more `applied` line ("route table applied",
+/// "destination policy applied").
+fn write_applied(lab: &Lab, file: &str, text: &str, applied: &str) -> Result<()> {
+    let count = || lab.waypoint_log(WAYPOINT_POD).matches(applied).count();
+    let before = count();
+    lab.write_manifest(file, text)?;
+    eventually(
+        &format!("{file} is applied"),
+        Duration::from_secs(10),
+        || Ok(count() > before),
+    )
 }
 
 /// reviews-v2 answers 503 to everything; reviews-v1 serves.
@@ -65,7 +80,7 @@ fn retries_send_a_failed_request_again() -> Result<()> {
             "request {i}, default policy: {r:?}"
         );
     }
-    let by_default = retried(&lab)?;
+    let by_default = retry_count(&lab, "retried")?;
     ensure!(by_default >= 1.0, "retries counted: {by_default}");
 
     // Retries off: every other request meets the failing pod.
@@ -96,7 +111,7 @@ fn retries_send_a_failed_request_again() -> Result<()> {
     eventually("retries on", Duration::from_secs(5), || {
         Ok((0..4).all(|_| post().is_ok_and(|r| r.status == 200)))
     })?;
-    let before = retried(&lab)?;
+    let before = retry_count(&lab, "retried")?;
     for i in 0..10 {
         let r = post()?;
         ensure!(r.status == 200, "POST {i}: {r:?}");
@@ -107,7 +122,7 @@ fn retries_send_a_failed_request_again() -> Result<()> {
         );
     }
     ensure!(
-        retried(&lab)? >= before + 4.0,
+        retry_count(&lab, "retried")? >= before + 4.0,
         "about every other POST was retried"
     );
 
@@ -121,13 +136,16 @@ fn retries_send_a_failed_request_again() -> Result<()> {
     eventually("only v2", Duration::from_secs(5), || {
         Ok(get(&lab, "/", &[]).is_ok_and(|r| r.status == 503))
     })?;
-    let before = retried(&lab)?;
+    let before = retry_count(&lab, "retried")?;
     let r = get(&lab, "/", &[])?;
     ensure!(
         r.status == 503 && served_by(&r) == "reviews-v2",
         "the upstream's own 503: {r:?}"
     );
-    ensure!(retried(&lab)? == before + 2.0, "two retries, then no more");
+    ensure!(
+        retry_count(&lab, "retried")? == before + 2.0,
+        "two retries, then no more"
+    );
     let text = lab.waypoint_metrics(WAYPOINT_POD)?;
     ensure!(
         metric_sum(
@@ -176,7 +194,7 @@ fn fault_injection() -> Result<()> {
 
     // 1,000 requests, 30% aborted: within ±5 points (over 3 standard
     // deviations), and an injected abort is never retried.
-    let retries_before = retried(&lab)?;
+    let retries_before = retry_count(&lab, "retried")?;
     let mut aborted = 0;
     for i in 0..1000 {
         let r = get(&lab, "/", &[("x-fault", "abort")])?;
@@ -194,7 +212,7 @@ fn fault_injection() -> Result<()> {
         "30% aborted, within 5 points: {aborted} of 1000"
     );
     ensure!(
-        retried(&lab)? == retries_before,
+        retry_count(&lab, "retried")? == retries_before,
         "injected aborts are not retried"
     );
 
@@ -640,20 +658,11 @@ fn mirroring_copies_requests_and_never_holds_them() -> Result<()> {
     );
 
     // Half of the requests: 400 draw within 4 standard deviations of 200.
-    let applied = || {
-        lab.waypoint_log(WAYPOINT_POD)
-            .matches("route table applied")
-            .count()
-    };
-    let tables = applied();
-    lab.write_manifest(
+    write_applied(
+        &lab,
         "routes.yaml",
         &mirrored("    mirrorPercentage: {value: 50}\n"),
-    )?;
-    eventually(
-        "the 50% mirror is in force",
-        Duration::from_secs(10),
-        || Ok(applied() > tables),
+        "route table applied",
     )?;
     // Copies of earlier requests still on their way are not counted below.
     let mut counted = mirror_count(&lab, "responded")?;
@@ -916,18 +925,6 @@ fn tracing_spans_reach_an_otlp_collector() -> Result<()> {
     lab.teardown()
 }
 
-fn retry_count(lab: &Lab, outcome: &str) -> Result<f64> {
-    let text = lab.waypoint_metrics(WAYPOINT_POD)?;
-    Ok(metric_sum(
-        &text,
-        "weft_waypoint_upstream_retries_total",
-        &[
-            ("destination_service", "reviews.bookinfo.svc.cluster.local"),
-            ("outcome", outcome),
-        ],
-    ))
-}
-
 /// Hostile: a body larger than the retry buffer goes upstream once, whole,
 /// and is never sent again; a retry storm against a dead pod (40 requests
 /// at once, 10 retries each) is held by the retry budget.
@@ -984,18 +981,7 @@ fn retries_under_pressure() -> Result<()> {
         retry_count(&lab, "retried")?,
         retry_count(&lab, "budget_exhausted")?,
     );
-    let threads: Vec<_> = (0..40)
-        .map(|_| {
-            let client = client.clone();
-            std::thread::spawn(move || {
-                apps::http(&client, reviews, "GET", "/", &[]).map(|r| r.status)
-            })
-        })
-        .collect();
-    for t in threads {
-        let status = t
-            .join()
-            .map_err(|_| anyhow::anyhow!("a client panicked"))??;
+    for status in burst(&lab, 40)? {
         ensure!(status == 503, "a request to a dead pod answered {status}");
     }
     let retried = retry_count(&lab, "retried")? - retried0;
@@ -1118,17 +1104,9 @@ fn connection_pool_limits() -> Result<()> {
         "routes.yaml",
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - route: [{destination: {host: reviews, subset: v1}}]\n",
     )?;
-    let applied = || {
-        lab.waypoint_log(WAYPOINT_POD)
-            .matches("destination policy applied")
-            .count()
-    };
     let connections = |idle: &str| -> Result<u64> {
-        let before = applied();
-        lab.write_manifest("dr.yaml", &dr(idle))?;
-        eventually("the pool is in force", Duration::from_secs(10), || {
-            Ok(applied() > before && get(&lab, "/", &[])?.status == 200)
-        })?;
+        write_applied(&lab, "dr.yaml", &dr(idle), "destination policy applied")?;
+        ensure!(get(&lab, "/", &[])?.status == 200);
         // Whatever connection the check left, then two requests 1.5 s apart.
         std::thread::sleep(Duration::from_millis(1500));
         let before = servers[0]
@@ -1186,23 +1164,14 @@ fn grpc_retry_conditions() -> Result<()> {
     let client = lab.pod("bookinfo/productpage");
     let grpc: SocketAddr = "10.96.0.26:9080".parse()?;
     let call = || apps::h2_post(client, grpc, "/echo.Echo/Call", b"x".to_vec(), 1);
-    let applied = || {
-        lab.waypoint_log(WAYPOINT_POD)
-            .matches("route table applied")
-            .count()
-    };
     let set_retry_on = |condition: &str| -> Result<()> {
-        let before = applied();
-        lab.write_manifest(
+        write_applied(
+            &lab,
             "routes.yaml",
             &format!(
                 "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews-grpc, namespace: bookinfo}}\nspec:\n  hosts: [reviews-grpc]\n  http:\n  - route: [{{destination: {{host: reviews-grpc}}}}]\n    retries: {{attempts: 2, retryOn: {condition}}}\n"
             ),
-        )?;
-        eventually(
-            "the retry policy is in force",
-            Duration::from_secs(10),
-            || Ok(applied() > before),
+            "route table applied",
         )
     };
     for (status, condition) in [
@@ -1294,17 +1263,13 @@ spec:
 "#
         )
     };
-    let applied = || {
-        lab.waypoint_log(WAYPOINT_POD)
-            .matches("destination policy applied")
-            .count()
-    };
     let timed = |timeout: &str| -> Result<(Duration, apps::HttpResponse)> {
-        let before = applied();
-        lab.write_manifest("silent.yaml", &manifests(timeout))?;
-        eventually("the pool is in force", Duration::from_secs(10), || {
-            Ok(applied() > before)
-        })?;
+        write_applied(
+            &lab,
+            "silent.yaml",
+            &manifests(timeout),
+            "destination policy applied",
+        )?;
         let start = Instant::now();
         let r = apps::http(client, silent, "GET", "/", &[])?;
         Ok((start.elapsed(), r))
