@@ -1297,3 +1297,57 @@ spec:
     );
     lab.teardown()
 }
+
+/// HTTPRoute `retry` (GEP-1731): reviews-v2's 502 (which Istio's default
+/// policy does not retry) is retried onto reviews-v1 when its code is
+/// listed, and reaches the client with `attempts: 0`.
+#[test]
+fn http_route_retry() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("hr-retry", MESH))?;
+    let _v1 = apps::serve(lab.pod("bookinfo/reviews-v1"), 9080, App::Http)?;
+    let _v2 = apps::serve(lab.pod("bookinfo/reviews-v2"), 9080, App::Status(502))?;
+    write_applied(&lab, "dr.yaml", ROUND_ROBIN, "destination policy applied")?;
+    let route = |retry: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: reviews, namespace: bookinfo}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: reviews, port: 9080}}]\n  rules:\n  - backendRefs: [{{name: reviews, port: 9080}}]\n    retry: {retry}\n"
+        )
+    };
+    write_applied(
+        &lab,
+        "routes.yaml",
+        &route("{codes: [502], attempts: 2, backoff: 10ms}"),
+        "route table applied",
+    )?;
+    let before = retry_count(&lab, "retried")?;
+    for i in 0..10 {
+        let r = get(&lab, "/", &[])?;
+        ensure!(
+            r.status == 200 && served_by(&r) == "reviews-v1",
+            "request {i}: {r:?}"
+        );
+    }
+    let retried = retry_count(&lab, "retried")? - before;
+    // Round robin: at least every other request goes to reviews-v2 first
+    // (a retry moves the cursor on too).
+    ensure!(
+        (4.0..=10.0).contains(&retried),
+        "{retried} of 10 requests retried"
+    );
+    write_applied(
+        &lab,
+        "routes.yaml",
+        &route("{attempts: 0}"),
+        "route table applied",
+    )?;
+    let failed = (0..10)
+        .map(|_| get(&lab, "/", &[]).map(|r| r.status == 502))
+        .collect::<Result<Vec<bool>>>()?
+        .into_iter()
+        .filter(|f| *f)
+        .count();
+    ensure!(
+        (4..=6).contains(&failed),
+        "without retries every other request fails: {failed} of 10"
+    );
+    lab.teardown()
+}
