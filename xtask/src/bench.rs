@@ -213,6 +213,12 @@ fn churn(client: &LabPod, server: &LabPod, windows: usize) -> Result<Vec<f64>> {
 
 /// User plus system CPU seconds of `pid` so far.
 pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
+    let (user, system) = cpu_split(pid)?;
+    Ok(user + system)
+}
+
+/// User and system (kernel) CPU seconds of `pid` so far.
+pub(crate) fn cpu_split(pid: u32) -> Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesised command name; utime and stime are the
     // 14th and 15th fields of the whole line.
@@ -228,7 +234,7 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
         .ok()
         .flatten()
         .unwrap_or(100) as f64;
-    Ok((ticks(11) + ticks(12)) / hz)
+    Ok((ticks(11) / hz, ticks(12) / hz))
 }
 
 fn measure(lab: &Lab, client: &LabPod, server: &LabPod) -> Result<PathResult> {

@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use weft_tests::lab::LabPod;
 use weft_tests::{Lab, LabOptions};
 
-use crate::bench::cpu_seconds;
+use crate::bench::{cpu_seconds, cpu_split};
 use crate::util::{build_bins, ensure_tools, require_root, root};
 
 const ENVOY_VERSION: &str = "1.40.0";
@@ -311,6 +311,8 @@ struct Run {
     p50_ms: f64,
     p99_ms: f64,
     proxy_cpu: f64,
+    /// Of `proxy_cpu`, the kernel's share (system time).
+    proxy_sys: f64,
     backend_cpu: f64,
     client_cpu: f64,
     rss_mb: f64,
@@ -318,6 +320,13 @@ struct Run {
 }
 
 impl Run {
+    /// The proxy's CPU per request, in µs: (user, kernel).
+    fn us_per_request(&self) -> (f64, f64) {
+        let requests = (self.rps * f64::from(SECONDS)).max(1.0);
+        let us = |s: f64| s * 1e6 / requests;
+        (us(self.proxy_cpu - self.proxy_sys), us(self.proxy_sys))
+    }
+
     fn per_cpu(&self) -> f64 {
         if self.proxy_cpu > 0.0 {
             self.rps * f64::from(SECONDS) / self.proxy_cpu
@@ -379,7 +388,7 @@ fn load(
     backends: &[u32],
 ) -> Result<Run> {
     let url = format!("http://{target}/");
-    let cpu0 = cpu_seconds(proxy)?;
+    let cpu0 = cpu_split(proxy)?;
     let back0: f64 = backends
         .iter()
         .map(|p| cpu_seconds(*p).unwrap_or(0.0))
@@ -420,8 +429,10 @@ fn load(
             ],
         )?
     };
+    let cpu1 = cpu_split(proxy)?;
     let mut run = Run {
-        proxy_cpu: cpu_seconds(proxy)? - cpu0,
+        proxy_cpu: cpu1.0 + cpu1.1 - cpu0.0 - cpu0.1,
+        proxy_sys: cpu1.1 - cpu0.1,
         backend_cpu: backends
             .iter()
             .map(|p| cpu_seconds(*p).unwrap_or(0.0))
@@ -643,6 +654,17 @@ pub fn run() -> Result<()> {
             w.p99_ms / e.p99_ms.max(1e-9),
             w.rss_mb / e.rss_mb.max(1e-9),
             w.per_cpu() / e.per_cpu().max(1e-9)
+        );
+    }
+    println!(
+        "\nproxy CPU per request, user + kernel (a proxy whose user time were zero would still pay its kernel share):"
+    );
+    for (name, w, e) in &ratios {
+        let (wu, wk) = w.us_per_request();
+        let (eu, ek) = e.us_per_request();
+        println!(
+            "  {name:<18} weft {wu:.1} + {wk:.1} us, envoy {eu:.1} + {ek:.1} us; rps ceiling at zero user time {:.2}x envoy",
+            (eu + ek) / wk.max(1e-9)
         );
     }
     drop(envoy_proc);
