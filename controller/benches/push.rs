@@ -334,7 +334,7 @@ fn main() {
         sizes,
         dir: dir.clone(),
         cp: ControlPlaneAddress::fixed(
-            format!("127.0.0.1:{port}").parse().unwrap(),
+            format!("127.0.0.1:{port}"),
             SERVER_NAME,
             weft_hbone::tls::control_plane_client_config(&root).unwrap(),
         ),

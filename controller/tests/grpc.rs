@@ -141,8 +141,9 @@ async fn start_with(name: &str, mesh: &str) -> Running {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // By name, as the chart gives it: resolved at each dial.
     let cp = ControlPlaneAddress::fixed(
-        format!("127.0.0.1:{port}").parse().unwrap(),
+        format!("localhost:{port}"),
         "weft-controller.istio-system.svc",
         weft_hbone::tls::control_plane_client_config(&root).unwrap(),
     );

@@ -60,9 +60,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         }
         weft_hbone::tls::control_plane_client_config(&pem).map_err(|e| e.to_string())
     };
-    let addr = resolve(&cfg.xds_address).await?;
     let cp = ControlPlaneAddress {
-        addr,
+        addr: cfg.xds_address.clone(),
         server_name: cfg.xds_server_name.clone(),
         tls: Arc::new(tls),
     };
@@ -175,30 +174,6 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         warn!("drain deadline passed");
     }
     Ok(())
-}
-
-/// The controller's address: `ip:port`, or `host:port` looked up (a few
-/// tries: a new pod's DNS may lag).
-async fn resolve(address: &str) -> Result<std::net::SocketAddr, AppError> {
-    if let Ok(a) = address.parse() {
-        return Ok(a);
-    }
-    let mut last = String::new();
-    for _ in 0..30 {
-        match tokio::net::lookup_host(address).await {
-            Ok(mut addrs) => {
-                if let Some(a) = addrs.next() {
-                    return Ok(a);
-                }
-                last = "no address".into();
-            }
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    Err(AppError::ControlPlane(format!(
-        "cannot resolve {address}: {last}"
-    )))
 }
 
 async fn serve_admin(

@@ -88,8 +88,8 @@ impl Config {
         let service_account = required(ENV_SERVICE_ACCOUNT);
         let or = |name: &str, default: &str| get(name).unwrap_or_else(|| default.to_string());
         let trust_domain = or(ENV_TRUST_DOMAIN, "cluster.local");
-        let xds_address = match xds.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Some(xds),
+        let xds_address = match xds {
+            _ if weft_xds::grpc::is_address(&xds) => Some(xds),
             _ if xds.is_empty() => None,
             _ => {
                 errors.push(format!(

@@ -117,7 +117,9 @@ pub type ClientTls = Arc<dyn Fn() -> Result<Arc<rustls::ClientConfig>, String> +
 /// Where the control plane is and how to trust it.
 #[derive(Clone)]
 pub struct ControlPlaneAddress {
-    pub addr: SocketAddr,
+    /// `host:port` or `ip:port`; a name is resolved again at every dial,
+    /// so a Service whose address changes is followed.
+    pub addr: String,
     /// The name its certificate must carry.
     pub server_name: String,
     /// Trusts the mesh root (or whatever signs the control plane's certificate).
@@ -134,13 +136,37 @@ impl std::fmt::Debug for ControlPlaneAddress {
 }
 
 impl ControlPlaneAddress {
-    /// A control plane trusted by one fixed config.
-    pub fn fixed(addr: SocketAddr, server_name: &str, tls: Arc<rustls::ClientConfig>) -> Self {
+    /// A control plane at `addr` (`host:port` or `ip:port`), trusted by one
+    /// fixed config.
+    pub fn fixed(
+        addr: impl Into<String>,
+        server_name: &str,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Self {
         ControlPlaneAddress {
-            addr,
+            addr: addr.into(),
             server_name: server_name.to_string(),
             tls: Arc::new(move || Ok(tls.clone())),
         }
+    }
+}
+
+/// Whether `v` is a control plane address: `host:port` or `ip:port`
+/// (`[v6]:port`).
+pub fn is_address(v: &str) -> bool {
+    if v.parse::<SocketAddr>().is_ok() {
+        return true;
+    }
+    match v.rsplit_once(':') {
+        Some((host, port)) => {
+            port.parse::<u16>().is_ok_and(|p| p > 0)
+                && !host.is_empty()
+                && host.len() <= 253
+                && host.split('.').all(|l| {
+                    !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                })
+        }
+        None => false,
     }
 }
 
@@ -155,7 +181,7 @@ pub fn connect(cp: &ControlPlaneAddress) -> Result<Channel, tonic::transport::Er
             let name = ServerName::try_from(cp.server_name.clone())
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
             let config = (cp.tls)().map_err(std::io::Error::other)?;
-            let tcp = TcpStream::connect(cp.addr).await?;
+            let tcp = TcpStream::connect(cp.addr.as_str()).await?;
             tcp.set_nodelay(true)?;
             let tls = TlsConnector::from(config).connect(name, tcp).await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
@@ -223,4 +249,34 @@ pub fn bearer_token<T>(req: &Request<T>) -> Option<&str> {
         .to_str()
         .ok()?
         .strip_prefix("Bearer ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        for ok in [
+            "10.0.0.1:15012",
+            "[fd00::1]:15012",
+            "weft-controller.weft-system.svc:15012",
+            "localhost:1",
+        ] {
+            assert!(is_address(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "10.0.0.1",
+            "weft-controller",
+            ":15012",
+            "host:0",
+            "host:99999",
+            "a..b:1",
+            "a b:1",
+            "http://x:1",
+        ] {
+            assert!(!is_address(bad), "{bad}");
+        }
+    }
 }

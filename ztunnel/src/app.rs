@@ -128,7 +128,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 weft_hbone::tls::control_plane_client_config(&pem).map_err(|e| e.to_string())
             };
             let cp = ControlPlaneAddress {
-                addr: *address,
+                addr: address.clone(),
                 server_name: server_name.clone(),
                 tls: Arc::new(tls),
             };

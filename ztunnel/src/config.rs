@@ -79,7 +79,8 @@ pub enum Source {
     /// certificate must name `server_name` and chain to `root_cert`;
     /// `token_path` holds this node's bearer token (re-read on every call).
     Controller {
-        address: SocketAddr,
+        /// `host:port` or `ip:port`, resolved at each dial.
+        address: String,
         server_name: String,
         root_cert: PathBuf,
         token_path: PathBuf,
@@ -144,17 +145,18 @@ impl Config {
                 let token_path = PathBuf::from(required(ENV_TOKEN_PATH));
                 let server_name =
                     get(ENV_XDS_SERVER_NAME).unwrap_or_else(|| DEFAULT_XDS_SERVER_NAME.to_string());
-                match addr.parse::<SocketAddr>() {
-                    Ok(address) => Some(Source::Controller {
-                        address,
+                if weft_xds::grpc::is_address(&addr) {
+                    Some(Source::Controller {
+                        address: addr,
                         server_name,
                         root_cert,
                         token_path,
-                    }),
-                    Err(e) => {
-                        errors.push(format!("{ENV_XDS_ADDRESS}={addr:?}: {e}; want ip:port"));
-                        None
-                    }
+                    })
+                } else {
+                    errors.push(format!(
+                        "{ENV_XDS_ADDRESS}={addr:?}: want host:port or ip:port"
+                    ));
+                    None
                 }
             }
             None => Some(Source::Local {
@@ -351,6 +353,17 @@ mod tests {
         .unwrap();
         assert!(
             matches!(cfg.source, Source::Controller { ref server_name, .. } if server_name == DEFAULT_XDS_SERVER_NAME)
+        );
+        // A Service's name, as the chart sets it: looked up at each dial.
+        let cfg = Config::from_lookup(&lookup(&[
+            (ENV_NODE_NAME, "n"),
+            (ENV_XDS_ADDRESS, "weft-controller.weft-system.svc:15012"),
+            (ENV_ROOT_CERT, "/r.pem"),
+            (ENV_TOKEN_PATH, "/t"),
+        ]))
+        .unwrap();
+        assert!(
+            matches!(cfg.source, Source::Controller { ref address, .. } if address == "weft-controller.weft-system.svc:15012")
         );
         let err = Config::from_lookup(&lookup(&[(ENV_NODE_NAME, "n"), (ENV_XDS_ADDRESS, "nope")]))
             .unwrap_err()
