@@ -4,9 +4,11 @@
 
 mod bench;
 mod bench_waypoint;
+mod chart;
 mod demo;
 mod ebpf;
 mod fuzz;
+mod image;
 mod lab;
 mod proto;
 mod test;
@@ -30,6 +32,9 @@ usage: cargo xtask <command>
   bench restart            connections failed across rolling restarts of each node, and the gap after a crash (root)
   bench controller         10 000 pods, 1 000 services, 100 xDS clients: first push, change latency, RSS
   bench waypoint           the waypoint's HTTP engine against Envoy, same routes and backend, pinned (root)
+  chart                    lint and render charts/weft with each values file; validate every object
+                           against Kubernetes' and the CRDs' schemas; check the DaemonSet's rules
+  image                    build the images from Containerfile (docker or podman)
   fuzz TARGET|all [--secs N]  run the fuzz targets in fuzz/ (libFuzzer)
 ";
 
@@ -45,6 +50,8 @@ fn main() -> Result<()> {
         ["lab", "up", scenario, "--release"] => lab::up(scenario, true),
         ["lab", "down"] => lab::down(),
         ["lab", "status"] => lab::status(),
+        ["chart"] => chart::run(),
+        ["image"] => image::run(),
         ["ebpf"] => ebpf::build(false),
         ["ebpf", "--check"] => ebpf::build(true),
         ["proto"] => proto::run(false),

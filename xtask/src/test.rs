@@ -22,6 +22,7 @@ pub fn run(extra: &[&str]) -> Result<()> {
     util::run(&cargo, &["fmt", "--all", "--", "--check"])?;
     crate::ebpf::build(true)?;
     crate::proto::run(true)?;
+    crate::chart::run()?;
     util::run(
         &cargo,
         &[
