@@ -1,7 +1,7 @@
 //! The controller process: a source (manifests directory), translation,
 //! publishing, and the gRPC server (delta ADS and CA) over TLS.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,7 @@ use crate::deploy::{self, WaypointGateway};
 use crate::kubernetes::{self, KubeSource, StatusWriter, TokenReviewer};
 use crate::metrics::{Metrics, TypeLabels};
 use crate::policy::Status;
+use crate::root_cert;
 use crate::source::ManifestsDir;
 use crate::translate::{self, Mesh, Translation};
 use crate::xds::{Controller, Published};
@@ -38,6 +39,8 @@ pub const ENV_TRUST_DOMAIN: &str = "TRUST_DOMAIN";
 pub const ENV_ROOT_NAMESPACE: &str = "ROOT_NAMESPACE";
 pub const ENV_METRICS_ADDR: &str = "METRICS_ADDR";
 pub const ENV_ZTUNNEL_SERVICE_ACCOUNT: &str = "ZTUNNEL_SERVICE_ACCOUNT";
+/// Kubernetes mode: the controller's namespace (the downward API's).
+pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
 /// `false` lets mesh clients reach the endpoints of a service with L7
 /// policy directly, around its waypoint (Istio's behaviour).
 pub const ENV_L7_POLICY_WAYPOINT_ONLY: &str = "L7_POLICY_WAYPOINT_ONLY";
@@ -69,7 +72,12 @@ pub enum SourceConfig {
     /// The API server (in-cluster, or the kubeconfig): node agents by
     /// TokenReview as `ztunnel_service_account` (`namespace/name`), the CA in
     /// Secrets of the root namespace.
-    Kubernetes { ztunnel_service_account: String },
+    Kubernetes {
+        ztunnel_service_account: String,
+        /// The controller's own namespace (`POD_NAMESPACE`), which always
+        /// gets the mesh root's ConfigMap.
+        namespace: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -137,6 +145,9 @@ impl Config {
             None => SourceConfig::Kubernetes {
                 ztunnel_service_account: get(ENV_ZTUNNEL_SERVICE_ACCOUNT)
                     .unwrap_or_else(|| "istio-system/ztunnel".into()),
+                namespace: get(ENV_POD_NAMESPACE)
+                    .or_else(|| get(ENV_ROOT_NAMESPACE))
+                    .unwrap_or_else(|| "istio-system".into()),
             },
         };
         Ok(Config {
@@ -186,6 +197,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         }
         SourceConfig::Kubernetes {
             ztunnel_service_account,
+            namespace,
         } => {
             let client = kube::Client::try_default()
                 .await
@@ -215,10 +227,22 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 trust_domain: cfg.mesh.trust_domain.clone(),
             };
             tokio::spawn(deploy_waypoints(
-                deploy::Deployer::new(client, settings),
+                deploy::Deployer::new(client.clone(), settings),
                 wrx,
             ));
-            (Source::Kubernetes(Box::new(source), tx, wtx), auth, ca)
+            let (rtx, rrx) = watch::channel(BTreeSet::new());
+            tokio::spawn(root_cert::run(
+                root_cert::RootPublisher::new(client, ca.root_pem()),
+                namespace.clone(),
+                rrx,
+            ));
+            let cluster = Cluster {
+                source: Box::new(source),
+                statuses: tx,
+                waypoints: wtx,
+                namespaces: rtx,
+            };
+            (Source::Kubernetes(cluster), auth, ca)
         }
     };
     let (cert, key) = ca
@@ -290,13 +314,19 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 /// Where the publisher reads from.
 enum Source {
     Manifests(ManifestsDir),
-    /// With where each translation's statuses go to be written back, and
-    /// the waypoint Gateways to deploy.
-    Kubernetes(
-        Box<KubeSource>,
-        watch::Sender<Vec<(Status, Option<i64>)>>,
-        watch::Sender<Vec<WaypointGateway>>,
-    ),
+    Kubernetes(Cluster),
+}
+
+/// The API server source, and where each translation's results go back to
+/// the cluster.
+struct Cluster {
+    source: Box<KubeSource>,
+    /// Statuses to write back.
+    statuses: watch::Sender<Vec<(Status, Option<i64>)>>,
+    /// Waypoint Gateways to deploy.
+    waypoints: watch::Sender<Vec<WaypointGateway>>,
+    /// Every namespace: the mesh root's ConfigMap goes to them.
+    namespaces: watch::Sender<BTreeSet<String>>,
 }
 
 impl Source {
@@ -310,7 +340,7 @@ impl Source {
                     None
                 }
             },
-            Source::Kubernetes(k, _, _) => k.poll(),
+            Source::Kubernetes(c) => c.source.poll(),
         }
     }
 }
@@ -402,7 +432,19 @@ impl Publisher {
         }
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status_json(&t);
         publish.send_replace(Arc::new(next));
-        if let Source::Kubernetes(_, statuses, waypoints) = source {
+        if let Source::Kubernetes(Cluster {
+            statuses,
+            waypoints,
+            namespaces,
+            ..
+        }) = source
+        {
+            let all: BTreeSet<String> = snap.namespaces.keys().cloned().collect();
+            namespaces.send_if_modified(|cur| {
+                let changed = *cur != all;
+                *cur = all;
+                changed
+            });
             let gateways = crate::waypoints::waypoints(&snap)
                 .0
                 .into_values()

@@ -23,6 +23,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod policy;
 pub mod resilience;
+pub mod root_cert;
 pub mod routes;
 pub mod service_entry;
 mod snapshot;

@@ -820,3 +820,81 @@ async fn service_entry_conditions() {
     writer.write(&[]).await;
     assert_eq!(fake.patches(path).len(), 4, "gone: its condition goes");
 }
+
+/// The mesh root reaches every namespace but Kubernetes' own, as Istio
+/// publishes it; a deleted or altered copy is written again, a new
+/// namespace gets one, and nothing is written twice without a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_root_published_to_every_namespace() {
+    use std::collections::BTreeSet;
+    use weft_controller::root_cert::{self, RootPublisher};
+
+    let (client, fake) = mock_client();
+    fake.list("/api/v1/configmaps", Vec::new());
+    let cm_path = |ns: &str| format!("/api/v1/namespaces/{ns}/configmaps/istio-ca-root-cert");
+    let applied = |ns: &str| fake.patches(&cm_path(ns)).len();
+    let set = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    let (tx, rx) = tokio::sync::watch::channel(set(&["default", "shop", "kube-system"]));
+    tokio::spawn(root_cert::run(
+        RootPublisher::new(client, "ROOT PEM"),
+        "weft-system".into(),
+        rx,
+    ));
+    let settle = || tokio::time::sleep(Duration::from_millis(300));
+    // Everything starts at once: the first namespaces, then a watch event.
+    for _ in 0..100 {
+        if applied("default") > 0 && applied("weft-system") > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    settle().await;
+    for ns in ["default", "shop", "weft-system"] {
+        let p = fake.patches(&cm_path(ns));
+        assert_eq!(p.len(), 1, "{ns}: {p:?}");
+        assert_eq!(p[0]["data"]["root-cert.pem"], "ROOT PEM");
+        assert_eq!(p[0]["metadata"]["labels"]["istio.io/config"], "true");
+    }
+    assert_eq!(
+        applied("kube-system"),
+        0,
+        "Kubernetes' own namespaces are skipped"
+    );
+
+    // Our own write echoed back changes nothing.
+    let cm = |ns: &str, root: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": meta("istio-ca-root-cert", Some(ns), "2"),
+               "data": {"root-cert.pem": root}})
+    };
+    fake.event("/api/v1/configmaps", "ADDED", cm("shop", "ROOT PEM"))
+        .await;
+    settle().await;
+    assert_eq!(applied("shop"), 1);
+    // Deleted: written again. Altered: written again.
+    fake.event("/api/v1/configmaps", "DELETED", cm("shop", "ROOT PEM"))
+        .await;
+    fake.event("/api/v1/configmaps", "MODIFIED", cm("default", "NOT OURS"))
+        .await;
+    for _ in 0..100 {
+        if applied("shop") == 2 && applied("default") == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!((applied("shop"), applied("default")), (2, 2));
+    // A new namespace gets it; the others are not written again.
+    tx.send_replace(set(&["default", "shop", "kube-system", "payments"]));
+    for _ in 0..100 {
+        if applied("payments") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    settle().await;
+    assert_eq!(applied("payments"), 1);
+    assert_eq!(
+        (applied("shop"), applied("default"), applied("weft-system")),
+        (2, 2, 1)
+    );
+}
