@@ -807,6 +807,15 @@ impl Lab {
     /// new one is ready the old one gets SIGTERM and drains. Returns the old
     /// process, which exits by itself once drained.
     pub fn restart_ztunnel(&mut self, node: &str) -> Result<Child> {
+        let old = self.start_successor(node)?;
+        kill(Pid::from_raw(old.id() as i32), Signal::SIGTERM)?;
+        Ok(old)
+    }
+
+    /// Starts a new ztunnel on `node` beside the running one and waits until
+    /// it is ready; returns the old one, still running (the surge half of a
+    /// rollout: the caller stops it).
+    pub fn start_successor(&mut self, node: &str) -> Result<Child> {
         let old = self
             .ztunnels
             .remove(node)
@@ -829,7 +838,6 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        kill(Pid::from_raw(old.id() as i32), Signal::SIGTERM)?;
         Ok(old)
     }
 

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use weft_tests::apps::{self, App};
 use weft_tests::lab::LabPod;
 use weft_tests::{Lab, LabOptions, rollout};
@@ -95,4 +95,56 @@ fn restart_source_node_drops_nothing() -> Result<()> {
 #[test]
 fn restart_destination_node_drops_nothing() -> Result<()> {
     restart_under_load("node-2")
+}
+
+/// Both ztunnels of a rollout hold the readiness port (SO_REUSEPORT), so a
+/// probe reaches either. Once the new one has started, the old one never
+/// answers ready: every ready answer comes from the new process, and the
+/// old one says it was superseded (the pid in each answer tells them apart).
+#[test]
+fn readiness_answers_only_for_the_newest_ztunnel() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("succession", SCENARIO))?;
+    let node = "node-1";
+    let old_pid = lab.ztunnel_pid(node).context("no ztunnel")?;
+    let mut old = lab.start_successor(node)?;
+    let new_pid = lab.ztunnel_pid(node).context("no new ztunnel")?;
+    ensure!(old_pid != new_pid);
+    let (mut from_new, mut from_old) = (0, 0);
+    // Each probe on a fresh connection: the kernel spreads them over both.
+    for _ in 0..60 {
+        let (status, body) = lab.http_get(node, 15021, "/healthz/ready")?;
+        if body.contains(&format!("pid {new_pid})")) {
+            ensure!(
+                status == 200,
+                "the new ztunnel is not ready: {status} {body}"
+            );
+            from_new += 1;
+        } else if body.contains(&format!("pid {old_pid})")) {
+            ensure!(
+                status == 503 && body.starts_with("superseded"),
+                "the old ztunnel answered {status} {body:?}"
+            );
+            from_old += 1;
+        } else {
+            anyhow::bail!("an answer from neither: {status} {body:?}");
+        }
+    }
+    println!(
+        "readiness: {from_new} answers from the new ztunnel (ready), {from_old} from the old (superseded)"
+    );
+    ensure!(
+        from_new > 0 && from_old > 0,
+        "the probes did not reach both ({from_new}/{from_old})"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    old.wait()?;
+    let (status, body) = lab.http_get(node, 15021, "/healthz/ready")?;
+    ensure!(
+        status == 200 && body.contains(&format!("pid {new_pid})")),
+        "{status} {body}"
+    );
+    Ok(())
 }

@@ -25,6 +25,7 @@ use crate::config::{
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyInputs};
 use crate::state::{Store, pod_map};
+use crate::succession::{self, Succession};
 use weft_identity::{CertManager, IdentityError, LocalSigner, RemoteSigner};
 use weft_runtime::admin::{self, Handler, JSON, OPENMETRICS, TEXT};
 use weft_runtime::shutdown_signal;
@@ -178,8 +179,16 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         CaptureMode::None => None,
     };
 
+    // Before the listeners: from here on a predecessor on this node answers
+    // not ready, so a ready answer on the shared port is always ours.
+    let succession = Succession::claim(&succession::socket_name(&cfg.bpf_pin_dir)).await;
     let ready = Arc::new(AtomicBool::new(false));
-    serve_admin(&cfg, &state, &certs, &metrics, capture.as_ref(), &ready).await?;
+    let admin = Admin {
+        capture: capture.as_ref(),
+        ready: &ready,
+        succession: &succession,
+    };
+    serve_admin(&cfg, &state, &certs, &metrics, admin).await?;
 
     // Listeners open once the first full state is here: before that a
     // captured connection could only be refused, while a SYN that finds no
@@ -315,13 +324,23 @@ fn local_identities(snap: &crate::state::State, node: &str) -> BTreeSet<weft_api
         .collect()
 }
 
+/// What the admin endpoints report besides the state.
+struct Admin<'a> {
+    capture: Option<&'a Arc<Mutex<Capture>>>,
+    ready: &'a Arc<AtomicBool>,
+    succession: &'a Succession,
+}
+
 async fn serve_admin(
     cfg: &Config,
     state: &Arc<Store>,
     certs: &Arc<CertManager>,
     metrics: &Arc<Metrics>,
-    capture: Option<&Arc<Mutex<Capture>>>,
-    ready: &Arc<AtomicBool>,
+    Admin {
+        capture,
+        ready,
+        succession,
+    }: Admin<'_>,
 ) -> Result<(), AppError> {
     let bind_err = |what| move |source| AppError::Bind { what, source };
 
@@ -376,10 +395,24 @@ async fn serve_admin(
         .await
         .map_err(bind_err("stats"))?;
 
-    let r = ready.clone();
+    let (r, succ) = (ready.clone(), succession.clone());
+    let pid = std::process::id();
+    // Under SO_REUSEPORT the probe may reach either ztunnel of a rollout:
+    // the superseded one never says ready, and the answer names its process.
     let readiness: Handler = Arc::new(move |path| match path {
-        "/healthz/ready" if r.load(Ordering::Acquire) => (StatusCode::OK, TEXT, "ready\n".into()),
-        "/healthz/ready" => (StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n".into()),
+        "/healthz/ready" if succ.superseded() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            format!("superseded by a newer ztunnel (pid {pid})\n"),
+        ),
+        "/healthz/ready" if r.load(Ordering::Acquire) => {
+            (StatusCode::OK, TEXT, format!("ready (pid {pid})\n"))
+        }
+        "/healthz/ready" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            format!("not ready (pid {pid})\n"),
+        ),
         _ => (StatusCode::NOT_FOUND, TEXT, "try /healthz/ready\n".into()),
     });
     admin::serve("readiness", cfg.readiness_addr, readiness)

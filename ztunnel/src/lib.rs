@@ -12,6 +12,7 @@ pub mod config;
 pub mod metrics;
 pub mod proxy;
 pub mod state;
+pub mod succession;
 #[cfg(test)]
 mod test_helpers;
 pub mod xds;

@@ -1,0 +1,146 @@
+//! Which ztunnel on a node is the newest, so that readiness tells them apart.
+//!
+//! During a rollout the new ztunnel runs beside the old one and both hold
+//! the readiness port (SO_REUSEPORT), so the kubelet's probe of the new pod
+//! can reach the old process. Each ztunnel therefore claims an abstract
+//! unix socket named after its pin directory. Abstract sockets belong to a
+//! network namespace, the node's for a ztunnel, so the name is per node
+//! with no file and no volume. A starting ztunnel that finds the name taken
+//! connects to it. That tells the holder it is superseded: from then on the
+//! holder answers not ready, and it releases the name for its successor,
+//! which takes it over. A ready answer thus always comes from the newest
+//! process.
+
+use std::os::linux::net::SocketAddrExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+/// How long a starting ztunnel waits for its predecessor to let go.
+const TAKEOVER: Duration = Duration::from_secs(10);
+
+/// This process's place in the succession: set once a newer ztunnel on the
+/// node has started.
+#[derive(Clone, Debug, Default)]
+pub struct Succession {
+    superseded: Arc<AtomicBool>,
+}
+
+impl Succession {
+    pub fn superseded(&self) -> bool {
+        self.superseded.load(Ordering::Acquire)
+    }
+
+    /// Claims `name` (an abstract socket name) for this process, telling a
+    /// predecessor that holds it to step down, and waits for it to let go.
+    /// Without the claim (no predecessor lets go in time, or no socket), a
+    /// warning says readiness cannot tell this process from another, and
+    /// the process runs on.
+    pub async fn claim(name: &str) -> Self {
+        let me = Succession::default();
+        let addr = match std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "cannot name the succession socket; readiness cannot tell ztunnels apart");
+                return me;
+            }
+        };
+        let started = Instant::now();
+        let mut told = false;
+        loop {
+            match std::os::unix::net::UnixListener::bind_addr(&addr) {
+                Ok(listener) => {
+                    if told {
+                        info!("took over from the previous ztunnel on this node");
+                    }
+                    me.watch(listener);
+                    return me;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    if !told {
+                        // Connecting is the message.
+                        told = std::os::unix::net::UnixStream::connect_addr(&addr).is_ok();
+                    }
+                    if started.elapsed() > TAKEOVER {
+                        warn!(
+                            "the previous ztunnel did not let go of the succession socket; readiness cannot tell the two apart"
+                        );
+                        return me;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot claim the succession socket; readiness cannot tell ztunnels apart");
+                    return me;
+                }
+            }
+        }
+    }
+
+    /// Waits for a successor's knock, then steps down and lets go.
+    fn watch(&self, listener: std::os::unix::net::UnixListener) {
+        let superseded = self.superseded.clone();
+        let listener = listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixListener::from_std(listener));
+        let listener = match listener {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "cannot watch the succession socket");
+                return;
+            }
+        };
+        // Abstract sockets have no permissions: only a process of our own
+        // user (a ztunnel) may knock.
+        let uid = {
+            use std::os::unix::fs::MetadataExt;
+            // /proc/self belongs to the process's effective user.
+            std::fs::metadata("/proc/self").map_or(0, |m| m.uid())
+        };
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => match stream.peer_cred() {
+                        Ok(c) if c.uid() == uid => break,
+                        other => {
+                            warn!(peer = ?other, "a process of another user knocked on the succession socket; ignored")
+                        }
+                    },
+                    Err(e) => {
+                        warn!(error = %e, "succession socket");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            superseded.store(true, Ordering::Release);
+            info!(
+                "a newer ztunnel started on this node: not ready from now on; serving until SIGTERM"
+            );
+            // Dropping the listener frees the name for the successor.
+        });
+    }
+}
+
+/// The succession socket's name for ztunnels pinning capture in `pin_dir`.
+pub fn socket_name(pin_dir: &std::path::Path) -> String {
+    format!("weft-ztunnel:{}", pin_dir.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_newer_process_supersedes_the_holder() {
+        let name = format!("weft-ztunnel-test:{}", std::process::id());
+        let first = Succession::claim(&name).await;
+        assert!(!first.superseded());
+        let second = Succession::claim(&name).await;
+        assert!(first.superseded(), "the first steps down");
+        assert!(!second.superseded());
+        let third = Succession::claim(&name).await;
+        assert!(second.superseded() && !third.superseded());
+    }
+}
