@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -26,6 +26,7 @@ use weft_controller::translate::{self, Mesh};
 use weft_controller::{Snapshot, manifests};
 use weft_hbone::ca::Ca;
 
+use crate::chart::{Chart, Volume};
 use crate::netns::{self, NetNs};
 
 /// Where labs register themselves, so a crashed one can be found and removed.
@@ -34,6 +35,10 @@ const REGISTRY: &str = "/run/weft-lab";
 /// mounted while a lab needs it: `ip netns exec` remounts `/sys`, so the
 /// host's `/sys/fs/bpf` is not visible to the nodes, while `/run` is.
 const BPFFS: &str = "/run/weft-lab/bpffs";
+/// A node's bpffs, as the chart mounts it.
+const NODE_BPFFS: &str = "/sys/fs/bpf";
+/// Per-namespace files `ip netns exec` mounts over `/etc`.
+const ETC_NETNS: &str = "/etc/netns";
 /// The pods' gateway: an address on every pod-facing veth of a node.
 pub const POD_GATEWAY: &str = "169.254.1.1";
 /// ztunnel's ports, as seen from inside a node.
@@ -56,6 +61,9 @@ pub struct LabOptions {
     pub controller_env: Vec<(String, String)>,
     /// Extra environment for every waypoint.
     pub waypoint_env: Vec<(String, String)>,
+    /// Run the controller and ztunnels as the Helm chart, rendered with
+    /// this values file, declares them ([`crate::chart`]).
+    pub chart_values: Option<PathBuf>,
 }
 
 /// A node of the lab.
@@ -92,6 +100,8 @@ pub struct Lab {
     waypoints: BTreeMap<String, Child>,
     controller: Option<Child>,
     underlay: Option<NetNs>,
+    /// The rendered chart, when the lab runs what it declares.
+    chart: Option<Chart>,
     torn_down: bool,
 }
 
@@ -110,7 +120,14 @@ impl LabOptions {
             ztunnel_env: Vec::new(),
             controller_env: Vec::new(),
             waypoint_env: Vec::new(),
+            chart_values: None,
         }
+    }
+
+    /// The controller and ztunnels as `charts/weft` renders them with `values`.
+    pub fn chart(mut self, values: &Path) -> Self {
+        self.chart_values = Some(values.to_path_buf());
+        self
     }
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -194,6 +211,7 @@ impl Lab {
             waypoints: BTreeMap::new(),
             controller: None,
             underlay: None,
+            chart: None,
             torn_down: false,
         };
         lab.register()?;
@@ -242,6 +260,10 @@ impl Lab {
                     underlay_iface: "eth0".into(),
                 },
             );
+        }
+
+        if let Some(values) = self.opts.chart_values.clone() {
+            self.use_chart(&values)?;
         }
 
         let pods: Vec<(String, String, String, Ipv4Addr)> = self
@@ -660,16 +682,28 @@ impl Lab {
             .open(self.dir.join("controller.log"))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ul.name()])
-            .arg(self.opts.bin_dir.join("weft-controller"))
-            .env("MANIFESTS_DIR", self.manifests_dir())
+            .arg(self.opts.bin_dir.join("weft-controller"));
+        if let Some(chart) = &self.chart {
+            // As the chart declares it; the lab's source stands in for the API server.
+            cmd.env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .envs(chart.controller()?.env_with_mounts(&|v| {
+                    bail!("the controller mounts {v:?}: the lab has none to give")
+                })?);
+            if let Ok(level) = std::env::var("WEFT_CONTROLLER_LOG") {
+                cmd.env("RUST_LOG", level);
+            }
+        } else {
+            cmd.env("XDS_ADDR", format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"))
+                .env("SERVER_NAMES", CONTROLLER_NAME)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("WEFT_CONTROLLER_LOG").unwrap_or_else(|_| "info".into()),
+                );
+        }
+        cmd.env("MANIFESTS_DIR", self.manifests_dir())
             .env("CA_DIR", self.ca_dir())
             .env("NODE_TOKENS", self.dir.join("node-tokens"))
-            .env("XDS_ADDR", format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"))
-            .env("SERVER_NAMES", CONTROLLER_NAME)
-            .env(
-                "RUST_LOG",
-                std::env::var("WEFT_CONTROLLER_LOG").unwrap_or_else(|_| "info".into()),
-            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -728,18 +762,28 @@ impl Lab {
             .open(self.dir.join(format!("ztunnel-{node}.log")))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns.name()])
-            .arg(self.opts.bin_dir.join("ztunnel"))
-            .env("NODE_NAME", node)
-            .env("XDS_ADDRESS", format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"))
-            .env("XDS_SERVER_NAME", CONTROLLER_NAME)
-            .env("ROOT_CERT", self.ca_dir().join("root-cert.pem"))
-            .env("TOKEN_PATH", self.token_path(node))
-            .env("BPF_PIN_DIR", self.pin_dir(node))
-            .env("LOG_FORMAT", "json")
-            .env(
-                "RUST_LOG",
-                std::env::var("WEFT_ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .arg(self.opts.bin_dir.join("ztunnel"));
+        if self.chart.is_some() {
+            cmd.env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .envs(self.chart_ztunnel_env(node)?);
+            if let Ok(level) = std::env::var("WEFT_ZTUNNEL_LOG") {
+                cmd.env("RUST_LOG", level);
+            }
+        } else {
+            cmd.env("NODE_NAME", node)
+                .env("XDS_ADDRESS", format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"))
+                .env("XDS_SERVER_NAME", CONTROLLER_NAME)
+                .env("ROOT_CERT", self.ca_dir().join("root-cert.pem"))
+                .env("TOKEN_PATH", self.token_path(node))
+                .env("BPF_PIN_DIR", self.pin_dir(node))
+                .env(
+                    "RUST_LOG",
+                    std::env::var("WEFT_ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),
+                );
+        }
+        // The lab reads ztunnel's log as JSON.
+        cmd.env("LOG_FORMAT", "json")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -778,7 +822,90 @@ impl Lab {
 
     /// Where ztunnel on `node` pins its capture.
     pub fn pin_dir(&self, node: &str) -> PathBuf {
+        if let Some(dir) = self
+            .chart
+            .as_ref()
+            .and_then(|c| c.ztunnel(node).ok())
+            .and_then(|z| Some(self.node_bpffs(node, z.get("BPF_PIN_DIR")?)))
+        {
+            return dir;
+        }
         Path::new(BPFFS).join(&self.id).join(node)
+    }
+
+    /// Where the lab keeps `path` of `node`'s bpffs (`/sys/fs/bpf/...`).
+    fn node_bpffs(&self, node: &str, path: &str) -> PathBuf {
+        let rest = path.strip_prefix(NODE_BPFFS).unwrap_or(path);
+        let root = Path::new(BPFFS).join(&self.id).join(node);
+        match rest.trim_start_matches('/') {
+            "" => root,
+            rest => root.join(rest),
+        }
+    }
+
+    /// Renders the chart, checks the controller's Service reaches its
+    /// container unchanged, and makes its DNS name resolve on every node
+    /// (`ip netns exec` mounts `/etc/netns/<ns>/hosts` over `/etc/hosts`).
+    fn use_chart(&mut self, values: &Path) -> Result<()> {
+        let namespace = CONTROLLER_NAME
+            .split('.')
+            .nth(1)
+            .context("CONTROLLER_NAME has no namespace")?;
+        let chart = Chart::render(namespace, values)?;
+        let (name, port) = chart.xds_service()?;
+        ensure!(
+            port == CONTROLLER_PORT,
+            "the chart's controller port {port} is not the lab's {CONTROLLER_PORT}"
+        );
+        for node in self.nodes.values() {
+            let dir = Path::new(ETC_NETNS).join(node.netns.name());
+            fs::create_dir_all(&dir)?;
+            fs::write(
+                dir.join("hosts"),
+                format!("127.0.0.1 localhost\n::1 localhost\n{CONTROLLER_IP} {name}\n"),
+            )?;
+        }
+        self.chart = Some(chart);
+        Ok(())
+    }
+
+    /// ztunnel's env on `node` as the chart's DaemonSet declares it, with
+    /// its volumes filled as the kubelet would: the node's token, the mesh
+    /// root's ConfigMap, the node's bpffs.
+    fn chart_ztunnel_env(&self, node: &str) -> Result<Vec<(String, String)>> {
+        let chart = self.chart.as_ref().context("no chart")?;
+        let z = chart.ztunnel(node)?;
+        let volumes = self.dir.join("volumes").join(node);
+        let place = |v: &Volume| -> Result<PathBuf> {
+            Ok(match v {
+                Volume::Token { path, audience } => {
+                    ensure!(
+                        audience == "istio-ca",
+                        "ztunnel's token is for {audience:?}"
+                    );
+                    let dir = volumes.join("token");
+                    fs::create_dir_all(&dir)?;
+                    fs::copy(self.token_path(node), dir.join(path))?;
+                    dir
+                }
+                Volume::ConfigMap(name) if name == "istio-ca-root-cert" => {
+                    let dir = volumes.join(name);
+                    fs::create_dir_all(&dir)?;
+                    fs::copy(
+                        self.ca_dir().join("root-cert.pem"),
+                        dir.join("root-cert.pem"),
+                    )?;
+                    dir
+                }
+                Volume::HostPath(p) if p == NODE_BPFFS => {
+                    let dir = self.node_bpffs(node, p);
+                    fs::create_dir_all(&dir)?;
+                    dir
+                }
+                other => bail!("ztunnel mounts {other:?}: the lab has none to give"),
+            })
+        };
+        z.env_with_mounts(&place)
     }
 
     /// Kills ztunnel on `node` with SIGKILL, as a crash or an OOM kill would,
@@ -1109,6 +1236,12 @@ fn registry_file(id: &str) -> PathBuf {
 
 fn remove_namespaces(id: &str) -> Result<()> {
     let prefix = format!("{id}-");
+    // The chart mode's name resolution for the nodes.
+    for entry in fs::read_dir(ETC_NETNS).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
     let mut failed = Vec::new();
     for ns in NetNs::list()? {
         if ns.starts_with(&prefix)

@@ -8,6 +8,7 @@
 
 pub mod apps;
 pub mod bookinfo;
+pub mod chart;
 pub mod check;
 pub mod lab;
 pub mod netns;
