@@ -299,17 +299,34 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             });
         }
     });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .serve_with_incoming_shutdown(
-            Server::new(controller),
-            ReceiverStream::new(rx),
-            shutdown_signal(),
-        );
-    server.await?;
+        .serve_with_incoming_shutdown(Server::new(controller), ReceiverStream::new(rx), async {
+            let _ = stopped.await;
+        });
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        served = &mut server => served?,
+        () = shutdown_signal() => {
+            // GOAWAY to every client; xDS streams never end by themselves,
+            // so they are cut at the deadline: clients reconnect to another
+            // replica, or to this one's successor, and resume from their
+            // last state.
+            let _ = stop.send(());
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(served) => served?,
+                Err(_) => info!(grace = ?SHUTDOWN_GRACE, "closing the open xDS streams without waiting for their clients"),
+            }
+        }
+    }
     info!("controller stopped");
     Ok(())
 }
+
+/// How long a stopping controller lets its streams end after GOAWAY; well
+/// inside Kubernetes' grace period, so it exits within 5 s of SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Where the publisher reads from.
 enum Source {

@@ -15,6 +15,9 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(app::run(cfg))?;
+    let result = rt.block_on(app::run(cfg));
+    // Tasks still running (streams, watches) are dropped, not awaited.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    result?;
     Ok(())
 }

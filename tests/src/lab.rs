@@ -739,6 +739,30 @@ impl Lab {
         }
     }
 
+    /// Stops the controller with SIGTERM, as Kubernetes does; returns how
+    /// long it took to exit and how it exited (killed after `limit`).
+    pub fn stop_controller(
+        &mut self,
+        limit: Duration,
+    ) -> Result<(Duration, std::process::ExitStatus)> {
+        let mut c = self.controller.take().context("no controller")?;
+        let started = Instant::now();
+        kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM)?;
+        let status = loop {
+            if let Some(status) = c.try_wait()? {
+                break status;
+            }
+            if started.elapsed() > limit {
+                c.kill()?;
+                break c.wait()?;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let took = started.elapsed();
+        self.register()?;
+        Ok((took, status))
+    }
+
     /// Kills the controller (SIGKILL: a crash, not a shutdown).
     pub fn kill_controller(&mut self) -> Result<()> {
         if let Some(mut c) = self.controller.take() {

@@ -259,3 +259,34 @@ fn root_rotation_under_live_traffic() -> Result<()> {
     round_trip(&mut conn, &mut reader, i)?;
     Ok(())
 }
+
+/// SIGTERM: the controller closes its xDS streams and exits within 5 s,
+/// without waiting for the ztunnels connected to it, which keep serving.
+#[test]
+fn controller_exits_promptly_on_sigterm() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("ctl-stop", SCENARIO))?;
+    let (client, web) = (
+        lab.pod("shop/client").clone(),
+        lab.pod("shop/web-1").clone(),
+    );
+    let _echo = apps::serve(&web, 9000, App::Echo)?;
+    let (mut conn, mut reader) = connect(&client, addr(&web, 9000))?;
+    round_trip(&mut conn, &mut reader, 0)?;
+    let (took, status) = lab.stop_controller(Duration::from_secs(15))?;
+    println!("controller exited {took:?} after SIGTERM ({status})");
+    ensure!(
+        took < Duration::from_secs(5),
+        "the controller took {took:?} to exit"
+    );
+    ensure!(status.success(), "the controller exited with {status}");
+    ensure!(
+        lab.controller_log().contains("controller stopped"),
+        "no orderly stop in the log"
+    );
+    round_trip(&mut conn, &mut reader, 1)?;
+    ensure!(
+        lab.ztunnel_alive("node-1") && lab.ztunnel_alive("node-2"),
+        "a ztunnel died"
+    );
+    Ok(())
+}
