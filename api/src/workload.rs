@@ -52,11 +52,21 @@ pub struct Workload {
     /// `NetworkMode::HOST_NETWORK`); never captured.
     #[serde(default)]
     pub host_network: bool,
+    /// Whether it takes a Service's traffic: a pod that is Ready and not
+    /// being deleted, an EndpointSlice endpoint that is `ready` (Istio's
+    /// `WorkloadStatus`). Services list only healthy endpoints, unless they
+    /// publish not-ready addresses.
+    #[serde(default = "healthy")]
+    pub healthy: bool,
     /// The waypoint every connection addressed to this workload passes
     /// (`istio.io/use-waypoint` on the pod or its namespace, for a waypoint
     /// that serves workloads).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<WaypointRef>,
+}
+
+fn healthy() -> bool {
+    true
 }
 
 /// A binding to a waypoint, as WDS carries it (Istio's `GatewayAddress` in

@@ -74,12 +74,14 @@ fn names(kind: &str) -> (&'static [&'static str], &'static [&'static str]) {
     }
 }
 
-/// Every custom kind the controller reads, then GatewayClass.
+/// Every Istio and Gateway API kind the controller reads, then
+/// GatewayClass; Kubernetes' own groups (EndpointSlice's) have no CRD.
 pub fn custom_kinds() -> Vec<&'static KindInfo> {
     struct Custom(Vec<&'static KindInfo>);
     impl Visitor for Custom {
         fn visit<K: Kind>(&mut self) {
-            if K::INFO.custom() {
+            let g = K::INFO.group;
+            if g.ends_with(".istio.io") || g == GATEWAY_GROUP {
                 self.0.push(&K::INFO);
             }
         }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, GroupVersionKind, ObjectMeta};
 use serde::de::DeserializeOwned;
 
@@ -94,6 +95,7 @@ pub fn each_kind(v: &mut impl Visitor) {
     v.visit::<Node>();
     v.visit::<Pod>();
     v.visit::<Service>();
+    v.visit::<EndpointSlice>();
     v.visit::<AuthorizationPolicy>();
     v.visit::<PeerAuthentication>();
     v.visit::<Gateway>();
@@ -216,6 +218,22 @@ kind!(
         namespaced: true,
         status: false,
         optional: false,
+        only_name: None,
+    }
+);
+// Endpoints no pod backs (selector-less Services); the pods give the rest.
+kind!(
+    EndpointSlice,
+    endpoint_slices,
+    typed,
+    KindInfo {
+        group: "discovery.k8s.io",
+        versions: CORE_V1,
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+        namespaced: true,
+        status: false,
+        optional: true,
         only_name: None,
     }
 );

@@ -14,6 +14,7 @@ pub mod bypass;
 pub mod ca;
 pub mod crds;
 pub mod deploy;
+pub mod endpoints;
 pub mod httproute;
 pub mod kinds;
 pub mod kubernetes;

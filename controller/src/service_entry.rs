@@ -367,6 +367,7 @@ fn service_entry(
                     named_ports: BTreeMap::new(),
                     authorization_policies: Vec::new(),
                     host_network: false,
+                    healthy: true,
                     protocol: TunnelProtocol::None,
                     waypoint: None,
                 };

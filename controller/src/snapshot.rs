@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::httproute::HttpRoute;
 use crate::kinds::{Kind, Visitor, each_kind};
@@ -39,6 +40,8 @@ pub struct Snapshot {
     pub config_maps: BTreeMap<String, ConfigMap>,
     /// Keyed by `namespace/name`.
     pub telemetries: BTreeMap<String, Telemetry>,
+    /// Keyed by `namespace/name`.
+    pub endpoint_slices: BTreeMap<String, EndpointSlice>,
 }
 
 impl Snapshot {

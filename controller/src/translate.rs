@@ -10,6 +10,7 @@ use weft_api::{
     AppProtocol, Endpoint, Identity, LocalConfig, Service, ServicePort, TunnelProtocol, Workload,
 };
 
+use crate::endpoints::SliceEndpoint;
 use crate::policy::{self, Policies};
 use crate::{Snapshot, labels};
 
@@ -177,6 +178,17 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
     let (workloads, conflicts) = claim_addresses(candidates);
     out.workloads = workloads;
     errors.extend(conflicts);
+    let (sliced, slice_errors) = crate::endpoints::translate(snap, mesh);
+    errors.extend(slice_errors);
+    out.workloads
+        .extend(sliced.iter().map(|e| e.workload.clone()));
+    let mut sliced_by_service: BTreeMap<(&str, &str), Vec<&SliceEndpoint>> = BTreeMap::new();
+    for e in &sliced {
+        sliced_by_service
+            .entry((e.namespace.as_str(), e.service.as_str()))
+            .or_default()
+            .push(e);
+    }
     let by_uid: BTreeMap<&str, &Workload> =
         out.workloads.iter().map(|w| (w.uid.as_str(), w)).collect();
     let mut pods_by_namespace: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
@@ -191,7 +203,12 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
             .get(ns)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        match service(svc, pods, mesh, &by_uid) {
+        let name = svc.metadata.name.as_deref().unwrap_or_default();
+        let sliced = sliced_by_service
+            .get(&(ns, name))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        match service(svc, pods, sliced, mesh, &by_uid) {
             Ok(Some(s)) => services.push(s),
             Ok(None) => {}
             Err(e) => errors.push(e),
@@ -413,14 +430,28 @@ fn workload(pod: &Pod, snap: &Snapshot, mesh: &Mesh) -> Result<Option<Workload>,
         named_ports,
         authorization_policies: Vec::new(),
         host_network: spec.and_then(|s| s.host_network) == Some(true),
+        healthy: pod_ready(pod) && pod.metadata.deletion_timestamp.is_none(),
         waypoint: None,
     }))
 }
 
-/// `pods` are the pods of the service's namespace.
+/// A pod's Ready condition. A status with no conditions at all (a
+/// hand-written manifest; the kubelet always reports some) counts as ready.
+fn pod_ready(pod: &Pod) -> bool {
+    match pod.status.as_ref().and_then(|s| s.conditions.as_ref()) {
+        None => true,
+        Some(conditions) => conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True"),
+    }
+}
+
+/// `pods` are the pods of the service's namespace; `sliced` the endpoints
+/// its EndpointSlices list that no pod backs.
 fn service(
     svc: &K8sService,
     pods: &[&Pod],
+    sliced: &[&SliceEndpoint],
     mesh: &Mesh,
     workloads: &BTreeMap<&str, &Workload>,
 ) -> Result<Option<Service>, TranslateError> {
@@ -452,6 +483,7 @@ fn service(
     // Service port → target (number, or a container port name).
     let mut ports = Vec::new();
     let mut targets: Vec<(u16, Option<String>)> = Vec::new();
+    let mut port_names: Vec<String> = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let port = u16::try_from(p.port)
             .ok()
@@ -484,7 +516,10 @@ fn service(
             protocol: AppProtocol::declared(p.app_protocol.as_deref(), p.name.as_deref()),
         });
         targets.push((port, named));
+        port_names.push(p.name.clone().unwrap_or_default());
     }
+    // Not-ready endpoints only where the Service asks for them.
+    let not_ready_too = spec.publish_not_ready_addresses == Some(true);
     let selector = spec.selector.clone().unwrap_or_default();
     let mut endpoints = Vec::new();
     if !selector.is_empty() {
@@ -504,6 +539,9 @@ fn service(
             let Some(w) = workloads.get(uid.as_str()) else {
                 continue;
             };
+            if !w.healthy && !not_ready_too {
+                continue;
+            }
             let mut map = BTreeMap::new();
             for ((port, named), sp) in targets.iter().zip(&ports) {
                 let target = match named {
@@ -516,6 +554,24 @@ fn service(
             }
             endpoints.push(Endpoint {
                 workload_uid: uid,
+                ports: map,
+            });
+        }
+    }
+    // Endpoints no pod backs (a selector-less Service's, say): their
+    // slices' ports by name, as kube-proxy matches them.
+    for ep in sliced {
+        if !ep.workload.healthy && !not_ready_too {
+            continue;
+        }
+        let map: BTreeMap<u16, u16> = ports
+            .iter()
+            .zip(&port_names)
+            .filter_map(|(sp, name)| Some((sp.port, *ep.ports.get(name)?)))
+            .collect();
+        if !map.is_empty() {
+            endpoints.push(Endpoint {
+                workload_uid: ep.workload.uid.clone(),
                 ports: map,
             });
         }
@@ -785,5 +841,99 @@ spec: {clusterIP: "10.96.0", ports: [{port: 80}]}
                 }
             }
         }
+    }
+
+    /// Endpoints as Istio's ambient mode takes them: pods that are Ready and
+    /// not being deleted (unless the Service publishes not-ready addresses),
+    /// and the EndpointSlice endpoints no pod backs, by port name.
+    #[test]
+    fn endpoints_from_ready_pods_and_from_slices() {
+        let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ready, namespace: shop, labels: {app: web}}
+spec: {nodeName: n1, containers: [{name: app}]}
+status: {podIP: 10.244.1.10, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: starting, namespace: shop, labels: {app: web}}
+spec: {nodeName: n1, containers: [{name: app}]}
+status: {podIP: 10.244.1.11, conditions: [{type: PodScheduled, status: "True"}, {type: Ready, status: "False"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: leaving, namespace: shop, labels: {app: web}, deletionTimestamp: "2026-01-01T00:00:00Z"}
+spec: {nodeName: n1, containers: [{name: app}]}
+status: {podIP: 10.244.1.12, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-all, namespace: shop}
+spec: {clusterIP: 10.96.0.11, selector: {app: web}, publishNotReadyAddresses: true, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: 10.96.0.12, ports: [{name: sql, port: 5432}, {name: admin, port: 9000}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: shop, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: sql, port: 15432}, {name: admin, port: 19000, protocol: UDP}]
+endpoints:
+- addresses: [192.0.2.10]
+- addresses: [192.0.2.11]
+  conditions: {ready: false}
+- addresses: [10.244.1.10]
+  targetRef: {kind: Pod, name: ready, namespace: shop}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-fqdn, namespace: shop, labels: {kubernetes.io/service-name: db}}
+addressType: FQDN
+endpoints: [{addresses: [db.example.com]}]
+"#;
+        let (cfg, errors) = translate(yaml);
+        assert_eq!(
+            errors,
+            [
+                "EndpointSlice shop/db-fqdn: addressType: \"FQDN\" is not supported: want IPv4 or IPv6"
+            ]
+        );
+        let eps = |svc: &str| -> Vec<String> {
+            let s = cfg.services.iter().find(|s| s.name == svc).unwrap();
+            s.endpoints
+                .iter()
+                .map(|e| e.workload_uid.rsplit('/').next().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(eps("web"), ["ready"]);
+        assert_eq!(eps("web-all"), ["leaving", "ready", "starting"]);
+        assert_eq!(eps("db"), ["192.0.2.10"]);
+        let db = cfg.services.iter().find(|s| s.name == "db").unwrap();
+        // sql by name; admin's slice port is UDP, so it has none.
+        assert_eq!(db.endpoints[0].ports, BTreeMap::from([(5432, 15432)]));
+        let w = cfg
+            .workloads
+            .iter()
+            .find(|w| w.uid == db.endpoints[0].workload_uid)
+            .unwrap();
+        assert_eq!(w.protocol, TunnelProtocol::None);
+        assert!(w.healthy);
+        // Unhealthy pods stay workloads (their own traffic is captured),
+        // marked so.
+        let starting = cfg.workloads.iter().find(|w| w.name == "starting").unwrap();
+        assert!(!starting.healthy);
     }
 }

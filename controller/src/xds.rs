@@ -710,6 +710,7 @@ mod tests {
             named_ports: BTreeMap::new(),
             authorization_policies: vec![],
             host_network: false,
+            healthy: true,
             waypoint: None,
         }
     }

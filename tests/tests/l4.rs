@@ -409,3 +409,55 @@ fn namespace_label_captures_its_pods() -> Result<()> {
     );
     Ok(())
 }
+
+/// A Service without a selector reaches the endpoints its EndpointSlice
+/// lists (here a pod outside the mesh, by the slice's port name), never an
+/// endpoint the slice marks not ready; the connections are counted under
+/// the Service.
+#[test]
+fn selector_less_service_uses_its_endpoint_slice() -> Result<()> {
+    let lab = Lab::up(LabOptions::new("slices", SCENARIO))?;
+    let client = lab.pod("shop/client");
+    let plain = lab.pod("legacy/plain");
+    let _who = apps::serve(plain, 17000, App::WhoAmI)?;
+    lab.write_manifest(
+        "db.yaml",
+        &format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: shop}}
+spec: {{clusterIP: 10.96.0.99, ports: [{{name: tcp-db, port: 5432}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: db-1, namespace: shop, labels: {{kubernetes.io/service-name: db}}}}
+addressType: IPv4
+ports: [{{name: tcp-db, port: 17000}}]
+endpoints:
+- addresses: ["{}"]
+- addresses: ["192.0.2.77"]
+  conditions: {{ready: false}}
+"#,
+            plain.ip
+        ),
+    )?;
+    let vip: SocketAddr = "10.96.0.99:5432".parse()?;
+    eventually("the Service resolves", Duration::from_secs(10), || {
+        Ok(apps::whoami(client, vip).is_ok())
+    })?;
+    for _ in 0..10 {
+        let seen = apps::whoami(client, vip)?;
+        ensure!(seen.ip() == client.ip, "the endpoint saw {seen}");
+    }
+    let labels = [
+        ("reporter", "source"),
+        ("destination_service", "db.shop.svc.cluster.local"),
+        ("destination_workload", "db"),
+    ];
+    eventually("the metrics", Duration::from_secs(5), || {
+        let m = lab.metrics("node-1")?;
+        Ok(metric_sum(&m, "istio_tcp_connections_closed_total", &labels) >= 11.0)
+    })?;
+    Ok(())
+}

@@ -151,6 +151,7 @@ impl Endpoint {
                 named_ports: Default::default(),
                 authorization_policies: Vec::new(),
                 host_network: false,
+                healthy: true,
                 waypoint: None,
             }),
             addr: SocketAddr::from(([10, 0, 0, i], 80)),

@@ -130,7 +130,11 @@ fn workload_to_proto(w: &Workload, services: BTreeMap<String, pw::PortList>) -> 
         workload_type: pw::WorkloadType::Pod as i32,
         workload_name: w.workload_name.clone(),
         authorization_policies: w.authorization_policies.clone(),
-        status: pw::WorkloadStatus::Healthy as i32,
+        status: if w.healthy {
+            pw::WorkloadStatus::Healthy
+        } else {
+            pw::WorkloadStatus::Unhealthy
+        } as i32,
         cluster_id: String::new(),
         services,
         network_mode: if w.host_network {
@@ -393,6 +397,7 @@ pub fn workload_from_proto(name: &str, p: pw::Workload) -> Result<XdsWorkload, C
         named_ports: BTreeMap::new(),
         authorization_policies: p.authorization_policies,
         host_network: p.network_mode == pw::NetworkMode::HostNetwork as i32,
+        healthy: p.status != pw::WorkloadStatus::Unhealthy as i32,
         waypoint: p
             .waypoint
             .map(waypoint_from_proto)
@@ -648,6 +653,7 @@ mod tests {
             named_ports: BTreeMap::new(),
             authorization_policies: vec!["shop/web-only".into()],
             host_network: false,
+            healthy: true,
             waypoint: None,
         }
     }
@@ -704,6 +710,8 @@ mod tests {
                 workload("web-1", "10.0.2.10", TunnelProtocol::Hbone),
                 Workload {
                     host_network: true,
+                    // Not ready: WorkloadStatus UNHEALTHY both ways.
+                    healthy: false,
                     waypoint: waypoint(),
                     ..workload("web-2", "fd00::2", TunnelProtocol::None)
                 },

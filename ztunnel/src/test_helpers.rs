@@ -25,6 +25,7 @@ pub fn pod(name: &str, ns: &str, sa: &str, ip: &str, node: &str, meshed: bool) -
         named_ports: BTreeMap::new(),
         authorization_policies: Vec::new(),
         host_network: false,
+        healthy: true,
         waypoint: None,
     }
 }
