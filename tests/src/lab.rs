@@ -946,6 +946,38 @@ impl Lab {
 
     /// Starts ztunnel on `node` again (after [`Lab::kill_ztunnel`]) without
     /// waiting for it.
+    /// Adds env for every ztunnel started from now on.
+    pub fn add_ztunnel_env(&mut self, env: Vec<(String, String)>) {
+        self.opts.ztunnel_env.extend(env);
+    }
+
+    /// Stops ztunnel on `node` with SIGTERM, as the kubelet does, and waits
+    /// until it has exited (drained).
+    pub fn stop_ztunnel(
+        &mut self,
+        node: &str,
+        limit: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let mut child = self
+            .ztunnels
+            .remove(node)
+            .with_context(|| format!("no ztunnel on {node}"))?;
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        let started = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if started.elapsed() > limit {
+                child.kill()?;
+                bail!("ztunnel on {node} still running {limit:?} after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.register()?;
+        Ok(status)
+    }
+
     pub fn start_ztunnel_again(&mut self, node: &str) -> Result<()> {
         if self.ztunnels.contains_key(node) {
             bail!("ztunnel on {node} is still running");

@@ -10,6 +10,7 @@ pub mod apps;
 pub mod bookinfo;
 pub mod chart;
 pub mod check;
+pub mod kubeapi;
 pub mod lab;
 pub mod netns;
 pub mod otlp;

@@ -182,3 +182,73 @@ fn uninstall_releases_the_node() -> Result<()> {
     ensure!(seen.ip() == client.ip, "server saw {seen}");
     Ok(())
 }
+
+/// SIGTERM reaches ztunnel for a rollout and for a removal alike; it asks
+/// the API server which it is, as istio-cni does. While its DaemonSet
+/// exists and selects the node, capture stays (traffic is dropped until a
+/// ztunnel is back); once the DaemonSet is gone (helm uninstall), the
+/// stopping ztunnel removes capture, so the node's pods are not cut off.
+#[test]
+fn sigterm_tells_a_rollout_from_a_removal() -> Result<()> {
+    let mut lab = Lab::up(LabOptions::new("removal", SCENARIO))?;
+    let client = lab.pod("shop/client").clone();
+    let web = lab.pod("shop/web-1").clone();
+    let node1 = lab.node("node-1").clone();
+    let _who = apps::serve(&web, 9002, App::WhoAmI)?;
+    let api = weft_tests::kubeapi::FakeApi::start(&node1.netns, &lab.dir().join("sa-node-1"))?;
+    let ds_path = "/apis/apps/v1/namespaces/istio-system/daemonsets/ztunnel";
+    let daemonset = serde_json::json!({"metadata": {"name": "ztunnel"},
+        "spec": {"template": {"spec": {"nodeSelector": {"kubernetes.io/os": "linux"}}}}});
+    api.set(ds_path, Some(daemonset));
+    api.set(
+        "/api/v1/nodes/node-1",
+        Some(serde_json::json!({"metadata": {"name": "node-1", "labels": {"kubernetes.io/os": "linux"}}})),
+    );
+    lab.add_ztunnel_env(api.ztunnel_env("istio-system", "ztunnel"));
+    lab.kill_ztunnel("node-1")?;
+    lab.start_ztunnel_again("node-1")?;
+    lab.wait_ztunnel_ready("node-1")?;
+    ensure!(apps::whoami(&client, addr(&web, 9002))?.ip() == client.ip);
+
+    // A rollout: the DaemonSet still selects the node. Capture stays.
+    let status = lab.stop_ztunnel("node-1", Duration::from_secs(15))?;
+    ensure!(status.success(), "ztunnel exited with {status}");
+    ensure!(
+        lab.ztunnel_log("node-1")
+            .contains("capture stays for the next ztunnel"),
+        "no rollout verdict in the log"
+    );
+    connect_fails(&client, addr(&web, 9002), Duration::from_secs(2))?;
+    ensure!(
+        lab.pin_dir("node-1").exists(),
+        "capture was removed on a rollout"
+    );
+
+    // helm uninstall: the DaemonSet is gone. Capture goes with ztunnel.
+    lab.start_ztunnel_again("node-1")?;
+    lab.wait_ztunnel_ready("node-1")?;
+    api.set(ds_path, None);
+    let status = lab.stop_ztunnel("node-1", Duration::from_secs(15))?;
+    ensure!(status.success(), "ztunnel exited with {status}");
+    let log = lab.ztunnel_log("node-1");
+    ensure!(
+        log.contains("the DaemonSet no longer exists") && log.contains("capture uninstalled"),
+        "no removal in the log"
+    );
+    ensure!(!lab.pin_dir("node-1").exists(), "capture still pinned");
+    let rules = node1.netns.ip(&["-4", "rule", "show"])?;
+    ensure!(
+        !rules.contains("lookup 15001"),
+        "policy route left: {rules}"
+    );
+    // Direct again: node-2 still captures web-1, which accepts plaintext.
+    let seen = apps::whoami(&client, addr(&web, 9002))?;
+    ensure!(seen.ip() == client.ip, "server saw {seen}");
+    // ztunnel asked with its service account token.
+    let asked = api.asked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    ensure!(
+        asked.iter().any(|(p, ok)| p == ds_path && *ok),
+        "asked: {asked:?}"
+    );
+    Ok(())
+}

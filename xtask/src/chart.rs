@@ -238,6 +238,11 @@ fn rules(objects: &[Value]) -> Result<()> {
         token == Some("istio-ca"),
         "ztunnel's token must have the istio-ca audience"
     );
+    // A wrong name would make every SIGTERM look like an uninstall.
+    ensure!(
+        env(z, "DAEMONSET_NAME") == ds["metadata"]["name"].as_str(),
+        "ztunnel's DAEMONSET_NAME is not its DaemonSet's name"
+    );
     // Users' resources go with a CRD: never deleted on uninstall.
     for crd in objects
         .iter()

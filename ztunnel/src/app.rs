@@ -24,6 +24,7 @@ use crate::config::{
 };
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyInputs};
+use crate::removal::Verdict;
 use crate::state::{Store, pod_map};
 use crate::succession::{self, Succession};
 use weft_identity::{CertManager, IdentityError, LocalSigner, RemoteSigner};
@@ -286,6 +287,21 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             }
         }
     }
+    // A rollout keeps capture for the successor; a removal takes it away
+    // once drained, so no pod is left captured with no proxy.
+    let verdict = if succession.superseded() {
+        Verdict::Keep("a newer ztunnel runs on this node: a rollout".into())
+    } else if let Some(access) = &cfg.cluster {
+        access.check().await
+    } else {
+        Verdict::Keep("no API server to ask".into())
+    };
+    match &verdict {
+        Verdict::Keep(why) => info!(reason = %why, "stopping; capture stays for the next ztunnel"),
+        Verdict::Remove(why) => {
+            warn!(reason = %why, "stopping for good on this node; capture goes once drained")
+        }
+    }
     // Drain: no longer ready, listeners close (a new ztunnel bound beside
     // this one takes their queued connections), HBONE servers send GOAWAY,
     // open connections get `drain_duration` to finish.
@@ -298,10 +314,16 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             warn!(deadline = ?cfg.drain_duration, "drain deadline passed; closing the connections left")
         }
     }
+    drop(capture);
+    if let Verdict::Remove(_) = verdict {
+        if cfg.capture == CaptureMode::Ebpf {
+            uninstall(&cfg.bpf_pin_dir)?;
+        }
+        return Ok(());
+    }
     // Capture stays: until a ztunnel listens again, captured pods' traffic
     // is dropped, never sent in plaintext.
     info!("shutting down; capture stays pinned (`ztunnel uninstall` removes it)");
-    drop(capture);
     Ok(())
 }
 

@@ -120,6 +120,9 @@ pub struct Config {
     pub drain_duration: Duration,
     /// Threads of the async runtime.
     pub worker_threads: usize,
+    /// In a cluster: where to ask, on SIGTERM, whether this is a rollout or
+    /// a removal ([`crate::removal`]).
+    pub cluster: Option<crate::removal::ClusterAccess>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -255,7 +258,6 @@ impl Config {
                 Some(drain_duration),
                 Some(worker_threads),
             ) if errors.is_empty() => Ok(Config {
-                node_name,
                 source,
                 cert_ttl,
                 capture,
@@ -267,6 +269,8 @@ impl Config {
                 stats_addr,
                 readiness_addr,
                 max_connections,
+                cluster: crate::removal::ClusterAccess::from_env(get, &node_name),
+                node_name,
             }),
             _ => Err(ConfigError(errors)),
         }

@@ -11,6 +11,7 @@ pub mod app;
 pub mod config;
 pub mod metrics;
 pub mod proxy;
+pub mod removal;
 pub mod state;
 pub mod succession;
 #[cfg(test)]
