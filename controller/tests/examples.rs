@@ -2,7 +2,6 @@
 //! read and translate with no refusal, against a namespace like the one
 //! they are applied to.
 
-#![expect(clippy::unwrap_used, reason = "test setup")]
 
 use weft_controller::manifests;
 use weft_controller::translate::{self, Mesh};
