@@ -2,7 +2,6 @@
 //! read and translate with no refusal, against a namespace like the one
 //! they are applied to.
 
-
 use weft_controller::manifests;
 use weft_controller::translate::{self, Mesh};
 
