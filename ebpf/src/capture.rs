@@ -259,7 +259,13 @@ impl Capture {
     /// An interface with a pinned link (a previous ztunnel's) gets this
     /// program swapped in atomically; others get a new link, pinned.
     /// Returns the newly attached interfaces.
-    pub fn sync_interfaces(&mut self) -> Result<Vec<String>, CaptureError> {
+    ///
+    /// `vips` are the mesh's Service addresses: never the node's own, even
+    /// where a proxy binds them locally (traffic to them is captured).
+    pub fn sync_interfaces(
+        &mut self,
+        vips: &BTreeSet<Ipv4Addr>,
+    ) -> Result<Vec<String>, CaptureError> {
         let ifaces = interfaces().map_err(CaptureError::Interfaces)?;
         // Gone (a renamed device keeps its index, and its link).
         let stale: Vec<u32> = self
@@ -303,7 +309,7 @@ impl Capture {
         }
         let addrs = local_addresses().map_err(CaptureError::Interfaces)?;
         let current: BTreeSet<u32> = self.node_addrs.keys().filter_map(Result::ok).collect();
-        let wanted: BTreeSet<u32> = addrs.iter().map(|a| key(*a)).collect();
+        let wanted: BTreeSet<u32> = addrs.difference(vips).map(|a| key(*a)).collect();
         for k in current.difference(&wanted) {
             let _ = self.node_addrs.remove(k);
         }
@@ -517,38 +523,22 @@ fn interfaces() -> std::io::Result<BTreeMap<u32, String>> {
         .collect())
 }
 
-/// IPv4 addresses local to the current network namespace (from the FIB's
-/// `/32 host LOCAL` entries).
-fn local_addresses() -> std::io::Result<BTreeSet<Ipv4Addr>> {
-    let trie = std::fs::read_to_string("/proc/self/net/fib_trie")?;
-    Ok(parse_fib_trie(&trie))
-}
+/// Interfaces that hold Service VIPs, not node addresses: kube-proxy in IPVS
+/// mode binds every VIP to `kube-ipvs0`, kube-router to `kube-dummy-if`.
+/// Taken for the node's own, a VIP would escape capture.
+pub const VIP_INTERFACES: [&str; 2] = ["kube-ipvs0", "kube-dummy-if"];
 
-fn parse_fib_trie(trie: &str) -> BTreeSet<Ipv4Addr> {
+/// IPv4 addresses of the current network namespace's interfaces, but
+/// those of [`VIP_INTERFACES`].
+fn local_addresses() -> std::io::Result<BTreeSet<Ipv4Addr>> {
     let mut out = BTreeSet::new();
-    let mut last: Option<Ipv4Addr> = None;
-    for line in trie.lines() {
-        let t = line.trim_start_matches([' ', '|', '+', '-']).trim();
-        if let Ok(ip) = t.parse::<Ipv4Addr>() {
-            last = Some(ip);
-        } else if t.contains("/32 host LOCAL")
-            && let Some(ip) = last
-        {
-            out.insert(ip);
+    for ifa in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
+        if VIP_INTERFACES.contains(&ifa.interface_name.as_str()) {
+            continue;
+        }
+        if let Some(a) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            out.insert(a.ip());
         }
     }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Local addresses are the leaves marked `/32 host LOCAL`, nothing else.
-    #[test]
-    fn fib_trie_locals() {
-        let trie = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 10.240.0.0\n        /24 link UNICAST\n     |-- 10.240.0.11\n        /32 host LOCAL\n     |-- 169.254.1.1\n        /32 host LOCAL\n     |-- 10.240.0.255\n        /32 link BROADCAST\n";
-        let got: Vec<String> = parse_fib_trie(trie).iter().map(|a| a.to_string()).collect();
-        assert_eq!(got, ["10.240.0.11", "169.254.1.1"]);
-    }
+    Ok(out)
 }

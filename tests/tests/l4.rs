@@ -461,3 +461,55 @@ endpoints:
     })?;
     Ok(())
 }
+
+/// kube-proxy in IPVS mode binds every Service VIP to a dummy interface
+/// (`kube-ipvs0`) on each node, so VIPs look like the node's own addresses.
+/// Taken as such, a pod's connection to a VIP would escape capture and
+/// reach the backend in plaintext, around policy. Here a VIP sits on
+/// `kube-ipvs0` and another on an interface of another name: connections to
+/// both still go through ztunnel (counted by it, under their Service).
+#[test]
+fn ipvs_vips_are_not_node_addresses() -> Result<()> {
+    let lab = Lab::up(LabOptions::new("ipvs", SCENARIO))?;
+    let client = lab.pod("shop/client");
+    let web1 = lab.pod("shop/web-1");
+    let web2 = lab.pod("shop/web-2");
+    let _w1 = apps::serve(web1, 8080, App::WhoAmI)?;
+    let _w2 = apps::serve(web2, 8080, App::WhoAmI)?;
+    lab.write_manifest(
+        "web-alt.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web-alt, namespace: shop}\nspec: {clusterIP: 10.96.0.11, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}\n",
+    )?;
+    let node = &lab.node("node-1").netns;
+    // A portless bridge stands in for the dummy device (this kernel has no
+    // dummy module): an interface that only holds addresses.
+    node.ip(&["link", "add", "kube-ipvs0", "type", "bridge"])?;
+    node.ip(&["addr", "add", "10.96.0.10/32", "dev", "kube-ipvs0"])?;
+    node.ip(&["link", "add", "vip0", "type", "bridge"])?;
+    node.ip(&["addr", "add", "10.96.0.11/32", "dev", "vip0"])?;
+    // ztunnel picks up interfaces and addresses on its next sync.
+    std::thread::sleep(Duration::from_secs(2));
+    for vip in ["10.96.0.10:80", "10.96.0.11:80"] {
+        let vip: SocketAddr = vip.parse()?;
+        eventually(
+            &format!("{vip} through ztunnel"),
+            Duration::from_secs(10),
+            || Ok(apps::whoami(client, vip).is_ok()),
+        )?;
+        for _ in 0..4 {
+            let seen = apps::whoami(client, vip)?;
+            ensure!(seen.ip() == client.ip, "the backend saw {seen}");
+        }
+    }
+    for svc in [
+        "web.shop.svc.cluster.local",
+        "web-alt.shop.svc.cluster.local",
+    ] {
+        let labels = [("reporter", "source"), ("destination_service", svc)];
+        eventually(&format!("{svc} counted"), Duration::from_secs(5), || {
+            let m = lab.metrics("node-1")?;
+            Ok(metric_sum(&m, "istio_tcp_connections_closed_total", &labels) >= 5.0)
+        })?;
+    }
+    Ok(())
+}

@@ -173,7 +173,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 redirect_mark: REDIRECT_MARK,
                 pin_dir: cfg.bpf_pin_dir.clone(),
             })?;
-            capture.sync_interfaces()?;
+            // No VIPs known yet: those bound to kube-proxy's IPVS interface
+            // are left out by name; the rest once the state is here.
+            capture.sync_interfaces(&BTreeSet::new())?;
             pods = capture.pods();
             Some(Arc::new(Mutex::new(capture)))
         }
@@ -275,7 +277,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         }
         if let Some(capture) = &capture {
             let mut c = capture.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = c.sync_interfaces() {
+            if let Err(e) = c.sync_interfaces(&state.snapshot().vips_v4()) {
                 warn!(error = %e, "capture interface sync failed");
             }
             let next = pod_map(&state.snapshot(), &cfg.node_name, &pods);

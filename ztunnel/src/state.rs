@@ -252,6 +252,17 @@ impl State {
         self.services.get(&ip)
     }
 
+    /// Every Service VIP (IPv4): never a node's own address.
+    pub fn vips_v4(&self) -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+        self.services
+            .keys()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
     /// Whether the workload `uid` is a waypoint's pod.
     pub fn is_waypoint(&self, uid: &str) -> bool {
         self.waypoints.contains(uid)
