@@ -370,7 +370,15 @@ async fn deploy_waypoints(
     mut deployer: deploy::Deployer,
     mut rx: watch::Receiver<Vec<WaypointGateway>>,
 ) {
-    while rx.changed().await.is_ok() {
+    // Also on a tick: a parametersRef ConfigMap is read at each round, and
+    // its changes land within [`deploy::RESYNC`].
+    let mut tick = tokio::time::interval(deploy::RESYNC);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
+        }
         let gateways = rx.borrow_and_update().clone();
         deployer.apply(&gateways).await;
     }
@@ -465,14 +473,16 @@ impl Publisher {
             let gateways = crate::waypoints::waypoints(&snap)
                 .0
                 .into_values()
-                .map(|w| WaypointGateway {
-                    uid: snap
-                        .gateways
-                        .get(&w.key())
-                        .and_then(|g| g.metadata.uid.clone())
-                        .unwrap_or_default(),
-                    namespace: w.namespace,
-                    name: w.name,
+                .map(|w| {
+                    let g = snap.gateways.get(&w.key());
+                    WaypointGateway {
+                        uid: g.and_then(|g| g.metadata.uid.clone()).unwrap_or_default(),
+                        infrastructure: g
+                            .and_then(|g| g.spec.infrastructure.clone())
+                            .unwrap_or_default(),
+                        namespace: w.namespace,
+                        name: w.name,
+                    }
                 })
                 .collect();
             waypoints.send_if_modified(|cur| {

@@ -46,6 +46,32 @@ pub struct GatewaySpec {
     pub gateway_class_name: String,
     #[serde(default)]
     pub listeners: Vec<Listener>,
+    /// Labels and annotations for what is deployed, and a ConfigMap that
+    /// overlays it (Gateway API's `infrastructure`, as Istio reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infrastructure: Option<Infrastructure>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Infrastructure {
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters_ref: Option<ParametersRef>,
+}
+
+/// A local object of `group`/`kind` named `name` (a ConfigMap, for Istio).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParametersRef {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

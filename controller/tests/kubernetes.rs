@@ -586,6 +586,7 @@ async fn waypoint_deployed_for_its_gateway() {
         namespace: "shop".into(),
         name: "waypoint".into(),
         uid: "uid-1".into(),
+        ..WaypointGateway::default()
     };
     deployer.apply(std::slice::from_ref(&gw)).await;
     let writes = fake.writes();
@@ -599,6 +600,8 @@ async fn waypoint_deployed_for_its_gateway() {
     let sa = find("/api/v1/namespaces/shop/serviceaccounts/waypoint");
     let svc = find("/api/v1/namespaces/shop/services/waypoint");
     let dep = find("/apis/apps/v1/namespaces/shop/deployments/waypoint");
+    let pdb = find("/apis/policy/v1/namespaces/shop/poddisruptionbudgets/waypoint");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     let status =
         find("/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/waypoint/status");
     for obj in [&sa, &svc, &dep] {
@@ -896,5 +899,82 @@ async fn mesh_root_published_to_every_namespace() {
     assert_eq!(
         (applied("shop"), applied("default"), applied("weft-system")),
         (2, 2, 1)
+    );
+}
+
+/// A Gateway's parametersRef ConfigMap overlays its waypoint's objects; one
+/// that is missing or bad is named on the Gateway's status
+/// (InvalidParameters) and what runs is left alone; fixed, it applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_parameters_from_a_config_map() {
+    use weft_controller::deploy::{Deployer, Settings, WaypointGateway};
+    use weft_controller::waypoints::{Infrastructure, ParametersRef};
+    let (client, fake) = mock_client();
+    let mut deployer = Deployer::new(
+        client,
+        Settings {
+            image: "weft/waypoint:dev".into(),
+            xds_address: "weft-controller.istio-system.svc:15012".into(),
+            trust_domain: "cluster.local".into(),
+        },
+    );
+    let gw = WaypointGateway {
+        namespace: "shop".into(),
+        name: "waypoint".into(),
+        uid: "uid-1".into(),
+        infrastructure: Infrastructure {
+            parameters_ref: Some(ParametersRef {
+                group: String::new(),
+                kind: "ConfigMap".into(),
+                name: "wp-params".into(),
+            }),
+            ..Infrastructure::default()
+        },
+    };
+    let dep_path = "/apis/apps/v1/namespaces/shop/deployments/waypoint";
+    let status_path = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/waypoint/status";
+    // Missing: refused, nothing deployed.
+    deployer.apply(std::slice::from_ref(&gw)).await;
+    assert!(fake.patches(dep_path).is_empty());
+    let status = fake.patches(status_path);
+    let accepted = &status.last().unwrap()["status"]["conditions"][0];
+    assert_eq!(
+        (accepted["status"].as_str(), accepted["reason"].as_str()),
+        (Some("False"), Some("InvalidParameters"))
+    );
+    assert!(
+        accepted["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.infrastructure.parametersRef: ConfigMap shop/wp-params does not exist"),
+        "{accepted}"
+    );
+    // Present: its deployment patch is applied.
+    fake.objects.lock().unwrap().insert(
+        "/api/v1/namespaces/shop/configmaps/wp-params".into(),
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "wp-params", "namespace": "shop"},
+               "data": {"deployment": "spec:\n  replicas: 2\n"}}),
+    );
+    deployer.apply(std::slice::from_ref(&gw)).await;
+    let dep = fake.patches(dep_path);
+    assert_eq!(dep.len(), 1);
+    assert_eq!(dep[0]["spec"]["replicas"], 2);
+    let accepted = fake.patches(status_path).last().unwrap()["status"]["conditions"][0].clone();
+    assert_eq!(accepted["status"], "True");
+    // Broken: refused on the status, the running Deployment left as it was.
+    fake.objects.lock().unwrap().insert(
+        "/api/v1/namespaces/shop/configmaps/wp-params".into(),
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "wp-params", "namespace": "shop"},
+               "data": {"deploymnet": "spec: {replicas: 5}"}}),
+    );
+    deployer.apply(std::slice::from_ref(&gw)).await;
+    assert_eq!(fake.patches(dep_path).len(), 1, "what runs is left alone");
+    let accepted = fake.patches(status_path).last().unwrap()["status"]["conditions"][0].clone();
+    assert!(
+        accepted["message"]
+            .as_str()
+            .unwrap()
+            .contains("key \"deploymnet\""),
+        "{accepted}"
     );
 }
