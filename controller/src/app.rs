@@ -24,10 +24,10 @@ use crate::deploy::{self, WaypointGateway};
 use crate::kubernetes::{self, KubeSource, StatusWriter, TokenReviewer};
 use crate::metrics::{Metrics, TypeLabels};
 use crate::policy::Status;
-use crate::root_cert;
 use crate::source::ManifestsDir;
 use crate::translate::{self, Mesh, Translation};
 use crate::xds::{Controller, Published};
+use crate::{lease, root_cert};
 
 pub const ENV_MANIFESTS_DIR: &str = "MANIFESTS_DIR";
 pub const ENV_CA_DIR: &str = "CA_DIR";
@@ -41,6 +41,8 @@ pub const ENV_METRICS_ADDR: &str = "METRICS_ADDR";
 pub const ENV_ZTUNNEL_SERVICE_ACCOUNT: &str = "ZTUNNEL_SERVICE_ACCOUNT";
 /// Kubernetes mode: the controller's namespace (the downward API's).
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
+/// Kubernetes mode: this replica's name, for leader election.
+pub const ENV_POD_NAME: &str = "POD_NAME";
 /// `false` lets mesh clients reach the endpoints of a service with L7
 /// policy directly, around its waypoint (Istio's behaviour).
 pub const ENV_L7_POLICY_WAYPOINT_ONLY: &str = "L7_POLICY_WAYPOINT_ONLY";
@@ -75,8 +77,10 @@ pub enum SourceConfig {
     Kubernetes {
         ztunnel_service_account: String,
         /// The controller's own namespace (`POD_NAMESPACE`), which always
-        /// gets the mesh root's ConfigMap.
+        /// gets the mesh root's ConfigMap, and holds the leader's Lease.
         namespace: String,
+        /// This replica's name in the Lease (`POD_NAME`, else the host name).
+        identity: String,
     },
 }
 
@@ -148,6 +152,9 @@ impl Config {
                 namespace: get(ENV_POD_NAMESPACE)
                     .or_else(|| get(ENV_ROOT_NAMESPACE))
                     .unwrap_or_else(|| "istio-system".into()),
+                identity: get(ENV_POD_NAME)
+                    .or_else(|| get("HOSTNAME"))
+                    .unwrap_or_else(|| format!("weft-controller-{}", std::process::id())),
             },
         };
         Ok(Config {
@@ -181,6 +188,8 @@ impl Config {
 /// Runs the controller until SIGTERM/SIGINT.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
     let metrics = Arc::new(Metrics::default());
+    // Kubernetes mode: how to give up the lead on SIGTERM.
+    let mut lease_stop = None;
     let (source, auth, ca) = match &cfg.source {
         SourceConfig::Manifests {
             dir,
@@ -198,6 +207,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         SourceConfig::Kubernetes {
             ztunnel_service_account,
             namespace,
+            identity,
         } => {
             let client = kube::Client::try_default()
                 .await
@@ -217,8 +227,22 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 &cfg.mesh.trust_domain,
                 Some(source.pods()),
             ));
+            // One replica writes to the cluster; all serve.
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let leader = lease::elect(
+                client.clone(),
+                namespace,
+                identity,
+                lease::Timing::default(),
+                stop_rx,
+            );
+            lease_stop = Some((stop_tx, leader.clone()));
             let (tx, rx) = watch::channel(Vec::new());
-            tokio::spawn(write_statuses(StatusWriter::new(client.clone()), rx));
+            tokio::spawn(write_statuses(
+                StatusWriter::new(client.clone()),
+                rx,
+                leader.clone(),
+            ));
             let (wtx, wrx) = watch::channel(Vec::new());
             let settings = deploy::Settings {
                 image: get_env(ENV_WAYPOINT_IMAGE).unwrap_or_else(|| DEFAULT_WAYPOINT_IMAGE.into()),
@@ -229,12 +253,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             tokio::spawn(deploy_waypoints(
                 deploy::Deployer::new(client.clone(), settings),
                 wrx,
+                leader.clone(),
             ));
             let (rtx, rrx) = watch::channel(BTreeSet::new());
             tokio::spawn(root_cert::run(
                 root_cert::RootPublisher::new(client, ca.root_pem()),
                 namespace.clone(),
                 rrx,
+                leader,
             ));
             let cluster = Cluster {
                 source: Box::new(source),
@@ -314,6 +340,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             // replica, or to this one's successor, and resume from their
             // last state.
             let _ = stop.send(());
+            // Give the lease up so another replica writes at once.
+            if let Some((stop, mut leader)) = lease_stop.take() {
+                let _ = stop.send(true);
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    leader.wait_for(|leads| !*leads),
+                )
+                .await;
+            }
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
                 Ok(served) => served?,
                 Err(_) => info!(grace = ?SHUTDOWN_GRACE, "closing the open xDS streams without waiting for their clients"),
@@ -369,6 +404,7 @@ const ISTIO_CRD_GRACE: Duration = Duration::from_secs(10);
 async fn deploy_waypoints(
     mut deployer: deploy::Deployer,
     mut rx: watch::Receiver<Vec<WaypointGateway>>,
+    mut leader: watch::Receiver<bool>,
 ) {
     // Also on a tick: a parametersRef ConfigMap is read at each round, and
     // its changes land within [`deploy::RESYNC`].
@@ -377,10 +413,18 @@ async fn deploy_waypoints(
     loop {
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
+            changed = leader.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                deployer.forget();
+            }
             _ = tick.tick() => {}
         }
-        let gateways = rx.borrow_and_update().clone();
-        deployer.apply(&gateways).await;
+        if *leader.borrow() {
+            let gateways = rx.borrow_and_update().clone();
+            deployer.apply(&gateways).await;
+        }
     }
 }
 
@@ -389,10 +433,22 @@ async fn deploy_waypoints(
 async fn write_statuses(
     mut writer: StatusWriter,
     mut rx: watch::Receiver<Vec<(Status, Option<i64>)>>,
+    mut leader: watch::Receiver<bool>,
 ) {
-    while rx.changed().await.is_ok() {
-        let statuses = rx.borrow_and_update().clone();
-        writer.write(&statuses).await;
+    loop {
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            changed = leader.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                writer.forget();
+            }
+        }
+        if *leader.borrow() {
+            let statuses = rx.borrow_and_update().clone();
+            writer.write(&statuses).await;
+        }
     }
 }
 

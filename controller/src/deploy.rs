@@ -408,6 +408,12 @@ impl Deployer {
         }
     }
 
+    /// Forgets what it applied: a replica that (again) leads applies
+    /// everything anew.
+    pub fn forget(&mut self) {
+        self.applied.clear();
+    }
+
     /// Makes every gateway's objects and status current. A failure is
     /// logged and retried on the next change; the others go on.
     pub async fn apply(&mut self, gateways: &[WaypointGateway]) {

@@ -297,6 +297,12 @@ impl StatusWriter {
         }
     }
 
+    /// Forgets what it wrote: a replica that (again) leads writes every
+    /// status anew, since another may have written meanwhile.
+    pub fn forget(&mut self) {
+        self.written.clear();
+    }
+
     /// Patches the status of every resource in `statuses` (with its
     /// `metadata.generation`) whose conditions differ from what was last written.
     pub async fn write(&mut self, statuses: &[(Status, Option<i64>)]) {

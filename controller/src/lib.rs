@@ -20,6 +20,7 @@ pub mod kinds;
 pub mod kubernetes;
 pub mod l7_policy;
 pub mod labels;
+pub mod lease;
 pub mod manifests;
 pub mod metrics;
 pub mod policy;

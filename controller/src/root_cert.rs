@@ -139,11 +139,13 @@ impl RootPublisher {
 
 /// Keeps the root published to the [`targets`] among `namespaces` (every
 /// namespace of the cluster, as they change) and `own` (the controller's),
-/// repairs what the watch shows removed or changed, and retries failures.
+/// repairs what the watch shows removed or changed, and retries failures;
+/// only while this replica leads (`leader`).
 pub async fn run(
     mut publisher: RootPublisher,
     own: String,
     mut namespaces: watch::Receiver<BTreeSet<String>>,
+    mut leader: watch::Receiver<bool>,
 ) {
     let api = Api::<ConfigMap>::all(publisher.client.clone());
     let events = watch_objects(
@@ -152,11 +154,13 @@ pub async fn run(
     )
     .default_backoff();
     let mut events = std::pin::pin!(events);
-    let first = targets(
-        namespaces.borrow_and_update().iter().map(String::as_str),
-        &own,
-    );
-    publisher.apply(&first).await;
+    if *leader.borrow_and_update() {
+        let first = targets(
+            namespaces.borrow_and_update().iter().map(String::as_str),
+            &own,
+        );
+        publisher.apply(&first).await;
+    }
     let mut retry = tokio::time::interval(RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -177,8 +181,16 @@ pub async fn run(
                 }
             },
             _ = retry.tick() => publisher.failed,
+            changed = leader.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // Leading anew: what another replica wrote meanwhile is unknown.
+                publisher.current.clear();
+                true
+            }
         };
-        if due {
+        if due && *leader.borrow() {
             let now = targets(
                 namespaces.borrow_and_update().iter().map(String::as_str),
                 &own,

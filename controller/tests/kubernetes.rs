@@ -151,6 +151,47 @@ impl Fake {
             self.watches.lock().unwrap().insert(path, tx);
             return Response::new(StreamBody::new(ReceiverStream::new(rx)));
         }
+        // Leases: create, and replace with optimistic concurrency.
+        if path.starts_with("/apis/coordination.k8s.io/v1/") {
+            let conflict = || {
+                reply(
+                    StatusCode::CONFLICT,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"}),
+                )
+            };
+            let mut objects = self.objects.lock().unwrap();
+            if parts.method == Method::POST {
+                let at = format!("{path}/{}", sent["metadata"]["name"].as_str().unwrap());
+                if objects.contains_key(&at) {
+                    return conflict();
+                }
+                let mut stored = sent.clone();
+                stored["metadata"]["resourceVersion"] = json!("1");
+                objects.insert(at, stored.clone());
+                return reply(StatusCode::CREATED, &stored);
+            }
+            if parts.method == Method::PUT {
+                let Some(current) = objects.get(&path) else {
+                    return not_found(&path);
+                };
+                let rv = current["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                if sent["metadata"]["resourceVersion"].as_str() != Some(rv.as_str()) {
+                    return conflict();
+                }
+                let mut stored = sent.clone();
+                stored["metadata"]["resourceVersion"] =
+                    json!((rv.parse::<u64>().unwrap() + 1).to_string());
+                objects.insert(path.clone(), stored.clone());
+                return reply(StatusCode::OK, &stored);
+            }
+            if let Some(o) = objects.get(&path) {
+                return reply(StatusCode::OK, o);
+            }
+            return not_found(&path);
+        }
         if parts.method == Method::GET
             && let Some(o) = self.objects.lock().unwrap().get(&path)
         {
@@ -838,10 +879,13 @@ async fn mesh_root_published_to_every_namespace() {
     let applied = |ns: &str| fake.patches(&cm_path(ns)).len();
     let set = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
     let (tx, rx) = tokio::sync::watch::channel(set(&["default", "shop", "kube-system"]));
+    // This replica leads (the sender lives as long as the test).
+    let (_leads, leader) = tokio::sync::watch::channel(true);
     tokio::spawn(root_cert::run(
         RootPublisher::new(client, "ROOT PEM"),
         "weft-system".into(),
         rx,
+        leader,
     ));
     let settle = || tokio::time::sleep(Duration::from_millis(300));
     // Everything starts at once: the first namespaces, then a watch event.
@@ -977,4 +1021,77 @@ async fn waypoint_parameters_from_a_config_map() {
             .contains("key \"deploymnet\""),
         "{accepted}"
     );
+}
+
+/// Two replicas: one leads (writes to the cluster), the other waits. A
+/// leader that crashes is replaced once its lease runs out, never before;
+/// one that stops gives the lease up and the other takes over at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_leads_and_hands_over() {
+    use tokio::sync::watch;
+    use weft_controller::lease::{self, Timing};
+    let (client, fake) = mock_client();
+    let timing = Timing {
+        duration: Duration::from_secs(2),
+        renew: Duration::from_millis(100),
+    };
+    let lease_path = "/apis/coordination.k8s.io/v1/namespaces/weft-system/leases/weft-controller";
+    let holder = |f: &Fake| {
+        f.objects.lock().unwrap().get(lease_path).map(|l| {
+            (
+                l["spec"]["holderIdentity"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                l["spec"]["leaseTransitions"].as_i64().unwrap_or_default(),
+            )
+        })
+    };
+    async fn until(what: &str, rx: &watch::Receiver<bool>, within: Duration) {
+        let started = std::time::Instant::now();
+        while !*rx.borrow() {
+            assert!(started.elapsed() < within, "{what} not within {within:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    // a leads, on a runtime of its own that will die with it.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (stop_a, rx) = watch::channel(false);
+    let a = {
+        let _enter = rt.enter();
+        lease::elect(client.clone(), "weft-system", "a", timing, rx)
+    };
+    until("a leads", &a, Duration::from_secs(2)).await;
+    let (stop_b, rx) = watch::channel(false);
+    let b = lease::elect(client.clone(), "weft-system", "b", timing, rx);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!*b.borrow(), "b took the lease a renews");
+    assert_eq!(holder(&fake), Some(("a".to_string(), 0)));
+
+    // a crashes: no renewal, no release. b waits the lease out, then leads.
+    rt.shutdown_background();
+    drop(stop_a);
+    let crashed = std::time::Instant::now();
+    tokio::time::sleep(timing.duration / 2).await;
+    assert!(!*b.borrow(), "b led before a's lease ran out");
+    until("b leads", &b, timing.duration + Duration::from_secs(1)).await;
+    assert!(crashed.elapsed() >= timing.duration - timing.renew);
+    assert_eq!(holder(&fake), Some(("b".to_string(), 1)));
+
+    // c waits while b renews; b stops and gives the lease up: c leads at once.
+    let (_stop_c, rx) = watch::channel(false);
+    let c = lease::elect(client.clone(), "weft-system", "c", timing, rx);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!*c.borrow());
+    let stopped = std::time::Instant::now();
+    stop_b.send_replace(true);
+    until("c leads", &c, Duration::from_millis(700)).await;
+    assert!(stopped.elapsed() < timing.duration);
+    assert!(!*b.borrow());
+    assert_eq!(holder(&fake), Some(("c".to_string(), 2)));
 }
