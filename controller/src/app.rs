@@ -239,7 +239,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             lease_stop = Some((stop_tx, leader.clone()));
             let (tx, rx) = watch::channel(Vec::new());
             tokio::spawn(write_statuses(
-                StatusWriter::new(client.clone()),
+                StatusWriter::new(client.clone()).instance(identity),
                 rx,
                 leader.clone(),
             ));

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -33,6 +35,9 @@ use crate::auth::{AuthError, Caller};
 use crate::ca::{MeshCa, MeshCaError};
 use crate::kinds::{self, Kind, KindInfo, Visitor, each_kind};
 use crate::policy::{Status, WAYPOINT_BOUND};
+
+/// Events' `reportingController`.
+pub const EVENT_REPORTER: &str = "weft.dev/controller";
 
 /// Reflector stores over the API server, one per kind, and whether anything
 /// changed since the last [`KubeSource::poll`].
@@ -279,6 +284,10 @@ pub struct StatusWriter {
     client: Client,
     /// (kind, namespace, name) → the conditions last written (without timestamps).
     written: HashMap<(&'static str, String, String), serde_json::Value>,
+    /// (kind, namespace, name) → the refusal last reported as an Event.
+    evented: HashMap<(&'static str, String, String), String>,
+    /// This replica, as Events name their reporter.
+    instance: String,
 }
 
 impl Debug for StatusWriter {
@@ -294,18 +303,28 @@ impl StatusWriter {
         StatusWriter {
             client,
             written: HashMap::new(),
+            evented: HashMap::new(),
+            instance: "weft-controller".into(),
         }
+    }
+
+    /// Names this replica in the Events it reports.
+    pub fn instance(mut self, name: &str) -> Self {
+        self.instance = name.to_string();
+        self
     }
 
     /// Forgets what it wrote: a replica that (again) leads writes every
     /// status anew, since another may have written meanwhile.
     pub fn forget(&mut self) {
         self.written.clear();
+        self.evented.clear();
     }
 
     /// Patches the status of every resource in `statuses` (with its
     /// `metadata.generation`) whose conditions differ from what was last written.
     pub async fn write(&mut self, statuses: &[(Status, Option<i64>)]) {
+        self.report_refusals(statuses).await;
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         // A Service or ServiceEntry no longer bound (or refused) loses the
         // condition we wrote on it.
@@ -402,6 +421,68 @@ impl StatusWriter {
                     if patch_status(&api, s.kind, &s.name, json!({ "conditions": stamped })).await {
                         self.written.insert(key, value);
                     }
+                }
+            }
+        }
+    }
+
+    /// A Warning Event for each refusal not reported yet (or whose reason
+    /// changed), so `kubectl describe` and `kubectl get events` show it
+    /// beside the status. A resource accepted again may be reported anew.
+    async fn report_refusals(&mut self, statuses: &[(Status, Option<i64>)]) {
+        let refused: HashMap<(&'static str, String, String), &Status> = statuses
+            .iter()
+            .filter(|(s, _)| !s.accepted)
+            .map(|(s, _)| ((s.kind, s.namespace.clone(), s.name.clone()), s))
+            .collect();
+        self.evented.retain(|k, _| refused.contains_key(k));
+        for (key, s) in refused {
+            if self.evented.get(&key) == Some(&s.message) {
+                continue;
+            }
+            let api_version = kinds::info(s.kind)
+                .map(|k| k.api_resource().api_version)
+                .unwrap_or_else(|| "v1".into());
+            // The API server keeps notes up to 1 kB.
+            let mut note = s.message.clone();
+            if note.len() > 1000 {
+                let mut end = 1000;
+                while !note.is_char_boundary(end) {
+                    end -= 1;
+                }
+                note.truncate(end);
+            }
+            let event = Event {
+                metadata: kube::api::ObjectMeta {
+                    generate_name: Some(format!("{}.", s.name)),
+                    namespace: Some(s.namespace.clone()),
+                    ..Default::default()
+                },
+                event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+                reporting_controller: Some(EVENT_REPORTER.into()),
+                reporting_instance: Some(self.instance.clone()),
+                action: Some("Translate".into()),
+                reason: Some(s.reason.to_string()),
+                type_: Some("Warning".into()),
+                note: Some(note),
+                regarding: Some(ObjectReference {
+                    api_version: Some(api_version),
+                    kind: Some(s.kind.to_string()),
+                    namespace: Some(s.namespace.clone()),
+                    name: Some(s.name.clone()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            match Api::<Event>::namespaced(self.client.clone(), &s.namespace)
+                .create(&PostParams::default(), &event)
+                .await
+            {
+                Ok(_) => {
+                    self.evented.insert(key, s.message.clone());
+                }
+                Err(e) => {
+                    debug!(component = "kubernetes", kind = s.kind, namespace = %s.namespace, name = %s.name, error = %e, "cannot report the refusal as an Event")
                 }
             }
         }

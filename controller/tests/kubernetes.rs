@@ -256,6 +256,9 @@ impl Fake {
             self.secrets.lock().unwrap().insert(name, sent.clone());
             return reply(StatusCode::CREATED, &sent);
         }
+        if parts.method == Method::POST && path.ends_with("/events") {
+            return reply(StatusCode::CREATED, &sent);
+        }
         if parts.method == Method::PATCH && !path.ends_with("/status") {
             // Server-side apply: the object as applied.
             return reply(StatusCode::OK, &sent);
@@ -434,8 +437,37 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
         .map(|s| (s.clone(), Some(3)))
         .collect();
     writer.write(&statuses).await;
-    let patches = fake.writes();
+    let patches: Vec<_> = fake
+        .writes()
+        .into_iter()
+        .filter(|(m, _, _)| *m == Method::PATCH)
+        .collect();
     assert_eq!(patches.len(), 2, "{patches:?}");
+    // The refusal is also a Warning Event on the resource, for `kubectl
+    // describe`; the accepted one gets none.
+    let events = |f: &Fake| -> Vec<Value> {
+        f.writes()
+            .into_iter()
+            .filter(|(m, p, _)| *m == Method::POST && p.ends_with("/events"))
+            .map(|(_, p, b)| {
+                assert_eq!(p, "/apis/events.k8s.io/v1/namespaces/shop/events");
+                b
+            })
+            .collect()
+    };
+    let sent = events(&fake);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let e = &sent[0];
+    assert_eq!(e["type"], "Warning");
+    assert_eq!(e["reason"], "Invalid");
+    assert_eq!(e["regarding"]["kind"], "AuthorizationPolicy");
+    assert_eq!(e["regarding"]["name"], "typo");
+    assert_eq!(e["regarding"]["apiVersion"], "security.istio.io/v1");
+    assert!(
+        e["note"].as_str().unwrap().starts_with("spec.action:"),
+        "{e}"
+    );
+    assert_eq!(e["reportingController"], "weft.dev/controller");
     let (method, path, body) = patches
         .iter()
         .find(|(_, p, _)| p.contains("/typo/"))
@@ -472,8 +504,8 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
     writer.write(&statuses).await;
     assert_eq!(
         fake.writes().len(),
-        2,
-        "unchanged statuses are not written again"
+        3,
+        "unchanged statuses are not written again, nor reported again"
     );
 
     // Watch events: the legacy namespace joins the mesh, pod a goes away.
