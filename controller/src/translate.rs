@@ -166,6 +166,19 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
     for pod in snap.pods.values() {
         match workload(pod, snap, mesh) {
             Ok(Some(mut w)) => {
+                // Capture is IPv4 only: a pod with an IPv6 address would have
+                // that traffic escape the mesh. It stays out of the mesh
+                // whole, never half in it, and the log says why.
+                if w.protocol == TunnelProtocol::Hbone && w.addresses.iter().any(IpAddr::is_ipv6) {
+                    w.protocol = TunnelProtocol::None;
+                    errors.push(TranslateError {
+                        kind: "Pod",
+                        namespace: w.namespace.clone(),
+                        name: w.name.clone(),
+                        field: "status.podIPs".into(),
+                        message: "has an IPv6 address, and capture is IPv4 only: the pod is not captured (out of the mesh, never half in it)".into(),
+                    });
+                }
                 let no_labels = BTreeMap::new();
                 let labels = pod.metadata.labels.as_ref().unwrap_or(&no_labels);
                 w.authorization_policies = policies.for_workload(&w.namespace, labels);
@@ -935,5 +948,38 @@ endpoints: [{addresses: [db.example.com]}]
         // marked so.
         let starting = cfg.workloads.iter().find(|w| w.name == "starting").unwrap();
         assert!(!starting.healthy);
+    }
+
+    /// A dual-stack or IPv6 pod in an ambient namespace is kept out of the
+    /// mesh whole, with the reason logged; an IPv4 one is captured.
+    #[test]
+    fn ipv6_pods_are_refused_capture() {
+        let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: dual, namespace: shop}
+spec: {nodeName: n1, containers: [{name: app}]}
+status: {podIP: 10.244.1.10, podIPs: [{ip: 10.244.1.10}, {ip: "fd00::10"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: v4, namespace: shop}
+spec: {nodeName: n1, containers: [{name: app}]}
+status: {podIP: 10.244.1.11}
+"#;
+        let (cfg, errors) = translate(yaml);
+        assert_eq!(
+            errors,
+            [
+                "Pod shop/dual: status.podIPs: has an IPv6 address, and capture is IPv4 only: the pod is not captured (out of the mesh, never half in it)"
+            ]
+        );
+        let proto = |n: &str| cfg.workloads.iter().find(|w| w.name == n).unwrap().protocol;
+        assert_eq!(proto("dual"), TunnelProtocol::None);
+        assert_eq!(proto("v4"), TunnelProtocol::Hbone);
     }
 }
