@@ -10,6 +10,10 @@
  *     goes to the outbound listener (15001);
  *   - a SYN to a pod with WEFT_POD_CAPTURE goes to the HBONE listener (15008)
  *     when it is for port 15008, else to the inbound plaintext listener (15006).
+ * On a bridge CNI (pods' veths are ports of a Linux bridge), a segment to
+ * capture is sent to the bridge's own ingress, addressed to the bridge, and
+ * assigned there: left on the port, the bridge would switch it straight to
+ * a pod on the same node.
  * Everything else passes untouched (to the next program on the interface, if
  * any), so flows that existed before capture keep their direct path. Assigned segments get `redirect_mark`; the node has a
  * policy route sending that mark to a local table, so they are delivered to
@@ -73,6 +77,14 @@ struct {
 	__type(value, __u8);
 } weft_flows SEC(".maps");
 
+/* Bridge ports (bridge CNIs): ifindex → struct weft_bridge_port. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct weft_bridge_port);
+} weft_bridge_ports SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, WEFT_CNT_MAX);
@@ -87,27 +99,33 @@ static __always_inline void count(__u32 idx)
 		*v += 1;
 }
 
-/* Output FIB lookup of `addr` (network order) from the node's point of view. */
-static __always_inline int fib_lookup(struct __sk_buff *skb, __u32 addr, __u32 *ifindex)
+/* Output FIB lookup of `addr` (network order) from the node's point of view,
+ * out of interface `via`. */
+static __always_inline int fib_lookup(struct __sk_buff *skb, __u32 addr, __u32 via, __u32 *ifindex)
 {
 	struct bpf_fib_lookup p = {};
 	p.family = AF_INET;
 	p.ipv4_dst = addr;
-	p.ifindex = skb->ingress_ifindex;
+	p.ifindex = via;
 	int rc = bpf_fib_lookup(skb, &p, sizeof(p), BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_OUTPUT);
 	*ifindex = p.ifindex;
 	return rc;
 }
 
 /* True when `saddr` is routed out of the interface the segment came in on:
- * a captured pod's SYN must come from its own veth, not from the underlay. */
+ * a captured pod's SYN must come from its own veth, not from the underlay.
+ * On a bridge CNI the node routes pods through the bridge, so a port of that
+ * bridge is the pod's side too. */
 static __always_inline int from_own_veth(struct __sk_buff *skb, __u32 saddr)
 {
+	__u32 in = skb->ingress_ifindex;
+	struct weft_bridge_port *port = bpf_map_lookup_elem(&weft_bridge_ports, &in);
+	__u32 via = port ? port->bridge : in;
 	__u32 oif = 0;
-	int rc = fib_lookup(skb, saddr, &oif);
+	int rc = fib_lookup(skb, saddr, via, &oif);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return 0;
-	return oif == skb->ingress_ifindex;
+	return oif == via;
 }
 
 /* True for destinations that are the node itself (its addresses, loopback,
@@ -125,6 +143,23 @@ static __always_inline int node_local(__u32 daddr)
  * is dropped, never let through to its original destination. */
 static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk, __u32 counter)
 {
+	/* On a bridge port (a bridge CNI's pod veth) the bridge would switch
+	 * the frame to another port, around the node's stack, whatever socket
+	 * it carries. It goes to the bridge's own ingress instead, addressed to
+	 * the bridge, where this program runs again and assigns it. */
+	__u32 in = skb->ingress_ifindex;
+	struct weft_bridge_port *port = bpf_map_lookup_elem(&weft_bridge_ports, &in);
+	if (port) {
+		__u8 mac[ETH_ALEN];
+		__builtin_memcpy(mac, port->mac, ETH_ALEN);
+		__u32 bridge = port->bridge;
+		bpf_sk_release(sk);
+		if (bpf_skb_store_bytes(skb, 0, mac, ETH_ALEN, 0) != 0) {
+			count(WEFT_CNT_ASSIGN_FAILED);
+			return TC_ACT_SHOT;
+		}
+		return bpf_redirect(bridge, BPF_F_INGRESS);
+	}
 	long rc = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
 	if (rc != 0) {

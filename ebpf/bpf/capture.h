@@ -30,4 +30,15 @@ struct weft_flow {
 	__u16 dport;
 };
 
+/* Value of weft_bridge_ports, keyed by the ifindex of an interface that is a
+ * port of a Linux bridge (a bridge CNI's pod veth): the bridge's ifindex,
+ * where the node routes the pod's address, and its MAC, which an assigned
+ * frame must carry for the bridge to deliver it to the node instead of
+ * switching it to another port. */
+struct weft_bridge_port {
+	__u32 bridge;
+	__u8 mac[6];
+	__u8 pad[2];
+};
+
 #endif

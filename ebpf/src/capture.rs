@@ -54,6 +54,10 @@ pub struct Capture {
     /// `weft_flows`: `struct weft_flow` (saddr, daddr, sport, dport; network
     /// order) as bytes.
     flows: HashMap<MapData, [u8; 12], u8>,
+    /// `weft_bridge_ports`: a bridge port's ifindex → `struct
+    /// weft_bridge_port` (the bridge's ifindex, native order, its MAC, 2
+    /// bytes of padding) as bytes.
+    bridge_ports: HashMap<MapData, u32, [u8; 12]>,
     /// Attached interfaces by ifindex: the name seen at attach, and the link.
     attached: BTreeMap<u32, Attachment>,
 }
@@ -235,6 +239,8 @@ impl Capture {
             .map_err(map_error(names::MAP_COUNTERS))?;
         let flows = HashMap::try_from(take(&mut ebpf, names::MAP_FLOWS)?)
             .map_err(map_error(names::MAP_FLOWS))?;
+        let bridge_ports = HashMap::try_from(take(&mut ebpf, names::MAP_BRIDGE_PORTS)?)
+            .map_err(map_error(names::MAP_BRIDGE_PORTS))?;
         let capture = Capture {
             ebpf,
             pin_dir: cfg.pin_dir.clone(),
@@ -242,6 +248,7 @@ impl Capture {
             node_addrs,
             counters,
             flows,
+            bridge_ports,
             attached: BTreeMap::new(),
         };
         info!(
@@ -307,6 +314,7 @@ impl Capture {
         if !added.is_empty() {
             info!(component = "capture", interfaces = ?added, "capture attached");
         }
+        self.sync_bridge_ports(&ifaces)?;
         let addrs = local_addresses().map_err(CaptureError::Interfaces)?;
         let current: BTreeSet<u32> = self.node_addrs.keys().filter_map(Result::ok).collect();
         let wanted: BTreeSet<u32> = addrs.difference(vips).map(|a| key(*a)).collect();
@@ -319,6 +327,26 @@ impl Capture {
                 .map_err(map_error(names::MAP_NODE_ADDRS))?;
         }
         Ok(added)
+    }
+
+    /// Which interfaces are ports of a Linux bridge (a bridge CNI's pod
+    /// veths), with the bridge's ifindex and MAC, for the program.
+    fn sync_bridge_ports(&mut self, ifaces: &BTreeMap<u32, String>) -> Result<(), CaptureError> {
+        let wanted: BTreeMap<u32, [u8; 12]> = ifaces
+            .iter()
+            .filter_map(|(i, name)| Some((*i, bridge_port(name)?)))
+            .collect();
+        let current: BTreeMap<u32, [u8; 12]> =
+            self.bridge_ports.iter().filter_map(Result::ok).collect();
+        for k in current.keys().filter(|k| !wanted.contains_key(k)) {
+            let _ = self.bridge_ports.remove(k);
+        }
+        for (k, v) in wanted.iter().filter(|(k, v)| current.get(k) != Some(v)) {
+            self.bridge_ports
+                .insert(k, v, 0)
+                .map_err(map_error(names::MAP_BRIDGE_PORTS))?;
+        }
+        Ok(())
     }
 
     /// This program on `iface`'s ingress through its pinned link: the pinned
@@ -521,6 +549,36 @@ fn interfaces() -> std::io::Result<BTreeMap<u32, String>> {
         .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
         .filter(|(_, n)| n != "lo" && !n.is_empty())
         .collect())
+}
+
+/// `struct weft_bridge_port` for `iface` when it is a port of a Linux
+/// bridge: the bridge's ifindex and MAC, from sysfs.
+fn bridge_port(iface: &str) -> Option<[u8; 12]> {
+    let sys = Path::new("/sys/class/net");
+    let master = std::fs::read_link(sys.join(iface).join("master")).ok()?;
+    let bridge = sys.join(master.file_name()?);
+    // A bond or a VRF is a master too; only a bridge switches frames.
+    if !bridge.join("bridge").is_dir() {
+        return None;
+    }
+    let ifindex: u32 = std::fs::read_to_string(bridge.join("ifindex"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let mac = std::fs::read_to_string(bridge.join("address")).ok()?;
+    let mut out = [0u8; 12];
+    out[..4].copy_from_slice(&ifindex.to_ne_bytes());
+    let octets: Vec<u8> = mac
+        .trim()
+        .split(':')
+        .filter_map(|h| u8::from_str_radix(h, 16).ok())
+        .collect();
+    if octets.len() != 6 {
+        return None;
+    }
+    out[4..10].copy_from_slice(&octets);
+    Some(out)
 }
 
 /// Interfaces that hold Service VIPs, not node addresses: kube-proxy in IPVS

@@ -5,8 +5,15 @@ pub const MAP_CAPTURED: &str = "weft_captured";
 pub const MAP_NODE_ADDRS: &str = "weft_node_addrs";
 pub const MAP_COUNTERS: &str = "weft_counters";
 pub const MAP_FLOWS: &str = "weft_flows";
+pub const MAP_BRIDGE_PORTS: &str = "weft_bridge_ports";
 /// Every map, pinned under `<pin dir>/maps/` so capture outlives ztunnel.
-pub const PINNED_MAPS: [&str; 4] = [MAP_CAPTURED, MAP_NODE_ADDRS, MAP_COUNTERS, MAP_FLOWS];
+pub const PINNED_MAPS: [&str; 5] = [
+    MAP_CAPTURED,
+    MAP_NODE_ADDRS,
+    MAP_COUNTERS,
+    MAP_FLOWS,
+    MAP_BRIDGE_PORTS,
+];
 
 pub const GLOBAL_PORT_OUTBOUND: &str = "port_outbound";
 pub const GLOBAL_PORT_INBOUND: &str = "port_inbound";

@@ -64,6 +64,11 @@ pub struct LabOptions {
     /// Run the controller and ztunnels as the Helm chart, rendered with
     /// this values file, declares them ([`crate::chart`]).
     pub chart_values: Option<PathBuf>,
+    /// Wire pods as a bridge CNI does (flannel, the bridge plugin): each
+    /// node's pods on one Linux bridge `cni0`, on-link in their /24 with the
+    /// bridge as gateway. Otherwise as a routed CNI (Calico, Cilium): a /32
+    /// route per pod veth.
+    pub bridge_cni: bool,
 }
 
 /// A node of the lab.
@@ -121,7 +126,14 @@ impl LabOptions {
             controller_env: Vec::new(),
             waypoint_env: Vec::new(),
             chart_values: None,
+            bridge_cni: false,
         }
+    }
+
+    /// Pods on a Linux bridge per node, as a bridge CNI wires them.
+    pub fn bridge_cni(mut self) -> Self {
+        self.bridge_cni = true;
+        self
     }
 
     /// The controller and ztunnels as `charts/weft` renders them with `values`.
@@ -290,6 +302,7 @@ impl Lab {
             })
             .collect();
         let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+        let mut bridges: std::collections::BTreeSet<(String, Ipv4Addr)> = Default::default();
         for (namespace, name, node, ip) in pods {
             let k = per_node.entry(node.clone()).or_default();
             let host_end = format!("p{k}");
@@ -302,27 +315,52 @@ impl Lab {
                 short(&name)
             ))?;
             veth(&ns, "eth0", &node_ns, &host_end)?;
-            ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-            ns.ip(&["link", "set", "eth0", "up"])?;
-            ns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
-            ns.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
-            node_ns.ip(&[
-                "addr",
-                "add",
-                &format!("{POD_GATEWAY}/32"),
-                "dev",
-                &host_end,
-            ])?;
-            node_ns.ip(&["link", "set", &host_end, "up"])?;
-            node_ns.ip(&[
-                "route",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                &host_end,
-                "scope",
-                "link",
-            ])?;
+            if self.opts.bridge_cni {
+                // The pod's /24 on the node's bridge, the bridge its gateway.
+                let o = ip.octets();
+                let gw = Ipv4Addr::new(o[0], o[1], o[2], 1);
+                if bridges.insert((node.clone(), gw)) {
+                    if !node_ns.ip(&["link", "show", "cni0"]).is_ok() {
+                        node_ns.ip(&["link", "add", "cni0", "type", "bridge"])?;
+                        node_ns.ip(&["link", "set", "cni0", "up"])?;
+                    }
+                    node_ns.ip(&["addr", "add", &format!("{gw}/24"), "dev", "cni0"])?;
+                }
+                ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+                ns.ip(&["link", "set", "eth0", "up"])?;
+                ns.ip(&[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &gw.to_string(),
+                    "dev",
+                    "eth0",
+                ])?;
+                node_ns.ip(&["link", "set", &host_end, "master", "cni0", "up"])?;
+            } else {
+                ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+                ns.ip(&["link", "set", "eth0", "up"])?;
+                ns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
+                ns.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
+                node_ns.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{POD_GATEWAY}/32"),
+                    "dev",
+                    &host_end,
+                ])?;
+                node_ns.ip(&["link", "set", &host_end, "up"])?;
+                node_ns.ip(&[
+                    "route",
+                    "add",
+                    &format!("{ip}/32"),
+                    "dev",
+                    &host_end,
+                    "scope",
+                    "link",
+                ])?;
+            }
             for (other, n) in &self.nodes {
                 if *other != node {
                     let via = self.nodes[&node].underlay_ip.to_string();
