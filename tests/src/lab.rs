@@ -320,7 +320,7 @@ impl Lab {
                 let o = ip.octets();
                 let gw = Ipv4Addr::new(o[0], o[1], o[2], 1);
                 if bridges.insert((node.clone(), gw)) {
-                    if !node_ns.ip(&["link", "show", "cni0"]).is_ok() {
+                    if node_ns.ip(&["link", "show", "cni0"]).is_err() {
                         node_ns.ip(&["link", "add", "cni0", "type", "bridge"])?;
                         node_ns.ip(&["link", "set", "cni0", "up"])?;
                     }
