@@ -40,6 +40,8 @@
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+/* linux/if_packet.h: a frame addressed to another host's MAC. */
+#define WEFT_PACKET_OTHERHOST 3
 
 /* What the program returns for segments it leaves alone: TC_ACT_UNSPEC, which
  * TCX reads as "next program" (TCX_NEXT), so programs attached after ours (a
@@ -159,6 +161,14 @@ static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk, __
 			return TC_ACT_SHOT;
 		}
 		return bpf_redirect(bridge, BPF_F_INGRESS);
+	}
+	/* A frame for another host on a port not (yet) known as a bridge's
+	 * would be switched away from the node with its socket ignored:
+	 * dropped, never let through around ztunnel. */
+	if (skb->pkt_type == WEFT_PACKET_OTHERHOST) {
+		bpf_sk_release(sk);
+		count(WEFT_CNT_ASSIGN_FAILED);
+		return TC_ACT_SHOT;
 	}
 	long rc = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);

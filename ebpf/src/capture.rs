@@ -269,9 +269,11 @@ impl Capture {
     ///
     /// `vips` are the mesh's Service addresses: never the node's own, even
     /// where a proxy binds them locally (traffic to them is captured).
+    /// Before they are known (None), node addresses are only removed, never
+    /// added, so no VIP is taken for one.
     pub fn sync_interfaces(
         &mut self,
-        vips: &BTreeSet<Ipv4Addr>,
+        vips: Option<&BTreeSet<Ipv4Addr>>,
     ) -> Result<Vec<String>, CaptureError> {
         let ifaces = interfaces().map_err(CaptureError::Interfaces)?;
         // Gone (a renamed device keeps its index, and its link).
@@ -317,11 +319,15 @@ impl Capture {
         self.sync_bridge_ports(&ifaces)?;
         let addrs = local_addresses().map_err(CaptureError::Interfaces)?;
         let current: BTreeSet<u32> = self.node_addrs.keys().filter_map(Result::ok).collect();
-        let wanted: BTreeSet<u32> = addrs.difference(vips).map(|a| key(*a)).collect();
+        let none = BTreeSet::new();
+        let wanted: BTreeSet<u32> = addrs
+            .difference(vips.unwrap_or(&none))
+            .map(|a| key(*a))
+            .collect();
         for k in current.difference(&wanted) {
             let _ = self.node_addrs.remove(k);
         }
-        for k in wanted.difference(&current) {
+        for k in wanted.difference(&current).filter(|_| vips.is_some()) {
             self.node_addrs
                 .insert(k, 1, 0)
                 .map_err(map_error(names::MAP_NODE_ADDRS))?;
@@ -555,6 +561,11 @@ fn interfaces() -> std::io::Result<BTreeMap<u32, String>> {
 /// bridge: the bridge's ifindex and MAC, from sysfs.
 fn bridge_port(iface: &str) -> Option<[u8; 12]> {
     let sys = Path::new("/sys/class/net");
+    // A physical uplink enslaved to the bridge is no pod's side: frames
+    // from off the node must not pass the pods' source check.
+    if sys.join(iface).join("device").exists() {
+        return None;
+    }
     let master = std::fs::read_link(sys.join(iface).join("master")).ok()?;
     let bridge = sys.join(master.file_name()?);
     // A bond or a VRF is a master too; only a bridge switches frames.

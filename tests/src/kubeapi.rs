@@ -92,7 +92,7 @@ impl FakeApi {
                                         }
                                         (true, Some(v)) => (200, v.to_string()),
                                         (true, None) => {
-                                            (404, r#"{"kind":"Status","code":404}"#.to_string())
+                                            (404, r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#.to_string())
                                         }
                                     };
                                     async move {

@@ -155,6 +155,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         }
     };
 
+    // First of all, tell a predecessor on this node that it is superseded:
+    // it then answers not ready, so a ready answer on the shared port is
+    // always ours, and it will not remove the capture this process adopts.
+    let succession = Succession::claim(&succession::socket_name(&cfg.bpf_pin_dir)).await;
+
     // Capture first, adopting what a previous ztunnel pinned: its pod map
     // stays as it is until this process knows the mesh, so pods captured
     // before stay captured (their SYNs are dropped until we listen).
@@ -173,18 +178,16 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 redirect_mark: REDIRECT_MARK,
                 pin_dir: cfg.bpf_pin_dir.clone(),
             })?;
-            // No VIPs known yet: those bound to kube-proxy's IPVS interface
-            // are left out by name; the rest once the state is here.
-            capture.sync_interfaces(&BTreeSet::new())?;
+            // No VIPs known yet: the node's addresses pinned before stay as
+            // they are (none added, so no VIP is taken for one) until the
+            // state is here.
+            capture.sync_interfaces(None)?;
             pods = capture.pods();
             Some(Arc::new(Mutex::new(capture)))
         }
         CaptureMode::None => None,
     };
 
-    // Before the listeners: from here on a predecessor on this node answers
-    // not ready, so a ready answer on the shared port is always ours.
-    let succession = Succession::claim(&succession::socket_name(&cfg.bpf_pin_dir)).await;
     let ready = Arc::new(AtomicBool::new(false));
     let admin = Admin {
         capture: capture.as_ref(),
@@ -277,7 +280,10 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         }
         if let Some(capture) = &capture {
             let mut c = capture.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = c.sync_interfaces(&state.snapshot().vips_v4()) {
+            let vips = synced
+                .load(Ordering::Acquire)
+                .then(|| state.snapshot().vips_v4());
+            if let Err(e) = c.sync_interfaces(vips.as_ref()) {
                 warn!(error = %e, "capture interface sync failed");
             }
             let next = pod_map(&state.snapshot(), &cfg.node_name, &pods);
@@ -318,10 +324,27 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     }
     drop(capture);
     if let Verdict::Remove(_) = verdict {
-        if cfg.capture == CaptureMode::Ebpf {
-            uninstall(&cfg.bpf_pin_dir)?;
+        // Asked again now, after the drain: a ztunnel that started
+        // meanwhile (a reinstall), or a DaemonSet that is back, keeps it.
+        let again = if succession.superseded() {
+            Verdict::Keep("a newer ztunnel started on this node while draining".into())
+        } else if let Some(access) = &cfg.cluster {
+            access.check().await
+        } else {
+            Verdict::Keep("no API server to ask".into())
+        };
+        match again {
+            Verdict::Remove(why) => {
+                if cfg.capture == CaptureMode::Ebpf {
+                    info!(reason = %why, "removal confirmed");
+                    uninstall(&cfg.bpf_pin_dir)?;
+                }
+                return Ok(());
+            }
+            Verdict::Keep(why) => {
+                info!(reason = %why, "not a removal after all; capture stays")
+            }
         }
-        return Ok(());
     }
     // Capture stays: until a ztunnel listens again, captured pods' traffic
     // is dropped, never sent in plaintext.

@@ -160,10 +160,19 @@ impl ClusterAccess {
             200 => serde_json::from_slice(&body)
                 .map(Some)
                 .map_err(|e| format!("GET {path}: {e}")),
-            404 => Ok(None),
+            // Only the API server's own word that the object does not exist:
+            // a 404 from a server still starting (its API group not yet
+            // served) is no answer.
+            404 if not_found(&body) => Ok(None),
             s => Err(format!("GET {path}: HTTP {s}")),
         }
     }
+}
+
+/// A `Status` that says NotFound.
+fn not_found(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body)
+        .is_ok_and(|v| v["kind"] == "Status" && v["reason"] == "NotFound")
 }
 
 fn rustls_pemfile_certs(
@@ -190,7 +199,8 @@ pub fn decide(daemonset: Option<&Value>, node: Option<&Value>) -> Verdict {
         return Verdict::Remove("the DaemonSet is being deleted".into());
     }
     let Some(node) = node else {
-        return Verdict::Remove("the node no longer exists".into());
+        // The node's pods go with it: nothing to release.
+        return Verdict::Keep("the node is not known to the API server".into());
     };
     let labels: BTreeMap<&str, &str> = node["metadata"]["labels"]
         .as_object()
@@ -240,7 +250,11 @@ mod tests {
             decide(Some(&ds), Some(&unlabelled)),
             Verdict::Remove(_)
         ));
-        assert!(matches!(decide(Some(&ds), None), Verdict::Remove(_)));
+        assert!(matches!(decide(Some(&ds), None), Verdict::Keep(_)));
+        assert!(not_found(
+            br#"{"kind":"Status","reason":"NotFound","code":404}"#
+        ));
+        assert!(!not_found(b"404 page not found"));
         // No selector: every node.
         let everywhere = json!({"spec": {"template": {"spec": {}}}});
         assert!(matches!(

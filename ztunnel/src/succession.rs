@@ -20,6 +20,16 @@ use tracing::{info, warn};
 
 /// How long a starting ztunnel waits for its predecessor to let go.
 const TAKEOVER: Duration = Duration::from_secs(10);
+/// A superseded ztunnel checks whether its successor still holds the name
+/// after this long, then this often.
+#[cfg(not(test))]
+const RECLAIM_AFTER: Duration = Duration::from_secs(15);
+#[cfg(not(test))]
+const RECLAIM_EVERY: Duration = Duration::from_secs(5);
+#[cfg(test)]
+const RECLAIM_AFTER: Duration = Duration::from_millis(300);
+#[cfg(test)]
+const RECLAIM_EVERY: Duration = Duration::from_millis(50);
 
 /// This process's place in the succession: set once a newer ztunnel on the
 /// node has started.
@@ -55,13 +65,21 @@ impl Succession {
                     if told {
                         info!("took over from the previous ztunnel on this node");
                     }
-                    me.watch(listener);
+                    me.watch(listener, addr);
                     return me;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                     if !told {
-                        // Connecting is the message.
-                        told = std::os::unix::net::UnixStream::connect_addr(&addr).is_ok();
+                        // Connecting is the message. A unix connect blocks
+                        // while the holder's backlog is full: bounded.
+                        let a = addr.clone();
+                        let knock = tokio::task::spawn_blocking(move || {
+                            std::os::unix::net::UnixStream::connect_addr(&a).is_ok()
+                        });
+                        told = matches!(
+                            tokio::time::timeout(Duration::from_secs(1), knock).await,
+                            Ok(Ok(true))
+                        );
                     }
                     if started.elapsed() > TAKEOVER {
                         warn!(
@@ -79,13 +97,20 @@ impl Succession {
         }
     }
 
-    /// Waits for a successor's knock, then steps down and lets go.
-    fn watch(&self, listener: std::os::unix::net::UnixListener) {
+    /// Waits for a successor's knock, then steps down and lets go. Should
+    /// the successor go away (it crashed, the rollout was undone), this
+    /// process takes the name back and is the newest again.
+    fn watch(
+        &self,
+        listener: std::os::unix::net::UnixListener,
+        addr: std::os::unix::net::SocketAddr,
+    ) {
         let superseded = self.superseded.clone();
-        let listener = listener
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::UnixListener::from_std(listener));
-        let listener = match listener {
+        let into_tokio = |l: std::os::unix::net::UnixListener| {
+            l.set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(l))
+        };
+        let mut listener = match into_tokio(listener) {
             Ok(l) => l,
             Err(e) => {
                 warn!(error = %e, "cannot watch the succession socket");
@@ -96,29 +121,47 @@ impl Succession {
         // user (a ztunnel) may knock.
         let uid = {
             use std::os::unix::fs::MetadataExt;
-            // /proc/self belongs to the process's effective user.
-            std::fs::metadata("/proc/self").map_or(0, |m| m.uid())
+            // /proc/self belongs to the process's effective user; unknown,
+            // no knock counts.
+            std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
         };
         tokio::spawn(async move {
             loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => match stream.peer_cred() {
-                        Ok(c) if c.uid() == uid => break,
-                        other => {
-                            warn!(peer = ?other, "a process of another user knocked on the succession socket; ignored")
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, _)) => match stream.peer_cred() {
+                            Ok(c) if c.uid() == uid => break,
+                            other => {
+                                warn!(peer = ?other, "a process of another user knocked on the succession socket; ignored")
+                            }
+                        },
+                        Err(e) => {
+                            warn!(error = %e, "succession socket");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
                         }
-                    },
-                    Err(e) => {
-                        warn!(error = %e, "succession socket");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
+                superseded.store(true, Ordering::Release);
+                info!(
+                    "a newer ztunnel started on this node: not ready from now on; serving until SIGTERM"
+                );
+                // Dropping the listener frees the name for the successor.
+                drop(listener);
+                // Once the successor has taken the name, it holds it while
+                // it lives: free again means it is gone.
+                tokio::time::sleep(RECLAIM_AFTER).await;
+                listener = loop {
+                    if let Ok(l) =
+                        std::os::unix::net::UnixListener::bind_addr(&addr).map(into_tokio)
+                        && let Ok(l) = l
+                    {
+                        break l;
+                    }
+                    tokio::time::sleep(RECLAIM_EVERY).await;
+                };
+                superseded.store(false, Ordering::Release);
+                warn!("the newer ztunnel on this node is gone: this one is the newest again");
             }
-            superseded.store(true, Ordering::Release);
-            info!(
-                "a newer ztunnel started on this node: not ready from now on; serving until SIGTERM"
-            );
-            // Dropping the listener frees the name for the successor.
         });
     }
 }
@@ -142,5 +185,33 @@ mod tests {
         assert!(!second.superseded());
         let third = Succession::claim(&name).await;
         assert!(second.superseded() && !third.superseded());
+    }
+
+    /// A successor that goes away (its process, here its runtime, ends)
+    /// gives the name back: the old one is the newest again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_holder_comes_back_when_its_successor_is_gone() {
+        let name = format!("weft-ztunnel-test-back:{}", std::process::id());
+        let first = Succession::claim(&name).await;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let n = name.clone();
+        let second = rt
+            .spawn(async move { Succession::claim(&n).await })
+            .await
+            .unwrap();
+        assert!(first.superseded() && !second.superseded());
+        // Still there: the first stays superseded past its first look.
+        tokio::time::sleep(RECLAIM_AFTER * 2).await;
+        assert!(first.superseded());
+        rt.shutdown_background();
+        let started = std::time::Instant::now();
+        while first.superseded() {
+            assert!(started.elapsed() < Duration::from_secs(5), "not reclaimed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
