@@ -982,4 +982,31 @@ status: {podIP: 10.244.1.11}
         assert_eq!(proto("dual"), TunnelProtocol::None);
         assert_eq!(proto("v4"), TunnelProtocol::Hbone);
     }
+
+    /// A headless Service has no VIP to resolve: it is not published and is
+    /// no error; its pods stay workloads that clients dial directly.
+    #[test]
+    fn headless_services_leave_pods_direct() {
+        let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, labels: {app: db}}
+spec: {nodeName: n1, containers: [{name: app}]}
+status: {podIP: 10.244.1.10}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: None, selector: {app: db}, ports: [{port: 5432}]}
+"#;
+        let (cfg, errors) = translate(yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(cfg.services.is_empty());
+        let w = cfg.workloads.iter().find(|w| w.name == "db-0").unwrap();
+        assert_eq!(w.protocol, TunnelProtocol::Hbone);
+    }
 }
