@@ -421,3 +421,72 @@ spec:
     ensure!(reaches(twin, remote), "the /32 of client-2 is allowed");
     Ok(())
 }
+
+/// A policy change applies to open connections too, as in Istio's ztunnel:
+/// a new DENY closes the long-lived connection it matches (the client sees
+/// it end, the log names why), and leaves one it does not match open.
+#[test]
+fn a_new_deny_closes_the_open_connections_it_matches() -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let lab = Lab::up(LabOptions::new("deny-open", MESH))?;
+    let client = lab.pod("shop/client");
+    let web = lab.pod("shop/web-1");
+    let _a = apps::serve(web, 9000, App::Echo)?;
+    let _b = apps::serve(web, 9001, App::Echo)?;
+    let open = |port: u16| -> Result<(std::net::TcpStream, BufReader<std::net::TcpStream>)> {
+        let c = apps::client(client, addr(web, port), Ok)?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let r = BufReader::new(c.try_clone()?);
+        Ok((c, r))
+    };
+    let round_trip = |c: &mut std::net::TcpStream,
+                      r: &mut BufReader<std::net::TcpStream>,
+                      n: u32|
+     -> Result<()> {
+        c.write_all(format!("line {n}\n").as_bytes())?;
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        ensure!(line == format!("line {n}\n"), "echo returned {line:?}");
+        Ok(())
+    };
+    let (mut denied, mut denied_r) = open(9000)?;
+    let (mut kept, mut kept_r) = open(9001)?;
+    round_trip(&mut denied, &mut denied_r, 0)?;
+    round_trip(&mut kept, &mut kept_r, 0)?;
+
+    lab.write_manifest(
+        "deny-9000.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-9000, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules: [{to: [{operation: {ports: ["9000"]}}]}]
+"#,
+    )?;
+    // Closed within a bounded wait: a write then a read finds the end.
+    eventually(
+        "the denied connection is closed",
+        Duration::from_secs(10),
+        || {
+            let _ = denied.write_all(b"ping\n");
+            let mut line = String::new();
+            Ok(matches!(denied_r.read_line(&mut line), Ok(0) | Err(_)))
+        },
+    )?;
+    round_trip(&mut kept, &mut kept_r, 1)?;
+    ensure!(
+        lab.ztunnel_log("node-2")
+            .contains("open connection closed: the policy now denies it"),
+        "no log line for the closed connection"
+    );
+    // New connections to 9000 are refused too; 9001 still serves new ones.
+    let refused = open(9000).and_then(|(mut c, mut r)| round_trip(&mut c, &mut r, 3));
+    ensure!(refused.is_err(), "a new connection to 9000 got through");
+    let (mut fresh, mut fresh_r) = open(9001)?;
+    round_trip(&mut fresh, &mut fresh_r, 4)?;
+    round_trip(&mut kept, &mut kept_r, 2)?;
+    Ok(())
+}

@@ -218,6 +218,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         metrics: metrics.clone(),
         pool: Pool::default(),
         drain: drain_rx,
+        open: Arc::default(),
         streams: StreamBudget::new(
             cfg.max_connections,
             cfg.max_connections / INBOUND_STREAMS_PEER_SHARE,
@@ -266,6 +267,13 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         }
         let snap = state.snapshot();
         if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &snap)) {
+            // A new state: its policies apply to open connections too.
+            if seen.is_some() && !pool_owner.open.is_empty() {
+                let closed = pool_owner.open.revalidate(&snap, &pool_owner.metrics);
+                if closed > 0 {
+                    info!(closed, "open connections the new policies deny were closed");
+                }
+            }
             seen = Some(snap.clone());
             let ids = local_identities(&snap, &cfg.node_name);
             wanted.send_if_modified(|w| {

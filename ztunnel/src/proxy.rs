@@ -8,6 +8,7 @@
 mod copy;
 pub mod inbound;
 pub mod inbound_plaintext;
+pub mod open;
 pub mod outbound;
 
 use std::future::Future;
@@ -54,6 +55,8 @@ pub struct ProxyInputs {
     /// Becomes `true` when ztunnel drains: listeners close, HBONE servers
     /// send GOAWAY, open connections finish.
     pub drain: tokio::sync::watch::Receiver<bool>,
+    /// Admitted inbound connections: a policy change re-checks them.
+    pub open: Arc<open::OpenConnections>,
 }
 
 /// The bound listeners.

@@ -274,6 +274,7 @@ async fn connect(
     if !authorize(m, &state, DIR, &dst, &conn, client, target) {
         return req.refuse(StatusCode::UNAUTHORIZED);
     }
+    let registered = pi.open.register(DIR, &dst.uid, &conn, client, target);
     let service = state.inbound_service(&dst, target.port(), req.forwarded_host());
     let log = ConnectionLog::open(
         m,
@@ -297,7 +298,10 @@ async fn connect(
         Err(e) => return log.close(m, 0, 0, Some(&std::io::Error::other(e))),
     };
     // Counted from the tunnel's side: up is tunnel → upstream.
-    let (down, up, err) = super::copy::copy_tunnel(&mut upstream, &mut tunnel).await;
+    let (down, up, err) = tokio::select! {
+        r = super::copy::copy_tunnel(&mut upstream, &mut tunnel) => r,
+        () = registered.closed.cancelled() => (0, 0, Some(denied_now())),
+    };
     log.close(m, up, down, err.as_ref());
 }
 
@@ -336,6 +340,7 @@ pub async fn deliver_local(
         let _ = client.set_zero_linger();
         return;
     }
+    let registered = pi.open.register(DIR, &dst.uid, &conn, client_addr, target);
     let src_peer = peer(Some(src), Some(src_id), None);
     let dst_peer = peer(Some(dst), Some(dst_id), service);
     let out = ConnectionLog::open(
@@ -356,9 +361,23 @@ pub async fn deliver_local(
         dst_peer,
         SecurityPolicy::mutual_tls,
     );
-    let (up, down, err) = forward(m, DIR, &mut client, client_addr, target).await;
+    let (up, down, err) = tokio::select! {
+        r = forward(m, DIR, &mut client, client_addr, target) => r,
+        () = registered.closed.cancelled() => {
+            let _ = client.set_zero_linger();
+            (0, 0, Some(denied_now()))
+        }
+    };
     out.close(m, up, down, err.as_ref());
     inb.close(m, up, down, err.as_ref());
+}
+
+/// Why a connection a new policy denies ends.
+pub(super) fn denied_now() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        "closed: a policy now denies it",
+    )
 }
 
 #[cfg(test)]

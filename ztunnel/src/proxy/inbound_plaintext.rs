@@ -44,6 +44,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
         let _ = client.set_zero_linger();
         return;
     }
+    let registered = pi.open.register(DIR, &dst.uid, &conn, peer_addr, orig_dst);
     let dst_id = identity_of(&dst);
     let src = state.workload_by_ip(peer_addr.ip()).cloned();
     let log = ConnectionLog::open(
@@ -55,6 +56,12 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
         peer(Some(&dst), dst_id.as_ref(), None),
         SecurityPolicy::none,
     );
-    let (up, down, err) = forward(m, DIR, &mut client, peer_addr, orig_dst).await;
+    let (up, down, err) = tokio::select! {
+        r = forward(m, DIR, &mut client, peer_addr, orig_dst) => r,
+        () = registered.closed.cancelled() => {
+            let _ = client.set_zero_linger();
+            (0, 0, Some(super::inbound::denied_now()))
+        }
+    };
     log.close(m, up, down, err.as_ref());
 }
