@@ -388,8 +388,8 @@ fn main() {
         percentile(&many.slowest, 0.99),
     );
     println!(
-        "(change latency includes the manifests poll, every {} ms)",
-        weft_controller::app::POLL_INTERVAL.as_millis()
+        "(change latency includes the file-system notification and the {} ms debounce)",
+        weft_controller::changed::DEBOUNCE.as_millis()
     );
     println!(
         "controller RSS: serving, no clients {:.1} MiB; after the run {:.1} MiB; peak {:.1} MiB",

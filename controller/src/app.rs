@@ -20,6 +20,7 @@ use weft_xds::grpc::Server;
 use crate::Snapshot;
 use crate::auth::{Authenticator, NodeTokens};
 use crate::ca::{MeshCa, MeshCaError};
+use crate::changed::Changed;
 use crate::deploy::{self, WaypointGateway};
 use crate::kubernetes::{self, KubeSource, StatusWriter, TokenReviewer};
 use crate::metrics::{Metrics, TypeLabels};
@@ -57,8 +58,6 @@ fn get_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-/// How often the manifests directory is checked: changes land well within a second.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// A TLS handshake that takes longer is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -199,7 +198,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             let ca = MeshCa::load_or_generate(ca_dir, &cfg.mesh.trust_domain, cfg.max_cert_ttl)?;
             let tokens = NodeTokens::load(node_tokens).map_err(AppError::Config)?;
             (
-                Source::Manifests(ManifestsDir::new(dir)),
+                Source::Manifests(ManifestsDir::new(dir), {
+                    let changed = Arc::new(Changed::default());
+                    crate::changed::watch_dir(dir, changed.clone());
+                    changed
+                }),
                 Authenticator::Tokens(tokens),
                 ca,
             )
@@ -289,10 +292,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     // The first state is read before serving, so no client sees an empty mesh.
     publisher.poll();
     serve_metrics(cfg.metrics_addr, metrics.clone(), publisher.status.clone()).await?;
+    // Woken by the source's own change notifications (watch events, inotify):
+    // no fixed poll.
+    let changed = match &publisher.source {
+        Source::Manifests(_, changed) => changed.clone(),
+        Source::Kubernetes(c) => c.source.changes(),
+    };
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(POLL_INTERVAL);
         loop {
-            tick.tick().await;
+            changed.wait().await;
             publisher.poll();
         }
     });
@@ -365,7 +373,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Where the publisher reads from.
 enum Source {
-    Manifests(ManifestsDir),
+    /// With what wakes the publisher when the directory changes.
+    Manifests(ManifestsDir, Arc<Changed>),
     Kubernetes(Cluster),
 }
 
@@ -385,7 +394,7 @@ impl Source {
     /// The merged snapshot and the problems reading it, when anything changed.
     fn poll(&mut self) -> Option<(Snapshot, Vec<String>)> {
         match self {
-            Source::Manifests(dir) => match dir.poll() {
+            Source::Manifests(dir, _) => match dir.poll() {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(error = %e, "cannot list the manifests directory; keeping the last good state");

@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -15,6 +14,7 @@ use kube::api::{ApiResource, GroupVersionKind, ObjectMeta};
 use serde::de::DeserializeOwned;
 
 use crate::Snapshot;
+use crate::changed::Changed;
 use crate::httproute::HttpRoute;
 use crate::kubernetes::Watched;
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
@@ -81,7 +81,7 @@ pub trait Kind: Clone + DeserializeOwned + Send + Sync + 'static {
     fn of_mut(snapshot: &mut Snapshot) -> &mut BTreeMap<String, Self>;
     /// Starts watching it on the API server: typed (k8s-openapi kinds), or
     /// as dynamic objects read through serde (custom resources).
-    fn watch(client: &kube::Client, dirty: &Arc<AtomicBool>) -> Box<dyn Watched>;
+    fn watch(client: &kube::Client, dirty: &Arc<Changed>) -> Box<dyn Watched>;
 }
 
 /// Something done for each kind, with its type.
@@ -141,7 +141,7 @@ macro_rules! kind {
     ($ty:ty, $field:ident, $watch:ident, $info:expr) => {
         impl Kind for $ty {
             const INFO: KindInfo = $info;
-            fn watch(client: &kube::Client, dirty: &Arc<AtomicBool>) -> Box<dyn Watched> {
+            fn watch(client: &kube::Client, dirty: &Arc<Changed>) -> Box<dyn Watched> {
                 crate::kubernetes::$watch::<Self>(client, dirty)
             }
             fn meta(&self) -> &ObjectMeta {

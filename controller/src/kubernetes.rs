@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +32,7 @@ use weft_api::Identity;
 use crate::Snapshot;
 use crate::auth::{AuthError, Caller};
 use crate::ca::{MeshCa, MeshCaError};
+use crate::changed::Changed;
 use crate::kinds::{self, Kind, KindInfo, Visitor, each_kind};
 use crate::policy::{Status, WAYPOINT_BOUND};
 
@@ -45,7 +45,7 @@ pub const EVENT_REPORTER: &str = "weft.dev/controller";
 pub struct KubeSource {
     watches: Vec<Box<dyn Watched>>,
     pods: Store<Pod>,
-    dirty: Arc<AtomicBool>,
+    dirty: Arc<Changed>,
     /// The CRD objects of the last snapshot: one that stops reading keeps
     /// its version from here.
     previous: Snapshot,
@@ -57,7 +57,7 @@ fn reflect<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
     info: &'static KindInfo,
-    dirty: Arc<AtomicBool>,
+    dirty: Arc<Changed>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone,
@@ -75,7 +75,7 @@ fn reflect<K>(
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => dirty.store(true, Ordering::Release),
+                Ok(_) => dirty.mark(),
                 Err(e) => {
                     warn!(component = "kubernetes", kind = what, error = %e, "watch failed; retrying with backoff")
                 }
@@ -167,7 +167,7 @@ impl<K: Kind> Watched for Dynamic<K> {
 /// Starts each kind's watch.
 struct StartWatches<'a> {
     client: &'a Client,
-    dirty: &'a Arc<AtomicBool>,
+    dirty: &'a Arc<Changed>,
     watches: Vec<Box<dyn Watched>>,
 }
 
@@ -178,7 +178,7 @@ impl Visitor for StartWatches<'_> {
 }
 
 /// The watch of a k8s-openapi kind, stored typed.
-pub(crate) fn typed<K>(client: &Client, dirty: &Arc<AtomicBool>) -> Box<dyn Watched>
+pub(crate) fn typed<K>(client: &Client, dirty: &Arc<Changed>) -> Box<dyn Watched>
 where
     K: Kind + kube::Resource<DynamicType = ()> + Debug,
 {
@@ -193,7 +193,7 @@ where
 }
 
 /// The watch of a custom resource, stored as dynamic objects.
-pub(crate) fn dynamic<K: Kind>(client: &Client, dirty: &Arc<AtomicBool>) -> Box<dyn Watched> {
+pub(crate) fn dynamic<K: Kind>(client: &Client, dirty: &Arc<Changed>) -> Box<dyn Watched> {
     let ar = K::INFO.api_resource();
     let writer = reflector::store::Writer::new(ar.clone());
     let reader = writer.as_reader();
@@ -205,7 +205,7 @@ pub(crate) fn dynamic<K: Kind>(client: &Client, dirty: &Arc<AtomicBool>) -> Box<
 impl KubeSource {
     /// Starts the watches (in the background, on the current runtime).
     pub fn start(client: Client) -> Self {
-        let dirty = Arc::new(AtomicBool::new(false));
+        let dirty = Arc::new(Changed::default());
         let mut start = StartWatches {
             client: &client,
             dirty: &dirty,
@@ -242,13 +242,13 @@ impl KubeSource {
                 "some custom resources not listed yet (CRDs missing?); going on without them"
             );
         }
-        self.dirty.store(true, Ordering::Release);
+        self.dirty.mark();
     }
 
     /// The snapshot, when anything changed since the last call; with the
     /// custom resources that could not be read, named.
     pub fn poll(&mut self) -> Option<(Snapshot, Vec<String>)> {
-        if !self.dirty.swap(false, Ordering::AcqRel) {
+        if !self.dirty.take() {
             return None;
         }
         let mut snap = Snapshot::default();
@@ -270,6 +270,11 @@ impl KubeSource {
         each_kind(&mut KeepCrds(&snap, &mut previous));
         self.previous = previous;
         Some((snap, problems))
+    }
+
+    /// What wakes the publisher: every watch event marks it.
+    pub fn changes(&self) -> Arc<Changed> {
+        self.dirty.clone()
     }
 
     /// The pods store, for [`TokenReviewer`] to find a caller's node.

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod balance;
 pub mod bypass;
 pub mod ca;
+pub mod changed;
 pub mod crds;
 pub mod deploy;
 pub mod endpoints;
