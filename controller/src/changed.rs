@@ -3,28 +3,35 @@
 //! until it is set. No fixed poll.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
 use tracing::warn;
 
 /// Changes arriving together are read as one: the publisher waits this
 /// long after the first before it reads the source.
 pub const DEBOUNCE: Duration = Duration::from_millis(20);
 
+/// Waited on by a plain thread (the publisher's), so nothing here needs an
+/// async runtime, not even one shutting down.
 #[derive(Debug, Default)]
 pub struct Changed {
     flag: AtomicBool,
-    wake: Notify,
+    /// Counts the changes; a waiter remembers the last it saw.
+    generation: Mutex<u64>,
+    wake: Condvar,
 }
 
 impl Changed {
     /// Records a change and wakes the publisher.
     pub fn mark(&self) {
         self.flag.store(true, Ordering::Release);
-        self.wake.notify_one();
+        *self
+            .generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) += 1;
+        self.wake.notify_all();
     }
 
     /// Whether anything changed since the last call.
@@ -32,11 +39,37 @@ impl Changed {
         self.flag.swap(false, Ordering::AcqRel)
     }
 
-    /// Returns once something has changed (at once if it already has),
-    /// after [`DEBOUNCE`].
-    pub async fn wait(&self) {
-        self.wake.notified().await;
-        tokio::time::sleep(DEBOUNCE).await;
+    /// The changes counted so far.
+    pub fn generation(&self) -> u64 {
+        *self
+            .generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Blocks until a change after `seen` (at once if there was one), then
+    /// [`DEBOUNCE`] more; returns the generation then. None past `limit`.
+    pub fn wait_after(&self, seen: u64, limit: Option<Duration>) -> Option<u64> {
+        let deadline = limit.map(|l| Instant::now() + l);
+        let mut g = self
+            .generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while *g == seen {
+            g = match deadline {
+                None => self.wake.wait(g).unwrap_or_else(PoisonError::into_inner),
+                Some(d) => {
+                    let left = d.checked_duration_since(Instant::now())?;
+                    self.wake
+                        .wait_timeout(g, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+        drop(g);
+        std::thread::sleep(DEBOUNCE);
+        Some(self.generation())
     }
 }
 
@@ -93,20 +126,20 @@ mod tests {
 
     /// A write into the directory wakes the publisher; nothing wakes it
     /// when nothing changes (no fixed poll).
-    #[tokio::test]
-    async fn a_write_wakes_and_quiet_does_not() {
+    #[test]
+    fn a_write_wakes_and_quiet_does_not() {
         let dir = std::env::temp_dir().join(format!("weft-changed-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let changed = Arc::new(Changed::default());
         watch_dir(&dir, changed.clone());
-        let quiet = tokio::time::timeout(Duration::from_millis(300), changed.wait()).await;
-        assert!(quiet.is_err(), "woken with nothing changed");
+        let seen = changed.generation();
+        let quiet = changed.wait_after(seen, Some(Duration::from_millis(300)));
+        assert_eq!(quiet, None, "woken with nothing changed");
         let tmp = dir.join(".a.yaml.tmp");
         std::fs::write(&tmp, "kind: Namespace\n").unwrap();
         std::fs::rename(&tmp, dir.join("a.yaml")).unwrap();
-        tokio::time::timeout(Duration::from_secs(2), changed.wait())
-            .await
-            .expect("a write wakes it");
+        let woke = changed.wait_after(seen, Some(Duration::from_secs(2)));
+        assert!(woke.is_some_and(|g| g > seen), "a write wakes it");
         assert!(changed.take());
         assert!(!changed.take());
         let _ = std::fs::remove_dir_all(&dir);
