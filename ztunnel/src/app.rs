@@ -238,6 +238,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let mut tick = tokio::time::interval(CAPTURE_SYNC_INTERVAL);
     let mut config_error: Option<String> = None;
     let mut seen: Option<Arc<crate::state::State>> = None;
+    // The mesh's VIPs, never node addresses; known once the state is.
+    let mut vips = None;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -274,6 +276,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                     info!(closed, "open connections the new policies deny were closed");
                 }
             }
+            vips = None;
             seen = Some(snap.clone());
             let ids = local_identities(&snap, &cfg.node_name);
             wanted.send_if_modified(|w| {
@@ -282,19 +285,19 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 changed
             });
         }
+        if vips.is_none() && synced.load(Ordering::Acquire) {
+            vips = Some(snap.vips_v4());
+        }
         pool_owner.pool.evict_idle(weft_hbone::POOL_IDLE_TIMEOUT);
         if synced.load(Ordering::Acquire) && !ready.swap(true, Ordering::AcqRel) {
             info!(node = %cfg.node_name, "ztunnel ready");
         }
         if let Some(capture) = &capture {
             let mut c = capture.lock().unwrap_or_else(|p| p.into_inner());
-            let vips = synced
-                .load(Ordering::Acquire)
-                .then(|| state.snapshot().vips_v4());
             if let Err(e) = c.sync_interfaces(vips.as_ref()) {
                 warn!(error = %e, "capture interface sync failed");
             }
-            let next = pod_map(&state.snapshot(), &cfg.node_name, &pods);
+            let next = pod_map(&snap, &cfg.node_name, &pods);
             if next != pods {
                 match c.set_pods(&next) {
                     Ok(()) => pods = next,
@@ -305,13 +308,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     }
     // A rollout keeps capture for the successor; a removal takes it away
     // once drained, so no pod is left captured with no proxy.
-    let verdict = if succession.superseded() {
-        Verdict::Keep("a newer ztunnel runs on this node: a rollout".into())
-    } else if let Some(access) = &cfg.cluster {
-        access.check().await
-    } else {
-        Verdict::Keep("no API server to ask".into())
-    };
+    let verdict = removal_verdict(&cfg, &succession).await;
     match &verdict {
         Verdict::Keep(why) => info!(reason = %why, "stopping; capture stays for the next ztunnel"),
         Verdict::Remove(why) => {
@@ -334,14 +331,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     if let Verdict::Remove(_) = verdict {
         // Asked again now, after the drain: a ztunnel that started
         // meanwhile (a reinstall), or a DaemonSet that is back, keeps it.
-        let again = if succession.superseded() {
-            Verdict::Keep("a newer ztunnel started on this node while draining".into())
-        } else if let Some(access) = &cfg.cluster {
-            access.check().await
-        } else {
-            Verdict::Keep("no API server to ask".into())
-        };
-        match again {
+        match removal_verdict(&cfg, &succession).await {
             Verdict::Remove(why) => {
                 if cfg.capture == CaptureMode::Ebpf {
                     info!(reason = %why, "removal confirmed");
@@ -358,6 +348,18 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     // is dropped, never sent in plaintext.
     info!("shutting down; capture stays pinned (`ztunnel uninstall` removes it)");
     Ok(())
+}
+
+/// Whether stopping now is a removal: not while a newer ztunnel runs on
+/// the node (a rollout), and only on the API server's word.
+async fn removal_verdict(cfg: &Config, succession: &Succession) -> Verdict {
+    if succession.superseded() {
+        Verdict::Keep("a newer ztunnel runs on this node: a rollout".into())
+    } else if let Some(access) = &cfg.cluster {
+        access.check().await
+    } else {
+        Verdict::Keep("no API server to ask".into())
+    }
 }
 
 /// Removes capture from this node for good: every pinned link and map under
