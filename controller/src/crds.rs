@@ -74,14 +74,13 @@ fn names(kind: &str) -> (&'static [&'static str], &'static [&'static str]) {
     }
 }
 
-/// Every Istio and Gateway API kind the controller reads, then
-/// GatewayClass; Kubernetes' own groups (EndpointSlice's) have no CRD.
+/// Every custom kind the controller reads (Istio's and the Gateway
+/// API's), then GatewayClass.
 pub fn custom_kinds() -> Vec<&'static KindInfo> {
     struct Custom(Vec<&'static KindInfo>);
     impl Visitor for Custom {
         fn visit<K: Kind>(&mut self) {
-            let g = K::INFO.group;
-            if g.ends_with(".istio.io") || g == GATEWAY_GROUP {
+            if K::INFO.custom() {
                 self.0.push(&K::INFO);
             }
         }

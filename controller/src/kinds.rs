@@ -44,10 +44,11 @@ pub struct KindInfo {
 }
 
 impl KindInfo {
-    /// A custom resource (a CRD, not a core kind): it may fail to read, and
-    /// then keeps its last good version.
+    /// A custom resource (one of the Istio or Gateway API CRDs Weft serves,
+    /// not a built-in kind): it may fail to read, and then keeps its last
+    /// good version; the chart installs its CRD.
     pub fn custom(&self) -> bool {
-        !self.group.is_empty()
+        self.group.ends_with(".istio.io") || self.group == "gateway.networking.k8s.io"
     }
 
     /// Whether `api_version` (`v1`, `group/version`) is one we read.
