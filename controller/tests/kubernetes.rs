@@ -640,21 +640,26 @@ async fn ca_root_in_a_secret() {
     assert_eq!(creates(&fake), 0, "nothing is created when cacerts exists");
 }
 
+/// The waypoint deployer the controller runs, over the mock API.
+fn deployer(client: Client) -> weft_controller::deploy::Deployer {
+    weft_controller::deploy::Deployer::new(
+        client,
+        weft_controller::deploy::Settings {
+            image: "weft/waypoint:dev".into(),
+            xds_address: "weft-controller.istio-system.svc:15012".into(),
+            trust_domain: "cluster.local".into(),
+        },
+    )
+}
+
 /// Kubernetes mode: a waypoint Gateway gets a ServiceAccount, Service and
 /// Deployment owned by it (server-side apply as weft-controller, non-root,
 /// never captured) and its status; nothing is written again unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_deployed_for_its_gateway() {
-    use weft_controller::deploy::{Deployer, Settings, WaypointGateway};
+    use weft_controller::deploy::WaypointGateway;
     let (client, fake) = mock_client();
-    let mut deployer = Deployer::new(
-        client,
-        Settings {
-            image: "weft/waypoint:dev".into(),
-            xds_address: "weft-controller.istio-system.svc:15012".into(),
-            trust_domain: "cluster.local".into(),
-        },
-    );
+    let mut deployer = deployer(client);
     let gw = WaypointGateway {
         namespace: "shop".into(),
         name: "waypoint".into(),
@@ -983,17 +988,10 @@ async fn mesh_root_published_to_every_namespace() {
 /// (InvalidParameters) and what runs is left alone; fixed, it applies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_parameters_from_a_config_map() {
-    use weft_controller::deploy::{Deployer, Settings, WaypointGateway};
+    use weft_controller::deploy::WaypointGateway;
     use weft_controller::waypoints::{Infrastructure, ParametersRef};
     let (client, fake) = mock_client();
-    let mut deployer = Deployer::new(
-        client,
-        Settings {
-            image: "weft/waypoint:dev".into(),
-            xds_address: "weft-controller.istio-system.svc:15012".into(),
-            trust_domain: "cluster.local".into(),
-        },
-    );
+    let mut deployer = deployer(client);
     let gw = WaypointGateway {
         namespace: "shop".into(),
         name: "waypoint".into(),

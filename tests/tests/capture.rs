@@ -169,16 +169,21 @@ fn uninstall_releases_the_node() -> Result<()> {
         "ztunnel uninstall failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    released(&lab, &client, &web)
+}
+
+/// Node-1 no longer captures: its pins and policy route are gone, and the
+/// client's traffic takes the direct path (node-2 still captures web-1,
+/// which accepts plaintext, PERMISSIVE, and sees the client's own address).
+fn released(lab: &Lab, client: &LabPod, web: &LabPod) -> Result<()> {
+    let pin_dir = lab.pin_dir("node-1");
     ensure!(!pin_dir.exists(), "{} still exists", pin_dir.display());
-    let rules = node1.netns.ip(&["-4", "rule", "show"])?;
+    let rules = lab.node("node-1").netns.ip(&["-4", "rule", "show"])?;
     ensure!(
         !rules.contains("lookup 15001"),
         "policy route left: {rules}"
     );
-
-    // Direct now: node-2 still captures web-1, which accepts plaintext
-    // (PERMISSIVE) and sees the client's own address.
-    let seen = apps::whoami(&client, addr(&web, 9002))?;
+    let seen = apps::whoami(client, addr(web, 9002))?;
     ensure!(seen.ip() == client.ip, "server saw {seen}");
     Ok(())
 }
@@ -235,15 +240,7 @@ fn sigterm_tells_a_rollout_from_a_removal() -> Result<()> {
         log.contains("the DaemonSet no longer exists") && log.contains("capture uninstalled"),
         "no removal in the log"
     );
-    ensure!(!lab.pin_dir("node-1").exists(), "capture still pinned");
-    let rules = node1.netns.ip(&["-4", "rule", "show"])?;
-    ensure!(
-        !rules.contains("lookup 15001"),
-        "policy route left: {rules}"
-    );
-    // Direct again: node-2 still captures web-1, which accepts plaintext.
-    let seen = apps::whoami(&client, addr(&web, 9002))?;
-    ensure!(seen.ip() == client.ip, "server saw {seen}");
+    released(&lab, &client, &web)?;
     // ztunnel asked with its service account token.
     let asked = api.asked.lock().unwrap_or_else(|p| p.into_inner()).clone();
     ensure!(

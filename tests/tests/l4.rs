@@ -455,11 +455,7 @@ endpoints:
         ("destination_service", "db.shop.svc.cluster.local"),
         ("destination_workload", "db"),
     ];
-    eventually("the metrics", Duration::from_secs(5), || {
-        let m = lab.metrics("node-1")?;
-        Ok(metric_sum(&m, "istio_tcp_connections_closed_total", &labels) >= 11.0)
-    })?;
-    Ok(())
+    closed_on_node_1(&lab, "the Service's connections", &labels, |n| n >= 11.0)
 }
 
 /// kube-proxy in IPVS mode binds every Service VIP to a dummy interface
@@ -506,10 +502,7 @@ fn ipvs_vips_are_not_node_addresses() -> Result<()> {
         "web-alt.shop.svc.cluster.local",
     ] {
         let labels = [("reporter", "source"), ("destination_service", svc)];
-        eventually(&format!("{svc} counted"), Duration::from_secs(5), || {
-            let m = lab.metrics("node-1")?;
-            Ok(metric_sum(&m, "istio_tcp_connections_closed_total", &labels) >= 5.0)
-        })?;
+        closed_on_node_1(&lab, svc, &labels, |n| n >= 5.0)?;
     }
     Ok(())
 }
@@ -559,14 +552,29 @@ fn bridge_cni_capture() -> Result<()> {
             ("destination_workload", web),
             ("connection_security_policy", "mutual_tls"),
         ];
-        eventually(
-            &format!("{web} through ztunnel"),
-            Duration::from_secs(5),
-            || {
-                let m = lab.metrics("node-1")?;
-                Ok(metric_sum(&m, "istio_tcp_connections_closed_total", &labels) == n)
-            },
-        )?;
+        closed_on_node_1(&lab, web, &labels, |got| got == n)?;
     }
     Ok(())
+}
+
+/// Waits (5 s at most) until node-1's ztunnel has counted closed
+/// connections with `labels` in a number that `want` accepts.
+fn closed_on_node_1(
+    lab: &Lab,
+    what: &str,
+    labels: &[(&str, &str)],
+    want: impl Fn(f64) -> bool,
+) -> Result<()> {
+    eventually(
+        &format!("{what} counted by ztunnel"),
+        Duration::from_secs(5),
+        || {
+            let m = lab.metrics("node-1")?;
+            Ok(want(metric_sum(
+                &m,
+                "istio_tcp_connections_closed_total",
+                labels,
+            )))
+        },
+    )
 }
