@@ -508,7 +508,12 @@ impl Publisher {
             }
         }
         let cfg = &t.config;
-        let next = Published::build(cfg, &t.l7.resources, &publish.borrow());
+        let next = Published::build(
+            cfg,
+            &t.l7.resources,
+            &publish.borrow(),
+            last.as_ref().map(|l| &l.config),
+        );
         info!(
             workloads = cfg.workloads.len(),
             services = cfg.services.len(),

@@ -78,8 +78,8 @@ impl KindInfo {
 pub trait Kind: Clone + DeserializeOwned + Send + Sync + 'static {
     const INFO: KindInfo;
     fn meta(&self) -> &ObjectMeta;
-    fn of(snapshot: &Snapshot) -> &BTreeMap<String, Self>;
-    fn of_mut(snapshot: &mut Snapshot) -> &mut BTreeMap<String, Self>;
+    fn of(snapshot: &Snapshot) -> &BTreeMap<String, Arc<Self>>;
+    fn of_mut(snapshot: &mut Snapshot) -> &mut BTreeMap<String, Arc<Self>>;
     /// Starts watching it on the API server: typed (k8s-openapi kinds), or
     /// as dynamic objects read through serde (custom resources).
     fn watch(client: &kube::Client, dirty: &Arc<Changed>) -> Box<dyn Watched>;
@@ -148,10 +148,10 @@ macro_rules! kind {
             fn meta(&self) -> &ObjectMeta {
                 &self.metadata
             }
-            fn of(snapshot: &Snapshot) -> &BTreeMap<String, Self> {
+            fn of(snapshot: &Snapshot) -> &BTreeMap<String, Arc<Self>> {
                 &snapshot.$field
             }
-            fn of_mut(snapshot: &mut Snapshot) -> &mut BTreeMap<String, Self> {
+            fn of_mut(snapshot: &mut Snapshot) -> &mut BTreeMap<String, Arc<Self>> {
                 &mut snapshot.$field
             }
         }

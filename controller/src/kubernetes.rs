@@ -129,7 +129,7 @@ where
     fn fill(&self, snap: &mut Snapshot, _: &Snapshot, _: &mut Vec<String>) {
         let into = K::of_mut(snap);
         for o in self.0.state() {
-            into.insert(K::INFO.key(Kind::meta(&*o)), (*o).clone());
+            into.insert(K::INFO.key(Kind::meta(&*o)), o);
         }
     }
     fn pods(&self) -> Option<Store<Pod>> {
@@ -153,7 +153,7 @@ impl<K: Kind> Watched for Dynamic<K> {
             let k = K::INFO.key(&o.metadata);
             match serde_json::to_value(&*o).and_then(serde_json::from_value::<K>) {
                 Ok(typed) => {
-                    K::of_mut(snap).insert(k, typed);
+                    K::of_mut(snap).insert(k, Arc::new(typed));
                 }
                 Err(e) => {
                     problems.push(format!("{} {k}: {e}", K::INFO.kind));

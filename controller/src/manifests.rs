@@ -4,6 +4,8 @@
 //! reported with its file, position, kind and name, and the rest still load.
 
 use kube::api::ObjectMeta;
+use std::sync::Arc;
+
 use serde::Deserialize;
 use tracing::debug;
 
@@ -140,7 +142,7 @@ impl Visitor for Load<'_> {
         let doc_key = K::INFO.key(&meta());
         let result = serde_yaml::from_value::<K>(value)
             .map(|o| {
-                K::of_mut(self.snapshot).insert(K::INFO.key(o.meta()), o);
+                K::of_mut(self.snapshot).insert(K::INFO.key(o.meta()), Arc::new(o));
             })
             .map_err(|e| e.to_string());
         self.outcome = Some((doc_key, result));

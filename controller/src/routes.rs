@@ -905,7 +905,7 @@ pub fn translate(
     }
 
     // DestinationRules: subsets resolved to the workloads they select.
-    let mut drs: Vec<&DestinationRule> = snap.destination_rules.values().collect();
+    let mut drs: Vec<&DestinationRule> = snap.destination_rules.values().map(|d| &**d).collect();
     drs.sort_by_key(|d| order(&d.metadata));
     let mut done: BTreeSet<String> = BTreeSet::new();
     for dr in drs {

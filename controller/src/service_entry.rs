@@ -80,6 +80,7 @@ pub fn origin<'a>(snap: &'a Snapshot, svc: &Service) -> Option<&'a ServiceEntry>
     snap.service_entries
         .get(&format!("{}/{}", svc.namespace, svc.name))
         .filter(|se| se.spec.hosts.contains(&svc.hostname))
+        .map(|se| &**se)
 }
 
 /// The labels of the workload `uid`: a pod's, or a ServiceEntry endpoint's.
@@ -123,7 +124,7 @@ pub fn translate(
     taken: &mut Taken,
     workloads: &mut Vec<Workload>,
 ) -> (Vec<Service>, Vec<TranslateError>) {
-    let mut entries: Vec<&ServiceEntry> = snap.service_entries.values().collect();
+    let mut entries: Vec<&ServiceEntry> = snap.service_entries.values().map(|e| &**e).collect();
     entries.sort_by_key(|se| crate::routes::order(&se.metadata));
     let mut services = Vec::new();
     let mut errors = Vec::new();

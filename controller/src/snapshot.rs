@@ -1,6 +1,7 @@
 //! The typed resources the controller translates, from either source.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -13,35 +14,38 @@ use crate::service_entry::ServiceEntry;
 use crate::telemetry::Telemetry;
 use crate::waypoints::Gateway;
 
-/// Every resource the translation reads, keyed for lookup.
+/// Every resource the translation reads, keyed for lookup. Objects are
+/// shared, not copied: a snapshot is rebuilt on every change, and most of
+/// its objects are the previous one's (the API watch's store holds them as
+/// `Arc`s already).
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub namespaces: BTreeMap<String, Namespace>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
     /// Keyed by `namespace/name`.
-    pub pods: BTreeMap<String, Pod>,
+    pub pods: BTreeMap<String, Arc<Pod>>,
     /// Keyed by `namespace/name`.
-    pub services: BTreeMap<String, Service>,
-    pub nodes: BTreeMap<String, Node>,
+    pub services: BTreeMap<String, Arc<Service>>,
+    pub nodes: BTreeMap<String, Arc<Node>>,
     /// Keyed by `namespace/name`.
-    pub authorization_policies: BTreeMap<String, AuthorizationPolicy>,
+    pub authorization_policies: BTreeMap<String, Arc<AuthorizationPolicy>>,
     /// Keyed by `namespace/name`.
-    pub peer_authentications: BTreeMap<String, PeerAuthentication>,
+    pub peer_authentications: BTreeMap<String, Arc<PeerAuthentication>>,
     /// Keyed by `namespace/name`.
-    pub gateways: BTreeMap<String, Gateway>,
+    pub gateways: BTreeMap<String, Arc<Gateway>>,
     /// Keyed by `namespace/name`.
-    pub virtual_services: BTreeMap<String, VirtualService>,
+    pub virtual_services: BTreeMap<String, Arc<VirtualService>>,
     /// Keyed by `namespace/name`.
-    pub destination_rules: BTreeMap<String, DestinationRule>,
+    pub destination_rules: BTreeMap<String, Arc<DestinationRule>>,
     /// Keyed by `namespace/name`.
-    pub http_routes: BTreeMap<String, HttpRoute>,
+    pub http_routes: BTreeMap<String, Arc<HttpRoute>>,
     /// Keyed by `namespace/name`.
-    pub service_entries: BTreeMap<String, ServiceEntry>,
+    pub service_entries: BTreeMap<String, Arc<ServiceEntry>>,
     /// Only those named `istio` (the mesh config), by `namespace/name`.
-    pub config_maps: BTreeMap<String, ConfigMap>,
+    pub config_maps: BTreeMap<String, Arc<ConfigMap>>,
     /// Keyed by `namespace/name`.
-    pub telemetries: BTreeMap<String, Telemetry>,
+    pub telemetries: BTreeMap<String, Arc<Telemetry>>,
     /// Keyed by `namespace/name`.
-    pub endpoint_slices: BTreeMap<String, EndpointSlice>,
+    pub endpoint_slices: BTreeMap<String, Arc<EndpointSlice>>,
 }
 
 impl Snapshot {

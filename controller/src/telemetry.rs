@@ -216,7 +216,7 @@ pub fn translate(
     let mesh_config = match snap
         .config_maps
         .get(&format!("{root}/{MESH_CONFIG_MAP}"))
-        .map(read_mesh_config)
+        .map(|c| read_mesh_config(c))
     {
         None => MeshConfig::default(),
         Some(Ok(m)) => m,
@@ -227,7 +227,7 @@ pub fn translate(
         }
     };
     l7.mesh_config = Some(mesh_config.clone());
-    let mut telemetries: Vec<&Telemetry> = snap.telemetries.values().collect();
+    let mut telemetries: Vec<&Telemetry> = snap.telemetries.values().map(|t| &**t).collect();
     telemetries.sort_by_key(|t| order(&t.metadata));
     let mut statuses: BTreeMap<(String, String), Result<Vec<String>, String>> = BTreeMap::new();
     for t in &telemetries {

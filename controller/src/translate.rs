@@ -423,7 +423,7 @@ fn workload(pod: &Pod, snap: &Snapshot, mesh: &Mesh) -> Result<Option<Workload>,
                 .collect()
         })
         .unwrap_or_default();
-    let ns = snap.namespaces.get(&namespace);
+    let ns = snap.namespaces.get(&namespace).map(|n| &**n);
     Ok(Some(Workload {
         uid: format!("{}//Pod/{namespace}/{name}", mesh.cluster_id),
         protocol: if captured(pod, ns) {

@@ -362,7 +362,7 @@ pub fn bind(
                 ("Service", k8s.and_then(|s| s.metadata.labels.as_ref()))
             }
         };
-        let namespace = snap.namespaces.get(&svc.namespace);
+        let namespace = snap.namespaces.get(&svc.namespace).map(|n| &**n);
         let status = |accepted, reason, message: String| Status {
             kind,
             namespace: svc.namespace.clone(),
@@ -394,12 +394,15 @@ pub fn bind(
     // The hosts of one ServiceEntry share its binding and its status.
     statuses.dedup_by(|a, b| a.kind == b.kind && a.namespace == b.namespace && a.name == b.name);
     for w in &mut cfg.workloads {
-        let pod: Option<&Pod> = snap.pods.get(&format!("{}/{}", w.namespace, w.name));
+        let pod: Option<&Pod> = snap
+            .pods
+            .get(&format!("{}/{}", w.namespace, w.name))
+            .map(|p| &**p);
         let own = pod.and_then(|p| p.metadata.labels.as_ref());
         if is_waypoint_pod(own) {
             continue;
         }
-        let namespace = snap.namespaces.get(&w.namespace);
+        let namespace = snap.namespaces.get(&w.namespace).map(|n| &**n);
         w.waypoint = match resolve(Bound::Workload, &w.namespace, own, namespace, &waypoints) {
             Ok(r) => r,
             Err(u) => {

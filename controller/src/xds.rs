@@ -17,7 +17,9 @@ use tonic::codec::Streaming;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 use weft_api::{Identity, LocalConfig};
-use weft_xds::convert::{address_alias, address_resources, authorization_to_proto, service_key};
+use weft_xds::convert::{
+    AddressInput, address_alias, address_inputs, authorization_to_proto, service_key,
+};
 use weft_xds::grpc::{ControlPlane, bearer_token};
 use weft_xds::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
 use weft_xds::proto::discovery::SharedAny as Any;
@@ -42,6 +44,8 @@ pub struct Versioned {
     /// is for; else only these workload identities (the waypoints that
     /// serve what it is about).
     pub scope: Option<BTreeSet<Identity>>,
+    /// The generation that first published this version.
+    pub generation: u64,
 }
 
 impl Versioned {
@@ -137,10 +141,18 @@ impl Published {
         self.changes.values().map(BTreeSet::len).sum()
     }
 
-    pub fn build(cfg: &LocalConfig, l7: &[L7Resource], previous: &Published) -> Self {
+    /// `previous_cfg` is what `previous` was built from, if known: a
+    /// resource whose input is unchanged keeps its encoded bytes, unencoded.
+    pub fn build(
+        cfg: &LocalConfig,
+        l7: &[L7Resource],
+        previous: &Published,
+        previous_cfg: Option<&LocalConfig>,
+    ) -> Self {
         let mut resources: BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>> =
             BTreeMap::new();
         let mut changes: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+        let generation = previous.generation + 1;
         let mut put = |ty: &'static str,
                        name: String,
                        any: Any,
@@ -172,25 +184,38 @@ impl Published {
                     any,
                     aliases,
                     scope,
+                    generation,
                 })
             });
             resources.entry(ty).or_default().insert(name, v);
         };
-        let mut aliases: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for w in &cfg.workloads {
-            aliases.insert(&w.uid, w.addresses.iter().map(address_alias).collect());
-        }
-        let service_keys: Vec<(String, Vec<String>)> = cfg
-            .services
-            .iter()
-            .map(|s| (service_key(s), s.vips.iter().map(address_alias).collect()))
-            .collect();
-        for (key, vips) in &service_keys {
-            aliases.insert(key, vips.clone());
-        }
-        for (name, addr) in address_resources(cfg) {
-            let names = aliases.get(name.as_str()).cloned().unwrap_or_default();
-            put(ADDRESS_TYPE, name, to_any(ADDRESS_TYPE, &addr), names, None);
+        // Address resources whose input is as before are taken over as
+        // they are: no conversion, no encoding, no hashing.
+        let before: HashMap<String, AddressInput<'_>> = previous_cfg
+            .map(|c| {
+                address_inputs(c)
+                    .into_iter()
+                    .map(|i| (i.name(), i))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let previous_addresses = previous.resources.get(ADDRESS_TYPE);
+        let mut taken_over = Vec::new();
+        for input in address_inputs(cfg) {
+            let name = input.name();
+            let kept = previous_addresses
+                .and_then(|m| m.get(&name))
+                .filter(|_| before.get(&name) == Some(&input));
+            match kept {
+                Some(v) => taken_over.push((name, v.clone())),
+                None => put(
+                    ADDRESS_TYPE,
+                    name,
+                    to_any(ADDRESS_TYPE, &input.to_proto()),
+                    input.aliases(),
+                    None,
+                ),
+            }
         }
         for p in &cfg.policies {
             let (name, msg) = authorization_to_proto(p);
@@ -223,6 +248,10 @@ impl Published {
             };
             put(ty, name.clone(), any, Vec::new(), Some(scope.clone()));
         }
+        resources
+            .entry(ADDRESS_TYPE)
+            .or_default()
+            .extend(taken_over);
         for (ty, old) in &previous.resources {
             let new = resources.get(ty);
             for name in old.keys() {
@@ -240,7 +269,7 @@ impl Published {
         Published {
             resources,
             identities,
-            generation: previous.generation + 1,
+            generation,
             changes,
             on_demand: OnDemand::build(cfg),
         }
@@ -723,23 +752,18 @@ mod tests {
             workloads: ws,
             ..LocalConfig::default()
         };
-        let first = Published::build(
-            &cfg(vec![workload("a", "v1"), workload("b", "v1")]),
-            &[],
-            &Published::default(),
+        let (c1, c2, c3) = (
+            cfg(vec![workload("a", "v1"), workload("b", "v1")]),
+            cfg(vec![workload("a", "v1"), workload("c", "v1")]),
+            cfg(vec![workload("a", "v2"), workload("c", "v1")]),
         );
+        let first = Published::build(&c1, &[], &Published::default(), None);
         assert_eq!(first.generation, 1);
         assert_eq!(first.changes[ADDRESS_TYPE].len(), 2);
-        let second = Published::build(
-            &cfg(vec![workload("a", "v1"), workload("c", "v1")]),
-            &[],
-            &first,
-        );
-        let third = Published::build(
-            &cfg(vec![workload("a", "v2"), workload("c", "v1")]),
-            &[],
-            &second,
-        );
+        // With the previous config: unchanged inputs are taken over unencoded.
+        let second = Published::build(&c2, &[], &first, Some(&c1));
+        // Without it: everything is encoded and compared by version.
+        let third = Published::build(&c3, &[], &second, None);
         let names = |p: &Published| p.changes.get(ADDRESS_TYPE).cloned().unwrap_or_default();
         assert_eq!(
             names(&second),
@@ -752,9 +776,48 @@ mod tests {
             names(&third),
             BTreeSet::from(["Kubernetes//Pod/shop/a".to_string()])
         );
-        let a = |p: &Published| p.resources[ADDRESS_TYPE]["Kubernetes//Pod/shop/a"].clone();
-        assert!(Arc::ptr_eq(&a(&first), &a(&second)), "unchanged: reused");
-        assert!(!Arc::ptr_eq(&a(&second), &a(&third)));
+        let at = |p: &Published, n: &str| {
+            p.resources[ADDRESS_TYPE][&format!("Kubernetes//Pod/shop/{n}")].clone()
+        };
+        assert!(
+            Arc::ptr_eq(&at(&first, "a"), &at(&second, "a")),
+            "unchanged: reused"
+        );
+        assert!(
+            Arc::ptr_eq(&at(&second, "c"), &at(&third, "c")),
+            "same bytes: reused"
+        );
+        assert!(!Arc::ptr_eq(&at(&second, "a"), &at(&third, "a")));
+        assert_eq!(at(&third, "a").generation, 3);
+        assert_eq!(at(&third, "c").generation, 2);
+        // A workload is also changed by the services it backs: a port
+        // change is a new version even though the workload is as it was.
+        let backed = |target: u16| {
+            let mut c = c3.clone();
+            c.services.push(weft_api::Service {
+                name: "web".into(),
+                namespace: "shop".into(),
+                hostname: "web.shop.svc.cluster.local".into(),
+                endpoints: vec![weft_api::Endpoint {
+                    workload_uid: "Kubernetes//Pod/shop/c".into(),
+                    ports: BTreeMap::from([(80, target)]),
+                }],
+                vips: vec![],
+                ports: vec![],
+                waypoint: None,
+            });
+            c
+        };
+        let (c4, c5) = (backed(8080), backed(9090));
+        let fourth = Published::build(&c4, &[], &third, Some(&c3));
+        let fifth = Published::build(&c5, &[], &fourth, Some(&c4));
+        let c_of = |p: &Published| at(p, "c").version.clone();
+        assert_ne!(c_of(&third), c_of(&fourth));
+        assert_ne!(c_of(&fourth), c_of(&fifth));
+        assert_eq!(
+            names(&fifth),
+            BTreeSet::from(["Kubernetes//Pod/shop/c".to_string()])
+        );
         assert_eq!(third.identities["node-1"].len(), 2);
     }
 }

@@ -15,7 +15,7 @@ use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -469,7 +469,7 @@ impl Lab {
                 service_account_name: Some(name.clone()),
                 ..PodSpec::default()
             });
-            self.snapshot.pods.insert(key.clone(), pod);
+            self.snapshot.pods.insert(key.clone(), Arc::new(pod));
             keys.push(key);
         }
         keys
@@ -623,6 +623,7 @@ impl Lab {
             .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
             .collect();
         for (i, pod) in self.snapshot.pods.values_mut().enumerate() {
+            let pod = Arc::make_mut(pod);
             let spec = pod.spec.get_or_insert_with(PodSpec::default);
             let node = spec
                 .node_name
@@ -649,7 +650,7 @@ impl Lab {
             self.snapshot.nodes.entry(n.clone()).or_insert_with(|| {
                 let mut node = k8s_openapi::api::core::v1::Node::default();
                 node.metadata.name = Some(n);
-                node
+                Arc::new(node)
             });
         }
         Ok(())
@@ -682,21 +683,21 @@ impl Lab {
         }
         let mut docs = Vec::new();
         for ns in self.snapshot.namespaces.values() {
-            docs.push(serde_yaml::to_string(ns)?);
+            docs.push(serde_yaml::to_string(&**ns)?);
         }
         for n in self.snapshot.nodes.values() {
-            docs.push(serde_yaml::to_string(n)?);
+            docs.push(serde_yaml::to_string(&**n)?);
         }
         for p in self.snapshot.pods.values() {
-            docs.push(serde_yaml::to_string(p)?);
+            docs.push(serde_yaml::to_string(&**p)?);
         }
         for svc in self.snapshot.services.values() {
-            docs.push(serde_yaml::to_string(svc)?);
+            docs.push(serde_yaml::to_string(&**svc)?);
         }
         for gw in self.snapshot.gateways.values() {
             docs.push(format!(
                 "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n{}",
-                serde_yaml::to_string(gw)?
+                serde_yaml::to_string(&**gw)?
             ));
         }
         self.write_manifest("scenario.yaml", &docs.join("---\n"))
@@ -1160,7 +1161,7 @@ impl Lab {
                 .or_insert_with(|| {
                     let mut ns = k8s_openapi::api::core::v1::Namespace::default();
                     ns.metadata.name = Some(key.to_string());
-                    ns
+                    Arc::new(ns)
                 })
                 .metadata
                 .clone(),
@@ -1181,12 +1182,12 @@ impl Lab {
         match kind {
             "Namespace" => {
                 if let Some(ns) = self.snapshot.namespaces.get_mut(key) {
-                    ns.metadata.labels = Some(labels);
+                    Arc::make_mut(ns).metadata.labels = Some(labels);
                 }
             }
             _ => {
                 if let Some(p) = self.snapshot.pods.get_mut(key) {
-                    p.metadata.labels = Some(labels);
+                    Arc::make_mut(p).metadata.labels = Some(labels);
                 }
             }
         }

@@ -67,47 +67,104 @@ fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
 
 // === encode (controller) ===
 
-/// Every workload and service of `cfg` as `istio.workload.Address`
-/// resources, keyed by their xDS names (workload uid, `namespace/hostname`).
-pub fn address_resources(cfg: &LocalConfig) -> Vec<(String, pw::Address)> {
-    let mut backs: BTreeMap<&str, BTreeMap<String, pw::PortList>> = BTreeMap::new();
+/// What one `istio.workload.Address` resource is made from, borrowed from a
+/// [`LocalConfig`]. Two equal inputs encode to the same bytes, so a publisher
+/// that compares inputs encodes only what changed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AddressInput<'a> {
+    /// A workload, and the services it backs with their ports, by key.
+    Workload(&'a Workload, Vec<(&'a Service, &'a Endpoint)>),
+    Service(&'a Service),
+}
+
+impl AddressInput<'_> {
+    /// Its xDS name: the workload uid or `namespace/hostname`.
+    pub fn name(&self) -> String {
+        match self {
+            AddressInput::Workload(w, _) => w.uid.clone(),
+            AddressInput::Service(svc) => service_key(svc),
+        }
+    }
+
+    /// The other names it is known by: `network/ip` of each address or VIP.
+    pub fn aliases(&self) -> Vec<String> {
+        match self {
+            AddressInput::Workload(w, _) => w.addresses.iter().map(address_alias).collect(),
+            AddressInput::Service(svc) => svc.vips.iter().map(address_alias).collect(),
+        }
+    }
+
+    pub fn to_proto(&self) -> pw::Address {
+        let r#type = match self {
+            AddressInput::Workload(w, backs) => {
+                let services = backs
+                    .iter()
+                    .map(|(svc, ep)| {
+                        let ports = ep
+                            .ports
+                            .iter()
+                            .map(|(p, t)| pw::Port {
+                                service_port: u32::from(*p),
+                                target_port: u32::from(*t),
+                                app_protocol: 0,
+                            })
+                            .collect();
+                        (service_key(svc), pw::PortList { ports })
+                    })
+                    .collect();
+                pw::address::Type::Workload(workload_to_proto(w, services))
+            }
+            AddressInput::Service(svc) => pw::address::Type::Service(service_to_proto(svc)),
+        };
+        pw::Address {
+            r#type: Some(r#type),
+        }
+    }
+}
+
+/// Every workload and service of `cfg` as the inputs of its
+/// `istio.workload.Address` resource: workloads first, then services.
+pub fn address_inputs(cfg: &LocalConfig) -> Vec<AddressInput<'_>> {
+    let mut backs: std::collections::HashMap<&str, Vec<(&Service, &Endpoint)>> =
+        std::collections::HashMap::new();
     for svc in &cfg.services {
         for ep in &svc.endpoints {
-            let ports = ep
-                .ports
-                .iter()
-                .map(|(p, t)| pw::Port {
-                    service_port: u32::from(*p),
-                    target_port: u32::from(*t),
-                    app_protocol: 0,
-                })
-                .collect();
             backs
                 .entry(ep.workload_uid.as_str())
                 .or_default()
-                .insert(service_key(svc), pw::PortList { ports });
+                .push((svc, ep));
         }
     }
     let mut out = Vec::with_capacity(cfg.workloads.len() + cfg.services.len());
     for w in &cfg.workloads {
-        let services = backs.remove(w.uid.as_str()).unwrap_or_default();
-        let wl = workload_to_proto(w, services);
-        out.push((
-            w.uid.clone(),
-            pw::Address {
-                r#type: Some(pw::address::Type::Workload(wl)),
-            },
-        ));
+        let mut services = backs.remove(w.uid.as_str()).unwrap_or_default();
+        // One entry per service key, the last endpoint winning, as a map
+        // keyed by it would keep.
+        services.sort_by(|a, b| {
+            (a.0.namespace.as_str(), a.0.hostname.as_str())
+                .cmp(&(b.0.namespace.as_str(), b.0.hostname.as_str()))
+        });
+        services.dedup_by(|later, earlier| {
+            let same =
+                later.0.namespace == earlier.0.namespace && later.0.hostname == earlier.0.hostname;
+            if same {
+                *earlier = *later;
+            }
+            same
+        });
+        out.push(AddressInput::Workload(w, services));
     }
-    for svc in &cfg.services {
-        out.push((
-            service_key(svc),
-            pw::Address {
-                r#type: Some(pw::address::Type::Service(service_to_proto(svc))),
-            },
-        ));
-    }
+    out.extend(cfg.services.iter().map(AddressInput::Service));
     out
+}
+
+/// Every workload and service of `cfg` as `istio.workload.Address`
+/// resources, keyed by their xDS names (workload uid, `namespace/hostname`).
+pub fn address_resources(cfg: &LocalConfig) -> Vec<(String, pw::Address)> {
+    address_inputs(cfg)
+        .iter()
+        .map(|i| (i.name(), i.to_proto()))
+        .collect()
 }
 
 fn workload_to_proto(w: &Workload, services: BTreeMap<String, pw::PortList>) -> pw::Workload {
