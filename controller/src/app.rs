@@ -36,6 +36,7 @@ pub const ENV_NODE_TOKENS: &str = "NODE_TOKENS";
 pub const ENV_XDS_ADDR: &str = "XDS_ADDR";
 pub const ENV_SERVER_NAMES: &str = "SERVER_NAMES";
 pub const ENV_MAX_CERT_TTL: &str = "MAX_CERT_TTL_SECONDS";
+pub const ENV_XDS_PUSH_CHUNK: &str = "XDS_PUSH_CHUNK";
 pub const ENV_TRUST_DOMAIN: &str = "TRUST_DOMAIN";
 pub const ENV_ROOT_NAMESPACE: &str = "ROOT_NAMESPACE";
 pub const ENV_METRICS_ADDR: &str = "METRICS_ADDR";
@@ -92,6 +93,9 @@ pub struct Config {
     pub server_names: Vec<String>,
     pub max_cert_ttl: Duration,
     pub mesh: Mesh,
+    /// Most resources in one xDS response to a client that understands the
+    /// end-of-state marker (`XDS_PUSH_CHUNK`).
+    pub push_chunk: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +140,15 @@ impl Config {
                 )));
             }
         };
+        let chunk = get(ENV_XDS_PUSH_CHUNK).unwrap_or_else(|| crate::xds::PUSH_CHUNK.to_string());
+        let push_chunk = match chunk.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(AppError::Config(format!(
+                    "{ENV_XDS_PUSH_CHUNK}={chunk:?}: want a number of resources, at least 1"
+                )));
+            }
+        };
         let names = get(ENV_SERVER_NAMES)
             .unwrap_or_else(|| "weft-controller.istio-system.svc,istiod.istio-system.svc".into());
         // A manifests directory means one host; otherwise the API server.
@@ -166,6 +179,7 @@ impl Config {
                 .filter(|s| !s.is_empty())
                 .collect(),
             max_cert_ttl,
+            push_chunk,
             mesh: Mesh {
                 trust_domain: get(ENV_TRUST_DOMAIN).unwrap_or_else(|| "cluster.local".into()),
                 root_namespace: get(ENV_ROOT_NAMESPACE).unwrap_or_else(|| "istio-system".into()),
@@ -315,7 +329,13 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         })
         .map_err(|e| AppError::Config(format!("cannot start the translate thread: {e}")))?;
 
-    let controller = Arc::new(Controller::new(published, auth, ca, metrics));
+    let controller = Arc::new(Controller::new(
+        published,
+        auth,
+        ca,
+        metrics,
+        cfg.push_chunk,
+    ));
     let listener = TcpListener::bind(cfg.xds_addr)
         .await
         .map_err(|source| AppError::Bind {

@@ -283,7 +283,15 @@ pub struct Controller {
     auth: Authenticator,
     ca: MeshCa,
     pub metrics: Arc<Metrics>,
+    /// Most resources in one response to a client that understands the
+    /// end-of-state marker.
+    push_chunk: usize,
 }
+
+/// Default of [`Controller`]'s `push_chunk`: at a few hundred bytes per
+/// Address resource, responses of about 100 KiB, so no client's buffers
+/// grow with the size of the mesh.
+pub const PUSH_CHUNK: usize = 500;
 
 impl Controller {
     pub fn new(
@@ -291,12 +299,14 @@ impl Controller {
         auth: Authenticator,
         ca: MeshCa,
         metrics: Arc<Metrics>,
+        push_chunk: usize,
     ) -> Self {
         Controller {
             published,
             auth,
             ca,
             metrics,
+            push_chunk: push_chunk.max(1),
         }
     }
 
@@ -388,7 +398,7 @@ impl ControlPlane for Controller {
         let this = self.clone();
         tokio::spawn(async move {
             this.metrics.xds_clients.inc();
-            let mut stream = AdsStream::new(caller, tx, published);
+            let mut stream = AdsStream::new(caller, tx, published, this.push_chunk);
             stream.run(requests, &this.metrics).await;
             this.metrics.xds_clients.dec();
         });
@@ -460,6 +470,10 @@ struct AdsStream {
     /// The generation the last publish-driven push brought every type up to.
     seen: u64,
     nonce: u64,
+    /// Whether the client announced [`weft_xds::END_OF_STATE_FEATURE`]:
+    /// then a push goes out in responses of at most `chunk` resources.
+    end_of_state: bool,
+    chunk: usize,
 }
 
 impl AdsStream {
@@ -467,6 +481,7 @@ impl AdsStream {
         caller: Caller,
         tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
         published: watch::Receiver<Arc<Published>>,
+        chunk: usize,
     ) -> Self {
         AdsStream {
             caller,
@@ -476,6 +491,8 @@ impl AdsStream {
             subs: BTreeMap::new(),
             seen: 0,
             nonce: 0,
+            end_of_state: false,
+            chunk,
         }
     }
 
@@ -552,6 +569,10 @@ impl AdsStream {
         };
         if let Some(node) = &req.node {
             self.node_id = node.id.clone();
+            self.end_of_state = node
+                .client_features
+                .iter()
+                .any(|f| f == weft_xds::END_OF_STATE_FEATURE);
         }
         if !req.response_nonce.is_empty() {
             match &req.error_detail {
@@ -691,7 +712,6 @@ impl AdsStream {
         for name in &removed {
             sub.sent.remove(name);
         }
-        self.nonce += 1;
         debug!(
             component = "xds",
             caller = %self.caller,
@@ -701,17 +721,42 @@ impl AdsStream {
             "push"
         );
         metrics.push(ty);
-        let resp = DeltaDiscoveryResponse {
-            system_version_info: String::new(),
-            resources,
-            type_url: ty.to_string(),
-            nonce: self.nonce.to_string(),
-            removed_resources: removed,
+        // A client that understands the end-of-state marker gets the push
+        // in parts, so no response (and no buffer on either side) grows
+        // with the mesh; the last part carries the removals and no marker.
+        let chunk = if self.end_of_state {
+            self.chunk
+        } else {
+            usize::MAX
         };
-        self.tx
-            .send(Ok(resp))
-            .await
-            .map_err(|_| Status::cancelled("client gone"))
+        let mut parts = resources.into_iter().peekable();
+        loop {
+            let part: Vec<Resource> = parts.by_ref().take(chunk).collect();
+            let last = parts.peek().is_none();
+            self.nonce += 1;
+            let resp = DeltaDiscoveryResponse {
+                system_version_info: if last {
+                    published.generation.to_string()
+                } else {
+                    weft_xds::PARTIAL.to_string()
+                },
+                resources: part,
+                type_url: ty.to_string(),
+                nonce: self.nonce.to_string(),
+                removed_resources: if last {
+                    std::mem::take(&mut removed)
+                } else {
+                    Vec::new()
+                },
+            };
+            self.tx
+                .send(Ok(resp))
+                .await
+                .map_err(|_| Status::cancelled("client gone"))?;
+            if last {
+                return Ok(());
+            }
+        }
     }
 }
 

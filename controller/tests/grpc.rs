@@ -129,6 +129,9 @@ async fn start_with(name: &str, mesh: &str) -> Running {
         server_names: vec!["weft-controller.istio-system.svc".into()],
         max_cert_ttl: Duration::from_secs(3600),
         mesh: Mesh::default(),
+        // Small, so the three Address resources of these tests need two
+        // parts for a client that understands the end-of-state marker.
+        push_chunk: 2,
     };
     tokio::spawn(async move { app::run(cfg).await.unwrap() });
     let root = loop {
@@ -517,6 +520,64 @@ async fn delta_ads_sends_only_changes() {
         again.resources.iter().map(|r| &r.name).collect::<Vec<_>>()
     );
     assert_eq!(again.removed_resources, ["Kubernetes//Pod/shop/web"]);
+}
+
+/// A client that announces the end-of-state marker gets a large push in
+/// parts: every part but the last says `partial`, the last carries the
+/// removals and no marker. One that does not announce it (Istio's ztunnel,
+/// and `delta_ads_sends_only_changes` above) gets each push whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_ads_in_parts_ends_with_the_marker() {
+    let ctl = start("parts").await;
+    let (tx, rx) = mpsc::channel(8);
+    let node = weft_xds::client::node("ztunnel~node-1".into(), "node-1");
+    assert!(
+        node.client_features
+            .contains(&weft_xds::END_OF_STATE_FEATURE.to_string())
+    );
+    for ty in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(node.clone()),
+            type_url: ty.into(),
+            ..DeltaDiscoveryRequest::default()
+        })
+        .await
+        .unwrap();
+    }
+    let mut stream = delta_ads(ctl.channel.clone(), TOKEN_1, ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let first = next(&mut stream).await;
+    assert_eq!(
+        (first.type_url.as_str(), first.resources.len()),
+        (ADDRESS_TYPE, 2)
+    );
+    assert_eq!(first.system_version_info, weft_xds::PARTIAL);
+    tx.send(ack(&first, None)).await.unwrap();
+    let second = next(&mut stream).await;
+    assert_eq!(
+        (second.type_url.as_str(), second.resources.len()),
+        (ADDRESS_TYPE, 1)
+    );
+    assert_ne!(second.system_version_info, weft_xds::PARTIAL, "the end");
+    assert_ne!(first.nonce, second.nonce, "each part is ACKed on its own");
+    let mut names: Vec<String> = first
+        .resources
+        .iter()
+        .chain(&second.resources)
+        .map(|r| r.name.clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 3, "the parts add up to the whole state");
+    tx.send(ack(&second, None)).await.unwrap();
+    let authz = next(&mut stream).await;
+    assert_eq!(authz.type_url, AUTHORIZATION_TYPE);
+    assert_ne!(
+        authz.system_version_info,
+        weft_xds::PARTIAL,
+        "empty and whole"
+    );
 }
 
 /// Istio's ztunnel with `XDS_ON_DEMAND=true`, as istiod serves it: "*" in

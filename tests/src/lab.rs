@@ -661,6 +661,11 @@ impl Lab {
     }
 
     /// The controller's CA directory (Istio's `cacerts` layout, or a generated root).
+    /// The underlay's network namespace: where the controller listens.
+    pub fn underlay_netns(&self) -> Result<NetNs> {
+        self.underlay.clone().context("no underlay")
+    }
+
     pub fn ca_dir(&self) -> PathBuf {
         self.dir.join("ca")
     }

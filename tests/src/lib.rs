@@ -15,6 +15,7 @@ pub mod lab;
 pub mod netns;
 pub mod otlp;
 pub mod peer;
+pub mod relay;
 pub mod rollout;
 pub mod tcpdump;
 

@@ -290,3 +290,57 @@ fn controller_exits_promptly_on_sigterm() -> Result<()> {
     );
     Ok(())
 }
+
+/// A restarted ztunnel serves only once it holds the whole state. The
+/// controller sends its pushes in parts (`XDS_PUSH_CHUNK=1`), and a relay
+/// between it and node-1's new ztunnel holds back the end of the first
+/// Address push. ztunnel applies and ACKs the parts before it, yet stays
+/// unready, and a captured pod on its node cannot connect: a half-known
+/// mesh passes no traffic. Once the end arrives, ztunnel turns ready and
+/// the same connection works.
+#[test]
+fn a_restarted_ztunnel_is_ready_only_after_the_end_of_state() -> Result<()> {
+    let mut lab =
+        Lab::up(LabOptions::new("end-of-state", SCENARIO).controller_env("XDS_PUSH_CHUNK", "1"))?;
+    let (client, web) = (
+        lab.pod("shop/client").clone(),
+        lab.pod("shop/web-1").clone(),
+    );
+    let _echo = apps::serve(&web, 9000, App::Echo)?;
+    {
+        let (mut conn, mut reader) = connect(&client, addr(&web, 9000))?;
+        round_trip(&mut conn, &mut reader, 0)?;
+    }
+
+    let relay = weft_tests::relay::Relay::start(&lab, 15013)?;
+    lab.kill_ztunnel("node-1")?;
+    lab.add_ztunnel_env(vec![("XDS_ADDRESS".into(), relay.addr.to_string())]);
+    lab.start_ztunnel_again("node-1")?;
+    eventually(
+        "the relay holds the end of the first Address push, the parts before it ACKed",
+        Duration::from_secs(20),
+        || {
+            let (passed, acked) = relay.partial();
+            Ok(relay.holding() && passed >= 2 && acked == passed)
+        },
+    )?;
+    let (status, body) = lab.http_get("node-1", 15021, "/healthz/ready")?;
+    ensure!(status == 503, "ready with half the state: {status} {body}");
+    let dst = addr(&web, 9000);
+    let got_through = client
+        .netns
+        .run(move || Ok(TcpStream::connect_timeout(&dst, Duration::from_secs(2)).is_ok()))?;
+    ensure!(
+        !got_through,
+        "a connection got through a ztunnel that holds half the state"
+    );
+    ensure!(relay.holding(), "still held while unready");
+
+    relay.release();
+    lab.wait_ztunnel_ready("node-1")?;
+    let (mut conn, mut reader) = connect(&client, addr(&web, 9000))?;
+    round_trip(&mut conn, &mut reader, 1)?;
+    let (passed, acked) = relay.partial();
+    ensure!(acked == passed, "every part ACKed: {acked} of {passed}");
+    Ok(())
+}

@@ -185,8 +185,9 @@ impl AdsClient {
         self
     }
 
-    /// Set once a first response of every type has been applied; stays set
-    /// across reconnects (the last state keeps serving).
+    /// Set once the whole first state of every type has been applied (the
+    /// end of a push that came in parts, see [`crate::END_OF_STATE_FEATURE`]);
+    /// stays set across reconnects (the last state keeps serving).
     pub fn synced(&self) -> Arc<AtomicBool> {
         self.synced.clone()
     }
@@ -285,7 +286,11 @@ impl AdsClient {
             if tx.send(reply).await.is_err() {
                 return Ok(progressed);
             }
-            if !answered.contains(&type_url) {
+            // Part of a larger push: the state of this type is not whole
+            // yet, and a proxy that served from half of it could pass
+            // traffic a policy in the other half forbids.
+            let whole = resp.system_version_info != crate::PARTIAL;
+            if whole && !answered.contains(&type_url) {
                 answered.push(type_url);
                 if self.types.iter().all(|t| answered.contains(&t.type_url))
                     && !self.synced.swap(true, Ordering::AcqRel)
@@ -317,7 +322,8 @@ fn nack(resp: &DeltaDiscoveryResponse, message: String) -> DeltaDiscoveryRequest
 }
 
 /// The `Node` a proxy sends: its id and `NODE_NAME` metadata, as Istio's
-/// proxies fill them (istiod reads the node name from the metadata).
+/// proxies fill them (istiod reads the node name from the metadata), and
+/// that it understands the end-of-state marker.
 pub fn node(id: String, node_name: &str) -> Node {
     Node {
         id,
@@ -331,6 +337,7 @@ pub fn node(id: String, node_name: &str) -> Node {
             )]
             .into(),
         }),
+        client_features: vec![crate::END_OF_STATE_FEATURE.to_string()],
     }
 }
 

@@ -20,6 +20,18 @@ pub const ADDRESS_TYPE: &str = types::ADDRESS.type_url;
 /// Type URL of L4 authorization resources.
 pub const AUTHORIZATION_TYPE: &str = types::AUTHORIZATION.type_url;
 
+/// The `Node.client_features` entry of a client that understands the
+/// end-of-state marker. Such a client may get a large push in several
+/// responses: every one but the last carries [`PARTIAL`] as its
+/// `system_version_info`, and the type counts as known only once a
+/// response without it has arrived. A client that does not announce it
+/// (Istio's ztunnel) gets each push whole, in one response.
+pub const END_OF_STATE_FEATURE: &str = "weft.xds.end-of-state";
+
+/// `system_version_info` of a response that is part of a larger push:
+/// more of the same state follows.
+pub const PARTIAL: &str = "partial";
+
 /// Packs a message into `Any` under `type_url`.
 pub fn to_any(type_url: &str, msg: &impl prost::Message) -> proto::discovery::SharedAny {
     proto::discovery::SharedAny {

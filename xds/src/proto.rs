@@ -23,6 +23,9 @@ pub mod discovery {
         pub cluster: String,
         #[prost(message, optional, tag = "3")]
         pub metadata: Option<Struct>,
+        /// Well-known features the client supports (reverse-DNS names).
+        #[prost(string, repeated, tag = "10")]
+        pub client_features: Vec<String>,
     }
 
     /// `google.rpc.Status`.
