@@ -1,16 +1,25 @@
-//! `cargo xtask bench controller`: the controller under a large mesh.
+//! `cargo xtask bench controller`: the controller's cost curve.
 //!
-//! 10 000 pods and 1 000 services in 100 namespaces (one manifests file per
-//! namespace), served to simulated node agents over the real TLS/gRPC delta
-//! ADS endpoint by the real `weft-controller` process. Prints:
+//! For each size (1 000, 10 000 and 50 000 pods by default; services at a
+//! tenth of the pods, in 100 namespaces, one manifests file each), the real
+//! `weft-controller` process serves simulated node agents over the real
+//! TLS/gRPC delta ADS endpoint. The agents announce the end-of-state marker
+//! and ACK every response, as ztunnel does; one more agent is ztunnel's own
+//! xDS client and state (`weft_ztunnel::xds`), whose apply time is read
+//! from its `weft_xds_apply_seconds` histogram. Per size it prints:
 //! - the time from process start to serving;
-//! - the time until every client holds the full state (first full push);
-//! - per-change push latency, from the manifests file write to each client
-//!   receiving the changed pod (p50/p99), which includes the directory poll;
+//! - the time until every agent holds the full state (first full push);
+//! - per-change latency, from the manifests file write to each agent's ACK
+//!   of the changed pod (p50/p99), which includes the file-system
+//!   notification and the debounce;
+//! - bytes sent per change, to all agents and per agent;
+//! - ztunnel's apply time per response, p99;
 //! - the controller's RSS.
 //!
-//! The baseline is the same run with one client; the ratio is 100 clients
-//! over 1. Sizes are overridable: `PODS`, `SERVICES`, `CLIENTS`, `CHANGES`.
+//! The baseline is the same run with one agent; the ratio is 100 over 1.
+//! Then the curve: each figure against the previous size, beside the pod
+//! ratio, so the cost of another size can be read off. Overridable: `PODS`
+//! (a comma-separated list), `CLIENTS`, `CHANGES`.
 
 #![expect(clippy::unwrap_used, reason = "a benchmark: setup failures abort it")]
 
@@ -121,15 +130,18 @@ impl Controller {
     }
 }
 
-/// What a client saw: (client, when, address names in the response).
-type Seen = (usize, Instant, Vec<String>);
+/// What a client saw: (client, when it ACKed, address names in the
+/// response, the response's encoded size).
+type Seen = (usize, Instant, Vec<String>, usize);
 
-/// One simulated node agent: subscribes to everything, ACKs every response,
-/// reports the names it receives.
+/// One simulated node agent: subscribes to everything announcing the
+/// end-of-state marker, ACKs every response, reports what it receives.
 async fn client(id: usize, channel: Channel, token: String, seen: mpsc::UnboundedSender<Seen>) {
     let (tx, rx) = mpsc::channel(16);
+    let node = weft_xds::client::node(format!("bench~{id}"), &format!("node-{id}"));
     for ty in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
         let req = DeltaDiscoveryRequest {
+            node: Some(node.clone()),
             type_url: ty.into(),
             ..DeltaDiscoveryRequest::default()
         };
@@ -139,7 +151,7 @@ async fn client(id: usize, channel: Channel, token: String, seen: mpsc::Unbounde
         .await
         .unwrap();
     while let Ok(Some(resp)) = stream.message().await {
-        let at = Instant::now();
+        let bytes = prost::Message::encoded_len(&resp);
         let ack = DeltaDiscoveryRequest {
             type_url: resp.type_url.clone(),
             response_nonce: resp.nonce.clone(),
@@ -148,11 +160,14 @@ async fn client(id: usize, channel: Channel, token: String, seen: mpsc::Unbounde
         if tx.send(ack).await.is_err() {
             return;
         }
-        if resp.type_url == ADDRESS_TYPE {
-            let names = resp.resources.into_iter().map(|r| r.name).collect();
-            if seen.send((id, at, names)).is_err() {
-                return;
-            }
+        let at = Instant::now();
+        let names = if resp.type_url == ADDRESS_TYPE {
+            resp.resources.into_iter().map(|r| r.name).collect()
+        } else {
+            Vec::new()
+        };
+        if seen.send((id, at, names, bytes)).is_err() {
+            return;
         }
     }
 }
@@ -175,6 +190,9 @@ struct Phase {
     deliveries: Vec<Duration>,
     /// The last client's delivery, per change.
     slowest: Vec<Duration>,
+    /// Bytes of every response to every client while the changes were
+    /// delivered, per change.
+    bytes_per_change: f64,
 }
 
 struct Bench {
@@ -211,7 +229,7 @@ impl Bench {
         let mut held: Vec<HashSet<String>> = vec![HashSet::new(); count];
         let mut full = 0;
         while full < count {
-            let (id, _, names) = tokio::time::timeout(WAIT, seen_rx.recv())
+            let (id, _, names, _) = tokio::time::timeout(WAIT, seen_rx.recv())
                 .await
                 .unwrap()
                 .unwrap();
@@ -231,6 +249,7 @@ impl Bench {
         let clients = first + count;
         let mut deliveries = Vec::new();
         let mut slowest = Vec::new();
+        let mut bytes = 0usize;
         let pods_per_ns = self.sizes.pods / NAMESPACES;
         for c in 0..changes {
             // Spread the changes over namespaces and pods.
@@ -248,10 +267,11 @@ impl Bench {
             let mut got = vec![false; clients];
             let mut n = 0;
             while n < clients {
-                let (id, at, names) = tokio::time::timeout(WAIT, seen_rx.recv())
+                let (id, at, names, size) = tokio::time::timeout(WAIT, seen_rx.recv())
                     .await
                     .unwrap()
                     .unwrap();
+                bytes += size;
                 if !got[id] && names.iter().any(|x| x.ends_with(&name_part)) {
                     got[id] = true;
                     n += 1;
@@ -266,18 +286,74 @@ impl Bench {
             full_push,
             deliveries,
             slowest,
+            bytes_per_change: bytes as f64 / changes as f64,
         }
     }
 }
 
-fn main() {
+/// One size's figures.
+struct Row {
+    pods: usize,
+    ready: Duration,
+    one: Phase,
+    many: Phase,
+    clients: usize,
+    idle_rss: f64,
+    rss: f64,
+    peak: f64,
+    /// ztunnel's own client: time to the whole first state, and the p99
+    /// (a histogram bucket's upper bound) of its applies during the changes.
+    ztunnel_first: Duration,
+    ztunnel_apply_p99: f64,
+    publishes: Vec<String>,
+}
+
+/// `weft_xds_apply_seconds` buckets of type address: (upper bound, count).
+fn apply_buckets(metrics: &weft_ztunnel::metrics::Metrics) -> Vec<(f64, u64)> {
+    metrics
+        .encode()
+        .lines()
+        .filter(|l| {
+            l.starts_with("weft_xds_apply_seconds_bucket{") && l.contains("type=\"address\"")
+        })
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The upper bound of the bucket holding the p-th quantile of the applies
+/// between two readings of the cumulative buckets.
+fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], p: f64) -> f64 {
+    let diff: Vec<(f64, u64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let was = before.iter().find(|(l, _)| l == le).map_or(0, |(_, c)| *c);
+            (*le, n - was)
+        })
+        .collect();
+    let total = diff.last().map_or(0, |(_, n)| *n);
+    let want = (total as f64 * p).ceil() as u64;
+    diff.iter()
+        .find(|(_, n)| *n >= want.max(1))
+        .map_or(f64::NAN, |(le, _)| *le)
+}
+
+fn run(pods: usize, clients: usize, changes: usize) -> Row {
     let sizes = Sizes {
-        pods: env_usize("PODS", 10_000).max(NAMESPACES),
-        services: env_usize("SERVICES", 1_000).max(NAMESPACES),
+        pods: pods.max(NAMESPACES),
+        services: (pods / 10).max(NAMESPACES),
     };
-    let clients = env_usize("CLIENTS", 100).max(2);
-    let changes = env_usize("CHANGES", 30).max(1);
-    let dir = std::env::temp_dir().join(format!("weft-bench-controller-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "weft-bench-controller-{}-{pods}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("manifests")).unwrap();
     for ns in 0..NAMESPACES {
@@ -286,10 +362,12 @@ fn main() {
             &namespace_file(ns, &sizes, &[]),
         );
     }
-    let tokens: String = (0..clients)
+    let mut tokens: String = (0..clients)
         .map(|i| format!("node-{i} node-{i}-token-0123456789\n"))
         .collect();
+    tokens.push_str("node-ztunnel node-ztunnel-token-0123456789\n");
     std::fs::write(dir.join("tokens"), tokens).unwrap();
+    std::fs::write(dir.join("ztunnel-token"), "node-ztunnel-token-0123456789").unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -330,31 +408,92 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let cp = ControlPlaneAddress::fixed(
+        format!("127.0.0.1:{port}"),
+        SERVER_NAME,
+        weft_hbone::tls::control_plane_client_config(&root).unwrap(),
+    );
     let mut bench = Bench {
         sizes,
         dir: dir.clone(),
-        cp: ControlPlaneAddress::fixed(
-            format!("127.0.0.1:{port}"),
-            SERVER_NAME,
-            weft_hbone::tls::control_plane_client_config(&root).unwrap(),
-        ),
+        cp: cp.clone(),
         bumped: Vec::new(),
         revision: 0,
     };
+    // ztunnel's own client and state first, alone, on a runtime of its own
+    // (as in ztunnel): how long the whole first state takes it to apply.
+    let zt_metrics = std::sync::Arc::new(weft_ztunnel::metrics::Metrics::default());
+    let zt_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let zt = {
+        let _in = zt_rt.enter();
+        weft_ztunnel::xds::client(
+            connect(&cp).unwrap(),
+            dir.join("ztunnel-token"),
+            "node-ztunnel",
+            std::sync::Arc::new(weft_ztunnel::state::Store::default()),
+            zt_metrics.clone(),
+        )
+    };
+    let synced = zt.synced();
+    let t0 = Instant::now();
+    let (zt_stop, zt_stopped) = tokio::sync::oneshot::channel::<()>();
+    let zt_thread = std::thread::spawn(move || {
+        zt_rt.block_on(async {
+            tokio::select! {
+                () = zt.run() => {}
+                _ = zt_stopped => {}
+            }
+        });
+    });
+    while !synced.load(std::sync::atomic::Ordering::Acquire) {
+        assert!(t0.elapsed() < WAIT, "ztunnel's client never synced");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let ztunnel_first = t0.elapsed();
+    let before = apply_buckets(&zt_metrics);
     let (one, many) = rt.block_on(async {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let one = bench.phase(0, 1, changes, &mut rx, &tx).await;
         let many = bench.phase(1, clients - 1, changes, &mut rx, &tx).await;
         (one, many)
     });
+    let after = apply_buckets(&zt_metrics);
     let (rss, peak) = ctl.rss_kib();
+    let log = std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default();
+    let publishes: Vec<String> = log
+        .lines()
+        .filter(|l| l.contains("config published"))
+        .map(str::to_string)
+        .collect();
+    drop(rt);
+    let _ = zt_stop.send(());
+    zt_thread.join().unwrap();
+    drop(ctl);
+    Row {
+        pods: bench.sizes.pods,
+        ready,
+        one,
+        many,
+        clients,
+        idle_rss: idle_rss as f64 / 1024.0,
+        rss: rss as f64 / 1024.0,
+        peak: peak as f64 / 1024.0,
+        ztunnel_first,
+        ztunnel_apply_p99: bucket_quantile(&before, &after, 0.99),
+        publishes: publishes.iter().rev().take(3).rev().cloned().collect(),
+    }
+}
 
-    let s = &bench.sizes;
+fn print_row(r: &Row, changes: usize) {
     println!(
-        "controller: {} pods, {} services, {NAMESPACES} namespaces (one manifests file each); {changes} one-pod changes per phase",
-        s.pods, s.services
+        "\n== {} pods, {} services, {NAMESPACES} namespaces; {changes} one-pod changes per phase",
+        r.pods,
+        (r.pods / 10).max(NAMESPACES)
     );
-    println!("start to serving (read + translate + CA): {}", ms(ready));
+    println!("start to serving (read + translate + CA): {}", ms(r.ready));
     let row = |what: &str, base: Duration, run: Duration| {
         let ratio = run.as_secs_f64() / base.as_secs_f64().max(1e-9);
         println!("{what:<34} {:>12} {:>12} {ratio:>8.2}x", ms(base), ms(run));
@@ -363,48 +502,143 @@ fn main() {
         "{:<34} {:>12} {:>12} {:>9}",
         "",
         "1 client",
-        format!("{clients} clients"),
+        format!("{} clients", r.clients),
         "ratio"
     );
-    row("first full push", one.full_push, many.full_push);
+    row("first full push", r.one.full_push, r.many.full_push);
     row(
-        "change -> client, p50",
-        percentile(&one.deliveries, 0.5),
-        percentile(&many.deliveries, 0.5),
+        "change -> ACK, p50",
+        percentile(&r.one.deliveries, 0.5),
+        percentile(&r.many.deliveries, 0.5),
     );
     row(
-        "change -> client, p99",
-        percentile(&one.deliveries, 0.99),
-        percentile(&many.deliveries, 0.99),
+        "change -> ACK, p99",
+        percentile(&r.one.deliveries, 0.99),
+        percentile(&r.many.deliveries, 0.99),
     );
     row(
-        "change -> last client, p50",
-        percentile(&one.slowest, 0.5),
-        percentile(&many.slowest, 0.5),
+        "change -> last client's ACK, p99",
+        percentile(&r.one.slowest, 0.99),
+        percentile(&r.many.slowest, 0.99),
     );
-    row(
-        "change -> last client, p99",
-        percentile(&one.slowest, 0.99),
-        percentile(&many.slowest, 0.99),
+    println!(
+        "{:<34} {:>12} {:>12} {:>8.2}x",
+        "bytes sent per change",
+        format!("{:.0} B", r.one.bytes_per_change),
+        format!("{:.0} B", r.many.bytes_per_change),
+        r.many.bytes_per_change / r.one.bytes_per_change.max(1.0)
     );
+    println!(
+        "ztunnel's client: whole first state applied in {}; apply per response during the changes, p99 <= {:.2} ms (histogram bucket)",
+        ms(r.ztunnel_first),
+        r.ztunnel_apply_p99 * 1e3
+    );
+    println!(
+        "controller RSS: serving, no clients {:.1} MiB; after the run {:.1} MiB; peak {:.1} MiB",
+        r.idle_rss, r.rss, r.peak
+    );
+    println!("controller's own account of its last publishes:");
+    for l in &r.publishes {
+        println!("  {l}");
+    }
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("PODS")
+        .unwrap_or_else(|_| "1000,10000,50000".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    let clients = env_usize("CLIENTS", 100).max(2);
+    let changes = env_usize("CHANGES", 30).max(1);
     println!(
         "(change latency includes the file-system notification and the {} ms debounce)",
         weft_controller::changed::DEBOUNCE.as_millis()
     );
-    println!(
-        "controller RSS: serving, no clients {:.1} MiB; after the run {:.1} MiB; peak {:.1} MiB",
-        idle_rss as f64 / 1024.0,
-        rss as f64 / 1024.0,
-        peak as f64 / 1024.0
-    );
-    let log = std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default();
-    let publishes: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("config published"))
-        .collect();
-    println!("controller's own account of its last publishes:");
-    for l in publishes.iter().rev().take(3).rev() {
-        println!("  {l}");
+    let mut rows = Vec::new();
+    for pods in sizes {
+        let r = run(pods, clients, changes);
+        print_row(&r, changes);
+        rows.push(r);
     }
-    drop(ctl);
+    println!(
+        "\n== the curve ({} clients); in brackets, the growth over the previous size",
+        clients
+    );
+    println!(
+        "{:>12} {:>18} {:>16} {:>18} {:>18} {:>16} {:>18}",
+        "pods",
+        "first push",
+        "change p50",
+        "change p99",
+        "RSS",
+        "B/change/client",
+        "ztunnel apply p99"
+    );
+    let mut prev: Option<&Row> = None;
+    for r in &rows {
+        let p50 = percentile(&r.many.deliveries, 0.5).as_secs_f64() * 1e3;
+        let p99 = percentile(&r.many.deliveries, 0.99).as_secs_f64() * 1e3;
+        let first = r.many.full_push.as_secs_f64() * 1e3;
+        let per_client = r.many.bytes_per_change / r.clients as f64;
+        let figures = [
+            first,
+            p50,
+            p99,
+            r.rss,
+            per_client,
+            r.ztunnel_apply_p99 * 1e3,
+        ];
+        let growth = |i: usize, v: f64| match prev {
+            None => String::new(),
+            Some(p) => {
+                let pv = [
+                    p.many.full_push.as_secs_f64() * 1e3,
+                    percentile(&p.many.deliveries, 0.5).as_secs_f64() * 1e3,
+                    percentile(&p.many.deliveries, 0.99).as_secs_f64() * 1e3,
+                    p.rss,
+                    p.many.bytes_per_change / p.clients as f64,
+                    p.ztunnel_apply_p99 * 1e3,
+                ][i];
+                format!(" ({:.1}x)", v / pv.max(1e-9))
+            }
+        };
+        let cell =
+            |i: usize, unit: &str| format!("{:.1}{unit}{}", figures[i], growth(i, figures[i]));
+        let pods = match prev {
+            None => r.pods.to_string(),
+            Some(p) => format!("{} ({:.0}x)", r.pods, r.pods as f64 / p.pods as f64),
+        };
+        println!(
+            "{pods:>12} {:>18} {:>16} {:>18} {:>18} {:>16} {:>18}",
+            cell(0, " ms"),
+            cell(1, " ms"),
+            cell(2, " ms"),
+            cell(3, " MiB"),
+            cell(4, " B"),
+            cell(5, " ms")
+        );
+        prev = Some(r);
+    }
+    if let Some(r) = rows.iter().find(|r| r.pods == 10_000) {
+        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+        let first = r.many.full_push;
+        let p99 = percentile(&r.many.deliveries, 0.99);
+        println!("\ngoals at 10 000 pods, {} clients:", r.clients);
+        println!(
+            "  first full push < 2 s: {} ({})",
+            ms(first),
+            verdict(first < Duration::from_secs(2))
+        );
+        println!(
+            "  change -> client p99 < 100 ms: {} ({})",
+            ms(p99),
+            verdict(p99 < Duration::from_millis(100))
+        );
+        println!(
+            "  controller RSS < 300 MiB: {:.1} MiB peak ({})",
+            r.peak,
+            verdict(r.peak < 300.0)
+        );
+    }
 }

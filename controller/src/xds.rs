@@ -132,7 +132,17 @@ pub struct Published {
     pub changes: BTreeMap<&'static str, BTreeSet<String>>,
     /// How on-demand Address subscriptions resolve.
     pub on_demand: OnDemand,
+    /// Type URL → name → the generation that removed it, for removals after
+    /// `horizon`: what a client known to hold an earlier generation lacks.
+    pub tombstones: BTreeMap<&'static str, HashMap<String, u64>>,
+    /// Removals at or before this generation are forgotten.
+    pub horizon: u64,
 }
+
+/// How many generations a removal is remembered. A client that fell further
+/// behind (a stream stuck that long) is asked to reconnect, and resyncs
+/// from the versions it then announces.
+const TOMBSTONE_GENERATIONS: u64 = 1024;
 
 impl Published {
     /// Encodes `cfg`, reusing the previous resource where the bytes are unchanged.
@@ -252,11 +262,21 @@ impl Published {
             .entry(ADDRESS_TYPE)
             .or_default()
             .extend(taken_over);
+        let horizon = generation.saturating_sub(TOMBSTONE_GENERATIONS);
+        let mut tombstones = previous.tombstones.clone();
+        for (ty, gone) in &mut tombstones {
+            let new = resources.get(ty);
+            gone.retain(|name, at| *at > horizon && !new.is_some_and(|n| n.contains_key(name)));
+        }
         for (ty, old) in &previous.resources {
             let new = resources.get(ty);
             for name in old.keys() {
                 if !new.is_some_and(|n| n.contains_key(name)) {
                     changes.entry(ty).or_default().insert(name.clone());
+                    tombstones
+                        .entry(ty)
+                        .or_default()
+                        .insert(name.clone(), generation);
                 }
             }
         }
@@ -272,6 +292,8 @@ impl Published {
             generation,
             changes,
             on_demand: OnDemand::build(cfg),
+            tombstones,
+            horizon,
         }
     }
 }
@@ -439,13 +461,65 @@ struct Subscription {
     /// Non-wildcard Address subscriptions: the resources `names` resolve to
     /// (see [`OnDemand`]), as of the last push.
     resolved: BTreeSet<String>,
-    /// Name → version the client holds.
-    sent: HashMap<String, String>,
+    held: Held,
+}
+
+/// What a client holds of one type.
+#[derive(Debug)]
+enum Held {
+    /// These names, at these versions (an empty version: some version).
+    Names(HashMap<String, String>),
+    /// Everything of the type as published at this generation: a wildcard
+    /// subscription to a type every client sees whole. It costs the same
+    /// for ten resources as for a million, so a client's memory does not
+    /// grow with the mesh.
+    AsOf(u64),
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Held::Names(HashMap::new())
+    }
 }
 
 impl Subscription {
-    fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name) || self.resolved.contains(name)
+    /// Whether what the client holds can be kept as a generation: only a
+    /// wildcard subscription to a type with no per-caller scope.
+    fn by_generation(&self, ty: &str) -> bool {
+        self.wildcard && (ty == ADDRESS_TYPE || ty == AUTHORIZATION_TYPE)
+    }
+
+    /// Turns a generation into the names it stands for, in `published`:
+    /// current resources not changed since at their versions, others (and
+    /// names removed since) at some version, so they are sent or removed.
+    fn hold_as_names(&mut self, ty: &str, published: &Published) {
+        let Held::AsOf(g) = self.held else {
+            return;
+        };
+        let mut names: HashMap<String, String> = published
+            .resources
+            .get(ty)
+            .into_iter()
+            .flatten()
+            .map(|(name, r)| {
+                let version = if r.generation <= g {
+                    r.version.clone()
+                } else {
+                    String::new()
+                };
+                (name.clone(), version)
+            })
+            .collect();
+        names.extend(
+            published
+                .tombstones
+                .get(ty)
+                .into_iter()
+                .flatten()
+                .filter(|(_, at)| **at > g)
+                .map(|(name, _)| (name.clone(), String::new())),
+        );
+        self.held = Held::Names(names);
     }
 }
 
@@ -597,7 +671,7 @@ impl AdsStream {
         if first {
             // Delta xDS: an initial request with no names is a wildcard subscription.
             sub.wildcard = req.resource_names_subscribe.is_empty();
-            sub.sent = req.initial_resource_versions.into_iter().collect();
+            sub.held = Held::Names(req.initial_resource_versions.into_iter().collect());
         }
         let mut changed = first;
         let mut asked = Vec::new();
@@ -614,6 +688,7 @@ impl AdsStream {
             changed = true;
             if name == "*" {
                 sub.wildcard = false;
+                sub.hold_as_names(ty, &self.published.borrow());
             } else {
                 sub.names.remove(&name);
             }
@@ -645,10 +720,10 @@ impl AdsStream {
 
     /// Sends what the client lacks of `ty` in `published`; `not_found` are
     /// names asked for that are no resource's, answered as removed.
-    async fn push(
+    async fn push<'p>(
         &mut self,
         ty: &'static str,
-        published: &Published,
+        published: &'p Published,
         diff: Diff,
         not_found: Vec<String>,
         metrics: &Metrics,
@@ -667,50 +742,84 @@ impl AdsStream {
                 }
             }
         }
-        let empty = BTreeMap::new();
-        let current = published.resources.get(ty).unwrap_or(&empty);
-        let no_changes = BTreeSet::new();
-        // The names to compare: those changed since the previous generation,
-        // or every name the client has or could have.
-        let names: Box<dyn Iterator<Item = &String>> = match diff {
-            Diff::Changes => Box::new(published.changes.get(ty).unwrap_or(&no_changes).iter()),
-            Diff::Full | Diff::FullAlways => Box::new(
-                current
-                    .keys()
-                    .chain(sub.sent.keys().filter(|n| !current.contains_key(*n))),
-            ),
-        };
-        let mut resources = Vec::new();
+        static NO_RESOURCES: BTreeMap<String, Arc<Versioned>> = BTreeMap::new();
+        static NO_CHANGES: BTreeSet<String> = BTreeSet::new();
+        let current = published.resources.get(ty).unwrap_or(&NO_RESOURCES);
+        let changes = published.changes.get(ty).unwrap_or(&NO_CHANGES);
+        // What to send, by reference: a response's resources are made
+        // part by part, so a push of the whole mesh holds one part at a time.
+        let mut resources: Vec<(&'p String, &'p Versioned)> = Vec::new();
         let mut removed = Vec::new();
-        for name in names {
-            let caller = &self.caller;
-            match current
-                .get(name)
-                .filter(|r| sub.wants(name) && r.visible_to(caller))
-            {
-                Some(res) if sub.sent.get(name) != Some(&res.version) => {
-                    resources.push(Resource {
-                        version: res.version.clone(),
-                        resource: Some(res.any.clone()),
-                        name: name.clone(),
-                        aliases: res.aliases.clone(),
-                    });
-                }
-                Some(_) => {}
-                None if sub.sent.contains_key(name) => removed.push(name.clone()),
-                None => {}
+        match &mut sub.held {
+            Held::AsOf(g) if *g < published.horizon => {
+                return Err(Status::aborted(format!(
+                    "{ty}: this stream fell more than {TOMBSTONE_GENERATIONS} generations behind; reconnect and resync"
+                )));
             }
+            Held::AsOf(g) => {
+                let at = *g;
+                if at + 1 == published.generation {
+                    // One generation behind: what changed in it is the difference.
+                    for name in changes {
+                        match current.get_key_value(name) {
+                            Some((name, res)) => resources.push((name, res)),
+                            None => removed.push(name.clone()),
+                        }
+                    }
+                } else if at < published.generation {
+                    for (name, res) in current.iter().filter(|(_, r)| r.generation > at) {
+                        resources.push((name, res));
+                    }
+                    let gone = published.tombstones.get(ty).into_iter().flatten();
+                    removed.extend(gone.filter(|(_, g)| **g > at).map(|(n, _)| n.clone()));
+                }
+                *g = (*g).max(published.generation);
+            }
+            Held::Names(sent) => {
+                // The names to compare: those changed since the previous
+                // generation, or every name the client has or could have.
+                let names: Box<dyn Iterator<Item = &String>> = match diff {
+                    Diff::Changes => Box::new(changes.iter()),
+                    Diff::Full | Diff::FullAlways => Box::new(
+                        current
+                            .keys()
+                            .chain(sent.keys().filter(|n| !current.contains_key(*n))),
+                    ),
+                };
+                let caller = &self.caller;
+                let (wildcard, asked, resolved) = (sub.wildcard, &sub.names, &sub.resolved);
+                let wants =
+                    |name: &str| wildcard || asked.contains(name) || resolved.contains(name);
+                for name in names {
+                    match current
+                        .get_key_value(name)
+                        .filter(|(_, r)| wants(name) && r.visible_to(caller))
+                    {
+                        Some((name, res)) if sent.get(name) != Some(&res.version) => {
+                            resources.push((name, res));
+                        }
+                        Some(_) => {}
+                        None if sent.contains_key(name) => removed.push(name.clone()),
+                        None => {}
+                    }
+                }
+                for (name, res) in &resources {
+                    sent.insert((*name).clone(), res.version.clone());
+                }
+                for name in &removed {
+                    sent.remove(name);
+                }
+            }
+        }
+        // After comparing every name, the client holds the whole published
+        // state: from now on a generation says what it holds.
+        if sub.by_generation(ty) && !matches!(diff, Diff::Changes) {
+            sub.held = Held::AsOf(published.generation);
         }
         removed.extend(not_found);
         let always = matches!(diff, Diff::FullAlways);
         if resources.is_empty() && removed.is_empty() && !always {
             return Ok(());
-        }
-        for r in &resources {
-            sub.sent.insert(r.name.clone(), r.version.clone());
-        }
-        for name in &removed {
-            sub.sent.remove(name);
         }
         debug!(
             component = "xds",
@@ -731,7 +840,16 @@ impl AdsStream {
         };
         let mut parts = resources.into_iter().peekable();
         loop {
-            let part: Vec<Resource> = parts.by_ref().take(chunk).collect();
+            let part: Vec<Resource> = parts
+                .by_ref()
+                .take(chunk)
+                .map(|(name, res)| Resource {
+                    version: res.version.clone(),
+                    resource: Some(res.any.clone()),
+                    name: name.clone(),
+                    aliases: res.aliases.clone(),
+                })
+                .collect();
             let last = parts.peek().is_none();
             self.nonce += 1;
             let resp = DeltaDiscoveryResponse {
@@ -864,5 +982,87 @@ mod tests {
             BTreeSet::from(["Kubernetes//Pod/shop/c".to_string()])
         );
         assert_eq!(third.identities["node-1"].len(), 2);
+    }
+
+    /// A wildcard client of a type every node sees whole is held as a
+    /// generation, not as names. Behind by one generation it gets that
+    /// generation's changes; behind by more, everything newer than its own
+    /// plus the removals since; too far behind, it is asked to reconnect.
+    #[tokio::test]
+    async fn clients_held_as_a_generation() {
+        let cfg = |ws: Vec<Workload>| LocalConfig {
+            workloads: ws,
+            ..LocalConfig::default()
+        };
+        let (c1, c2, c3) = (
+            cfg(vec![workload("a", "v1"), workload("b", "v1")]),
+            cfg(vec![workload("a", "v1")]),
+            cfg(vec![workload("a", "v1"), workload("c", "v1")]),
+        );
+        let p1 = Arc::new(Published::build(&c1, &[], &Published::default(), None));
+        let p2 = Arc::new(Published::build(&c2, &[], &p1, Some(&c1)));
+        let p3 = Arc::new(Published::build(&c3, &[], &p2, Some(&c2)));
+        let (_keep, published) = watch::channel(p1.clone());
+        let (tx, mut rx) = mpsc::channel(8);
+        let caller = Caller::Node {
+            node: "node-1".into(),
+        };
+        let mut stream = AdsStream::new(caller, tx, published, 100);
+        let metrics = Metrics::default();
+        stream.subs.insert(
+            ADDRESS_TYPE,
+            Subscription {
+                wildcard: true,
+                ..Subscription::default()
+            },
+        );
+        let names = |r: &DeltaDiscoveryResponse| {
+            let mut n: Vec<String> = r.resources.iter().map(|r| r.name.clone()).collect();
+            n.sort();
+            (n, r.removed_resources.clone())
+        };
+        let uid = |n: &str| format!("Kubernetes//Pod/shop/{n}");
+        stream
+            .push(ADDRESS_TYPE, &p1, Diff::FullAlways, vec![], &metrics)
+            .await
+            .unwrap();
+        assert_eq!(
+            names(&rx.recv().await.unwrap().unwrap()).0,
+            [uid("a"), uid("b")]
+        );
+        assert!(matches!(stream.subs[ADDRESS_TYPE].held, Held::AsOf(1)));
+        // Two generations at once: b went, c came, a is as it was.
+        stream
+            .push(ADDRESS_TYPE, &p3, Diff::Full, vec![], &metrics)
+            .await
+            .unwrap();
+        assert_eq!(
+            names(&rx.recv().await.unwrap().unwrap()),
+            (vec![uid("c")], vec![uid("b")])
+        );
+        assert!(matches!(stream.subs[ADDRESS_TYPE].held, Held::AsOf(3)));
+        // Unsubscribing the wildcard turns the generation into names.
+        let sub = stream.subs.get_mut(ADDRESS_TYPE).unwrap();
+        sub.wildcard = false;
+        sub.hold_as_names(ADDRESS_TYPE, &p3);
+        let Held::Names(held) = &sub.held else {
+            panic!("names");
+        };
+        assert_eq!(held.len(), 2);
+        assert_eq!(
+            held[&uid("c")],
+            p3.resources[ADDRESS_TYPE][&uid("c")].version
+        );
+        // A stream stuck past the removals it could be told is reset.
+        let sub = stream.subs.get_mut(ADDRESS_TYPE).unwrap();
+        sub.wildcard = true;
+        sub.held = Held::AsOf(1);
+        let mut far = Published::build(&c3, &[], &p3, Some(&c3));
+        far.horizon = 2;
+        let err = stream
+            .push(ADDRESS_TYPE, &far, Diff::Full, vec![], &metrics)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Aborted);
     }
 }

@@ -4,6 +4,7 @@
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 pub use weft_runtime::metrics::{Peer, PeerLabels, Reporter, SecurityPolicy, TcpLabels};
 
@@ -62,6 +63,12 @@ pub enum Direction {
     inbound_plaintext,
 }
 
+/// Which xDS type an apply was of.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XdsLabels {
+    pub r#type: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RedirectLabels {
     pub path: &'static str,
@@ -80,6 +87,8 @@ pub struct Metrics {
     pub policy_denials: Family<PolicyLabels, Counter>,
     pub policy_dry_run: Family<PolicyLabels, Counter>,
     pub unenforceable: Counter,
+    /// Time to apply one xDS response to the state proxies read, by type.
+    pub xds_apply: Family<XdsLabels, Histogram, fn() -> Histogram>,
 }
 
 // === impl Metrics ===
@@ -97,6 +106,10 @@ impl Default for Metrics {
             policy_denials: Family::default(),
             policy_dry_run: Family::default(),
             unenforceable: Counter::default(),
+            // 50 µs to about 1.6 s.
+            xds_apply: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+            }),
         };
         m.registry.register(
             "istio_tcp_connections_opened",
@@ -137,6 +150,11 @@ impl Default for Metrics {
             "weft_policy_dry_run_matches",
             "Connections a dry-run (or AUDIT) policy matched; never enforced",
             m.policy_dry_run.clone(),
+        );
+        m.registry.register(
+            "weft_xds_apply_seconds",
+            "Time to apply one xDS response to the state the proxies read, by type",
+            m.xds_apply.clone(),
         );
         m.registry.register(
             "weft_policy_unenforceable_conditions",

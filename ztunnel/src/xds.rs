@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use tonic::transport::Channel;
 use tracing::warn;
@@ -15,7 +16,7 @@ use weft_xds::convert::{self, XdsWorkload};
 use weft_xds::proto::{security, workload};
 use weft_xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, XdsLabels};
 use crate::state::Store;
 
 #[derive(Clone, Debug)]
@@ -116,14 +117,20 @@ pub fn client(
     let id =
         format!("ztunnel~0.0.0.0~ztunnel-{node_name}.istio-system~istio-system.svc.cluster.local");
     let cache = Arc::new(Mutex::new(Cache::default()));
-    let (addr_cache, addr_state) = (cache.clone(), state.clone());
+    let (addr_cache, addr_state, addr_metrics) = (cache.clone(), state.clone(), metrics.clone());
     let addresses = move |updates: Vec<Update<workload::Address>>| {
+        let started = Instant::now();
         let mut cache = addr_cache.lock().unwrap_or_else(PoisonError::into_inner);
         let rejected = cache.apply_addresses(updates);
         addr_state.replace(cache.config());
+        addr_metrics
+            .xds_apply
+            .get_or_create(&XdsLabels { r#type: "address" })
+            .observe(started.elapsed().as_secs_f64());
         rejected
     };
     let policies = move |updates: Vec<Update<security::Authorization>>| {
+        let started = Instant::now();
         let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
         let (rejected, narrowed) = cache.apply_policies(updates);
         for what in &narrowed {
@@ -131,6 +138,12 @@ pub fn client(
             metrics.unenforceable.inc();
         }
         state.replace(cache.config());
+        metrics
+            .xds_apply
+            .get_or_create(&XdsLabels {
+                r#type: "authorization",
+            })
+            .observe(started.elapsed().as_secs_f64());
         rejected
     };
     AdsClient::new(channel, token_path, weft_xds::client::node(id, node_name))
