@@ -71,7 +71,8 @@ where
 
 /// A handler with its message type erased, plus the versions it holds.
 trait TypeHandler: Send {
-    fn apply(&mut self, resources: &[Resource], removed: &[String]) -> Vec<Rejected>;
+    /// Applies the updates of `parts`, in order, as one batch.
+    fn apply(&mut self, parts: &[DeltaDiscoveryResponse]) -> Vec<Rejected>;
 }
 
 struct Typed<T, H> {
@@ -80,9 +81,26 @@ struct Typed<T, H> {
 }
 
 impl<T: prost::Message + Default, H: Handler<T>> TypeHandler for Typed<T, H> {
-    fn apply(&mut self, resources: &[Resource], removed: &[String]) -> Vec<Rejected> {
+    fn apply(&mut self, parts: &[DeltaDiscoveryResponse]) -> Vec<Rejected> {
         let mut rejected = Vec::new();
-        let mut updates = Vec::with_capacity(resources.len() + removed.len());
+        let mut updates = Vec::new();
+        for part in parts {
+            decode_into(&part.resources, &part.removed_resources, &mut updates, &mut rejected);
+        }
+        rejected.extend(self.handler.handle(updates));
+        rejected
+    }
+}
+
+/// Decodes one response's resources and removals onto `updates`; what does
+/// not decode goes to `rejected`.
+fn decode_into<T: prost::Message + Default>(
+    resources: &[Resource],
+    removed: &[String],
+    updates: &mut Vec<Update<T>>,
+    rejected: &mut Vec<Rejected>,
+) {
+    {
         for r in resources {
             let value = r
                 .resource
@@ -105,8 +123,6 @@ impl<T: prost::Message + Default, H: Handler<T>> TypeHandler for Typed<T, H> {
                 .iter()
                 .map(|name| Update::Remove { name: name.clone() }),
         );
-        rejected.extend(self.handler.handle(updates));
-        rejected
     }
 }
 
@@ -115,19 +131,30 @@ struct Registered {
     handler: Box<dyn TypeHandler>,
     /// Name → version of every resource the handler holds.
     held: BTreeMap<String, String>,
+    /// The parts of a push received so far (marked partial), ACKed but not
+    /// yet applied: a push in parts is applied whole, at its last part, so
+    /// the proxy never serves half of it, and applies it once.
+    pending: Vec<DeltaDiscoveryResponse>,
 }
 
 impl Registered {
-    /// Applies one response and records what was accepted.
-    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<Rejected> {
-        let rejected = self.handler.apply(&resp.resources, &resp.removed_resources);
-        for r in &resp.resources {
-            if !rejected.iter().any(|x| x.name == r.name) {
-                self.held.insert(r.name.clone(), r.version.clone());
+    /// Applies the pending parts and `resp` as one batch, and records what
+    /// was accepted.
+    fn apply(&mut self, resp: DeltaDiscoveryResponse) -> Vec<Rejected> {
+        let mut parts = std::mem::take(&mut self.pending);
+        parts.push(resp);
+        let rejected = self.handler.apply(&parts);
+        let refused: std::collections::HashSet<&str> =
+            rejected.iter().map(|x| x.name.as_str()).collect();
+        for part in &parts {
+            for r in &part.resources {
+                if !refused.contains(r.name.as_str()) {
+                    self.held.insert(r.name.clone(), r.version.clone());
+                }
             }
-        }
-        for name in &resp.removed_resources {
-            self.held.remove(name);
+            for name in &part.removed_resources {
+                self.held.remove(name);
+            }
         }
         rejected
     }
@@ -181,6 +208,7 @@ impl AdsClient {
                 _message: PhantomData,
             }),
             held: BTreeMap::new(),
+            pending: Vec::new(),
         });
         self
     }
@@ -262,35 +290,47 @@ impl AdsClient {
                 }
                 continue;
             };
-            let rejected = t.apply(&resp);
+            // Part of a larger push: held (and ACKed) until its last part,
+            // then applied whole. Until then the state of this type is not
+            // whole, and a proxy that served from half of it could pass
+            // traffic a policy in the other half forbids.
+            if resp.system_version_info == crate::PARTIAL {
+                let reply = ack(&resp);
+                t.pending.push(resp);
+                if tx.send(reply).await.is_err() {
+                    return Ok(progressed);
+                }
+                continue;
+            }
+            let mut reply = ack(&resp);
+            let (updated, removed) = (resp.resources.len(), resp.removed_resources.len());
+            let rejected = t.apply(resp);
             debug!(
                 component = "xds",
-                type_url = %resp.type_url,
-                updated = resp.resources.len(),
-                removed = resp.removed_resources.len(),
+                type_url = %reply.type_url,
+                updated,
+                removed,
                 rejected = rejected.len(),
                 "applied"
             );
-            let reply = if rejected.is_empty() {
-                ack(&resp)
-            } else {
+            if !rejected.is_empty() {
                 let message = rejected
                     .iter()
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join("; ");
-                warn!(component = "xds", type_url = %resp.type_url, %message, "NACK: keeping the previous version of these resources");
-                nack(&resp, message)
-            };
+                warn!(component = "xds", type_url = %reply.type_url, %message, "NACK: keeping the previous version of these resources");
+                reply.error_detail = Some(Status {
+                    code: 0,
+                    message,
+                    details: Vec::new(),
+                });
+            }
             let type_url = t.type_url;
             if tx.send(reply).await.is_err() {
                 return Ok(progressed);
             }
-            // Part of a larger push: the state of this type is not whole
-            // yet, and a proxy that served from half of it could pass
-            // traffic a policy in the other half forbids.
-            let whole = resp.system_version_info != crate::PARTIAL;
-            if whole && !answered.contains(&type_url) {
+            if !answered.contains(&type_url) {
                 answered.push(type_url);
                 if self.types.iter().all(|t| answered.contains(&t.type_url))
                     && !self.synced.swap(true, Ordering::AcqRel)
@@ -385,6 +425,7 @@ mod tests {
                 _message: PhantomData,
             }),
             held: BTreeMap::new(),
+            pending: Vec::new(),
         }
     }
 
@@ -400,7 +441,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        assert_eq!(t.apply(&first).len(), 1);
+        assert_eq!(t.apply(first).len(), 1);
         assert_eq!(t.held, BTreeMap::from([("a".into(), "1".into())]));
 
         // Undecodable bytes are refused before the handler sees them.
@@ -409,7 +450,7 @@ mod tests {
             removed_resources: vec!["gone".into()],
             ..Default::default()
         };
-        let rejected = t.apply(&second);
+        let rejected = t.apply(second);
         assert_eq!(rejected.len(), 1);
         assert!(rejected[0].reason.contains("cannot decode"), "{rejected:?}");
         assert_eq!(
@@ -422,7 +463,31 @@ mod tests {
             removed_resources: vec!["a".into()],
             ..Default::default()
         };
-        assert!(t.apply(&third).is_empty());
+        assert!(t.apply(third).is_empty());
         assert!(t.held.is_empty());
+
+        // Parts held back are applied with the last one, in order, as one
+        // batch; what was refused in any part is in its NACK.
+        seen.lock().unwrap().clear();
+        t.pending = vec![
+            DeltaDiscoveryResponse {
+                resources: vec![resource("b", "1", good.clone())],
+                ..Default::default()
+            },
+            DeltaDiscoveryResponse {
+                resources: vec![resource("bad2", "1", good.clone())],
+                ..Default::default()
+            },
+        ];
+        let last = DeltaDiscoveryResponse {
+            resources: vec![resource("c", "1", good.clone())],
+            removed_resources: vec!["b".into()],
+            ..Default::default()
+        };
+        let rejected = t.apply(last);
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(*seen.lock().unwrap(), vec!["+b", "+c", "-b"]);
+        assert_eq!(t.held, BTreeMap::from([("c".into(), "1".into())]));
+        assert!(t.pending.is_empty());
     }
 }

@@ -373,9 +373,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<(), AppError> {
 
 /// The identities of this node's captured pods: the certificates to hold.
 fn local_identities(snap: &crate::state::State, node: &str) -> BTreeSet<weft_api::Identity> {
-    snap.config()
-        .workloads
-        .iter()
+    snap.workloads()
         .filter(|w| w.node == node && w.protocol == weft_api::TunnelProtocol::Hbone)
         .filter_map(|w| w.identity().ok())
         .collect()
@@ -418,11 +416,11 @@ async fn serve_admin(
                     "counters": c.counters(),
                 })
             });
-            let snap = st.snapshot();
+            let config = st.snapshot().config();
             let dump = json!({
                 "node": node,
-                "workloads": snap.config().workloads,
-                "services": snap.config().services,
+                "workloads": config.workloads,
+                "services": config.services,
                 "certificates": ce.dump(),
                 "capture": capture,
             });

@@ -36,7 +36,10 @@ pub struct State {
     namespace_policies: HashMap<String, Vec<Arc<Authorization>>>,
     /// Selector-scoped policies, by `namespace/name`, as workloads name them.
     selected_policies: HashMap<String, Arc<Authorization>>,
-    config: LocalConfig,
+    /// Everything, in the order received (config dumps).
+    all_workloads: Vec<Arc<Workload>>,
+    all_services: Vec<Arc<Service>>,
+    all_policies: Vec<Arc<Authorization>>,
 }
 
 /// Shared, swappable [`State`] plus the round-robin cursor for service endpoints.
@@ -114,10 +117,25 @@ fn rank(w: &Workload) -> Option<u8> {
 
 impl State {
     pub fn new(config: LocalConfig) -> Self {
+        State::shared(
+            config.workloads.into_iter().map(Arc::new).collect(),
+            config.services.into_iter().map(Arc::new).collect(),
+            config.policies.into_iter().map(Arc::new).collect(),
+        )
+    }
+
+    /// The state of these workloads, services and policies, shared with
+    /// the caller rather than copied: an xDS update rebuilds the indexes,
+    /// never the objects.
+    pub fn shared(
+        workloads: Vec<Arc<Workload>>,
+        services: Vec<Arc<Service>>,
+        policies: Vec<Arc<Authorization>>,
+    ) -> Self {
         let mut s = State::default();
         let mut claims: HashMap<IpAddr, Vec<(u8, Arc<Workload>)>> = HashMap::new();
-        for w in &config.workloads {
-            let w = Arc::new(w.clone());
+        for w in &workloads {
+            let w = w.clone();
             if let Some(rank) = rank(&w) {
                 for ip in &w.addresses {
                     claims.entry(*ip).or_default().push((rank, w.clone()));
@@ -142,8 +160,8 @@ impl State {
                 s.workloads.insert(ip, claimants.swap_remove(0).1);
             }
         }
-        for svc in &config.services {
-            let svc = Arc::new(svc.clone());
+        for svc in &services {
+            let svc = svc.clone();
             for vip in &svc.vips {
                 s.services.insert(*vip, svc.clone());
             }
@@ -156,19 +174,18 @@ impl State {
             s.services_by_key
                 .insert(format!("{}/{}", svc.namespace, svc.hostname), svc);
         }
-        let bound = config
-            .services
+        let bound = services
             .iter()
             .filter_map(|s| s.waypoint.as_ref())
-            .chain(config.workloads.iter().filter_map(|w| w.waypoint.as_ref()));
+            .chain(workloads.iter().filter_map(|w| w.waypoint.as_ref()));
         for r in bound {
             if let Some(svc) = s.services_by_key.get(&r.service_key()) {
                 s.waypoints
                     .extend(svc.endpoints.iter().map(|e| e.workload_uid.clone()));
             }
         }
-        for p in &config.policies {
-            let p = Arc::new(p.clone());
+        for p in &policies {
+            let p = p.clone();
             match p.scope {
                 Scope::Global => s.global_policies.push(p),
                 Scope::Namespace => s
@@ -181,7 +198,9 @@ impl State {
                 }
             }
         }
-        s.config = config;
+        s.all_workloads = workloads;
+        s.all_services = services;
+        s.all_policies = policies;
         s
     }
 
@@ -334,8 +353,18 @@ impl State {
             .collect()
     }
 
-    pub fn config(&self) -> &LocalConfig {
-        &self.config
+    /// Every workload, in the order received.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.all_workloads.iter()
+    }
+
+    /// A copy of everything, as a config (dumps and tests).
+    pub fn config(&self) -> LocalConfig {
+        LocalConfig {
+            workloads: self.all_workloads.iter().map(|w| (**w).clone()).collect(),
+            services: self.all_services.iter().map(|s| (**s).clone()).collect(),
+            policies: self.all_policies.iter().map(|p| (**p).clone()).collect(),
+        }
     }
 }
 
@@ -419,12 +448,13 @@ pub fn resolve(state: &State, dst: SocketAddr, pick: usize) -> Result<Upstream, 
             target: dst,
         });
     }
+    // The first service (in the order received) the workload backs, by
+    // index: never a scan of every service per connection.
     let service = workload.as_ref().and_then(|w| {
         state
-            .config
-            .services
-            .iter()
-            .find(|s| s.endpoints.iter().any(|ep| ep.workload_uid == w.uid))
+            .services_by_workload
+            .get(&w.uid)
+            .and_then(|services| services.first())
             .and_then(|s| {
                 s.vips
                     .first()
@@ -471,8 +501,16 @@ impl Store {
 
     /// Replaces the state wholesale.
     pub fn replace(&self, config: LocalConfig) {
-        let next = Arc::new(State::new(config));
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = next;
+        self.install(State::new(config));
+    }
+
+    /// Makes `next` the state; the previous one is dropped outside the lock.
+    pub fn install(&self, next: State) {
+        let previous = std::mem::replace(
+            &mut *self.state.write().unwrap_or_else(|p| p.into_inner()),
+            Arc::new(next),
+        );
+        drop(previous);
     }
 
     /// Resolves `dst` with round robin over service endpoints.

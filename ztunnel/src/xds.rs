@@ -3,33 +3,37 @@
 //! that is re-indexed into the proxy's [`Store`] after each response. The
 //! protocol (subscribe, reconnect, ACK/NACK) is `weft_xds::client`'s.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use tonic::transport::Channel;
 use tracing::warn;
-use weft_api::{Authorization, LocalConfig, Service};
+use weft_api::{Authorization, Endpoint, Service, Workload};
 use weft_xds::client::{AdsClient, Rejected, Update};
 use weft_xds::convert::{self, XdsWorkload};
 use weft_xds::proto::{security, workload};
 use weft_xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 
 use crate::metrics::{Metrics, XdsLabels};
-use crate::state::Store;
+use crate::state::{State, Store};
 
+/// One Address resource as held: shared with every state built from it.
 #[derive(Clone, Debug)]
 enum AddressEntry {
-    Workload(XdsWorkload),
-    Service(Service),
+    /// A workload and the services it backs (`namespace/hostname` →
+    /// service port → target port).
+    Workload(Arc<Workload>, BTreeMap<String, BTreeMap<u16, u16>>),
+    /// A service as received, its endpoints filled in by [`Cache::state`].
+    Service(Arc<Service>),
 }
 
 /// Accepted resources, by name.
 #[derive(Debug, Default)]
 pub struct Cache {
     addresses: BTreeMap<String, AddressEntry>,
-    policies: BTreeMap<String, Authorization>,
+    policies: BTreeMap<String, Arc<Authorization>>,
 }
 
 impl Cache {
@@ -64,7 +68,7 @@ impl Cache {
                     match convert::authorization_from_proto(&name, resource) {
                         Ok((p, unenforceable)) => {
                             narrowed.extend(unenforceable.iter().map(ToString::to_string));
-                            self.policies.insert(name, p);
+                            self.policies.insert(name, Arc::new(p));
                         }
                         Err(e) => rejected.push(Rejected {
                             name,
@@ -81,26 +85,52 @@ impl Cache {
     }
 
     /// What the proxy indexes.
-    pub fn config(&self) -> LocalConfig {
+    /// The proxies' state: the held objects shared, not copied (a service
+    /// is copied only to carry its endpoints), and indexed afresh.
+    pub fn state(&self) -> State {
+        let mut endpoints: HashMap<&str, Vec<Endpoint>> = HashMap::new();
         let mut workloads = Vec::new();
-        let mut services = Vec::new();
         for entry in self.addresses.values() {
-            match entry {
-                AddressEntry::Workload(w) => workloads.push(w),
-                AddressEntry::Service(s) => services.push(s),
+            if let AddressEntry::Workload(w, backs) = entry {
+                for (key, ports) in backs {
+                    endpoints.entry(key.as_str()).or_default().push(Endpoint {
+                        workload_uid: w.uid.clone(),
+                        ports: ports.clone(),
+                    });
+                }
+                workloads.push(w.clone());
             }
         }
-        convert::assemble(workloads, services, self.policies.values())
+        let services = self
+            .addresses
+            .values()
+            .filter_map(|entry| match entry {
+                AddressEntry::Service(svc) => Some(svc),
+                AddressEntry::Workload(..) => None,
+            })
+            .map(|svc| {
+                let endpoints = endpoints
+                    .remove(convert::service_key(svc).as_str())
+                    .unwrap_or_default();
+                Arc::new(Service {
+                    endpoints,
+                    ..(**svc).clone()
+                })
+            })
+            .collect();
+        State::shared(workloads, services, self.policies.values().cloned().collect())
     }
 }
 
 fn address_entry(name: &str, addr: workload::Address) -> Result<AddressEntry, String> {
     match addr.r#type {
         Some(workload::address::Type::Workload(w)) => convert::workload_from_proto(name, w)
-            .map(AddressEntry::Workload)
+            .map(|XdsWorkload { workload, services }| {
+                AddressEntry::Workload(Arc::new(workload), services)
+            })
             .map_err(|e| e.to_string()),
         Some(workload::address::Type::Service(s)) => convert::service_from_proto(name, s)
-            .map(AddressEntry::Service)
+            .map(|s| AddressEntry::Service(Arc::new(s)))
             .map_err(|e| e.to_string()),
         None => Err("neither workload nor service".to_string()),
     }
@@ -122,7 +152,7 @@ pub fn client(
         let started = Instant::now();
         let mut cache = addr_cache.lock().unwrap_or_else(PoisonError::into_inner);
         let rejected = cache.apply_addresses(updates);
-        addr_state.replace(cache.config());
+        addr_state.install(cache.state());
         addr_metrics
             .xds_apply
             .get_or_create(&XdsLabels { r#type: "address" })
@@ -137,7 +167,7 @@ pub fn client(
             warn!(component = "xds", message = %what, "policy condition not enforceable; applied in the safe direction");
             metrics.unenforceable.inc();
         }
-        state.replace(cache.config());
+        state.install(cache.state());
         metrics
             .xds_apply
             .get_or_create(&XdsLabels {
