@@ -85,7 +85,12 @@ impl<T: prost::Message + Default, H: Handler<T>> TypeHandler for Typed<T, H> {
         let mut rejected = Vec::new();
         let mut updates = Vec::new();
         for part in parts {
-            decode_into(&part.resources, &part.removed_resources, &mut updates, &mut rejected);
+            decode_into(
+                &part.resources,
+                &part.removed_resources,
+                &mut updates,
+                &mut rejected,
+            );
         }
         rejected.extend(self.handler.handle(updates));
         rejected

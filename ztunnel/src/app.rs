@@ -237,7 +237,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 
     let mut tick = tokio::time::interval(CAPTURE_SYNC_INTERVAL);
     let mut config_error: Option<String> = None;
-    let mut seen: Option<Arc<crate::state::State>> = None;
+    // The state's generation last seen, not the state: holding it would
+    // make every update copy the state instead of changing it in place.
+    let mut seen: Option<u64> = None;
     // The mesh's VIPs, never node addresses; known once the state is.
     let mut vips = None;
     loop {
@@ -267,8 +269,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 }
             }
         }
+        let generation = state.generation();
         let snap = state.snapshot();
-        if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &snap)) {
+        if seen != Some(generation) {
             // A new state: its policies apply to open connections too.
             if seen.is_some() && !pool_owner.open.is_empty() {
                 let closed = pool_owner.open.revalidate(&snap, &pool_owner.metrics);
@@ -277,7 +280,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 }
             }
             vips = None;
-            seen = Some(snap.clone());
+            seen = Some(generation);
             let ids = local_identities(&snap, &cfg.node_name);
             wanted.send_if_modified(|w| {
                 let changed = *w != ids;
@@ -289,9 +292,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             vips = Some(snap.vips_v4());
         }
         pool_owner.pool.evict_idle(weft_hbone::POOL_IDLE_TIMEOUT);
-        if synced.load(Ordering::Acquire) && !ready.swap(true, Ordering::AcqRel) {
-            info!(node = %cfg.node_name, "ztunnel ready");
-        }
+        // Ready means the pods this state says are captured are: a client
+        // that waits for readiness never talks to them around ztunnel.
+        let mut captured_as_stated = true;
         if let Some(capture) = &capture {
             let mut c = capture.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = c.sync_interfaces(vips.as_ref()) {
@@ -301,9 +304,18 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             if next != pods {
                 match c.set_pods(&next) {
                     Ok(()) => pods = next,
-                    Err(e) => error!(error = %e, "capture map update failed"),
+                    Err(e) => {
+                        error!(error = %e, "capture map update failed");
+                        captured_as_stated = false;
+                    }
                 }
             }
+        }
+        if synced.load(Ordering::Acquire)
+            && captured_as_stated
+            && !ready.swap(true, Ordering::AcqRel)
+        {
+            info!(node = %cfg.node_name, "ztunnel ready");
         }
     }
     // A rollout keeps capture for the successor; a removal takes it away

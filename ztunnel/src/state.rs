@@ -3,42 +3,53 @@
 //!
 //! Start at [`Store`]. [`resolve`] is a pure function from state to upstream.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tracing::warn;
 use weft_api::authz::{self, Connection, DenyReason, Scope, Verdict};
 use weft_api::{Authorization, LocalConfig, Service, TunnelProtocol, WaypointRef, Workload};
 
-/// Indexed workloads, services and policies.
-#[derive(Debug, Default)]
+/// A service's key: `namespace/hostname`, as bindings and xDS name it.
+fn service_key(svc: &Service) -> String {
+    format!("{}/{}", svc.namespace, svc.hostname)
+}
+
+/// Indexed workloads, services and policies, kept up to date change by
+/// change: an update touches the entries it names and the indexes they
+/// are in, never the rest.
+#[derive(Clone, Debug, Default)]
 pub struct State {
     /// The one workload each address resolves to (see [`rank`]).
     workloads: HashMap<IpAddr, Arc<Workload>>,
     /// Addresses claimed by equally ranked workloads, with their uids: they
     /// resolve to nothing, and connections to or from them are refused.
     ambiguous: HashMap<IpAddr, Vec<String>>,
+    /// Every workload that claims each address, with its rank: what the
+    /// two maps above are decided from.
+    claims: HashMap<IpAddr, Vec<(u8, Arc<Workload>)>>,
     by_uid: HashMap<String, Arc<Workload>>,
+    /// The service each VIP resolves to: of the services that claim it,
+    /// the last by `namespace/hostname`.
     services: HashMap<IpAddr, Arc<Service>>,
+    vip_claims: HashMap<IpAddr, BTreeSet<String>>,
     /// Services by `namespace/hostname`: how waypoint references resolve.
     services_by_key: HashMap<String, Arc<Service>>,
-    /// Workload uid → the services it is an endpoint of.
+    /// Workload uid → the services it is an endpoint of, by key.
     services_by_workload: HashMap<String, Vec<Arc<Service>>>,
-    /// Workloads that are a waypoint's pods (endpoints of a Service that
-    /// some binding names): their HBONE connections carry the traffic they
-    /// proxy, as themselves.
-    waypoints: HashSet<String>,
+    /// Service key → how many bindings (services' and workloads') name it:
+    /// the endpoints of a named service are waypoint pods, whose HBONE
+    /// connections carry the traffic they proxy, as themselves.
+    bound: HashMap<String, usize>,
     /// Root-namespace policies: every destination.
     global_policies: Vec<Arc<Authorization>>,
     /// Namespace-wide policies, by namespace.
     namespace_policies: HashMap<String, Vec<Arc<Authorization>>>,
     /// Selector-scoped policies, by `namespace/name`, as workloads name them.
     selected_policies: HashMap<String, Arc<Authorization>>,
-    /// Everything, in the order received (config dumps).
-    all_workloads: Vec<Arc<Workload>>,
-    all_services: Vec<Arc<Service>>,
+    /// Every policy, in the order received (config dumps).
     all_policies: Vec<Arc<Authorization>>,
 }
 
@@ -47,6 +58,9 @@ pub struct State {
 pub struct Store {
     state: RwLock<Arc<State>>,
     cursor: AtomicUsize,
+    /// Counts changes: how a watcher tells a new state without holding the
+    /// old one (which would make every update copy it).
+    generation: AtomicU64,
 }
 
 /// Where a captured connection goes.
@@ -117,91 +131,192 @@ fn rank(w: &Workload) -> Option<u8> {
 
 impl State {
     pub fn new(config: LocalConfig) -> Self {
-        State::shared(
-            config.workloads.into_iter().map(Arc::new).collect(),
-            config.services.into_iter().map(Arc::new).collect(),
-            config.policies.into_iter().map(Arc::new).collect(),
-        )
+        let mut s = State::default();
+        for w in config.workloads {
+            s.upsert_workload(Arc::new(w));
+        }
+        for svc in config.services {
+            s.upsert_service(Arc::new(svc));
+        }
+        s.set_policies(config.policies.into_iter().map(Arc::new).collect());
+        s
     }
 
-    /// The state of these workloads, services and policies, shared with
-    /// the caller rather than copied: an xDS update rebuilds the indexes,
-    /// never the objects.
-    pub fn shared(
-        workloads: Vec<Arc<Workload>>,
-        services: Vec<Arc<Service>>,
-        policies: Vec<Arc<Authorization>>,
-    ) -> Self {
-        let mut s = State::default();
-        let mut claims: HashMap<IpAddr, Vec<(u8, Arc<Workload>)>> = HashMap::new();
-        for w in &workloads {
-            let w = w.clone();
-            if let Some(rank) = rank(&w) {
-                for ip in &w.addresses {
-                    claims.entry(*ip).or_default().push((rank, w.clone()));
+    /// Adds `w`, or replaces the workload with its uid.
+    pub fn upsert_workload(&mut self, w: Arc<Workload>) {
+        let mut dirty = Vec::new();
+        if let Some(old) = self.by_uid.insert(w.uid.clone(), w.clone()) {
+            self.unclaim(&old, &mut dirty);
+            self.unbind(old.waypoint.as_ref());
+        }
+        if let Some(rank) = rank(&w) {
+            for ip in &w.addresses {
+                self.claims.entry(*ip).or_default().push((rank, w.clone()));
+                dirty.push(*ip);
+            }
+        }
+        self.bind(w.waypoint.as_ref());
+        for ip in dirty {
+            self.decide(ip);
+        }
+    }
+
+    pub fn remove_workload(&mut self, uid: &str) {
+        let Some(old) = self.by_uid.remove(uid) else {
+            return;
+        };
+        let mut dirty = Vec::new();
+        self.unclaim(&old, &mut dirty);
+        self.unbind(old.waypoint.as_ref());
+        for ip in dirty {
+            self.decide(ip);
+        }
+    }
+
+    fn unclaim(&mut self, old: &Workload, dirty: &mut Vec<IpAddr>) {
+        for ip in &old.addresses {
+            if let Some(claimants) = self.claims.get_mut(ip) {
+                claimants.retain(|(_, c)| c.uid != old.uid);
+                if claimants.is_empty() {
+                    self.claims.remove(ip);
+                }
+                dirty.push(*ip);
+            }
+        }
+    }
+
+    /// Decides who `ip` resolves to. Never by arrival order: the best rank
+    /// wins; a tie at the top is refused (a control plane should never
+    /// send one; Weft's does not).
+    fn decide(&mut self, ip: IpAddr) {
+        self.workloads.remove(&ip);
+        self.ambiguous.remove(&ip);
+        let Some(claimants) = self.claims.get(&ip) else {
+            return;
+        };
+        let Some(top) = claimants.iter().map(|(r, _)| *r).max() else {
+            return;
+        };
+        let mut tied: Vec<&Arc<Workload>> = claimants
+            .iter()
+            .filter(|(r, _)| *r == top)
+            .map(|(_, w)| w)
+            .collect();
+        if tied.len() > 1 {
+            let mut uids: Vec<String> = tied.iter().map(|w| w.uid.clone()).collect();
+            uids.sort();
+            uids.dedup();
+            if uids.len() > 1 {
+                warn!(%ip, workloads = ?uids, "several workloads claim one address; it resolves to none of them");
+                self.ambiguous.insert(ip, uids);
+                return;
+            }
+        }
+        if let Some(w) = tied.pop() {
+            self.workloads.insert(ip, w.clone());
+        }
+    }
+
+    /// Adds `svc` (with its endpoints), or replaces the one with its key.
+    pub fn upsert_service(&mut self, svc: Arc<Service>) {
+        let key = service_key(&svc);
+        if let Some(old) = self.services_by_key.insert(key.clone(), svc.clone()) {
+            self.detach(&key, &old);
+        }
+        for vip in &svc.vips {
+            self.vip_claims.entry(*vip).or_default().insert(key.clone());
+            self.decide_vip(*vip);
+        }
+        for ep in &svc.endpoints {
+            let mine = self
+                .services_by_workload
+                .entry(ep.workload_uid.clone())
+                .or_default();
+            mine.push(svc.clone());
+            mine.sort_by_key(|s| service_key(s));
+        }
+        self.bind(svc.waypoint.as_ref());
+    }
+
+    /// Removes the service `namespace/hostname`.
+    pub fn remove_service(&mut self, key: &str) {
+        if let Some(old) = self.services_by_key.remove(key) {
+            self.detach(key, &old);
+        }
+    }
+
+    /// Takes `old`, the service that was at `key`, out of the indexes.
+    fn detach(&mut self, key: &str, old: &Arc<Service>) {
+        for vip in &old.vips {
+            if let Some(keys) = self.vip_claims.get_mut(vip) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.vip_claims.remove(vip);
                 }
             }
-            s.by_uid.insert(w.uid.clone(), w);
+            self.decide_vip(*vip);
         }
-        // Never by arrival order: the best rank wins; a tie at the top is
-        // refused (a control plane should never send one; Weft's does not).
-        for (ip, mut claimants) in claims {
-            claimants.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.uid.cmp(&b.1.uid)));
-            let top = claimants[0].0;
-            let tied: Vec<String> = claimants
-                .iter()
-                .take_while(|(r, _)| *r == top)
-                .map(|(_, w)| w.uid.clone())
-                .collect();
-            if tied.len() > 1 {
-                warn!(%ip, workloads = ?tied, "several workloads claim one address; it resolves to none of them");
-                s.ambiguous.insert(ip, tied);
-            } else {
-                s.workloads.insert(ip, claimants.swap_remove(0).1);
+        for ep in &old.endpoints {
+            if let Some(mine) = self.services_by_workload.get_mut(&ep.workload_uid) {
+                mine.retain(|s| !Arc::ptr_eq(s, old));
+                if mine.is_empty() {
+                    self.services_by_workload.remove(&ep.workload_uid);
+                }
             }
         }
-        for svc in &services {
-            let svc = svc.clone();
-            for vip in &svc.vips {
-                s.services.insert(*vip, svc.clone());
-            }
-            for ep in &svc.endpoints {
-                s.services_by_workload
-                    .entry(ep.workload_uid.clone())
-                    .or_default()
-                    .push(svc.clone());
-            }
-            s.services_by_key
-                .insert(format!("{}/{}", svc.namespace, svc.hostname), svc);
+        self.unbind(old.waypoint.as_ref());
+    }
+
+    fn decide_vip(&mut self, vip: IpAddr) {
+        let winner = self
+            .vip_claims
+            .get(&vip)
+            .and_then(|keys| keys.last())
+            .and_then(|k| self.services_by_key.get(k))
+            .cloned();
+        match winner {
+            Some(svc) => self.services.insert(vip, svc),
+            None => self.services.remove(&vip),
+        };
+    }
+
+    fn bind(&mut self, r: Option<&WaypointRef>) {
+        if let Some(r) = r {
+            *self.bound.entry(r.service_key()).or_default() += 1;
         }
-        let bound = services
-            .iter()
-            .filter_map(|s| s.waypoint.as_ref())
-            .chain(workloads.iter().filter_map(|w| w.waypoint.as_ref()));
-        for r in bound {
-            if let Some(svc) = s.services_by_key.get(&r.service_key()) {
-                s.waypoints
-                    .extend(svc.endpoints.iter().map(|e| e.workload_uid.clone()));
+    }
+
+    fn unbind(&mut self, r: Option<&WaypointRef>) {
+        if let Some(r) = r {
+            let key = r.service_key();
+            if let Some(n) = self.bound.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.bound.remove(&key);
+                }
             }
         }
+    }
+
+    /// Replaces every policy: they are few, and indexed afresh.
+    pub fn set_policies(&mut self, policies: Vec<Arc<Authorization>>) {
+        self.global_policies.clear();
+        self.namespace_policies.clear();
+        self.selected_policies.clear();
         for p in &policies {
-            let p = p.clone();
             match p.scope {
-                Scope::Global => s.global_policies.push(p),
-                Scope::Namespace => s
+                Scope::Global => self.global_policies.push(p.clone()),
+                Scope::Namespace => self
                     .namespace_policies
                     .entry(p.namespace.clone())
                     .or_default()
-                    .push(p),
+                    .push(p.clone()),
                 Scope::WorkloadSelector => {
-                    s.selected_policies.insert(p.key(), p);
+                    self.selected_policies.insert(p.key(), p.clone());
                 }
             }
         }
-        s.all_workloads = workloads;
-        s.all_services = services;
-        s.all_policies = policies;
-        s
+        self.all_policies = policies;
     }
 
     /// Decides a connection to `w` by the policies that apply to it: global,
@@ -282,9 +397,13 @@ impl State {
             .collect()
     }
 
-    /// Whether the workload `uid` is a waypoint's pod.
+    /// Whether the workload `uid` is a waypoint's pod: an endpoint of a
+    /// service some binding names.
     pub fn is_waypoint(&self, uid: &str) -> bool {
-        self.waypoints.contains(uid)
+        self.services_by_workload.get(uid).is_some_and(|mine| {
+            mine.iter()
+                .any(|s| self.bound.contains_key(&service_key(s)))
+        })
     }
 
     /// A pod of the waypoint `r` names, chosen by `pick`, and where it
@@ -353,16 +472,21 @@ impl State {
             .collect()
     }
 
-    /// Every workload, in the order received.
+    /// Every workload, in no particular order.
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
-        self.all_workloads.iter()
+        self.by_uid.values()
     }
 
-    /// A copy of everything, as a config (dumps and tests).
+    /// A copy of everything, as a config (dumps and tests): workloads by
+    /// uid, services by key, policies in the order received.
     pub fn config(&self) -> LocalConfig {
+        let mut workloads: Vec<&Arc<Workload>> = self.by_uid.values().collect();
+        workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+        let mut services: Vec<(&String, &Arc<Service>)> = self.services_by_key.iter().collect();
+        services.sort_by(|a, b| a.0.cmp(b.0));
         LocalConfig {
-            workloads: self.all_workloads.iter().map(|w| (**w).clone()).collect(),
-            services: self.all_services.iter().map(|s| (**s).clone()).collect(),
+            workloads: workloads.into_iter().map(|w| (**w).clone()).collect(),
+            services: services.into_iter().map(|(_, s)| (**s).clone()).collect(),
             policies: self.all_policies.iter().map(|p| (**p).clone()).collect(),
         }
     }
@@ -491,6 +615,7 @@ impl Store {
         Store {
             state: RwLock::new(Arc::new(State::new(config))),
             cursor: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -504,12 +629,26 @@ impl Store {
         self.install(State::new(config));
     }
 
+    /// Changes the state in place. Readers that hold a snapshot keep it as
+    /// it was: then (only then) the state is copied first, shallowly.
+    pub fn update(&self, f: impl FnOnce(&mut State)) {
+        let mut guard = self.state.write().unwrap_or_else(|p| p.into_inner());
+        f(Arc::make_mut(&mut guard));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Changes so far: a new value means a new state.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Makes `next` the state; the previous one is dropped outside the lock.
     pub fn install(&self, next: State) {
         let previous = std::mem::replace(
             &mut *self.state.write().unwrap_or_else(|p| p.into_inner()),
             Arc::new(next),
         );
+        self.generation.fetch_add(1, Ordering::AcqRel);
         drop(previous);
     }
 

@@ -49,6 +49,9 @@ pub async fn handle(pi: Arc<ProxyInputs>, tcp: TcpStream, peer_addr: SocketAddr)
             &why,
         );
     };
+    // Not held for the connection's life: the state is updated in place
+    // while no one holds it (`Store::update`).
+    drop(state);
     let Some(dst_id) = identity_of(&dst) else {
         let why = format!("workload {} has no valid identity", dst.uid);
         return refused(
@@ -275,14 +278,17 @@ async fn connect(
         return req.refuse(StatusCode::UNAUTHORIZED);
     }
     let registered = pi.open.register(DIR, &dst.uid, &conn, client, target);
-    let service = state.inbound_service(&dst, target.port(), req.forwarded_host());
+    let service = state
+        .inbound_service(&dst, target.port(), req.forwarded_host())
+        .cloned();
+    drop(state);
     let log = ConnectionLog::open(
         m,
         DIR,
         client,
         target,
         peer(Some(&src), Some(&peer_id), None),
-        peer(Some(&dst), Some(&conn_id), service.map(|s| s.as_ref())),
+        peer(Some(&dst), Some(&conn_id), service.as_deref()),
         SecurityPolicy::mutual_tls,
     );
     let mut upstream = match transparent_connect(client_ip, target).await {

@@ -47,6 +47,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
     let registered = pi.open.register(DIR, &dst.uid, &conn, peer_addr, orig_dst);
     let dst_id = identity_of(&dst);
     let src = state.workload_by_ip(peer_addr.ip()).cloned();
+    drop(state);
     let log = ConnectionLog::open(
         m,
         DIR,

@@ -44,6 +44,9 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
             &why,
         );
     };
+    // Not held for the connection's life: the state is updated in place
+    // while no one holds it (`Store::update`).
+    drop(state);
     let Some(src_id) = identity_of(&src) else {
         let why = format!("source workload {} has no valid identity", src.uid);
         return refused(
