@@ -6,12 +6,10 @@
 //! new resources, and the names of removed ones.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Streaming;
 use tonic::{Request, Response, Status};
@@ -406,7 +404,7 @@ fn impersonated(req: &IstioCertificateRequest) -> Option<String> {
     }
 }
 
-type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+type DeltaStream = weft_xds::grpc::BoxedDeltaStream;
 
 impl ControlPlane for Controller {
     type DeltaStream = DeltaStream;
@@ -494,10 +492,16 @@ impl Subscription {
     /// Turns a generation into the names it stands for, in `published`:
     /// current resources not changed since at their versions, others (and
     /// names removed since) at some version, so they are sent or removed.
-    fn hold_as_names(&mut self, ty: &str, published: &Published) {
+    fn hold_as_names(&mut self, ty: &str, published: &Published) -> Result<(), Status> {
         let Held::AsOf(g) = self.held else {
-            return;
+            return Ok(());
         };
+        if g < published.horizon {
+            // The removals it missed are forgotten: it must resync.
+            return Err(Status::aborted(format!(
+                "{ty}: this stream fell more than {TOMBSTONE_GENERATIONS} generations behind; reconnect and resync"
+            )));
+        }
         let mut names: HashMap<String, String> = published
             .resources
             .get(ty)
@@ -522,6 +526,7 @@ impl Subscription {
                 .map(|(name, _)| (name.clone(), String::new())),
         );
         self.held = Held::Names(names);
+        Ok(())
     }
 }
 
@@ -690,7 +695,7 @@ impl AdsStream {
             changed = true;
             if name == "*" {
                 sub.wildcard = false;
-                sub.hold_as_names(ty, &self.published.borrow());
+                sub.hold_as_names(ty, &self.published.borrow())?;
             } else {
                 sub.names.remove(&name);
             }
@@ -1046,7 +1051,7 @@ mod tests {
         // Unsubscribing the wildcard turns the generation into names.
         let sub = stream.subs.get_mut(ADDRESS_TYPE).unwrap();
         sub.wildcard = false;
-        sub.hold_as_names(ADDRESS_TYPE, &p3);
+        sub.hold_as_names(ADDRESS_TYPE, &p3).unwrap();
         let Held::Names(held) = &sub.held else {
             panic!("names");
         };

@@ -9,7 +9,6 @@
 //! controller.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -18,7 +17,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Streaming;
 use tonic::{Request, Response, Status};
@@ -163,7 +161,7 @@ impl Drop for Relay {
     }
 }
 
-type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+type DeltaStream = weft_xds::grpc::BoxedDeltaStream;
 
 impl ControlPlane for Inner {
     type DeltaStream = DeltaStream;

@@ -6,8 +6,14 @@
 //! decodes each resource into the type's message, hands the batch to the
 //! handler, records the version of what the handler accepted, and ACKs the
 //! response or NACKs it with the handler's reasons. A rejected resource keeps
-//! its previous version, so the next push offers it again. Handlers own the
-//! state: they decide what a resource means and what the proxy serves.
+//! its previous version; the controller offers it again once it changes, or
+//! on the next stream (the versions announced then are the ones held).
+//! Handlers own the state: they decide what a resource means and what the
+//! proxy serves.
+//!
+//! A push in parts (see [`crate::END_OF_STATE_FEATURE`]) is ACKed part by
+//! part and applied whole at its last part. Parts of a stream that broke
+//! are dropped: the next stream announces only what was applied.
 //!
 //! While the controller is away the handlers' last state keeps serving.
 
@@ -29,6 +35,9 @@ use crate::proto::discovery::{
 };
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Most resources held back in the parts of one push: a server that never
+/// ends its push is cut off rather than let to fill memory.
+const MAX_PENDING_RESOURCES: usize = 2_000_000;
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 
 /// One change to one resource, decoded.
@@ -253,6 +262,12 @@ impl AdsClient {
 
     /// One stream. Returns whether any response was applied, and the error.
     async fn session(&mut self) -> Result<bool, (bool, String)> {
+        // Parts of a push the previous stream did not finish: never
+        // applied, and not announced as held, so the next push has them
+        // (or their removal) as they are now.
+        for t in &mut self.types {
+            t.pending.clear();
+        }
         let token = std::fs::read_to_string(&self.token_path).map_err(|e| {
             (
                 false,
@@ -300,6 +315,17 @@ impl AdsClient {
             // whole, and a proxy that served from half of it could pass
             // traffic a policy in the other half forbids.
             if resp.system_version_info == crate::PARTIAL {
+                let held_back: usize = t.pending.iter().map(|p| p.resources.len()).sum();
+                if held_back + resp.resources.len() > MAX_PENDING_RESOURCES {
+                    t.pending.clear();
+                    return Err((
+                        progressed,
+                        format!(
+                            "{}: a push in parts passed {MAX_PENDING_RESOURCES} resources without an end",
+                            resp.type_url
+                        ),
+                    ));
+                }
                 let reply = ack(&resp);
                 t.pending.push(resp);
                 if tx.send(reply).await.is_err() {

@@ -44,6 +44,10 @@ pub const MAX_XDS_RESPONSE: usize = 200 << 20;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// The response stream of a delta ADS call, as servers return it.
+pub type BoxedDeltaStream =
+    Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
 /// What the controller implements.
 pub trait ControlPlane: Send + Sync + 'static {
     type DeltaStream: Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send + 'static;

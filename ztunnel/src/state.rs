@@ -53,6 +53,9 @@ pub struct State {
     all_policies: Vec<Arc<Authorization>>,
 }
 
+/// Above this many updates, [`Store::update`] works on a copy.
+const IN_PLACE_UPDATES: usize = 256;
+
 /// Shared, swappable [`State`] plus the round-robin cursor for service endpoints.
 #[derive(Debug, Default)]
 pub struct Store {
@@ -629,9 +632,18 @@ impl Store {
         self.install(State::new(config));
     }
 
-    /// Changes the state in place. Readers that hold a snapshot keep it as
-    /// it was: then (only then) the state is copied first, shallowly.
-    pub fn update(&self, f: impl FnOnce(&mut State)) {
+    /// Applies a change of `size` updates. A small one changes the state
+    /// in place, under the lock (readers that hold a snapshot keep it as it
+    /// was: then, only then, the state is copied first, shallowly). A large
+    /// one (a first state, a resync) is applied to a copy outside the lock,
+    /// so connections are not held up meanwhile, and swapped in.
+    pub fn update(&self, size: usize, f: impl FnOnce(&mut State)) {
+        if size > IN_PLACE_UPDATES {
+            let mut next = (*self.snapshot()).clone();
+            f(&mut next);
+            self.install(next);
+            return;
+        }
         let mut guard = self.state.write().unwrap_or_else(|p| p.into_inner());
         f(Arc::make_mut(&mut guard));
         self.generation.fetch_add(1, Ordering::AcqRel);

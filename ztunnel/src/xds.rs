@@ -210,16 +210,33 @@ impl Cache {
     }
 }
 
+/// One Address resource, checked. Its name must be what the state keys it
+/// by (a workload's uid, a service's `namespace/hostname`), as istiod and
+/// Weft's controller name them: two names for one key would let removing
+/// one take the other out of the state.
 fn address_entry(name: &str, addr: workload::Address) -> Result<AddressEntry, String> {
     match addr.r#type {
-        Some(workload::address::Type::Workload(w)) => convert::workload_from_proto(name, w)
-            .map(|XdsWorkload { workload, services }| {
-                AddressEntry::Workload(Arc::new(workload), services)
-            })
-            .map_err(|e| e.to_string()),
-        Some(workload::address::Type::Service(s)) => convert::service_from_proto(name, s)
-            .map(|s| AddressEntry::Service(Arc::new(s)))
-            .map_err(|e| e.to_string()),
+        Some(workload::address::Type::Workload(w)) => {
+            let XdsWorkload { workload, services } =
+                convert::workload_from_proto(name, w).map_err(|e| e.to_string())?;
+            if workload.uid != name {
+                return Err(format!(
+                    "workload uid {:?} differs from the resource name",
+                    workload.uid
+                ));
+            }
+            Ok(AddressEntry::Workload(Arc::new(workload), services))
+        }
+        Some(workload::address::Type::Service(s)) => {
+            let svc = convert::service_from_proto(name, s).map_err(|e| e.to_string())?;
+            let key = convert::service_key(&svc);
+            if key != name {
+                return Err(format!(
+                    "service {key:?} (namespace/hostname) differs from the resource name"
+                ));
+            }
+            Ok(AddressEntry::Service(Arc::new(svc)))
+        }
         None => Err("neither workload nor service".to_string()),
     }
 }
@@ -240,7 +257,9 @@ pub fn client(
         let started = Instant::now();
         let mut cache = addr_cache.lock().unwrap_or_else(PoisonError::into_inner);
         let mut rejected = Vec::new();
-        addr_state.update(|st| rejected = cache.apply_addresses(updates, st));
+        addr_state.update(updates.len(), |st| {
+            rejected = cache.apply_addresses(updates, st);
+        });
         addr_metrics
             .xds_apply
             .get_or_create(&XdsLabels { r#type: "address" })
@@ -251,7 +270,9 @@ pub fn client(
         let started = Instant::now();
         let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
         let (mut rejected, mut narrowed) = (Vec::new(), Vec::new());
-        state.update(|st| (rejected, narrowed) = cache.apply_policies(updates, st));
+        state.update(updates.len(), |st| {
+            (rejected, narrowed) = cache.apply_policies(updates, st);
+        });
         for what in &narrowed {
             warn!(component = "xds", message = %what, "policy condition not enforceable; applied in the safe direction");
             metrics.unenforceable.inc();
@@ -306,10 +327,77 @@ mod tests {
         out
     }
 
+    /// The same questions answered from a config by brute force, rules
+    /// spelled out: an address is the one best-ranked workload's (captured
+    /// pod, pod, captured other, other; host network never) or nobody's on
+    /// a tie; a VIP is the last service's by `namespace/hostname`; a
+    /// waypoint pod backs a service some binding names.
+    fn expected(cfg: &weft_api::LocalConfig, ips: &[IpAddr], uids: &[String]) -> Vec<String> {
+        let rank = |w: &Workload| {
+            let pod = w.uid.contains("//Pod/");
+            let hbone = w.protocol == weft_api::TunnelProtocol::Hbone;
+            u8::from(pod) * 2 + u8::from(hbone)
+        };
+        let key = |s: &Service| format!("{}/{}", s.namespace, s.hostname);
+        let mut out = Vec::new();
+        for ip in ips {
+            let claimants: Vec<&Workload> = cfg
+                .workloads
+                .iter()
+                .filter(|w| !w.host_network && w.addresses.contains(ip))
+                .collect();
+            let top = claimants.iter().map(|w| rank(w)).max();
+            let mut best: Vec<&String> = claimants
+                .iter()
+                .filter(|w| Some(rank(w)) == top)
+                .map(|w| &w.uid)
+                .collect();
+            best.sort();
+            best.dedup();
+            let workload = (best.len() == 1).then(|| best[0].clone());
+            let service = cfg
+                .services
+                .iter()
+                .filter(|s| s.vips.contains(ip))
+                .max_by_key(|s| key(s))
+                .map(|s| s.hostname.clone());
+            out.push(format!("{ip}: {workload:?} {service:?}"));
+        }
+        let bound: Vec<String> = cfg
+            .services
+            .iter()
+            .filter_map(|s| s.waypoint.as_ref())
+            .chain(cfg.workloads.iter().filter_map(|w| w.waypoint.as_ref()))
+            .map(WaypointRef::service_key)
+            .collect();
+        for uid in uids {
+            let waypoint = cfg.services.iter().any(|s| {
+                bound.contains(&key(s)) && s.endpoints.iter().any(|e| &e.workload_uid == uid)
+            });
+            out.push(format!("{uid}: {waypoint}"));
+        }
+        out
+    }
+
+    /// The state's answers to [`expected`]'s questions.
+    fn answered(st: &State, ips: &[IpAddr], uids: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        for ip in ips {
+            let workload = st.workload_by_ip(*ip).map(|w| w.uid.clone());
+            let service = st.service_by_vip(*ip).map(|s| s.hostname.clone());
+            out.push(format!("{ip}: {workload:?} {service:?}"));
+        }
+        for uid in uids {
+            out.push(format!("{uid}: {}", st.is_waypoint(uid)));
+        }
+        out
+    }
+
     /// Random updates (workloads that claim the same addresses, back
     /// services, bind to waypoints; services that share VIPs; removals),
-    /// applied change by change, leave the state answering every question
-    /// exactly as a state built from scratch from the same resources.
+    /// applied change by change, leave the state answering as the rules say
+    /// (checked by brute force) and exactly as a state built from scratch
+    /// from the same resources.
     #[test]
     fn incremental_state_answers_as_a_rebuild() {
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
@@ -400,13 +488,66 @@ mod tests {
             }
             let rejected = cache.apply_addresses(updates, &mut st);
             assert!(rejected.is_empty(), "{rejected:?}");
-            let fresh = State::new(cache.config());
+            let cfg = cache.config();
+            assert_eq!(
+                answered(&st, &pool, &uids),
+                expected(&cfg, &pool, &uids),
+                "step {step}: the rules"
+            );
+            let fresh = State::new(cfg);
             assert_eq!(
                 answers(&st, &pool, &uids),
                 answers(&fresh, &pool, &uids),
-                "step {step}"
+                "step {step}: a rebuild"
             );
         }
         assert!(!st.config().workloads.is_empty() && !st.config().services.is_empty());
+    }
+
+    /// An Address resource whose name is not its key is refused by name:
+    /// removing it later must not take another resource's entry with it.
+    #[test]
+    fn a_resource_named_other_than_its_key_is_refused() {
+        let w = pod("a", "shop", "sa", "10.244.1.1", "n1", true);
+        let svc = Service {
+            name: "web".into(),
+            namespace: "shop".into(),
+            hostname: "web.shop.svc.cluster.local".into(),
+            vips: vec!["10.96.0.1".parse().unwrap()],
+            ports: Vec::new(),
+            endpoints: Vec::new(),
+            waypoint: None,
+        };
+        let (mut cache, mut st) = (Cache::default(), State::default());
+        let rejected = cache.apply_addresses(
+            vec![
+                Update::Upsert {
+                    name: "Kubernetes//Pod/shop/other".into(),
+                    resource: AddressInput::Workload(&w, Vec::new()).to_proto(),
+                },
+                Update::Upsert {
+                    name: "shop/other.shop.svc.cluster.local".into(),
+                    resource: AddressInput::Service(&svc).to_proto(),
+                },
+                Update::Upsert {
+                    name: w.uid.clone(),
+                    resource: AddressInput::Workload(&w, Vec::new()).to_proto(),
+                },
+            ],
+            &mut st,
+        );
+        let names: Vec<&str> = rejected.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "Kubernetes//Pod/shop/other",
+                "shop/other.shop.svc.cluster.local"
+            ]
+        );
+        assert!(
+            st.workload_by_uid(&w.uid).is_some(),
+            "the well-named one is kept"
+        );
+        assert!(st.service_by_vip(svc.vips[0]).is_none());
     }
 }
