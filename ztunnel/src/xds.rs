@@ -1,7 +1,8 @@
 //! ztunnel's xDS handlers: workloads and services (`istio.workload.Address`)
 //! and L4 policies (`istio.security.Authorization`), kept in one [`Cache`]
-//! that is re-indexed into the proxy's [`Store`] after each response. The
-//! protocol (subscribe, reconnect, ACK/NACK) is `weft_xds::client`'s.
+//! that applies each response to the proxy's [`Store`] entry by entry. The
+//! protocol (subscribe, reconnect, ACK/NACK, pushes in parts) is
+//! `weft_xds::client`'s.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
