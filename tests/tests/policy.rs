@@ -482,6 +482,18 @@ spec:
             .contains("open connection closed: the policy now denies it"),
         "no log line for the closed connection"
     );
+    // What it carried until then is counted: on node-2 only the closed
+    // connection has ended, and it received "line 0\n" (7 bytes) at least.
+    let received: f64 = lab
+        .metrics("node-2")?
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_received_bytes_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    ensure!(
+        received >= 7.0,
+        "the closed connection's bytes are not counted on node-2 ({received})"
+    );
     // New connections to 9000 are refused too; 9001 still serves new ones.
     let refused = open(9000).and_then(|(mut c, mut r)| round_trip(&mut c, &mut r, 3));
     ensure!(refused.is_err(), "a new connection to 9000 got through");

@@ -217,8 +217,32 @@ pub async fn forward<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    forward_until(
+        metrics,
+        direction,
+        client,
+        src,
+        target,
+        std::future::pending(),
+    )
+    .await
+}
+
+/// [`forward`], ended early when `stop` yields the error to report; the
+/// bytes moved until then are still counted.
+pub async fn forward_until<C>(
+    metrics: &Metrics,
+    direction: Direction,
+    client: &mut C,
+    src: SocketAddr,
+    target: SocketAddr,
+    stop: impl std::future::Future<Output = io::Error>,
+) -> (u64, u64, Option<io::Error>)
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     match transparent_connect(src.ip(), target).await {
-        Ok(mut upstream) => copy::copy_bidirectional(client, &mut upstream).await,
+        Ok(mut upstream) => copy::copy_bidirectional_until(client, &mut upstream, stop).await,
         Err(e) => {
             refused(
                 metrics,

@@ -8,7 +8,7 @@
 //! reaches EOF, the other side's write half is shut down, and the copy ends
 //! when both directions are done.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -236,17 +236,26 @@ impl<P: Moved> State<P> {
     }
 }
 
-/// Copies `a` → `b` and `b` → `a` until both reach EOF; returns the bytes
-/// moved each way, and the error that ended the copy early, if one did (the
-/// counts then say how far it got).
-pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> (u64, u64, Option<io::Error>)
+/// Copies `a` → `b` and `b` → `a` until both reach EOF, or until `stop`
+/// yields the error to report (a policy that now denies the connection);
+/// returns the bytes moved each way, and the error that ended the copy
+/// early, if one did (the counts then say how far it got).
+pub async fn copy_bidirectional_until<A, B>(
+    a: &mut A,
+    b: &mut B,
+    stop: impl Future<Output = io::Error>,
+) -> (u64, u64, Option<io::Error>)
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut a_to_b = State::Running(Pipe::new());
     let mut b_to_a = State::Running(Pipe::new());
+    let mut stop = std::pin::pin!(stop);
     let result = poll_fn(|cx| {
+        if let Poll::Ready(e) = stop.as_mut().poll(cx) {
+            return Poll::Ready(Err(e));
+        }
         let ab = poll_direction(cx, &mut a_to_b, |p, cx| match p {
             Some(p) => p.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b)),
             None => Pin::new(&mut *b).poll_shutdown(cx).map_ok(|()| 0),
@@ -409,16 +418,33 @@ impl Moved for FromTunnel {
     }
 }
 
-/// [`copy_bidirectional`] between a stream and an HBONE tunnel, handing
+/// [`copy_bidirectional_until`] between a stream and an HBONE tunnel, handing
 /// buffers to and from HTTP/2 without copying them. Returns the bytes
 /// stream → tunnel, tunnel → stream, and the error that ended it early.
 pub async fn copy_tunnel<S>(stream: &mut S, tunnel: &mut H2Stream) -> (u64, u64, Option<io::Error>)
 where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    copy_tunnel_until(stream, tunnel, std::future::pending()).await
+}
+
+/// [`copy_tunnel`], ended early when `stop` yields the error to report;
+/// the counts then still say how far it got.
+pub async fn copy_tunnel_until<S>(
+    stream: &mut S,
+    tunnel: &mut H2Stream,
+    stop: impl Future<Output = io::Error>,
+) -> (u64, u64, Option<io::Error>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let mut up = State::Running(ToTunnel::new());
     let mut down = State::Running(FromTunnel::new());
+    let mut stop = std::pin::pin!(stop);
     let result = poll_fn(|cx| {
+        if let Poll::Ready(e) = stop.as_mut().poll(cx) {
+            return Poll::Ready(Err(e));
+        }
         let u = poll_direction(cx, &mut up, |p, cx| match p {
             Some(p) => p.poll_copy(cx, Pin::new(&mut *stream), tunnel),
             None => Pin::new(&mut *tunnel).poll_shutdown(cx).map_ok(|()| 0),
@@ -477,8 +503,9 @@ mod tests {
     async fn half_close_and_counts() {
         let (client, mut proxy_a) = duplex(64 * 1024);
         let (mut proxy_b, server) = duplex(64 * 1024);
-        let proxy =
-            tokio::spawn(async move { copy_bidirectional(&mut proxy_a, &mut proxy_b).await });
+        let proxy = tokio::spawn(async move {
+            copy_bidirectional_until(&mut proxy_a, &mut proxy_b, std::future::pending()).await
+        });
         bulk_then_reply(client, server, 3_000_000).await;
         let (up, down, err) = proxy.await.unwrap();
         assert!(err.is_none(), "{err:?}");

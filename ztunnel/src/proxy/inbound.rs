@@ -23,7 +23,7 @@ use weft_hbone::tls::peer_identity;
 use weft_api::authz::Connection;
 
 use super::{
-    ConnectionLog, ProxyInputs, authorize, forward, identity_of, peer, refused, transparent_connect,
+    ConnectionLog, ProxyInputs, authorize, identity_of, peer, refused, transparent_connect,
 };
 use crate::config::HBONE_PORT;
 use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
@@ -303,11 +303,14 @@ async fn connect(
         Ok(t) => t,
         Err(e) => return log.close(m, 0, 0, Some(&std::io::Error::other(e))),
     };
-    // Counted from the tunnel's side: up is tunnel → upstream.
-    let (down, up, err) = tokio::select! {
-        r = super::copy::copy_tunnel(&mut upstream, &mut tunnel) => r,
-        () = registered.closed.cancelled() => (0, 0, Some(denied_now())),
+    // Counted from the tunnel's side: up is tunnel → upstream. A policy that
+    // now denies it ends the copy; what it moved until then is counted.
+    let closed = registered.closed.clone();
+    let denied = async move {
+        closed.cancelled().await;
+        denied_now()
     };
+    let (down, up, err) = super::copy::copy_tunnel_until(&mut upstream, &mut tunnel, denied).await;
     log.close(m, up, down, err.as_ref());
 }
 
@@ -367,13 +370,17 @@ pub async fn deliver_local(
         dst_peer,
         SecurityPolicy::mutual_tls,
     );
-    let (up, down, err) = tokio::select! {
-        r = forward(m, DIR, &mut client, client_addr, target) => r,
-        () = registered.closed.cancelled() => {
-            let _ = client.set_zero_linger();
-            (0, 0, Some(denied_now()))
-        }
+    let closed = registered.closed.clone();
+    let denied = async move {
+        closed.cancelled().await;
+        denied_now()
     };
+    let (up, down, err) =
+        super::forward_until(m, DIR, &mut client, client_addr, target, denied).await;
+    if registered.closed.is_cancelled() {
+        // A reset: the client learns at once.
+        let _ = client.set_zero_linger();
+    }
     out.close(m, up, down, err.as_ref());
     inb.close(m, up, down, err.as_ref());
 }

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 
 use weft_api::authz::Connection;
 
-use super::{ConnectionLog, ProxyInputs, authorize, forward, identity_of, peer, refused};
+use super::{ConnectionLog, ProxyInputs, authorize, identity_of, peer, refused};
 use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
 
 const DIR: Direction = Direction::inbound_plaintext;
@@ -57,12 +57,15 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
         peer(Some(&dst), dst_id.as_ref(), None),
         SecurityPolicy::none,
     );
-    let (up, down, err) = tokio::select! {
-        r = forward(m, DIR, &mut client, peer_addr, orig_dst) => r,
-        () = registered.closed.cancelled() => {
-            let _ = client.set_zero_linger();
-            (0, 0, Some(super::inbound::denied_now()))
-        }
+    let closed = registered.closed.clone();
+    let denied = async move {
+        closed.cancelled().await;
+        super::inbound::denied_now()
     };
+    let (up, down, err) =
+        super::forward_until(m, DIR, &mut client, peer_addr, orig_dst, denied).await;
+    if registered.closed.is_cancelled() {
+        let _ = client.set_zero_linger();
+    }
     log.close(m, up, down, err.as_ref());
 }
