@@ -504,6 +504,21 @@ pub fn download(pod: &LabPod, dst: SocketAddr, n: u64) -> Result<()> {
     })
 }
 
+/// Sends `message` to an [`App::Echo`] at `dst`, half-closes, and checks
+/// that the same bytes come back.
+pub fn echo_once(pod: &LabPod, dst: SocketAddr, message: &str) -> Result<()> {
+    let sent = message.to_string();
+    let echoed = client(pod, dst, move |mut conn| {
+        conn.write_all(sent.as_bytes())?;
+        conn.shutdown(std::net::Shutdown::Write)?;
+        let mut s = String::new();
+        conn.read_to_string(&mut s)?;
+        Ok(s)
+    })?;
+    anyhow::ensure!(echoed == message, "echo returned {echoed:?}");
+    Ok(())
+}
+
 /// What a [`App::WhoAmI`] at `dst` says our address is.
 pub fn whoami(pod: &LabPod, dst: SocketAddr) -> Result<SocketAddr> {
     client(pod, dst, |mut conn| {

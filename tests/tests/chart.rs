@@ -7,7 +7,6 @@
 //! log format. A wrong env name, port, path or server name in a template
 //! fails this test.
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -46,18 +45,7 @@ fn the_chart_runs_the_mesh() -> Result<()> {
     let cap = tcpdump::Tcpdump::start(&lab.node("node-1").netns, "eth0", &pcap)?;
     let marker = "weft-chart-marker-52a9";
     for _ in 0..3 {
-        let echoed = apps::client(
-            client,
-            SocketAddr::new(web.ip.into(), 7000),
-            move |mut c| {
-                c.write_all(marker.as_bytes())?;
-                c.shutdown(std::net::Shutdown::Write)?;
-                let mut s = String::new();
-                c.read_to_string(&mut s)?;
-                Ok(s)
-            },
-        )?;
-        ensure!(echoed == marker, "echo returned {echoed:?}");
+        apps::echo_once(client, SocketAddr::new(web.ip.into(), 7000), marker)?;
     }
     let pcap = cap.stop()?;
     let raw = std::fs::read(&pcap)?;

@@ -42,15 +42,7 @@ fn cross_node_mtls_bulk() -> Result<()> {
         client.ip
     );
     let marker = "weft-plaintext-marker-7c1d0e";
-    let echoed = apps::client(client, addr(web, 9003), move |mut c| {
-        use std::io::{Read, Write};
-        c.write_all(marker.as_bytes())?;
-        c.shutdown(std::net::Shutdown::Write)?;
-        let mut s = String::new();
-        c.read_to_string(&mut s)?;
-        Ok(s)
-    })?;
-    ensure!(echoed == marker, "echo returned {echoed:?}");
+    apps::echo_once(client, addr(web, 9003), marker)?;
     let pcap = cap.stop()?;
 
     // The underlay carried the flows only as HBONE, and never the plaintext.
@@ -525,15 +517,7 @@ fn bridge_cni_capture() -> Result<()> {
     let pcap = lab.dir().join("underlay.pcap");
     let cap = tcpdump::Tcpdump::start(&lab.node("node-1").netns, "eth0", &pcap)?;
     let marker = "weft-bridge-marker-3f1e";
-    let echoed = apps::client(client, addr(web1, 9003), move |mut c| {
-        use std::io::{Read, Write};
-        c.write_all(marker.as_bytes())?;
-        c.shutdown(std::net::Shutdown::Write)?;
-        let mut s = String::new();
-        c.read_to_string(&mut s)?;
-        Ok(s)
-    })?;
-    ensure!(echoed == marker, "echo returned {echoed:?}");
+    apps::echo_once(client, addr(web1, 9003), marker)?;
     for web in [web1, web2] {
         for _ in 0..3 {
             let seen = apps::whoami(client, addr(web, 9002))?;
