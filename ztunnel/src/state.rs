@@ -37,8 +37,9 @@ pub struct State {
     vip_claims: HashMap<IpAddr, BTreeSet<String>>,
     /// Services by `namespace/hostname`: how waypoint references resolve.
     services_by_key: HashMap<String, Arc<Service>>,
-    /// Workload uid → the services it is an endpoint of, by key.
-    services_by_workload: HashMap<String, Vec<Arc<Service>>>,
+    /// Workload uid → the services it is an endpoint of, with their keys,
+    /// in key order.
+    services_by_workload: HashMap<String, Vec<(String, Arc<Service>)>>,
     /// Service key → how many bindings (services' and workloads') name it:
     /// the endpoints of a named service are waypoint pods, whose HBONE
     /// connections carry the traffic they proxy, as themselves.
@@ -235,8 +236,9 @@ impl State {
                 .services_by_workload
                 .entry(ep.workload_uid.clone())
                 .or_default();
-            mine.push(svc.clone());
-            mine.sort_by_key(|s| service_key(s));
+            // In key order; after any with the same key, as it came.
+            let at = mine.partition_point(|(k, _)| k.as_str() <= key.as_str());
+            mine.insert(at, (key.clone(), svc.clone()));
         }
         self.bind(svc.waypoint.as_ref());
     }
@@ -261,7 +263,7 @@ impl State {
         }
         for ep in &old.endpoints {
             if let Some(mine) = self.services_by_workload.get_mut(&ep.workload_uid) {
-                mine.retain(|s| !Arc::ptr_eq(s, old));
+                mine.retain(|(_, s)| !Arc::ptr_eq(s, old));
                 if mine.is_empty() {
                     self.services_by_workload.remove(&ep.workload_uid);
                 }
@@ -372,13 +374,17 @@ impl State {
         port: u16,
         host: Option<&str>,
     ) -> Option<&Arc<Service>> {
-        let mine = self.services_by_workload.get(&w.uid)?;
+        let mut mine = self
+            .services_by_workload
+            .get(&w.uid)?
+            .iter()
+            .map(|(_, s)| s);
         if let Some(h) = host
-            && let Some(s) = mine.iter().find(|s| s.hostname == h)
+            && let Some(s) = mine.clone().find(|s| s.hostname == h)
         {
             return Some(s);
         }
-        mine.iter().find(|s| {
+        mine.find(|s| {
             s.endpoints
                 .iter()
                 .any(|e| e.workload_uid == w.uid && e.ports.values().any(|t| *t == port))
@@ -403,10 +409,9 @@ impl State {
     /// Whether the workload `uid` is a waypoint's pod: an endpoint of a
     /// service some binding names.
     pub fn is_waypoint(&self, uid: &str) -> bool {
-        self.services_by_workload.get(uid).is_some_and(|mine| {
-            mine.iter()
-                .any(|s| self.bound.contains_key(&service_key(s)))
-        })
+        self.services_by_workload
+            .get(uid)
+            .is_some_and(|mine| mine.iter().any(|(key, _)| self.bound.contains_key(key)))
     }
 
     /// A pod of the waypoint `r` names, chosen by `pick`, and where it
@@ -582,7 +587,7 @@ pub fn resolve(state: &State, dst: SocketAddr, pick: usize) -> Result<Upstream, 
             .services_by_workload
             .get(&w.uid)
             .and_then(|services| services.first())
-            .and_then(|s| {
+            .and_then(|(_, s)| {
                 s.vips
                     .first()
                     .and_then(|v| state.service_by_vip(*v))
