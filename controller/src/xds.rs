@@ -484,9 +484,9 @@ impl Default for Held {
 
 impl Subscription {
     /// Whether what the client holds can be kept as a generation: only a
-    /// wildcard subscription to a type with no per-caller scope.
+    /// wildcard subscription to a type every caller sees whole.
     fn by_generation(&self, ty: &str) -> bool {
-        self.wildcard && (ty == ADDRESS_TYPE || ty == AUTHORIZATION_TYPE)
+        self.wildcard && types::lookup(ty).is_some_and(|t| !t.scoped)
     }
 
     /// Turns a generation into the names it stands for, in `published`:

@@ -39,6 +39,10 @@ pub struct ResourceType {
     /// Short name, for logs and metric labels.
     pub name: &'static str,
     pub audience: Audience,
+    /// Each resource names the workloads that may see it (a waypoint's
+    /// routes and policies): a client is sent a subset, never the type
+    /// whole.
+    pub scoped: bool,
 }
 
 /// Workloads and services (`istio.workload.Address`): the mesh view, which
@@ -47,6 +51,7 @@ pub const ADDRESS: ResourceType = ResourceType {
     type_url: "type.googleapis.com/istio.workload.Address",
     name: "address",
     audience: Audience::All,
+    scoped: false,
 };
 
 /// L4 authorization (`istio.security.Authorization`), enforced by ztunnel.
@@ -54,6 +59,7 @@ pub const AUTHORIZATION: ResourceType = ResourceType {
     type_url: "type.googleapis.com/istio.security.Authorization",
     name: "authorization",
     audience: Audience::Ztunnel,
+    scoped: false,
 };
 
 /// One service's HTTP routes (`weft.waypoint.v1.Route`).
@@ -61,6 +67,7 @@ pub const ROUTE: ResourceType = ResourceType {
     type_url: "type.googleapis.com/weft.waypoint.v1.Route",
     name: "route",
     audience: Audience::Waypoint,
+    scoped: true,
 };
 
 /// One service's traffic policy and subsets (`weft.waypoint.v1.Destination`).
@@ -68,6 +75,7 @@ pub const DESTINATION: ResourceType = ResourceType {
     type_url: "type.googleapis.com/weft.waypoint.v1.Destination",
     name: "destination",
     audience: Audience::Waypoint,
+    scoped: true,
 };
 
 /// L7 authorization (`weft.waypoint.v1.Authorization`), enforced by waypoints.
@@ -75,6 +83,7 @@ pub const L7_AUTHORIZATION: ResourceType = ResourceType {
     type_url: "type.googleapis.com/weft.waypoint.v1.Authorization",
     name: "l7_authorization",
     audience: Audience::Waypoint,
+    scoped: true,
 };
 
 /// One waypoint's tracing and other telemetry (`weft.waypoint.v1.Telemetry`).
@@ -82,6 +91,7 @@ pub const TELEMETRY: ResourceType = ResourceType {
     type_url: "type.googleapis.com/weft.waypoint.v1.Telemetry",
     name: "telemetry",
     audience: Audience::Waypoint,
+    scoped: true,
 };
 
 /// Every type the control plane serves.
