@@ -342,5 +342,17 @@ fn a_restarted_ztunnel_is_ready_only_after_the_end_of_state() -> Result<()> {
     round_trip(&mut conn, &mut reader, 1)?;
     let (passed, acked) = relay.partial();
     ensure!(acked == passed, "every part ACKed: {acked} of {passed}");
+    // The parts were applied once, as one push: ztunnel's apply histogram
+    // counts whole responses, not parts.
+    let metrics = lab.metrics("node-1")?;
+    let applies = metrics
+        .lines()
+        .find(|l| l.starts_with("weft_xds_apply_seconds_count{type=\"address\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .context("no weft_xds_apply_seconds_count for address")?;
+    ensure!(
+        applies >= 1 && (applies as usize) < passed + 1,
+        "{applies} Address applies for {passed} parts and an end"
+    );
     Ok(())
 }
