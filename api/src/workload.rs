@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -169,13 +170,17 @@ pub struct Service {
     pub waypoint: Option<WaypointRef>,
 }
 
-/// The static data-plane config ztunnel reads in local mode (no controller).
+/// The static data-plane config ztunnel reads in local mode (no controller),
+/// and the controller's translation. Workloads and services are shared: a
+/// translation that leaves one unchanged hands on the same object, so
+/// whoever compares two configs (the encoder) tells the unchanged apart by
+/// pointer, and copying a config copies no workload.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocalConfig {
     #[serde(default)]
-    pub workloads: Vec<Workload>,
+    pub workloads: Vec<Arc<Workload>>,
     #[serde(default)]
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     #[serde(default)]
     pub policies: Vec<Authorization>,
 }

@@ -13,6 +13,7 @@
 //! workload`). `L7_POLICY_WAYPOINT_ONLY=false` on the controller turns it off.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use weft_api::authz::{Action, Authorization, Clause, Match, Rule, Scope, StringMatch};
 use weft_api::{Identity, LocalConfig};
@@ -98,6 +99,7 @@ pub fn waypoint_only(cfg: &mut LocalConfig, l7: &[L7Resource], trust_domain: &st
     }
     for w in &mut cfg.workloads {
         if let Some(keys) = references.remove(&w.uid) {
+            let w = Arc::make_mut(w);
             w.authorization_policies.extend(keys);
             w.authorization_policies.sort();
             w.authorization_policies.dedup();

@@ -79,6 +79,7 @@ fn waypoint_services(cfg: &LocalConfig) -> impl Iterator<Item = &Service> {
     cfg.services
         .iter()
         .filter(move |s| refs.contains(&format!("{}/{}", s.namespace, s.hostname)))
+        .map(|s| &**s)
 }
 
 fn target(
@@ -138,6 +139,7 @@ fn target(
                 .services
                 .iter()
                 .filter(|s| s.namespace == ns && s.name == name && s.hostname != own)
+                .map(|s| &**s)
                 .collect();
             let first = hosts
                 .first()

@@ -241,6 +241,14 @@ impl Policies {
         keys.into_iter().collect()
     }
 
+    /// Whether every workload references the same policies under `other`
+    /// as under these: the same selectors, PeerAuthentications and root.
+    pub fn selects_like(&self, other: &Policies) -> bool {
+        self.selections == other.selections
+            && self.peer_authns == other.peer_authns
+            && self.root_namespace == other.root_namespace
+    }
+
     /// `root/istio_converted_static_strict`.
     pub fn static_strict_key(&self) -> String {
         format!("{}/{STATIC_STRICT}", self.root_namespace)

@@ -757,7 +757,7 @@ pub fn translate(
     let by_host: BTreeMap<&str, &Service> = cfg
         .services
         .iter()
-        .map(|s| (s.hostname.as_str(), s))
+        .map(|s| (s.hostname.as_str(), &**s))
         .collect();
     let status = |kind, meta: &ObjectMeta, accepted, reason, message: String| {
         let (namespace, name) = key(meta);

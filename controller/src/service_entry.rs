@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ObjectMeta;
@@ -122,7 +123,7 @@ pub fn translate(
     snap: &Snapshot,
     mesh: &Mesh,
     taken: &mut Taken,
-    workloads: &mut Vec<Workload>,
+    workloads: &mut Vec<Arc<Workload>>,
 ) -> (Vec<Service>, Vec<TranslateError>) {
     let mut entries: Vec<&ServiceEntry> = snap.service_entries.values().map(|e| &**e).collect();
     entries.sort_by_key(|se| crate::routes::order(&se.metadata));
@@ -142,7 +143,7 @@ fn service_entry(
     snap: &Snapshot,
     mesh: &Mesh,
     taken: &mut Taken,
-    workloads: &mut Vec<Workload>,
+    workloads: &mut Vec<Arc<Workload>>,
 ) -> Result<Vec<Service>, TranslateError> {
     let (namespace, name) = names(&se.metadata);
     let err = TranslateError::about("ServiceEntry", &namespace, &name);
@@ -373,7 +374,7 @@ fn service_entry(
                     waypoint: None,
                 };
                 let uid = w.uid.clone();
-                added.push(w);
+                added.push(Arc::new(w));
                 uid
             }
         };
@@ -555,6 +556,7 @@ spec:
             .services
             .iter()
             .filter(|s| s.name == "internal")
+            .map(|s| &**s)
             .collect();
         assert_eq!(internal.len(), 2);
         for s in &internal {

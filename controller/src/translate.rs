@@ -1,8 +1,9 @@
 //! Snapshot → workloads and services, as ztunnel consumes them. Pure: the same
 //! snapshot always gives the same output, and problems are returned, not logged.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -135,6 +136,8 @@ pub struct Translation {
     /// Each bound Service's and ServiceEntry's `istio.io/WaypointBound`
     /// status, and each refused ServiceEntry's `Accepted`.
     pub bindings: Vec<policy::Status>,
+    /// What the next translation takes over.
+    pub memo: Memo,
 }
 
 impl Translation {
@@ -155,81 +158,254 @@ impl Translation {
     }
 }
 
+/// What a translation keeps so that the next one re-translates only what
+/// changed: each pod's and each Service's result, with the objects it was
+/// made from. Objects are compared by pointer (the snapshot shares an
+/// unchanged object with the previous one); a result whose inputs are the
+/// same objects is taken over as it is, shared, so that the encoder sees
+/// it unchanged by pointer too.
+#[derive(Clone, Debug, Default)]
+pub struct Memo {
+    /// Pod key (`namespace/name`) → its part.
+    pods: HashMap<Arc<str>, PodPart>,
+    /// Service key → the Service and what it translated to.
+    services: HashMap<Arc<str>, ServicePart>,
+    /// Namespace → the endpoints its slices list that no pod backs.
+    sliced: HashMap<String, Vec<SliceEndpoint>>,
+    /// Workload uid → namespace, for the workloads left out because
+    /// another pod holds their address.
+    dropped: HashMap<String, String>,
+    /// The waypoints the pods were bound against.
+    waypoints: BTreeMap<String, crate::waypoints::Waypoint>,
+    /// Workloads and services made afresh on every translation (from
+    /// slices, ServiceEntries, waypoints; or changed after their part, by a
+    /// waypoint-only policy), by name: an equal one is replaced by this one.
+    made: HashMap<String, Arc<Workload>>,
+    made_services: HashMap<String, Arc<Service>>,
+}
+
+/// One pod's share of the translation: its workload, with the policies
+/// that select it and its waypoint, and what was wrong.
+#[derive(Clone, Debug)]
+struct PodPart {
+    pod: Arc<Pod>,
+    namespace: Option<Arc<Namespace>>,
+    workload: Option<Arc<Workload>>,
+    errors: Vec<TranslateError>,
+}
+
+#[derive(Clone, Debug)]
+struct ServicePart {
+    service: Arc<K8sService>,
+    out: Result<Option<Arc<Service>>, TranslateError>,
+}
+
+fn same<T>(a: Option<&Arc<T>>, b: Option<&Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+fn namespace_of(pod: &Pod) -> &str {
+    pod.metadata.namespace.as_deref().unwrap_or("default")
+}
+
+fn pod_part(
+    pod: &Arc<Pod>,
+    namespace: Option<&Arc<Namespace>>,
+    mesh: &Mesh,
+    policies: &Policies,
+    waypoints: &BTreeMap<String, crate::waypoints::Waypoint>,
+) -> PodPart {
+    let mut errors = Vec::new();
+    let ns = namespace.map(|n| &**n);
+    let workload = match workload(pod, ns, mesh) {
+        Ok(Some(mut w)) => {
+            // Capture is IPv4 only: a pod with an IPv6 address would have
+            // that traffic escape the mesh. It stays out of the mesh
+            // whole, never half in it, and the log says why.
+            if w.protocol == TunnelProtocol::Hbone && w.addresses.iter().any(IpAddr::is_ipv6) {
+                w.protocol = TunnelProtocol::None;
+                errors.push(TranslateError {
+                    kind: "Pod",
+                    namespace: w.namespace.clone(),
+                    name: w.name.clone(),
+                    field: "status.podIPs".into(),
+                    message: "has an IPv6 address, and capture is IPv4 only: the pod is not captured (out of the mesh, never half in it)".into(),
+                });
+            }
+            let no_labels = BTreeMap::new();
+            let labels = pod.metadata.labels.as_ref();
+            w.authorization_policies =
+                policies.for_workload(&w.namespace, labels.unwrap_or(&no_labels));
+            errors.extend(crate::waypoints::bind_workload(
+                &mut w, labels, ns, waypoints,
+            ));
+            Some(Arc::new(w))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
+    PodPart {
+        pod: pod.clone(),
+        namespace: namespace.cloned(),
+        workload,
+        errors,
+    }
+}
+
 /// Translates pods, services and security policies. `previous` is the last
-/// translation: a policy that no longer translates keeps its last accepted
-/// version (see [`policy::translate`]).
+/// translation (with the same `mesh`): a policy that no longer translates
+/// keeps its last accepted version (see [`policy::translate`]), and what
+/// is made from the same objects as then is taken over, not made again.
 pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -> Translation {
     let policies = policy::translate(snap, mesh, previous.map(|t| &t.policies));
+    let (waypoints, waypoint_errors) = crate::waypoints::waypoints(snap);
+    let empty = Memo::default();
+    let before = previous.map_or(&empty, |t| &t.memo);
+    // Each pod's part is as before when its pod and namespace are the same
+    // objects, and the policies and waypoints it was bound against too.
+    let parts_hold = previous.is_some_and(|t| t.policies.selects_like(&policies))
+        && before.waypoints == waypoints;
+    let mut memo = Memo {
+        waypoints,
+        ..Memo::default()
+    };
+    memo.pods.reserve(snap.pods.len());
+    // Namespaces whose Services must be made again: a pod in it came, went
+    // or changed, or gained or lost its address.
+    let mut dirty: HashSet<String> = HashSet::new();
     let mut errors = Vec::new();
-    let mut out = LocalConfig::default();
     let mut candidates = Vec::with_capacity(snap.pods.len());
-    for pod in snap.pods.values() {
-        match workload(pod, snap, mesh) {
-            Ok(Some(mut w)) => {
-                // Capture is IPv4 only: a pod with an IPv6 address would have
-                // that traffic escape the mesh. It stays out of the mesh
-                // whole, never half in it, and the log says why.
-                if w.protocol == TunnelProtocol::Hbone && w.addresses.iter().any(IpAddr::is_ipv6) {
-                    w.protocol = TunnelProtocol::None;
-                    errors.push(TranslateError {
-                        kind: "Pod",
-                        namespace: w.namespace.clone(),
-                        name: w.name.clone(),
-                        field: "status.podIPs".into(),
-                        message: "has an IPv6 address, and capture is IPv4 only: the pod is not captured (out of the mesh, never half in it)".into(),
-                    });
-                }
-                let no_labels = BTreeMap::new();
-                let labels = pod.metadata.labels.as_ref().unwrap_or(&no_labels);
-                w.authorization_policies = policies.for_workload(&w.namespace, labels);
-                candidates.push((w, pod.metadata.deletion_timestamp.is_some()));
+    let mut kept = 0;
+    for (key, pod) in &snap.pods {
+        let namespace = snap.namespaces.get(namespace_of(pod));
+        let old = before.pods.get_key_value(key.as_str());
+        if !old.is_some_and(|(_, p)| Arc::ptr_eq(&p.pod, pod)) {
+            dirty.insert(namespace_of(pod).to_string());
+        }
+        kept += usize::from(old.is_some());
+        let (key, part) = match old {
+            Some((k, p))
+                if parts_hold
+                    && Arc::ptr_eq(&p.pod, pod)
+                    && same(p.namespace.as_ref(), namespace) =>
+            {
+                (k.clone(), p.clone())
             }
-            Ok(None) => {}
-            Err(e) => errors.push(e),
+            _ => {
+                let mut part = pod_part(pod, namespace, mesh, &policies, &memo.waypoints);
+                // Made again, and equal: still the same workload.
+                if let (Some(new), Some(old)) =
+                    (&part.workload, old.and_then(|(_, p)| p.workload.as_ref()))
+                    && new == old
+                {
+                    part.workload = Some(old.clone());
+                }
+                (Arc::from(key.as_str()), part)
+            }
+        };
+        errors.extend(part.errors.iter().cloned());
+        if let Some(w) = &part.workload {
+            candidates.push((w.clone(), pod.metadata.deletion_timestamp.is_some()));
+        }
+        memo.pods.insert(key, part);
+    }
+    if kept < before.pods.len() {
+        for (key, part) in &before.pods {
+            if !snap.pods.contains_key(&**key) {
+                dirty.insert(namespace_of(&part.pod).to_string());
+            }
         }
     }
-    let (workloads, conflicts) = claim_addresses(candidates);
-    out.workloads = workloads;
+    let (workloads, conflicts, dropped) = claim_addresses(candidates);
+    let mut out = LocalConfig {
+        workloads,
+        ..LocalConfig::default()
+    };
     errors.extend(conflicts);
+    for (uid, ns) in before.dropped.iter().chain(&dropped) {
+        if before.dropped.contains_key(uid) != dropped.contains_key(uid) {
+            dirty.insert(ns.clone());
+        }
+    }
+    memo.dropped = dropped;
+    let pods_bound = out.workloads.len();
     let (sliced, slice_errors) = crate::endpoints::translate(snap, mesh);
     errors.extend(slice_errors);
     out.workloads
-        .extend(sliced.iter().map(|e| e.workload.clone()));
-    let mut sliced_by_service: BTreeMap<(&str, &str), Vec<&SliceEndpoint>> = BTreeMap::new();
-    for e in &sliced {
-        sliced_by_service
-            .entry((e.namespace.as_str(), e.service.as_str()))
-            .or_default()
-            .push(e);
+        .extend(sliced.iter().map(|e| Arc::new(e.workload.clone())));
+    for e in sliced {
+        memo.sliced.entry(e.namespace.clone()).or_default().push(e);
     }
-    let by_uid: BTreeMap<&str, &Workload> =
-        out.workloads.iter().map(|w| (w.uid.as_str(), w)).collect();
-    let mut pods_by_namespace: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
-    for pod in snap.pods.values() {
-        let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-        pods_by_namespace.entry(ns).or_default().push(pod);
-    }
-    let mut services = Vec::new();
-    for svc in snap.services.values() {
-        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
-        let pods = pods_by_namespace
-            .get(ns)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let name = svc.metadata.name.as_deref().unwrap_or_default();
-        let sliced = sliced_by_service
-            .get(&(ns, name))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        match service(svc, pods, sliced, mesh, &by_uid) {
-            Ok(Some(s)) => services.push(s),
-            Ok(None) => {}
-            Err(e) => errors.push(e),
+    for ns in memo.sliced.keys().chain(before.sliced.keys()) {
+        if memo.sliced.get(ns) != before.sliced.get(ns) {
+            dirty.insert(ns.clone());
         }
     }
+    let mut services = Vec::with_capacity(snap.services.len());
+    let mut backing: HashMap<&str, Vec<(&Pod, &Workload)>> = HashMap::new();
+    for (key, svc) in &snap.services {
+        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        let old = before.services.get_key_value(key.as_str());
+        let (key, part) = match old {
+            Some((k, p)) if Arc::ptr_eq(&p.service, svc) && !dirty.contains(ns) => {
+                (k.clone(), p.clone())
+            }
+            _ => {
+                // The namespace's pods that are workloads, each with its own.
+                let pods = backing.entry(ns).or_insert_with(|| {
+                    crate::snapshot::in_namespace(&snap.pods, ns)
+                        .filter_map(|pod| {
+                            let key = crate::snapshot::key(
+                                pod.metadata.namespace.as_deref(),
+                                pod.metadata.name.as_deref(),
+                            );
+                            let w = memo.pods.get(key.as_str())?.workload.as_ref()?;
+                            (!memo.dropped.contains_key(&w.uid)).then_some((&**pod, &**w))
+                        })
+                        .collect()
+                });
+                let name = svc.metadata.name.as_deref().unwrap_or_default();
+                let sliced: Vec<&SliceEndpoint> = memo
+                    .sliced
+                    .get(ns)
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| e.service == name)
+                    .collect();
+                let was = old.and_then(|(_, p)| p.out.as_ref().ok()?.as_ref());
+                let out = service(svc, pods, &sliced).map(|s| {
+                    s.map(|s| {
+                        was.filter(|w| ***w == s)
+                            .cloned()
+                            .unwrap_or_else(|| Arc::new(s))
+                    })
+                });
+                let part = ServicePart {
+                    service: svc.clone(),
+                    out,
+                };
+                (Arc::from(key.as_str()), part)
+            }
+        };
+        match &part.out {
+            Ok(Some(s)) => services.push(s.clone()),
+            Ok(None) => {}
+            Err(e) => errors.push(e.clone()),
+        }
+        memo.services.insert(key, part);
+    }
+    drop(backing);
     // ServiceEntries take no address a Service VIP or a pod holds.
     let mut taken = crate::service_entry::Taken::default();
-    for s in &services {
+    let entries_here = !snap.service_entries.is_empty();
+    for s in services.iter().filter(|_| entries_here) {
         for ip in &s.vips {
             taken.addresses.insert(
                 *ip,
@@ -237,7 +413,7 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
             );
         }
     }
-    for w in &out.workloads {
+    for w in out.workloads.iter().filter(|_| entries_here) {
         for ip in &w.addresses {
             taken.addresses.insert(
                 *ip,
@@ -247,9 +423,16 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
     }
     let (entries, refused) =
         crate::service_entry::translate(snap, mesh, &mut taken, &mut out.workloads);
-    services.extend(entries);
+    services.extend(entries.into_iter().map(Arc::new));
     out.services = services;
-    let (unbound, mut bindings) = crate::waypoints::bind(snap, &mut out, &mesh.cluster_id);
+    let (unbound, mut bindings) = crate::waypoints::bind(
+        snap,
+        &mut out,
+        &mesh.cluster_id,
+        &memo.waypoints,
+        pods_bound,
+    );
+    errors.extend(waypoint_errors);
     errors.extend(unbound);
     // A refused ServiceEntry says why on its own status, as a Service's
     // binding does; what it would have served is not published.
@@ -279,8 +462,42 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
     let mut l7 = crate::routes::translate(snap, &out, &mesh.trust_domain, previous.map(|t| &t.l7));
     crate::l7_policy::translate(snap, mesh, &out, previous.map(|t| &t.l7), &mut l7);
     crate::telemetry::translate(snap, mesh, &out, previous.map(|t| &t.l7), &mut l7);
+    // What the pods' and Services' parts gave, before the waypoint-only
+    // policies change some of it.
+    let from_parts: Vec<*const Workload> = out.workloads[..pods_bound]
+        .iter()
+        .map(Arc::as_ptr)
+        .collect();
+    let services_from_parts: HashSet<*const Service> = memo
+        .services
+        .values()
+        .filter_map(|p| p.out.as_ref().ok()?.as_ref().map(Arc::as_ptr))
+        .collect();
     if mesh.l7_policy_waypoint_only {
         crate::bypass::waypoint_only(&mut out, &l7.resources, &mesh.trust_domain);
+    }
+    // What was made afresh is replaced by the previous translation's equal
+    // one, so that everything unchanged stays shared.
+    for (i, w) in out.workloads.iter_mut().enumerate() {
+        if from_parts.get(i) == Some(&Arc::as_ptr(w)) {
+            continue;
+        }
+        match before.made.get(&w.uid) {
+            Some(old) if old == w => *w = old.clone(),
+            _ => {}
+        }
+        memo.made.insert(w.uid.clone(), w.clone());
+    }
+    for svc in &mut out.services {
+        if services_from_parts.contains(&Arc::as_ptr(svc)) {
+            continue;
+        }
+        let key = format!("{}/{}", svc.namespace, svc.hostname);
+        match before.made_services.get(&key) {
+            Some(old) if old == svc => *svc = old.clone(),
+            _ => {}
+        }
+        memo.made_services.insert(key, svc.clone());
     }
     Translation {
         config: out,
@@ -288,6 +505,7 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
         policies,
         l7,
         bindings,
+        memo,
     }
 }
 
@@ -307,8 +525,16 @@ pub fn workloads(snap: &Snapshot, mesh: &Mesh) -> (LocalConfig, Vec<TranslateErr
 ///   published: ztunnel resolves the address to none of them and refuses
 ///   its connections, while the pods stay captured. Leaving them out would
 ///   release capture, and their traffic would flow in plaintext.
-fn claim_addresses(candidates: Vec<(Workload, bool)>) -> (Vec<Workload>, Vec<TranslateError>) {
-    let mut claims: BTreeMap<IpAddr, Vec<usize>> = BTreeMap::new();
+///
+/// Also returns the uids (with their namespaces) of the workloads left out.
+fn claim_addresses(
+    candidates: Vec<(Arc<Workload>, bool)>,
+) -> (
+    Vec<Arc<Workload>>,
+    Vec<TranslateError>,
+    HashMap<String, String>,
+) {
+    let mut claims: HashMap<IpAddr, Vec<usize>> = HashMap::with_capacity(candidates.len());
     for (i, (w, _)) in candidates.iter().enumerate() {
         if !w.host_network {
             for ip in &w.addresses {
@@ -318,7 +544,11 @@ fn claim_addresses(candidates: Vec<(Workload, bool)>) -> (Vec<Workload>, Vec<Tra
     }
     let mut dropped: BTreeSet<usize> = BTreeSet::new();
     let mut errors = Vec::new();
-    for (ip, claimants) in claims.iter().filter(|(_, c)| c.len() > 1) {
+    // In address order, so the same conflicts are reported the same way.
+    let mut contested: Vec<(&IpAddr, &Vec<usize>)> =
+        claims.iter().filter(|(_, c)| c.len() > 1).collect();
+    contested.sort_by_key(|(ip, _)| **ip);
+    for (ip, claimants) in contested {
         let live: Vec<usize> = claimants
             .iter()
             .copied()
@@ -348,16 +578,29 @@ fn claim_addresses(candidates: Vec<(Workload, bool)>) -> (Vec<Workload>, Vec<Tra
             });
         }
     }
+    let left_out = dropped
+        .iter()
+        .map(|i| {
+            (
+                candidates[*i].0.uid.clone(),
+                candidates[*i].0.namespace.clone(),
+            )
+        })
+        .collect();
     let workloads = candidates
         .into_iter()
         .enumerate()
         .filter(|(i, _)| !dropped.contains(i))
         .map(|(_, (w, _))| w)
         .collect();
-    (workloads, errors)
+    (workloads, errors, left_out)
 }
 
-fn workload(pod: &Pod, snap: &Snapshot, mesh: &Mesh) -> Result<Option<Workload>, TranslateError> {
+fn workload(
+    pod: &Pod,
+    ns: Option<&Namespace>,
+    mesh: &Mesh,
+) -> Result<Option<Workload>, TranslateError> {
     let (namespace, name) = names(&pod.metadata);
     let err = TranslateError::about("Pod", &namespace, &name);
     let spec = pod.spec.as_ref();
@@ -423,7 +666,6 @@ fn workload(pod: &Pod, snap: &Snapshot, mesh: &Mesh) -> Result<Option<Workload>,
                 .collect()
         })
         .unwrap_or_default();
-    let ns = snap.namespaces.get(&namespace).map(|n| &**n);
     Ok(Some(Workload {
         uid: format!("{}//Pod/{namespace}/{name}", mesh.cluster_id),
         protocol: if captured(pod, ns) {
@@ -463,10 +705,8 @@ fn pod_ready(pod: &Pod) -> bool {
 /// its EndpointSlices list that no pod backs.
 fn service(
     svc: &K8sService,
-    pods: &[&Pod],
+    pods: &[(&Pod, &Workload)],
     sliced: &[&SliceEndpoint],
-    mesh: &Mesh,
-    workloads: &BTreeMap<&str, &Workload>,
 ) -> Result<Option<Service>, TranslateError> {
     let (namespace, name) = names(&svc.metadata);
     let err = TranslateError::about("Service", &namespace, &name);
@@ -536,7 +776,7 @@ fn service(
     let selector = spec.selector.clone().unwrap_or_default();
     let mut endpoints = Vec::new();
     if !selector.is_empty() {
-        for pod in pods {
+        for (pod, w) in pods {
             let labels = pod.metadata.labels.as_ref();
             if !selector
                 .iter()
@@ -544,14 +784,7 @@ fn service(
             {
                 continue;
             }
-            let uid = format!(
-                "{}//Pod/{namespace}/{}",
-                mesh.cluster_id,
-                pod.metadata.name.as_deref().unwrap_or_default()
-            );
-            let Some(w) = workloads.get(uid.as_str()) else {
-                continue;
-            };
+            let uid = w.uid.clone();
             if !w.healthy && !not_ready_too {
                 continue;
             }
@@ -604,6 +837,7 @@ fn service(
 mod tests {
     use super::*;
     use crate::manifests::parse;
+    use crate::xds::Published;
 
     fn translate(yaml: &str) -> (LocalConfig, Vec<String>) {
         let mut snap = Snapshot::default();
@@ -1008,5 +1242,226 @@ spec: {clusterIP: None, selector: {app: db}, ports: [{port: 5432}]}
         assert!(cfg.services.is_empty());
         let w = cfg.workloads.iter().find(|w| w.name == "db-0").unwrap();
         assert_eq!(w.protocol, TunnelProtocol::Hbone);
+    }
+
+    /// One random object of the incremental test's little cluster.
+    fn random_doc(id: &str, next: &mut dyn FnMut(u64) -> u64) -> String {
+        let ns = |n: u64| format!("ns-{n}");
+        let (kind, index) = id.split_once('-').unwrap();
+        match kind {
+            "namespace" => {
+                let mode = ["ambient", "none", ""][next(3) as usize];
+                let waypoint = if next(3) == 0 {
+                    ", istio.io/use-waypoint: wp"
+                } else {
+                    ""
+                };
+                format!(
+                    "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{index}, labels: {{istio.io/dataplane-mode: '{mode}'{waypoint}}}}}\n"
+                )
+            }
+            "pod" => {
+                let deleting = if next(4) == 0 {
+                    ", deletionTimestamp: \"2026-01-01T00:00:00Z\""
+                } else {
+                    ""
+                };
+                let waypoint = match next(6) {
+                    0 => ", istio.io/use-waypoint: wp",
+                    1 => ", istio.io/use-waypoint: none",
+                    _ => "",
+                };
+                let node = if next(8) == 0 {
+                    String::new()
+                } else {
+                    format!("nodeName: n{}, ", next(2))
+                };
+                let phase = ["Running", "Running", "Running", "Succeeded"][next(4) as usize];
+                let ready = ["True", "False"][usize::from(next(4) == 0)];
+                format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{index}, namespace: {}, labels: {{app: a{}, version: v{}{waypoint}}}{deleting}}}\n\
+                     spec: {{{node}serviceAccountName: sa{}, containers: [{{name: c, ports: [{{name: http, containerPort: {}}}]}}]}}\n\
+                     status: {{phase: {phase}, podIP: 10.0.0.{}, conditions: [{{type: Ready, status: '{ready}'}}]}}\n",
+                    ns(next(3)),
+                    next(3),
+                    next(2),
+                    next(2),
+                    8080 + next(2),
+                    1 + next(8),
+                )
+            }
+            "service" => {
+                let target = ["http", "9090"][next(2) as usize];
+                let not_ready = next(2) == 0;
+                let waypoint = if next(4) == 0 {
+                    ", labels: {istio.io/use-waypoint: wp}"
+                } else {
+                    ""
+                };
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{index}, namespace: {}{waypoint}}}\n\
+                     spec: {{publishNotReadyAddresses: {not_ready}, clusterIP: 10.96.0.{}, selector: {{app: a{}}}, ports: [{{name: http, port: 80, targetPort: {target}}}]}}\n",
+                    ns(next(3)),
+                    1 + next(6),
+                    next(3),
+                )
+            }
+            "policy" => format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ap-{index}, namespace: {}}}\n\
+                 spec: {{selector: {{matchLabels: {{app: a{}}}}}, rules: [{{from: [{{source: {{principals: [\"cluster.local/ns/x/sa/y\"]}}}}]}}]}}\n",
+                ["ns-0", "ns-1", "istio-system"][next(3) as usize],
+                next(3),
+            ),
+            "peer" => format!(
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: pa-{index}, namespace: {}}}\n\
+                 spec: {{mtls: {{mode: {}}}}}\n",
+                ns(next(3)),
+                ["STRICT", "PERMISSIVE"][next(2) as usize],
+            ),
+            "gateway" => format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: wp, namespace: ns-{index}, labels: {{istio.io/waypoint-for: {}}}}}\n\
+                 spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE, allowedRoutes: {{namespaces: {{from: All}}}}}}]}}\n",
+                ["service", "workload", "all"][next(3) as usize],
+            ),
+            "slice" => format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: es-{index}, namespace: {}, labels: {{kubernetes.io/service-name: svc-{}}}}}\n\
+                 addressType: IPv4\nports: [{{name: http, port: 7000}}]\nendpoints: [{{addresses: [192.0.2.{}], conditions: {{ready: {}}}}}]\n",
+                ns(next(3)),
+                next(4),
+                1 + next(3),
+                next(3) != 0,
+            ),
+            "entry" => format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: se-{index}, namespace: {}}}\n\
+                 spec: {{hosts: [h{}.example.com], addresses: [10.0.0.{}], ports: [{{number: 80, name: http}}], resolution: STATIC, endpoints: [{{address: 192.0.2.{}}}]}}\n",
+                ns(next(3)),
+                next(2),
+                1 + next(14),
+                10 + next(3),
+            ),
+            other => panic!("{other}"),
+        }
+    }
+
+    /// A translation that takes over what it can from the previous one
+    /// gives exactly what a translation from scratch gives, round after
+    /// round of random changes: pods that come, go, change labels, take
+    /// each other's addresses or finish; Services, namespaces, policies,
+    /// waypoints, slices and ServiceEntries that change under them. And
+    /// what did not change is shared with the previous translation.
+    #[test]
+    fn incremental_translation_answers_as_a_fresh_one() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let ids: Vec<String> = (0..3)
+            .map(|i| format!("namespace-{i}"))
+            .chain((0..24).map(|i| format!("pod-{i}")))
+            .chain((0..6).map(|i| format!("service-{i}")))
+            .chain((0..3).map(|i| format!("policy-{i}")))
+            .chain((0..2).map(|i| format!("peer-{i}")))
+            .chain((0..2).map(|i| format!("gateway-{i}")))
+            .chain((0..2).map(|i| format!("slice-{i}")))
+            .chain((0..2).map(|i| format!("entry-{i}")))
+            .collect();
+        // Each object parsed alone, so an unchanged one stays the same `Arc`.
+        let mut docs: BTreeMap<String, Snapshot> = BTreeMap::new();
+        let parse_doc = |id: &str, next: &mut dyn FnMut(u64) -> u64| {
+            let mut one = Snapshot::default();
+            let errs = parse(&random_doc(id, next), "t.yaml", &mut one);
+            assert!(errs.is_empty(), "{id}: {errs:?}");
+            one
+        };
+        for id in &ids {
+            if id.starts_with("pod") || id.starts_with("namespace") || next(2) == 0 {
+                docs.insert(id.clone(), parse_doc(id, &mut next));
+            }
+        }
+        let mesh = Mesh::default();
+        let mut previous: Option<Translation> = None;
+        let mut published = Published::default();
+        let mut shared = 0;
+        for round in 0..600 {
+            let mut touched = BTreeSet::new();
+            for _ in 0..1 + next(3) {
+                let id = &ids[next(ids.len() as u64) as usize];
+                touched.insert(id.clone());
+                if next(5) == 0 && !id.starts_with("namespace") {
+                    docs.remove(id);
+                } else {
+                    docs.insert(id.clone(), parse_doc(id, &mut next));
+                }
+            }
+            let mut snap = Snapshot::default();
+            for one in docs.values() {
+                // Two random objects may share a name: the first is kept.
+                let _ = snap.merge(one, "t.yaml");
+            }
+            let fresh = super::translate(&snap, &mesh, None);
+            let incremental = super::translate(&snap, &mesh, previous.as_ref());
+            assert_eq!(
+                incremental.config, fresh.config,
+                "round {round}: the config"
+            );
+            assert_eq!(
+                incremental.errors, fresh.errors,
+                "round {round}: the errors"
+            );
+            assert_eq!(
+                incremental.statuses().collect::<Vec<_>>(),
+                fresh.statuses().collect::<Vec<_>>(),
+                "round {round}: the statuses"
+            );
+            if let Some(before) = &previous {
+                let old: HashMap<&str, &Arc<Workload>> = before
+                    .config
+                    .workloads
+                    .iter()
+                    .map(|w| (w.uid.as_str(), w))
+                    .collect();
+                for w in &incremental.config.workloads {
+                    if let Some(o) = old.get(w.uid.as_str()).filter(|o| ****o == **w) {
+                        assert!(
+                            Arc::ptr_eq(o, w),
+                            "round {round}: {} is equal but not shared",
+                            w.uid
+                        );
+                        shared += 1;
+                    }
+                }
+            }
+            // The encoder, which tells the unchanged by pointer, serves what
+            // an encoder that knows nothing of the previous config serves.
+            let next = Published::build(
+                &incremental.config,
+                &incremental.l7.resources,
+                &published,
+                previous.as_ref().map(|p| &p.config),
+            );
+            let scratch = Published::build(
+                &incremental.config,
+                &incremental.l7.resources,
+                &Published::default(),
+                None,
+            );
+            let versions = |p: &Published| -> Vec<(&str, String, String)> {
+                p.resources
+                    .iter()
+                    .flat_map(|(ty, m)| m.iter().map(|(n, v)| (*ty, n.clone(), v.version.clone())))
+                    .collect()
+            };
+            assert_eq!(
+                versions(&next),
+                versions(&scratch),
+                "round {round}: the resources"
+            );
+            published = next;
+            previous = Some(incremental);
+        }
+        assert!(shared > 1000, "only {shared} workloads were shared");
     }
 }

@@ -9,8 +9,9 @@
 //! instead of going around the L7 policy. The error names why.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::api::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use weft_api::{Endpoint, LocalConfig, Service, ServicePort, WaypointRef, Workload};
@@ -93,7 +94,7 @@ pub struct AllowedRoutes {
     pub namespaces: Option<RouteNamespaces>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteNamespaces {
     /// `Same` (the default), `All` or `Selector`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -102,7 +103,7 @@ pub struct RouteNamespaces {
     pub selector: Option<LabelSelector>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelector {
     #[serde(default)]
@@ -119,7 +120,7 @@ pub enum WaypointFor {
 }
 
 /// A Gateway that declares a waypoint.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Waypoint {
     pub namespace: String,
     pub name: String,
@@ -330,17 +331,52 @@ struct Unresolved {
     why: String,
 }
 
-/// Binds services and workloads in `cfg` to their waypoints, and adds each
-/// waypoint's Service when the snapshot has none (the manifests source: in
-/// Kubernetes the controller creates it), its endpoints the Gateway's pods.
-/// Returns what was left unresolved, and each bound Service's
-/// `istio.io/WaypointBound` status.
+/// Binds a pod's workload to the waypoint its labels (or its namespace's)
+/// ask for. A waypoint's own pod is never bound. Returns why a binding
+/// that cannot be served was refused; the workload then names a waypoint
+/// no ztunnel resolves, and its traffic is refused (fail closed).
+pub fn bind_workload(
+    w: &mut Workload,
+    own: Option<&BTreeMap<String, String>>,
+    namespace: Option<&Namespace>,
+    waypoints: &BTreeMap<String, Waypoint>,
+) -> Option<TranslateError> {
+    if is_waypoint_pod(own) {
+        return None;
+    }
+    match resolve(Bound::Workload, &w.namespace, own, namespace, waypoints) {
+        Ok(r) => {
+            w.waypoint = r;
+            None
+        }
+        Err(u) => {
+            w.waypoint = Some(u.reference);
+            Some(TranslateError {
+                kind: "Pod",
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                field: u.field,
+                message: u.why,
+            })
+        }
+    }
+}
+
+/// Binds services, and the workloads of `cfg` from index `pods_bound` on
+/// (those no pod stands for: theirs were bound with [`bind_workload`]), to
+/// their waypoints, and adds each waypoint's Service when the snapshot has
+/// none (the manifests source: in Kubernetes the controller creates it),
+/// its endpoints the Gateway's pods. Returns what was left unresolved, and
+/// each bound Service's `istio.io/WaypointBound` status. An object whose
+/// binding is as it was is not touched (it stays shared).
 pub fn bind(
     snap: &Snapshot,
     cfg: &mut LocalConfig,
     cluster_id: &str,
+    waypoints: &BTreeMap<String, Waypoint>,
+    pods_bound: usize,
 ) -> (Vec<TranslateError>, Vec<Status>) {
-    let (waypoints, mut errors) = waypoints(snap);
+    let mut errors = Vec::new();
     let mut statuses = Vec::new();
     let mut report = |kind: &'static str, ns: &str, name: &str, field: String, message: String| {
         errors.push(TranslateError {
@@ -372,7 +408,7 @@ pub fn bind(
             message,
             condition: WAYPOINT_BOUND,
         };
-        svc.waypoint = match resolve(Bound::Service, &svc.namespace, own, namespace, &waypoints) {
+        let waypoint = match resolve(Bound::Service, &svc.namespace, own, namespace, waypoints) {
             Ok(w) => {
                 if let Some(r) = &w {
                     let gw = r.hostname.split('.').next().unwrap_or_default();
@@ -390,34 +426,28 @@ pub fn bind(
                 Some(u.reference)
             }
         };
+        if svc.waypoint != waypoint {
+            Arc::make_mut(svc).waypoint = waypoint;
+        }
     }
     // The hosts of one ServiceEntry share its binding and its status.
     statuses.dedup_by(|a, b| a.kind == b.kind && a.namespace == b.namespace && a.name == b.name);
-    for w in &mut cfg.workloads {
-        let pod: Option<&Pod> = snap
-            .pods
-            .get(&format!("{}/{}", w.namespace, w.name))
-            .map(|p| &**p);
-        let own = pod.and_then(|p| p.metadata.labels.as_ref());
-        if is_waypoint_pod(own) {
-            continue;
-        }
+    for w in cfg.workloads.iter_mut().skip(pods_bound) {
         let namespace = snap.namespaces.get(&w.namespace).map(|n| &**n);
-        w.waypoint = match resolve(Bound::Workload, &w.namespace, own, namespace, &waypoints) {
-            Ok(r) => r,
-            Err(u) => {
-                report("Pod", &w.namespace, &w.name, u.field, u.why);
-                Some(u.reference)
-            }
-        };
+        let mut bound = (**w).clone();
+        let problem = bind_workload(&mut bound, None, namespace, waypoints);
+        errors.extend(problem);
+        if bound.waypoint != w.waypoint {
+            *w = Arc::new(bound);
+        }
     }
     for wp in waypoints.values() {
         let hostname = wp.hostname();
         if cfg.services.iter().any(|s| s.hostname == hostname) {
             continue;
         }
-        cfg.services
-            .push(waypoint_service(wp, &cfg.workloads, snap, cluster_id));
+        let svc = waypoint_service(wp, &cfg.workloads, snap, cluster_id);
+        cfg.services.push(Arc::new(svc));
     }
     // A waypoint's Service, the cluster's (the Deployment's, selected by the
     // gateway-name label) or the one synthesized above, keeps only pods of
@@ -435,12 +465,15 @@ pub fn bind(
         else {
             continue;
         };
-        svc.endpoints.retain(|ep| {
+        let keep = |ep: &Endpoint| {
             workloads
                 .iter()
                 .find(|w| w.uid == ep.workload_uid)
                 .is_some_and(|w| w.service_account == *account)
-        });
+        };
+        if !svc.endpoints.iter().all(keep) {
+            Arc::make_mut(svc).endpoints.retain(keep);
+        }
     }
     (errors, statuses)
 }
@@ -449,14 +482,11 @@ pub fn bind(
 /// the Gateway's pods. It has no VIP: clients find it by hostname.
 fn waypoint_service(
     wp: &Waypoint,
-    workloads: &[Workload],
+    workloads: &[Arc<Workload>],
     snap: &Snapshot,
     cluster_id: &str,
 ) -> Service {
-    let endpoints = snap
-        .pods
-        .values()
-        .filter(|p| p.metadata.namespace.as_deref() == Some(wp.namespace.as_str()))
+    let endpoints = crate::snapshot::in_namespace(&snap.pods, &wp.namespace)
         .filter(|p| p.metadata.labels.as_ref().and_then(|l| l.get(GATEWAY_NAME)) == Some(&wp.name))
         .filter_map(|p| {
             let uid = format!(

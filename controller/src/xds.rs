@@ -5,8 +5,8 @@
 //! client holds and, on every publish, sends only what differs: changed and
 //! new resources, and the names of removed ones.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -14,9 +14,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Streaming;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
-use weft_api::{Identity, LocalConfig};
+use weft_api::{Identity, LocalConfig, Service, Workload};
 use weft_xds::convert::{
-    AddressInput, address_alias, address_inputs, authorization_to_proto, service_key,
+    AddressInput, address_alias, authorization_to_proto, backs_index, service_key,
 };
 use weft_xds::grpc::{ControlPlane, bearer_token};
 use weft_xds::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
@@ -122,14 +122,16 @@ impl OnDemand {
 pub struct Published {
     /// Type URL → resource name → resource.
     pub resources: BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>>,
-    /// Node → identities of the pods on it: what that node's agent may get certificates for.
-    pub identities: BTreeMap<String, BTreeSet<Identity>>,
+    /// What it was built from (its workloads and services are shared).
+    config: LocalConfig,
+    /// Node → identities of the pods on it: made when first asked for.
+    identities: OnceLock<BTreeMap<String, BTreeSet<Identity>>>,
     /// Counts publishes; `changes` is relative to generation - 1.
     pub generation: u64,
     /// Type URL → names added, changed or removed since the previous generation.
     pub changes: BTreeMap<&'static str, BTreeSet<String>>,
-    /// How on-demand Address subscriptions resolve.
-    pub on_demand: OnDemand,
+    /// How on-demand Address subscriptions resolve: made when first asked for.
+    on_demand: OnceLock<OnDemand>,
     /// Type URL → name → the generation that removed it, for removals after
     /// `horizon`: what a client known to hold an earlier generation lacks.
     pub tombstones: BTreeMap<&'static str, HashMap<String, u64>>,
@@ -197,32 +199,53 @@ impl Published {
             });
             resources.entry(ty).or_default().insert(name, v);
         };
-        // Address resources whose input is as before are taken over as
-        // they are: no conversion, no encoding, no hashing.
-        let before: HashMap<String, AddressInput<'_>> = previous_cfg
-            .map(|c| {
-                address_inputs(c)
-                    .into_iter()
-                    .map(|i| (i.name(), i))
-                    .collect()
-            })
-            .unwrap_or_default();
+        // Address resources made from the same workload or service as
+        // before, backing the same services, are taken over as they are:
+        // no conversion, no encoding, no hashing, not even a comparison.
+        let same = previous_cfg.and_then(|before| Unchanged::between(before, cfg));
         let previous_addresses = previous.resources.get(ADDRESS_TYPE);
         let mut taken_over = Vec::new();
-        for input in address_inputs(cfg) {
-            let name = input.name();
+        let mut backs = None;
+        for w in &cfg.workloads {
+            let kept = previous_addresses
+                .and_then(|m| m.get(&w.uid))
+                .filter(|_| same.as_ref().is_some_and(|u| u.workload(w)));
+            match kept {
+                Some(v) => taken_over.push((w.uid.clone(), v.clone())),
+                None => {
+                    let backs = backs
+                        .get_or_insert_with(|| backs_index(cfg))
+                        .get(w.uid.as_str())
+                        .cloned()
+                        .unwrap_or_default();
+                    let input = AddressInput::Workload(w, backs);
+                    put(
+                        ADDRESS_TYPE,
+                        w.uid.clone(),
+                        to_any(ADDRESS_TYPE, &input.to_proto()),
+                        input.aliases(),
+                        None,
+                    );
+                }
+            }
+        }
+        for svc in &cfg.services {
+            let name = service_key(svc);
             let kept = previous_addresses
                 .and_then(|m| m.get(&name))
-                .filter(|_| before.get(&name) == Some(&input));
+                .filter(|_| same.as_ref().is_some_and(|u| u.service(&name, svc)));
             match kept {
                 Some(v) => taken_over.push((name, v.clone())),
-                None => put(
-                    ADDRESS_TYPE,
-                    name,
-                    to_any(ADDRESS_TYPE, &input.to_proto()),
-                    input.aliases(),
-                    None,
-                ),
+                None => {
+                    let input = AddressInput::Service(svc);
+                    put(
+                        ADDRESS_TYPE,
+                        name,
+                        to_any(ADDRESS_TYPE, &input.to_proto()),
+                        input.aliases(),
+                        None,
+                    );
+                }
             }
         }
         for p in &cfg.policies {
@@ -278,21 +301,106 @@ impl Published {
                 }
             }
         }
-        let mut identities: BTreeMap<String, BTreeSet<Identity>> = BTreeMap::new();
-        for w in &cfg.workloads {
-            if let Ok(id) = w.identity() {
-                identities.entry(w.node.clone()).or_default().insert(id);
-            }
-        }
         Published {
             resources,
-            identities,
+            config: cfg.clone(),
+            identities: OnceLock::new(),
             generation,
             changes,
-            on_demand: OnDemand::build(cfg),
+            on_demand: OnceLock::new(),
             tombstones,
             horizon,
         }
+    }
+
+    /// Node → identities of the pods on it: what that node's agent may get
+    /// certificates for.
+    pub fn identities(&self) -> &BTreeMap<String, BTreeSet<Identity>> {
+        self.identities.get_or_init(|| {
+            let mut identities: BTreeMap<String, BTreeSet<Identity>> = BTreeMap::new();
+            for w in &self.config.workloads {
+                if let Ok(id) = w.identity() {
+                    identities.entry(w.node.clone()).or_default().insert(id);
+                }
+            }
+            identities
+        })
+    }
+
+    /// How on-demand Address subscriptions resolve.
+    pub fn on_demand(&self) -> &OnDemand {
+        self.on_demand.get_or_init(|| OnDemand::build(&self.config))
+    }
+}
+
+/// Which of a config's workloads and services are, by pointer, the ones of
+/// the config before, backing the same services as then.
+struct Unchanged<'a> {
+    workloads: HashMap<&'a str, &'a Arc<Workload>>,
+    services: HashMap<String, &'a Arc<Service>>,
+    /// Workloads some service no longer or newly lists, or lists otherwise.
+    rebacked: HashSet<&'a str>,
+}
+
+impl<'a> Unchanged<'a> {
+    /// None when a name is used twice in either config: then nothing is
+    /// known unchanged by pointer.
+    fn between(before: &'a LocalConfig, now: &'a LocalConfig) -> Option<Self> {
+        let workloads: HashMap<&str, &Arc<Workload>> = before
+            .workloads
+            .iter()
+            .map(|w| (w.uid.as_str(), w))
+            .collect();
+        let services: HashMap<String, &Arc<Service>> = before
+            .services
+            .iter()
+            .map(|s| (service_key(s), s))
+            .collect();
+        if workloads.len() != before.workloads.len() || services.len() != before.services.len() {
+            return None;
+        }
+        let mut rebacked = HashSet::new();
+        let mut listed = |svc: &'a Service| {
+            rebacked.extend(svc.endpoints.iter().map(|ep| ep.workload_uid.as_str()));
+        };
+        let mut seen = HashSet::with_capacity(now.services.len());
+        for svc in &now.services {
+            let key = service_key(svc);
+            match services.get(&key) {
+                Some(old) if Arc::ptr_eq(old, svc) => {}
+                Some(old) => {
+                    listed(old);
+                    listed(svc);
+                }
+                None => listed(svc),
+            }
+            if !seen.insert(key) {
+                return None;
+            }
+        }
+        for (key, old) in &services {
+            if !seen.contains(key) {
+                listed(old);
+            }
+        }
+        Some(Unchanged {
+            workloads,
+            services,
+            rebacked,
+        })
+    }
+
+    fn workload(&self, w: &Arc<Workload>) -> bool {
+        self.workloads
+            .get(w.uid.as_str())
+            .is_some_and(|old| Arc::ptr_eq(old, w))
+            && !self.rebacked.contains(w.uid.as_str())
+    }
+
+    fn service(&self, key: &str, svc: &Arc<Service>) -> bool {
+        self.services
+            .get(key)
+            .is_some_and(|old| Arc::ptr_eq(old, svc))
     }
 }
 
@@ -360,7 +468,7 @@ impl Controller {
             Caller::Node { node } => self
                 .published
                 .borrow()
-                .identities
+                .identities()
                 .get(node)
                 .is_some_and(|ids| ids.contains(requested)),
             // A workload proxy gets its own identity, nothing else.
@@ -741,7 +849,7 @@ impl AdsStream {
         let mut diff = diff;
         if ty == ADDRESS_TYPE && !sub.wildcard {
             let node = self.caller.node().unwrap_or_default();
-            let resolved = published.on_demand.resolve(node, &sub.names);
+            let resolved = published.on_demand().resolve(node, &sub.names);
             if resolved != sub.resolved {
                 sub.resolved = resolved;
                 if matches!(diff, Diff::Changes) {
@@ -919,7 +1027,7 @@ mod tests {
     #[test]
     fn changes_between_generations() {
         let cfg = |ws: Vec<Workload>| LocalConfig {
-            workloads: ws,
+            workloads: ws.into_iter().map(Arc::new).collect(),
             ..LocalConfig::default()
         };
         let (c1, c2, c3) = (
@@ -964,7 +1072,7 @@ mod tests {
         // change is a new version even though the workload is as it was.
         let backed = |target: u16| {
             let mut c = c3.clone();
-            c.services.push(weft_api::Service {
+            c.services.push(Arc::new(weft_api::Service {
                 name: "web".into(),
                 namespace: "shop".into(),
                 hostname: "web.shop.svc.cluster.local".into(),
@@ -975,7 +1083,7 @@ mod tests {
                 vips: vec![],
                 ports: vec![],
                 waypoint: None,
-            });
+            }));
             c
         };
         let (c4, c5) = (backed(8080), backed(9090));
@@ -988,7 +1096,7 @@ mod tests {
             names(&fifth),
             BTreeSet::from(["Kubernetes//Pod/shop/c".to_string()])
         );
-        assert_eq!(third.identities["node-1"].len(), 2);
+        assert_eq!(third.identities()["node-1"].len(), 2);
     }
 
     /// A wildcard client of a type every node sees whole is held as a
@@ -998,7 +1106,7 @@ mod tests {
     #[tokio::test]
     async fn clients_held_as_a_generation() {
         let cfg = |ws: Vec<Workload>| LocalConfig {
-            workloads: ws,
+            workloads: ws.into_iter().map(Arc::new).collect(),
             ..LocalConfig::default()
         };
         let (c1, c2, c3) = (

@@ -388,14 +388,12 @@ impl Cache {
         let cfg = convert::assemble(self.workloads.values(), self.services.values(), []);
         let mut s = State::default();
         for w in cfg.workloads {
-            let w = Arc::new(w);
             for ip in &w.addresses {
                 s.workloads_by_ip.insert(*ip, w.clone());
             }
             s.workloads_by_uid.insert(w.uid.clone(), w);
         }
         for svc in cfg.services {
-            let svc = Arc::new(svc);
             for vip in &svc.vips {
                 s.services_by_vip.insert(*vip, svc.clone());
             }

@@ -1,8 +1,9 @@
 //! Weft's types ↔ Istio's wire messages. The controller encodes; ztunnel
 //! decodes and refuses, per resource, what does not make sense.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use weft_api::authz::{self, Action, Authorization, Scope, ServiceAccountMatch, StringMatch};
@@ -69,12 +70,47 @@ fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
 
 /// What one `istio.workload.Address` resource is made from, borrowed from a
 /// [`LocalConfig`]. Two equal inputs encode to the same bytes, so a publisher
-/// that compares inputs encodes only what changed.
-#[derive(Debug, PartialEq, Eq)]
+/// that compares inputs encodes only what changed. Inputs borrowed from the
+/// same shared object compare equal without looking inside.
+#[derive(Debug)]
 pub enum AddressInput<'a> {
-    /// A workload, and the services it backs with their ports, by key.
-    Workload(&'a Workload, Vec<(&'a Service, &'a Endpoint)>),
+    /// A workload, and the services it backs with their ports.
+    Workload(&'a Workload, Vec<Backed<'a>>),
     Service(&'a Service),
+}
+
+impl PartialEq for AddressInput<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (AddressInput::Workload(a, ab), AddressInput::Workload(b, bb)) => {
+                (std::ptr::eq(*a, *b) || a == b) && ab == bb
+            }
+            (AddressInput::Service(a), AddressInput::Service(b)) => std::ptr::eq(*a, *b) || a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for AddressInput<'_> {}
+
+/// One service a workload backs, as its Address resource says it: the
+/// service's key and the ports the workload serves it on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backed<'a> {
+    pub namespace: &'a str,
+    pub hostname: &'a str,
+    /// Service port → port on the workload.
+    pub ports: &'a BTreeMap<u16, u16>,
+}
+
+impl<'a> Backed<'a> {
+    pub fn of(svc: &'a Service, ep: &'a Endpoint) -> Self {
+        Backed {
+            namespace: &svc.namespace,
+            hostname: &svc.hostname,
+            ports: &ep.ports,
+        }
+    }
 }
 
 impl AddressInput<'_> {
@@ -99,8 +135,8 @@ impl AddressInput<'_> {
             AddressInput::Workload(w, backs) => {
                 let services = backs
                     .iter()
-                    .map(|(svc, ep)| {
-                        let ports = ep
+                    .map(|b| {
+                        let ports = b
                             .ports
                             .iter()
                             .map(|(p, t)| pw::Port {
@@ -109,7 +145,10 @@ impl AddressInput<'_> {
                                 app_protocol: 0,
                             })
                             .collect();
-                        (service_key(svc), pw::PortList { ports })
+                        (
+                            format!("{}/{}", b.namespace, b.hostname),
+                            pw::PortList { ports },
+                        )
                     })
                     .collect();
                 pw::address::Type::Workload(workload_to_proto(w, services))
@@ -122,39 +161,41 @@ impl AddressInput<'_> {
     }
 }
 
-/// Every workload and service of `cfg` as the inputs of its
-/// `istio.workload.Address` resource: workloads first, then services.
-pub fn address_inputs(cfg: &LocalConfig) -> Vec<AddressInput<'_>> {
-    let mut backs: std::collections::HashMap<&str, Vec<(&Service, &Endpoint)>> =
-        std::collections::HashMap::new();
+/// Workload uid → the services it backs, in key order, one entry per
+/// service key (the last endpoint winning, as a map keyed by it would keep).
+pub fn backs_index(cfg: &LocalConfig) -> HashMap<&str, Vec<Backed<'_>>> {
+    let mut backs: HashMap<&str, Vec<Backed<'_>>> = HashMap::new();
     for svc in &cfg.services {
         for ep in &svc.endpoints {
             backs
                 .entry(ep.workload_uid.as_str())
                 .or_default()
-                .push((svc, ep));
+                .push(Backed::of(svc, ep));
         }
     }
-    let mut out = Vec::with_capacity(cfg.workloads.len() + cfg.services.len());
-    for w in &cfg.workloads {
-        let mut services = backs.remove(w.uid.as_str()).unwrap_or_default();
-        // One entry per service key, the last endpoint winning, as a map
-        // keyed by it would keep.
-        services.sort_by(|a, b| {
-            (a.0.namespace.as_str(), a.0.hostname.as_str())
-                .cmp(&(b.0.namespace.as_str(), b.0.hostname.as_str()))
-        });
+    for services in backs.values_mut() {
+        services.sort_by_key(|b| (b.namespace, b.hostname));
         services.dedup_by(|later, earlier| {
-            let same =
-                later.0.namespace == earlier.0.namespace && later.0.hostname == earlier.0.hostname;
+            let same = (later.namespace, later.hostname) == (earlier.namespace, earlier.hostname);
             if same {
                 *earlier = *later;
             }
             same
         });
+    }
+    backs
+}
+
+/// Every workload and service of `cfg` as the inputs of its
+/// `istio.workload.Address` resource: workloads first, then services.
+pub fn address_inputs(cfg: &LocalConfig) -> Vec<AddressInput<'_>> {
+    let mut backs = backs_index(cfg);
+    let mut out = Vec::with_capacity(cfg.workloads.len() + cfg.services.len());
+    for w in &cfg.workloads {
+        let services = backs.remove(w.uid.as_str()).unwrap_or_default();
         out.push(AddressInput::Workload(w, services));
     }
-    out.extend(cfg.services.iter().map(AddressInput::Service));
+    out.extend(cfg.services.iter().map(|s| AddressInput::Service(s)));
     out
 }
 
@@ -665,14 +706,14 @@ pub fn assemble<'a>(
                 ports: ports.clone(),
             });
         }
-        out.workloads.push(xw.workload.clone());
+        out.workloads.push(Arc::new(xw.workload.clone()));
     }
     for svc in services {
         let mut svc = svc.clone();
         svc.endpoints = endpoints
             .remove(service_key(&svc).as_str())
             .unwrap_or_default();
-        out.services.push(svc);
+        out.services.push(Arc::new(svc));
     }
     out.policies = policies.into_iter().cloned().collect();
     out
@@ -763,7 +804,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let cfg = LocalConfig {
-            workloads: vec![
+            workloads: [
                 workload("web-1", "10.0.2.10", TunnelProtocol::Hbone),
                 Workload {
                     host_network: true,
@@ -772,8 +813,10 @@ mod tests {
                     waypoint: waypoint(),
                     ..workload("web-2", "fd00::2", TunnelProtocol::None)
                 },
-            ],
-            services: vec![Service {
+            ]
+            .map(std::sync::Arc::new)
+            .into(),
+            services: [Service {
                 name: "web".into(),
                 namespace: "shop".into(),
                 hostname: "web.shop.svc.cluster.local".into(),
@@ -788,7 +831,9 @@ mod tests {
                     ports: BTreeMap::from([(80, 8080)]),
                 }],
                 waypoint: waypoint(),
-            }],
+            }]
+            .map(std::sync::Arc::new)
+            .into(),
             policies: vec![Authorization {
                 name: "web-only".into(),
                 namespace: "shop".into(),
@@ -849,7 +894,9 @@ mod tests {
     #[test]
     fn refusals() {
         let good = || match address_resources(&LocalConfig {
-            workloads: vec![workload("w", "10.0.0.1", TunnelProtocol::Hbone)],
+            workloads: [workload("w", "10.0.0.1", TunnelProtocol::Hbone)]
+                .map(std::sync::Arc::new)
+                .into(),
             ..LocalConfig::default()
         })
         .remove(0)

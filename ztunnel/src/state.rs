@@ -137,10 +137,10 @@ impl State {
     pub fn new(config: LocalConfig) -> Self {
         let mut s = State::default();
         for w in config.workloads {
-            s.upsert_workload(Arc::new(w));
+            s.upsert_workload(w);
         }
         for svc in config.services {
-            s.upsert_service(Arc::new(svc));
+            s.upsert_service(svc);
         }
         s.set_policies(config.policies.into_iter().map(Arc::new).collect());
         s
@@ -493,8 +493,8 @@ impl State {
         let mut services: Vec<(&String, &Arc<Service>)> = self.services_by_key.iter().collect();
         services.sort_by(|a, b| a.0.cmp(b.0));
         LocalConfig {
-            workloads: workloads.into_iter().map(|w| (**w).clone()).collect(),
-            services: services.into_iter().map(|(_, s)| (**s).clone()).collect(),
+            workloads: workloads.into_iter().cloned().collect(),
+            services: services.into_iter().map(|(_, s)| s.clone()).collect(),
             policies: self.all_policies.iter().map(|p| (**p).clone()).collect(),
         }
     }
@@ -755,8 +755,10 @@ mod tests {
         let mut bound = pod("bound", "shop", "default", "10.244.3.12", "n3", true);
         bound.waypoint = bind("waypoint.shop.svc.cluster.local");
         State::new(LocalConfig {
-            workloads: vec![a, b, c, wp, bound],
-            services: vec![svc, empty, waypoint_svc, reviews, typo],
+            workloads: [a, b, c, wp, bound].map(std::sync::Arc::new).into(),
+            services: [svc, empty, waypoint_svc, reviews, typo]
+                .map(std::sync::Arc::new)
+                .into(),
             ..LocalConfig::default()
         })
     }
@@ -869,7 +871,7 @@ mod tests {
         ];
         for (what, workloads, want) in cases {
             let st = State::new(LocalConfig {
-                workloads: workloads.into_iter().cloned().collect(),
+                workloads: workloads.into_iter().cloned().map(Arc::new).collect(),
                 ..LocalConfig::default()
             });
             let got = st
@@ -878,7 +880,9 @@ mod tests {
             assert_eq!(got, want, "{what}");
         }
         let st = State::new(LocalConfig {
-            workloads: vec![twin.clone(), captured.clone()],
+            workloads: [twin.clone(), captured.clone()]
+                .map(std::sync::Arc::new)
+                .into(),
             ..LocalConfig::default()
         });
         assert_eq!(
@@ -904,7 +908,7 @@ mod tests {
         // b released (now plain), c was captured before and stays plain.
         let mut cfg = st.config().clone();
         for w in &mut cfg.workloads {
-            w.protocol = TunnelProtocol::None;
+            Arc::make_mut(w).protocol = TunnelProtocol::None;
         }
         let released = State::new(cfg.clone());
         let prev = BTreeMap::from([(ip("10.244.2.10"), true), (ip("10.244.2.11"), true)]);
@@ -970,7 +974,9 @@ mod tests {
         a.authorization_policies = vec!["shop/strict-a".into()];
         d.authorization_policies = vec!["ops/not-sent".into()];
         let cfg = |policies| LocalConfig {
-            workloads: vec![a.clone(), b.clone(), c.clone(), d.clone()],
+            workloads: [a.clone(), b.clone(), c.clone(), d.clone()]
+                .map(std::sync::Arc::new)
+                .into(),
             policies,
             ..LocalConfig::default()
         };

@@ -346,6 +346,7 @@ mod tests {
                 .workloads
                 .iter()
                 .filter(|w| !w.host_network && w.addresses.contains(ip))
+                .map(|w| &**w)
                 .collect();
             let top = claimants.iter().map(|w| rank(w)).max();
             let mut best: Vec<&String> = claimants
@@ -462,7 +463,11 @@ mod tests {
                                 ports: BTreeMap::from([(80, [8080, 9090][next(2) as usize])]),
                             })
                             .collect();
-                        let backs = bases.iter().zip(&eps).collect();
+                        let backs = bases
+                            .iter()
+                            .zip(&eps)
+                            .map(|(s, e)| convert::Backed::of(s, e))
+                            .collect();
                         let resource = AddressInput::Workload(&w, backs).to_proto();
                         updates.push(Update::Upsert {
                             name: w.uid.clone(),

@@ -408,14 +408,16 @@ mod tests {
     #[test]
     fn admission_table() {
         let state = State::new(LocalConfig {
-            workloads: vec![
+            workloads: [
                 pod("web", "shop", "web", "10.0.2.10", "n2", true),
                 pod("db", "shop", "db", "10.0.2.11", "n2", true),
                 pod("plain", "legacy", "default", "10.0.2.20", "n2", false),
                 pod("remote", "shop", "web", "10.0.1.10", "n1", true),
                 pod("client", "shop", "client", "10.0.1.11", "n1", true),
                 pod("outsider", "legacy", "default", "10.0.1.20", "n1", false),
-            ],
+            ]
+            .map(std::sync::Arc::new)
+            .into(),
             ..LocalConfig::default()
         });
         let (web, client) = (id("shop", "web"), id("shop", "client"));
@@ -533,15 +535,19 @@ mod tests {
             waypoint,
         };
         let state = State::new(LocalConfig {
-            workloads: vec![
+            workloads: [
                 pod("web", "shop", "web", "10.0.2.10", "n2", true),
                 pod("client", "shop", "client", "10.0.1.11", "n1", true),
                 pod("waypoint", "shop", "waypoint", "10.0.1.30", "n1", false),
-            ],
-            services: vec![
+            ]
+            .map(std::sync::Arc::new)
+            .into(),
+            services: [
                 svc("waypoint", "Kubernetes//Pod/shop/waypoint", None),
                 svc("web", "Kubernetes//Pod/shop/web", Some(waypoint_ref)),
-            ],
+            ]
+            .map(std::sync::Arc::new)
+            .into(),
             ..LocalConfig::default()
         });
         let (web, client, wp) = (
