@@ -422,7 +422,7 @@ struct Cluster {
 
 impl Source {
     /// The merged snapshot and the problems reading it, when anything changed.
-    fn poll(&mut self) -> Option<(Snapshot, Vec<String>)> {
+    fn poll(&mut self) -> Option<(Arc<Snapshot>, Vec<String>)> {
         match self {
             Source::Manifests(dir, _) => match dir.poll() {
                 Ok(s) => s,
@@ -431,7 +431,7 @@ impl Source {
                     None
                 }
             },
-            Source::Kubernetes(c) => c.source.poll(),
+            Source::Kubernetes(c) => c.source.poll().map(|(s, p)| (Arc::new(s), p)),
         }
     }
 }

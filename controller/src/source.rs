@@ -6,11 +6,13 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use tracing::warn;
 
 use crate::Snapshot;
+use crate::kinds::{Kind, Visitor, each_kind};
 use crate::manifests::{self, ManifestError};
 
 #[derive(Debug)]
@@ -18,6 +20,8 @@ struct FileState {
     stamp: (SystemTime, u64),
     snapshot: Snapshot,
     errors: Vec<ManifestError>,
+    /// Its resources that another file defined first.
+    duplicates: Vec<String>,
 }
 
 /// A watched directory of manifests.
@@ -25,6 +29,39 @@ struct FileState {
 pub struct ManifestsDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// Every file's resources, the first definition of each name.
+    merged: Arc<Snapshot>,
+}
+
+/// Whether two snapshots hold the same names of every kind.
+fn same_names(a: &Snapshot, b: &Snapshot) -> bool {
+    struct Same<'a>(&'a Snapshot, &'a Snapshot, bool);
+    impl Visitor for Same<'_> {
+        fn visit<K: Kind>(&mut self) {
+            self.2 &= K::of(self.0).keys().eq(K::of(self.1).keys());
+        }
+    }
+    let mut same = Same(a, b, true);
+    each_kind(&mut same);
+    same.2
+}
+
+/// In `merged`, each resource that is `old`'s becomes `new`'s version.
+fn replace_versions(merged: &mut Snapshot, old: &Snapshot, new: &Snapshot) {
+    struct Replace<'a>(&'a mut Snapshot, &'a Snapshot, &'a Snapshot);
+    impl Visitor for Replace<'_> {
+        fn visit<K: Kind>(&mut self) {
+            let (old, into) = (K::of(self.1), K::of_mut(self.0));
+            for (k, v) in K::of(self.2) {
+                if let (Some(cur), Some(was)) = (into.get_mut(k), old.get(k))
+                    && Arc::ptr_eq(cur, was)
+                {
+                    *cur = v.clone();
+                }
+            }
+        }
+    }
+    each_kind(&mut Replace(merged, old, new));
 }
 
 impl ManifestsDir {
@@ -32,14 +69,22 @@ impl ManifestsDir {
         ManifestsDir {
             dir: dir.to_path_buf(),
             files: BTreeMap::new(),
+            merged: Arc::default(),
         }
     }
 
     /// Re-reads what changed since the last call. Returns the merged snapshot
     /// and the current problems when anything changed, `None` otherwise.
-    pub fn poll(&mut self) -> std::io::Result<Option<(Snapshot, Vec<String>)>> {
+    /// When files changed only the versions of resources they hold (the
+    /// same names), the merged snapshot is updated in place, not merged
+    /// again.
+    pub fn poll(&mut self) -> std::io::Result<Option<(Arc<Snapshot>, Vec<String>)>> {
         let mut seen = Vec::new();
         let mut changed = false;
+        // Files that now hold other names, or came or went: merge again.
+        let mut renamed = self.files.is_empty();
+        // Files whose resources changed version only, with the old ones.
+        let mut edited: Vec<(PathBuf, Snapshot)> = Vec::new();
         let mut entries: Vec<PathBuf> = fs::read_dir(&self.dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
@@ -88,34 +133,59 @@ impl ManifestsDir {
                     warn!(file = %path.display(), "manifest is not valid YAML; keeping its last good contents");
                 }
                 _ => {
-                    self.files.insert(
-                        path,
-                        FileState {
-                            stamp,
-                            snapshot,
-                            errors,
-                        },
-                    );
+                    let state = FileState {
+                        stamp,
+                        snapshot,
+                        errors,
+                        duplicates: Vec::new(),
+                    };
+                    match self.files.insert(path.clone(), state) {
+                        Some(old) if same_names(&old.snapshot, &self.files[&path].snapshot) => {
+                            let FileState {
+                                snapshot,
+                                duplicates,
+                                ..
+                            } = old;
+                            if let Some(f) = self.files.get_mut(&path) {
+                                f.duplicates = duplicates;
+                            }
+                            edited.push((path, snapshot));
+                        }
+                        _ => renamed = true,
+                    }
                 }
             }
         }
         let before = self.files.len();
         self.files.retain(|p, _| seen.contains(p));
-        changed |= before != self.files.len();
+        renamed |= before != self.files.len();
+        changed |= renamed;
         if !changed {
             return Ok(None);
         }
-        let mut merged = Snapshot::default();
-        let mut problems = Vec::new();
-        for (path, f) in &self.files {
-            problems.extend(f.errors.iter().map(ToString::to_string));
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            problems.extend(merged.merge(&f.snapshot, &name));
+        if renamed {
+            let mut merged = Snapshot::default();
+            for (path, f) in &mut self.files {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                f.duplicates = merged.merge(&f.snapshot, &name);
+            }
+            self.merged = Arc::new(merged);
+        } else {
+            // In place, unless the last snapshot handed out is still held.
+            let merged = Arc::make_mut(&mut self.merged);
+            for (path, old) in &edited {
+                replace_versions(merged, old, &self.files[path].snapshot);
+            }
         }
-        Ok(Some((merged, problems)))
+        let mut problems = Vec::new();
+        for f in self.files.values() {
+            problems.extend(f.errors.iter().map(ToString::to_string));
+            problems.extend(f.duplicates.iter().cloned());
+        }
+        Ok(Some((self.merged.clone(), problems)))
     }
 }
 
@@ -179,6 +249,56 @@ mod tests {
         fs::remove_file(dir.join("b.yml")).unwrap();
         let (snap, _) = src.poll().unwrap().unwrap();
         assert!(snap.namespaces.is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An edit that changes only versions updates the merged snapshot in
+    /// place: the first definition of a name still wins, the duplicate is
+    /// still reported, what the edit left alone is the same object, and the
+    /// result is what a fresh read of the directory gives.
+    #[test]
+    fn an_edit_updates_the_merged_snapshot_in_place() {
+        let dir = std::env::temp_dir().join(format!("weft-manifests-edit-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let file = |ns_label: u32, pod: &str, app: &str| {
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{x: '{ns_label}'}}}}\n---\n\
+                 apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: shop, labels: {{app: {app}}}}}\n"
+            )
+        };
+        let label = |snap: &Snapshot| {
+            snap.namespaces["shop"].metadata.labels.as_ref().unwrap()["x"].clone()
+        };
+        fs::write(dir.join("a.yaml"), file(1, "p1", "web")).unwrap();
+        fs::write(dir.join("b.yaml"), file(2, "p2", "web")).unwrap();
+        let mut src = ManifestsDir::new(&dir);
+        let (first, problems) = src.poll().unwrap().unwrap();
+        assert_eq!(label(&first), "1");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+
+        // Distinct sizes, so the change is seen whatever the clock's grain.
+        fs::write(dir.join("b.yaml"), file(3, "p2", "shop-web")).unwrap();
+        let (second, problems) = src.poll().unwrap().unwrap();
+        assert_eq!(label(&second), "1", "a.yaml's Namespace still wins");
+        assert!(
+            problems[0].contains("b.yaml") && problems[0].contains("Namespace shop"),
+            "{problems:?}"
+        );
+        assert_eq!(
+            second.pods["shop/p2"].metadata.labels.as_ref().unwrap()["app"],
+            "shop-web"
+        );
+        assert!(Arc::ptr_eq(&first.pods["shop/p1"], &second.pods["shop/p1"]));
+        drop((first, second));
+
+        fs::write(dir.join("a.yaml"), file(44, "p1", "web")).unwrap();
+        let (third, problems) = src.poll().unwrap().unwrap();
+        assert_eq!(label(&third), "44");
+        let (fresh, fresh_problems) = ManifestsDir::new(&dir).poll().unwrap().unwrap();
+        assert_eq!(third.namespaces, fresh.namespaces);
+        assert_eq!(third.pods, fresh.pods);
+        assert_eq!(problems, fresh_problems);
         fs::remove_dir_all(&dir).unwrap();
     }
 }
