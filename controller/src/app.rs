@@ -431,7 +431,7 @@ impl Source {
                     None
                 }
             },
-            Source::Kubernetes(c) => c.source.poll().map(|(s, p)| (Arc::new(s), p)),
+            Source::Kubernetes(c) => c.source.poll(),
         }
     }
 }

@@ -46,18 +46,53 @@ pub struct KubeSource {
     watches: Vec<Box<dyn Watched>>,
     pods: Store<Pod>,
     dirty: Arc<Changed>,
-    /// The CRD objects of the last snapshot: one that stops reading keeps
-    /// its version from here.
-    previous: Snapshot,
+    /// Every kind's objects, brought up to date object by object from the
+    /// watch events; a custom resource that stops reading keeps its last
+    /// version here.
+    snapshot: Arc<Snapshot>,
+    /// `Kind namespace/name` → why that custom resource cannot be read.
+    problems: BTreeMap<String, String>,
 }
 
-/// Watches every `K` into a store; every event marks `dirty`. Managed fields
-/// are dropped before they are stored: nothing reads them.
+/// The objects of one kind that changed since the source last read its store.
+#[derive(Debug)]
+struct Touched {
+    /// Listed again (or never read): read the whole store.
+    all: bool,
+    /// `(namespace, name)` of each object applied or deleted.
+    objects: HashSet<(Option<String>, String)>,
+}
+
+impl Default for Touched {
+    fn default() -> Self {
+        Touched {
+            all: true,
+            objects: HashSet::new(),
+        }
+    }
+}
+
+/// What changed in a store, taken.
+fn take_touched(touched: &Mutex<Touched>) -> Touched {
+    let mut t = touched.lock().unwrap_or_else(|p| p.into_inner());
+    std::mem::replace(
+        &mut *t,
+        Touched {
+            all: false,
+            objects: HashSet::new(),
+        },
+    )
+}
+
+/// Watches every `K` into a store; every event marks `dirty`, and names the
+/// object in `touched` (a new list, the whole kind). Managed fields are
+/// dropped before they are stored: nothing reads them.
 fn reflect<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
     info: &'static KindInfo,
     dirty: Arc<Changed>,
+    touched: Arc<Mutex<Touched>>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone,
@@ -75,7 +110,22 @@ fn reflect<K>(
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => dirty.mark(),
+                Ok(event) => {
+                    {
+                        let mut t = touched.lock().unwrap_or_else(|p| p.into_inner());
+                        match &event {
+                            watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+                                let meta = o.meta();
+                                let name = meta.name.clone().unwrap_or_default();
+                                t.objects.insert((meta.namespace.clone(), name));
+                            }
+                            // The store takes the new list whole at its end.
+                            watcher::Event::InitDone => t.all = true,
+                            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                        }
+                    }
+                    dirty.mark();
+                }
                 Err(e) => {
                     warn!(component = "kubernetes", kind = what, error = %e, "watch failed; retrying with backoff")
                 }
@@ -88,19 +138,34 @@ fn reflect<K>(
 pub trait Watched: Debug + Send + Sync {
     fn info(&self) -> &'static KindInfo;
     fn ready(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
-    /// Adds the stored objects to `snap`; one that cannot be read is named
-    /// in `problems` and keeps its version from `previous`.
-    fn fill(&self, snap: &mut Snapshot, previous: &Snapshot, problems: &mut Vec<String>);
+    /// Brings `snap`'s objects of this kind up to date with the store: those
+    /// the watch events named since the last call, or all after a new list.
+    /// One that cannot be read is named in `problems` (by `Kind key`) and
+    /// keeps its version in `snap`. Returns whether anything was read.
+    fn update(&self, snap: &mut Snapshot, problems: &mut BTreeMap<String, String>) -> bool;
     fn pods(&self) -> Option<Store<Pod>> {
         None
     }
 }
 
 /// A k8s-openapi kind, stored typed.
-struct Typed<K: kube::Resource<DynamicType = ()> + 'static>(Store<K>);
+struct Typed<K: kube::Resource<DynamicType = ()> + 'static>(Store<K>, Arc<Mutex<Touched>>);
 
-/// A CRD, stored as dynamic objects and read through serde at each poll.
-struct Dynamic<K>(Store<DynamicObject>, std::marker::PhantomData<fn() -> K>);
+/// A CRD, stored as dynamic objects and read through serde as they change.
+struct Dynamic<K>(
+    Store<DynamicObject>,
+    Arc<Mutex<Touched>>,
+    std::marker::PhantomData<fn() -> K>,
+);
+
+/// The snapshot key of an object of `info`'s kind.
+fn key_of(info: &KindInfo, namespace: Option<&str>, name: &str) -> String {
+    if info.namespaced {
+        crate::snapshot::key(namespace, Some(name))
+    } else {
+        name.to_string()
+    }
+}
 
 impl<K: kube::Resource<DynamicType = ()> + 'static> Debug for Typed<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -126,11 +191,31 @@ where
             let _ = self.0.wait_until_ready().await;
         })
     }
-    fn fill(&self, snap: &mut Snapshot, _: &Snapshot, _: &mut Vec<String>) {
+    fn update(&self, snap: &mut Snapshot, _: &mut BTreeMap<String, String>) -> bool {
+        let touched = take_touched(&self.1);
         let into = K::of_mut(snap);
-        for o in self.0.state() {
-            into.insert(K::INFO.key(Kind::meta(&*o)), o);
+        if touched.all {
+            // The store's objects are shared: an unchanged one is the same
+            // `Arc` as before.
+            into.clear();
+            for o in self.0.state() {
+                into.insert(K::INFO.key(Kind::meta(&*o)), o);
+            }
+            return true;
         }
+        for (namespace, name) in &touched.objects {
+            let at = reflector::ObjectRef::<K>::new(name);
+            let at = match namespace {
+                Some(ns) => at.within(ns),
+                None => at,
+            };
+            let key = key_of(&K::INFO, namespace.as_deref(), name);
+            match self.0.get(&at) {
+                Some(o) => into.insert(key, o),
+                None => into.remove(&key),
+            };
+        }
+        !touched.objects.is_empty()
     }
     fn pods(&self) -> Option<Store<Pod>> {
         (&self.0 as &dyn std::any::Any)
@@ -148,19 +233,64 @@ impl<K: Kind> Watched for Dynamic<K> {
             let _ = self.0.wait_until_ready().await;
         })
     }
-    fn fill(&self, snap: &mut Snapshot, previous: &Snapshot, problems: &mut Vec<String>) {
-        for o in self.0.state() {
-            let k = K::INFO.key(&o.metadata);
+    fn update(&self, snap: &mut Snapshot, problems: &mut BTreeMap<String, String>) -> bool {
+        let touched = take_touched(&self.1);
+        let objects: Vec<(String, Option<Arc<DynamicObject>>)> = if touched.all {
+            let listed: Vec<(String, Option<Arc<DynamicObject>>)> = self
+                .0
+                .state()
+                .into_iter()
+                .map(|o| (K::INFO.key(&o.metadata), Some(o)))
+                .collect();
+            // What the new list no longer has is gone.
+            let keys: HashSet<&String> = listed.iter().map(|(k, _)| k).collect();
+            let gone: Vec<String> = K::of(snap)
+                .keys()
+                .filter(|k| !keys.contains(k))
+                .cloned()
+                .collect();
+            listed
+                .into_iter()
+                .chain(gone.into_iter().map(|k| (k, None)))
+                .collect()
+        } else {
+            let ar = K::INFO.api_resource();
+            touched
+                .objects
+                .iter()
+                .map(|(namespace, name)| {
+                    let at = reflector::ObjectRef::<DynamicObject>::new_with(name, ar.clone());
+                    let at = match namespace {
+                        Some(ns) => at.within(ns),
+                        None => at,
+                    };
+                    (
+                        key_of(&K::INFO, namespace.as_deref(), name),
+                        self.0.get(&at),
+                    )
+                })
+                .collect()
+        };
+        let read = touched.all || !objects.is_empty();
+        for (k, o) in objects {
+            let problem = format!("{} {k}", K::INFO.kind);
+            let Some(o) = o else {
+                K::of_mut(snap).remove(&k);
+                problems.remove(&problem);
+                continue;
+            };
             match serde_json::to_value(&*o).and_then(serde_json::from_value::<K>) {
                 Ok(typed) => {
                     K::of_mut(snap).insert(k, Arc::new(typed));
+                    problems.remove(&problem);
                 }
+                // The last version read stays.
                 Err(e) => {
-                    problems.push(format!("{} {k}: {e}", K::INFO.kind));
-                    snap.keep_previous(previous, K::INFO.kind, &k);
+                    problems.insert(problem, format!("{} {k}: {e}", K::INFO.kind));
                 }
             }
         }
+        read
     }
 }
 
@@ -183,13 +313,15 @@ where
     K: Kind + kube::Resource<DynamicType = ()> + Debug,
 {
     let (reader, writer) = reflector::store();
+    let touched = Arc::default();
     reflect(
         Api::<K>::all(client.clone()),
         writer,
         &K::INFO,
         dirty.clone(),
+        Arc::clone(&touched),
     );
-    Box::new(Typed(reader))
+    Box::new(Typed(reader, touched))
 }
 
 /// The watch of a custom resource, stored as dynamic objects.
@@ -198,8 +330,9 @@ pub(crate) fn dynamic<K: Kind>(client: &Client, dirty: &Arc<Changed>) -> Box<dyn
     let writer = reflector::store::Writer::new(ar.clone());
     let reader = writer.as_reader();
     let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
-    reflect(api, writer, &K::INFO, dirty.clone());
-    Box::new(Dynamic::<K>(reader, std::marker::PhantomData))
+    let touched = Arc::default();
+    reflect(api, writer, &K::INFO, dirty.clone(), Arc::clone(&touched));
+    Box::new(Dynamic::<K>(reader, touched, std::marker::PhantomData))
 }
 
 impl KubeSource {
@@ -221,7 +354,8 @@ impl KubeSource {
             watches,
             pods,
             dirty,
-            previous: Snapshot::default(),
+            snapshot: Arc::default(),
+            problems: BTreeMap::new(),
         }
     }
 
@@ -246,30 +380,24 @@ impl KubeSource {
     }
 
     /// The snapshot, when anything changed since the last call; with the
-    /// custom resources that could not be read, named.
-    pub fn poll(&mut self) -> Option<(Snapshot, Vec<String>)> {
+    /// custom resources that could not be read, named. Only the objects the
+    /// watch events named are read again; the snapshot is updated in place
+    /// unless the last one handed out is still held.
+    pub fn poll(&mut self) -> Option<(Arc<Snapshot>, Vec<String>)> {
         if !self.dirty.take() {
             return None;
         }
-        let mut snap = Snapshot::default();
-        let mut problems = Vec::new();
+        let snap = Arc::make_mut(&mut self.snapshot);
+        let mut read = false;
         for w in &self.watches {
-            w.fill(&mut snap, &self.previous, &mut problems);
+            read |= w.update(snap, &mut self.problems);
         }
-        // Only the custom resources can fall back on their last version:
-        // keep those, not a second copy of every pod.
-        let mut previous = Snapshot::default();
-        struct KeepCrds<'a>(&'a Snapshot, &'a mut Snapshot);
-        impl Visitor for KeepCrds<'_> {
-            fn visit<K: Kind>(&mut self) {
-                if K::INFO.custom() {
-                    *K::of_mut(self.1) = K::of(self.0).clone();
-                }
-            }
-        }
-        each_kind(&mut KeepCrds(&snap, &mut previous));
-        self.previous = previous;
-        Some((snap, problems))
+        read.then(|| {
+            (
+                self.snapshot.clone(),
+                self.problems.values().cloned().collect(),
+            )
+        })
     }
 
     /// What wakes the publisher: every watch event marks it.

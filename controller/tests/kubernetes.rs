@@ -315,8 +315,10 @@ const PA: &str = "/apis/security.istio.io/v1/peerauthentications";
 
 /// Lists and watch events become the same snapshot the manifests give:
 /// capture follows a namespace label change, a deleted pod leaves, an Istio
-/// object that does not read is named and left out; statuses are patched
-/// once per change, with the field of a refusal.
+/// object that does not read is named and left out (or keeps its last good
+/// version); statuses are patched once per change, with the field of a
+/// refusal. Only what the events name is read again, and a new list (the
+/// watch expired) replaces its kind whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_events_make_the_snapshot_and_status_goes_back() {
     let (client, fake) = mock_client();
@@ -540,6 +542,92 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
         "captured by the label"
     );
     assert_eq!(proto(&t.config, "a"), None, "deleted");
+
+    // Only what the events name is read again: an untouched object is the
+    // very one the last snapshot had.
+    let (before_b, before_policy) = (
+        snap.pods["legacy/b"].clone(),
+        snap.authorization_policies["shop/deny-ops"].clone(),
+    );
+    drop(snap);
+    // A policy that stops reading keeps its last version, and is named;
+    // once deleted, both go.
+    let mut broken = policy(
+        "AuthorizationPolicy",
+        "shop",
+        "deny-ops",
+        json!({"actoin": "DENY"}),
+    );
+    broken["metadata"]["resourceVersion"] = json!("2");
+    fake.event(AP, "MODIFIED", broken.clone()).await;
+    let mut seen = None;
+    for _ in 0..200 {
+        if let Some((s, problems)) = source.poll()
+            && problems
+                .iter()
+                .any(|p| p.starts_with("AuthorizationPolicy shop/deny-ops:"))
+        {
+            seen = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let snap = seen.expect("the unreadable version is named");
+    assert!(
+        Arc::ptr_eq(&snap.pods["legacy/b"], &before_b),
+        "an untouched pod is shared"
+    );
+    assert!(
+        Arc::ptr_eq(
+            &snap.authorization_policies["shop/deny-ops"],
+            &before_policy
+        ),
+        "the last good version is kept"
+    );
+    drop(snap);
+    fake.event(AP, "DELETED", broken).await;
+    let mut gone = false;
+    for _ in 0..200 {
+        if let Some((s, problems)) = source.poll()
+            && !s.authorization_policies.contains_key("shop/deny-ops")
+        {
+            assert!(
+                !problems.iter().any(|p| p.contains("shop/deny-ops")),
+                "{problems:?}"
+            );
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(gone, "a deleted policy leaves, with its problem");
+
+    // The watch expires (410 Gone): the pods are listed again, and the
+    // snapshot takes the new list whole, what it lacks gone.
+    fake.list(
+        "/api/v1/pods",
+        vec![
+            pod("istio-system", "ztunnel-abc", "n2", "10.244.2.2"),
+            pod("shop", "c", "n1", "10.244.1.12"),
+        ],
+    );
+    fake.event(
+        "/api/v1/pods",
+        "ERROR",
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410, "message": "too old"}),
+    )
+    .await;
+    let mut relisted = false;
+    for _ in 0..500 {
+        if let Some((s, _)) = source.poll()
+            && s.pods.keys().eq(["istio-system/ztunnel-abc", "shop/c"])
+        {
+            relisted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(relisted, "a new list replaces the kind whole");
 
     // Node agents: by node-name in the token, or by the pod it names.
     let reviewer = TokenReviewer::new(
