@@ -534,21 +534,28 @@ fn claim_addresses(
     Vec<TranslateError>,
     HashMap<String, String>,
 ) {
-    let mut claims: HashMap<IpAddr, Vec<usize>> = HashMap::with_capacity(candidates.len());
+    // Each address's first claimant; the claimants of an address claimed
+    // more than once, in address order.
+    let mut first: HashMap<IpAddr, usize> = HashMap::with_capacity(candidates.len());
+    let mut contested: BTreeMap<IpAddr, Vec<usize>> = BTreeMap::new();
     for (i, (w, _)) in candidates.iter().enumerate() {
         if !w.host_network {
             for ip in &w.addresses {
-                claims.entry(*ip).or_default().push(i);
+                match first.entry(*ip) {
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(i);
+                    }
+                    std::collections::hash_map::Entry::Occupied(e) => contested
+                        .entry(*ip)
+                        .or_insert_with(|| vec![*e.get()])
+                        .push(i),
+                }
             }
         }
     }
     let mut dropped: BTreeSet<usize> = BTreeSet::new();
     let mut errors = Vec::new();
-    // In address order, so the same conflicts are reported the same way.
-    let mut contested: Vec<(&IpAddr, &Vec<usize>)> =
-        claims.iter().filter(|(_, c)| c.len() > 1).collect();
-    contested.sort_by_key(|(ip, _)| **ip);
-    for (ip, claimants) in contested {
+    for (ip, claimants) in &contested {
         let live: Vec<usize> = claimants
             .iter()
             .copied()

@@ -159,8 +159,9 @@ impl Published {
         previous: &Published,
         previous_cfg: Option<&LocalConfig>,
     ) -> Self {
-        let mut resources: BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>> =
-            BTreeMap::new();
+        // Each type's resources, collected, then made a map at once (the
+        // Address ones come nearly in name order: cheap to sort).
+        let mut collected: BTreeMap<&'static str, Vec<(String, Arc<Versioned>)>> = BTreeMap::new();
         let mut changes: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
         let generation = previous.generation + 1;
         let mut put = |ty: &'static str,
@@ -197,36 +198,39 @@ impl Published {
                     generation,
                 })
             });
-            resources.entry(ty).or_default().insert(name, v);
+            collected.entry(ty).or_default().push((name, v));
         };
         // Address resources made from the same workload or service as
         // before, backing the same services, are taken over as they are:
         // no conversion, no encoding, no hashing, not even a comparison.
         let same = previous_cfg.and_then(|before| Unchanged::between(before, cfg));
         let previous_addresses = previous.resources.get(ADDRESS_TYPE);
-        let mut taken_over = Vec::new();
-        let mut backs = None;
+        let mut taken_over = Vec::with_capacity(cfg.workloads.len() + cfg.services.len());
+        let mut redo = Vec::new();
         for w in &cfg.workloads {
             let kept = previous_addresses
                 .and_then(|m| m.get(&w.uid))
                 .filter(|_| same.as_ref().is_some_and(|u| u.workload(w)));
             match kept {
                 Some(v) => taken_over.push((w.uid.clone(), v.clone())),
-                None => {
-                    let backs = backs
-                        .get_or_insert_with(|| backs_index(cfg))
-                        .get(w.uid.as_str())
-                        .cloned()
-                        .unwrap_or_default();
-                    let input = AddressInput::Workload(w, backs);
-                    put(
-                        ADDRESS_TYPE,
-                        w.uid.clone(),
-                        to_any(ADDRESS_TYPE, &input.to_proto()),
-                        input.aliases(),
-                        None,
-                    );
-                }
+                None => redo.push(w),
+            }
+        }
+        if !redo.is_empty() {
+            // The services each workload to encode backs: one pass over the
+            // endpoints, for those workloads only.
+            let wanted: HashSet<&str> = redo.iter().map(|w| w.uid.as_str()).collect();
+            let backs = backs_index(cfg, |uid| wanted.contains(uid));
+            for w in redo {
+                let backs = backs.get(w.uid.as_str()).cloned().unwrap_or_default();
+                let input = AddressInput::Workload(w, backs);
+                put(
+                    ADDRESS_TYPE,
+                    w.uid.clone(),
+                    to_any(ADDRESS_TYPE, &input.to_proto()),
+                    input.aliases(),
+                    None,
+                );
             }
         }
         for svc in &cfg.services {
@@ -279,10 +283,29 @@ impl Published {
             };
             put(ty, name.clone(), any, Vec::new(), Some(scope.clone()));
         }
-        resources
+        collected
             .entry(ADDRESS_TYPE)
             .or_default()
             .extend(taken_over);
+        let resources: BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>> = collected
+            .into_iter()
+            .map(|(ty, mut all)| {
+                // Sorted stably: of two resources with one name, the last
+                // made wins, as a map fed one by one would keep.
+                all.sort_by(|a, b| a.0.cmp(&b.0));
+                let mut map = BTreeMap::new();
+                let mut all = all.into_iter().peekable();
+                let unique = std::iter::from_fn(|| {
+                    let mut item = all.next()?;
+                    while all.peek().is_some_and(|n| n.0 == item.0) {
+                        item = all.next()?;
+                    }
+                    Some(item)
+                });
+                map.extend(unique);
+                (ty, map)
+            })
+            .collect();
         let horizon = generation.saturating_sub(TOMBSTONE_GENERATIONS);
         let mut tombstones = previous.tombstones.clone();
         for (ty, gone) in &mut tombstones {
@@ -290,9 +313,15 @@ impl Published {
             gone.retain(|name, at| *at > horizon && !new.is_some_and(|n| n.contains_key(name)));
         }
         for (ty, old) in &previous.resources {
-            let new = resources.get(ty);
+            // Both maps in name order: walked side by side, not looked up.
+            let mut new = resources
+                .get(ty)
+                .into_iter()
+                .flat_map(|m| m.keys())
+                .peekable();
             for name in old.keys() {
-                if !new.is_some_and(|n| n.contains_key(name)) {
+                while new.next_if(|n| *n < name).is_some() {}
+                if new.peek() != Some(&name) {
                     changes.entry(ty).or_default().insert(name.clone());
                     tombstones
                         .entry(ty)

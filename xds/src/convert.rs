@@ -162,11 +162,15 @@ impl AddressInput<'_> {
 }
 
 /// Workload uid → the services it backs, in key order, one entry per
-/// service key (the last endpoint winning, as a map keyed by it would keep).
-pub fn backs_index(cfg: &LocalConfig) -> HashMap<&str, Vec<Backed<'_>>> {
+/// service key (the last endpoint winning, as a map keyed by it would keep);
+/// for the workloads `wanted` says yes to.
+pub fn backs_index<'a>(
+    cfg: &'a LocalConfig,
+    wanted: impl Fn(&str) -> bool,
+) -> HashMap<&'a str, Vec<Backed<'a>>> {
     let mut backs: HashMap<&str, Vec<Backed<'_>>> = HashMap::new();
     for svc in &cfg.services {
-        for ep in &svc.endpoints {
+        for ep in svc.endpoints.iter().filter(|ep| wanted(&ep.workload_uid)) {
             backs
                 .entry(ep.workload_uid.as_str())
                 .or_default()
@@ -189,7 +193,7 @@ pub fn backs_index(cfg: &LocalConfig) -> HashMap<&str, Vec<Backed<'_>>> {
 /// Every workload and service of `cfg` as the inputs of its
 /// `istio.workload.Address` resource: workloads first, then services.
 pub fn address_inputs(cfg: &LocalConfig) -> Vec<AddressInput<'_>> {
-    let mut backs = backs_index(cfg);
+    let mut backs = backs_index(cfg, |_| true);
     let mut out = Vec::with_capacity(cfg.workloads.len() + cfg.services.len());
     for w in &cfg.workloads {
         let services = backs.remove(w.uid.as_str()).unwrap_or_default();
