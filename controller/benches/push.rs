@@ -8,7 +8,8 @@
 //! xDS client and state (`weft_ztunnel::xds`), whose apply time is read
 //! from its `weft_xds_apply_seconds` histogram. Per size it prints:
 //! - the time from process start to serving;
-//! - the time until every agent holds the full state (first full push);
+//! - the time until every agent holds the full state (first full push),
+//!   and the controller's CPU time in it (the agents share its cores);
 //! - per-change latency, from the manifests file write to each agent's ACK
 //!   of the changed pod (p50/p99), which includes the file-system
 //!   notification and the debounce;
@@ -186,6 +187,9 @@ fn ms(d: Duration) -> String {
 
 struct Phase {
     full_push: Duration,
+    /// The controller's CPU time (all its threads) during the first full
+    /// push: its own cost, apart from the simulated clients on the same cores.
+    full_push_cpu: Duration,
     /// Every delivery of every change.
     deliveries: Vec<Duration>,
     /// The last client's delivery, per change.
@@ -201,6 +205,47 @@ struct Bench {
     cp: ControlPlaneAddress,
     bumped: Vec<(usize, usize)>,
     revision: usize,
+    /// How many Address names a client holds at the end of its first
+    /// push, and their fingerprint: learnt from the first client, whose
+    /// names are kept; later clients are only counted.
+    everything: Option<(usize, u64)>,
+    /// The controller process.
+    pid: u32,
+}
+
+/// CPU time a process has used so far, user and system, all threads.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command (which may hold spaces): the state (field 3), ...,
+    // utime and stime (fields 14 and 15).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let ticks = fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0);
+    Duration::from_secs_f64(ticks as f64 / clock_ticks())
+}
+
+/// Clock ticks per second of `/proc`'s CPU times.
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// A name's share of a fingerprint: the wrapping sum over a set of names
+/// tells, with the count, whether a client got each name once, without
+/// keeping a hundred copies of the mesh's names (which slowed the
+/// clients' side of the bench, on the same cores as the controller).
+fn fingerprint(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl Bench {
@@ -216,6 +261,7 @@ impl Bench {
         seen_tx: &mpsc::UnboundedSender<Seen>,
     ) -> Phase {
         let total_names = self.sizes.pods + self.sizes.services;
+        let cpu_before = cpu_time(self.pid);
         let start = Instant::now();
         for id in first..first + count {
             let channel = connect(&self.cp).unwrap();
@@ -226,7 +272,8 @@ impl Bench {
                 seen_tx.clone(),
             ));
         }
-        let mut held: Vec<HashSet<String>> = vec![HashSet::new(); count];
+        let mut held: Vec<HashSet<String>> = Vec::new();
+        let mut counted: Vec<(usize, u64)> = vec![(0, 0); count];
         let mut full = 0;
         while full < count {
             let (id, _, names, _) = tokio::time::timeout(WAIT, seen_rx.recv())
@@ -236,14 +283,35 @@ impl Bench {
             if id < first {
                 continue;
             }
-            let h = &mut held[id - first];
-            let before = h.len();
-            h.extend(names);
-            if before < total_names && h.len() >= total_names {
-                full += 1;
+            match self.everything {
+                None => {
+                    held.resize_with(count, HashSet::new);
+                    let h = &mut held[id - first];
+                    let before = h.len();
+                    h.extend(names);
+                    if before < total_names && h.len() >= total_names {
+                        full += 1;
+                    }
+                }
+                Some(want) => {
+                    let c = &mut counted[id - first];
+                    let before = *c;
+                    for n in &names {
+                        c.0 += 1;
+                        c.1 = c.1.wrapping_add(fingerprint(n));
+                    }
+                    if before != want && *c == want {
+                        full += 1;
+                    }
+                }
             }
         }
         let full_push = start.elapsed();
+        let full_push_cpu = cpu_time(self.pid).saturating_sub(cpu_before);
+        if let Some(h) = held.first() {
+            let sum = h.iter().fold(0u64, |s, n| s.wrapping_add(fingerprint(n)));
+            self.everything = Some((h.len(), sum));
+        }
         drop(held);
 
         let clients = first + count;
@@ -284,6 +352,7 @@ impl Bench {
         slowest.sort();
         Phase {
             full_push,
+            full_push_cpu,
             deliveries,
             slowest,
             bytes_per_change: bytes as f64 / changes as f64,
@@ -419,6 +488,8 @@ fn run(pods: usize, clients: usize, changes: usize) -> Row {
         cp: cp.clone(),
         bumped: Vec::new(),
         revision: 0,
+        everything: None,
+        pid: ctl.child.id(),
     };
     // ztunnel's own client and state first, alone, on a runtime of its own
     // (as in ztunnel): how long the whole first state takes it to apply.
@@ -506,6 +577,11 @@ fn print_row(r: &Row, changes: usize) {
         "ratio"
     );
     row("first full push", r.one.full_push, r.many.full_push);
+    row(
+        "  the controller's CPU in it",
+        r.one.full_push_cpu,
+        r.many.full_push_cpu,
+    );
     row(
         "change -> ACK, p50",
         percentile(&r.one.deliveries, 0.5),

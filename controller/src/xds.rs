@@ -894,6 +894,9 @@ impl AdsStream {
         // part by part, so a push of the whole mesh holds one part at a time.
         let mut resources: Vec<(&'p String, &'p Versioned)> = Vec::new();
         let mut removed = Vec::new();
+        // After comparing every name, the client holds the whole published
+        // state: from now on a generation says what it holds.
+        let to_generation = sub.by_generation(ty) && !matches!(diff, Diff::Changes);
         match &mut sub.held {
             Held::AsOf(g) if *g < published.horizon => {
                 return Err(Status::aborted(format!(
@@ -947,17 +950,21 @@ impl AdsStream {
                         None => {}
                     }
                 }
-                for (name, res) in &resources {
-                    sent.insert((*name).clone(), res.version.clone());
-                }
-                for name in &removed {
-                    sent.remove(name);
+                // Names about to be replaced by a generation are not
+                // recorded: a new client's first push would otherwise copy
+                // every name and version of the mesh, per client, to drop
+                // them at once.
+                if !to_generation {
+                    for (name, res) in &resources {
+                        sent.insert((*name).clone(), res.version.clone());
+                    }
+                    for name in &removed {
+                        sent.remove(name);
+                    }
                 }
             }
         }
-        // After comparing every name, the client holds the whole published
-        // state: from now on a generation says what it holds.
-        if sub.by_generation(ty) && !matches!(diff, Diff::Changes) {
+        if to_generation {
             sub.held = Held::AsOf(published.generation);
         }
         removed.extend(not_found);
