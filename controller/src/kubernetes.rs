@@ -242,13 +242,19 @@ impl<K: Kind> Watched for Dynamic<K> {
                 .into_iter()
                 .map(|o| (K::INFO.key(&o.metadata), Some(o)))
                 .collect();
-            // What the new list no longer has is gone.
+            // What the new list no longer has is gone, and so are the
+            // problems of those that never read.
             let keys: HashSet<&String> = listed.iter().map(|(k, _)| k).collect();
             let gone: Vec<String> = K::of(snap)
                 .keys()
                 .filter(|k| !keys.contains(k))
                 .cloned()
                 .collect();
+            let kind = format!("{} ", K::INFO.kind);
+            problems.retain(|p, _| {
+                p.strip_prefix(&kind)
+                    .is_none_or(|k| keys.contains(&k.to_string()))
+            });
             listed
                 .into_iter()
                 .chain(gone.into_iter().map(|k| (k, None)))

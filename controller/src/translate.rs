@@ -192,6 +192,9 @@ struct PodPart {
     namespace: Option<Arc<Namespace>>,
     workload: Option<Arc<Workload>>,
     errors: Vec<TranslateError>,
+    /// Why its waypoint binding cannot be served: reported only if the
+    /// workload is published (keeps its address).
+    unbound: Option<TranslateError>,
 }
 
 #[derive(Clone, Debug)]
@@ -220,6 +223,7 @@ fn pod_part(
     waypoints: &BTreeMap<String, crate::waypoints::Waypoint>,
 ) -> PodPart {
     let mut errors = Vec::new();
+    let mut unbound = None;
     let ns = namespace.map(|n| &**n);
     let workload = match workload(pod, ns, mesh) {
         Ok(Some(mut w)) => {
@@ -240,9 +244,7 @@ fn pod_part(
             let labels = pod.metadata.labels.as_ref();
             w.authorization_policies =
                 policies.for_workload(&w.namespace, labels.unwrap_or(&no_labels));
-            errors.extend(crate::waypoints::bind_workload(
-                &mut w, labels, ns, waypoints,
-            ));
+            unbound = crate::waypoints::bind_workload(&mut w, labels, ns, waypoints);
             Some(Arc::new(w))
         }
         Ok(None) => None,
@@ -256,6 +258,7 @@ fn pod_part(
         namespace: namespace.cloned(),
         workload,
         errors,
+        unbound,
     }
 }
 
@@ -282,6 +285,7 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
     let mut dirty: HashSet<String> = HashSet::new();
     let mut errors = Vec::new();
     let mut candidates = Vec::with_capacity(snap.pods.len());
+    let mut pods_unbound = Vec::new();
     let mut kept = 0;
     for (key, pod) in &snap.pods {
         let namespace = snap.namespaces.get(namespace_of(pod));
@@ -311,6 +315,9 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
             }
         };
         errors.extend(part.errors.iter().cloned());
+        if let (Some(e), Some(w)) = (&part.unbound, &part.workload) {
+            pods_unbound.push((w.uid.clone(), e.clone()));
+        }
         if let Some(w) = &part.workload {
             candidates.push((w.clone(), pod.metadata.deletion_timestamp.is_some()));
         }
@@ -324,6 +331,12 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
         }
     }
     let (workloads, conflicts, dropped) = claim_addresses(candidates);
+    // Bindings are reported for the workloads published, as for services.
+    let pods_unbound: Vec<TranslateError> = pods_unbound
+        .into_iter()
+        .filter(|(uid, _)| !dropped.contains_key(uid))
+        .map(|(_, e)| e)
+        .collect();
     let mut out = LocalConfig {
         workloads,
         ..LocalConfig::default()
@@ -433,6 +446,7 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
         pods_bound,
     );
     errors.extend(waypoint_errors);
+    errors.extend(pods_unbound);
     errors.extend(unbound);
     // A refused ServiceEntry says why on its own status, as a Service's
     // binding does; what it would have served is not published.
@@ -1332,9 +1346,11 @@ spec: {clusterIP: None, selector: {app: db}, ports: [{port: 5432}]}
             ),
             "slice" => format!(
                 "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: es-{index}, namespace: {}, labels: {{kubernetes.io/service-name: svc-{}}}}}\n\
-                 addressType: IPv4\nports: [{{name: http, port: 7000}}]\nendpoints: [{{addresses: [192.0.2.{}], conditions: {{ready: {}}}}}]\n",
+                 addressType: IPv4\nports: [{{name: http, port: 7000}}]\nendpoints: [{{addresses: [192.0.2.{}], conditions: {{ready: {}}}}}, {{addresses: [192.0.2.{}], conditions: {{ready: {}}}}}]\n",
                 ns(next(3)),
                 next(4),
+                1 + next(3),
+                next(3) != 0,
                 1 + next(3),
                 next(3) != 0,
             ),

@@ -165,10 +165,11 @@ impl Published {
         let mut changes: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
         let generation = previous.generation + 1;
         let mut put = |ty: &'static str,
-                       name: String,
+                       name: &String,
                        any: Any,
                        aliases: Vec<String>,
-                       scope: Option<BTreeSet<Identity>>| {
+                       scope: Option<BTreeSet<Identity>>|
+         -> Arc<Versioned> {
             // Who may see it is part of its version: a change of scope is
             // pushed like a change of content.
             let version = match &scope {
@@ -185,10 +186,10 @@ impl Published {
             let reused = previous
                 .resources
                 .get(ty)
-                .and_then(|m| m.get(&name))
+                .and_then(|m| m.get(name))
                 .filter(|v| v.version == version)
                 .cloned();
-            let v = reused.unwrap_or_else(|| {
+            reused.unwrap_or_else(|| {
                 changes.entry(ty).or_default().insert(name.clone());
                 Arc::new(Versioned {
                     version,
@@ -197,70 +198,75 @@ impl Published {
                     scope,
                     generation,
                 })
-            });
-            collected.entry(ty).or_default().push((name, v));
+            })
         };
         // Address resources made from the same workload or service as
         // before, backing the same services, are taken over as they are:
         // no conversion, no encoding, no hashing, not even a comparison.
         let same = previous_cfg.and_then(|before| Unchanged::between(before, cfg));
         let previous_addresses = previous.resources.get(ADDRESS_TYPE);
-        let mut taken_over = Vec::with_capacity(cfg.workloads.len() + cfg.services.len());
-        let mut redo = Vec::new();
-        for w in &cfg.workloads {
-            let kept = previous_addresses
-                .and_then(|m| m.get(&w.uid))
-                .filter(|_| same.as_ref().is_some_and(|u| u.workload(w)));
-            match kept {
-                Some(v) => taken_over.push((w.uid.clone(), v.clone())),
-                None => redo.push(w),
-            }
-        }
-        if !redo.is_empty() {
-            // The services each workload to encode backs: one pass over the
-            // endpoints, for those workloads only.
-            let wanted: HashSet<&str> = redo.iter().map(|w| w.uid.as_str()).collect();
-            let backs = backs_index(cfg, |uid| wanted.contains(uid));
-            for w in redo {
-                let backs = backs.get(w.uid.as_str()).cloned().unwrap_or_default();
-                let input = AddressInput::Workload(w, backs);
-                put(
-                    ADDRESS_TYPE,
-                    w.uid.clone(),
-                    to_any(ADDRESS_TYPE, &input.to_proto()),
-                    input.aliases(),
-                    None,
-                );
-            }
+        // Kept or made again, in the config's order: of two resources with
+        // one name, the later wins, as in a build from nothing.
+        let kept: Vec<Option<&Arc<Versioned>>> = cfg
+            .workloads
+            .iter()
+            .map(|w| {
+                previous_addresses
+                    .and_then(|m| m.get(&w.uid))
+                    .filter(|_| same.as_ref().is_some_and(|u| u.workload(w)))
+            })
+            .collect();
+        // The services each workload to encode backs: one pass over the
+        // endpoints, for those workloads only.
+        let wanted: HashSet<&str> = cfg
+            .workloads
+            .iter()
+            .zip(&kept)
+            .filter(|(_, k)| k.is_none())
+            .map(|(w, _)| w.uid.as_str())
+            .collect();
+        let backs = if wanted.is_empty() {
+            HashMap::new()
+        } else {
+            backs_index(cfg, |uid| wanted.contains(uid))
+        };
+        let mut addresses = Vec::with_capacity(cfg.workloads.len() + cfg.services.len());
+        for (w, kept) in cfg.workloads.iter().zip(kept) {
+            let v = match kept {
+                Some(v) => v.clone(),
+                None => {
+                    let backs = backs.get(w.uid.as_str()).cloned().unwrap_or_default();
+                    let input = AddressInput::Workload(w, backs);
+                    let any = to_any(ADDRESS_TYPE, &input.to_proto());
+                    put(ADDRESS_TYPE, &w.uid, any, input.aliases(), None)
+                }
+            };
+            addresses.push((w.uid.clone(), v));
         }
         for svc in &cfg.services {
             let name = service_key(svc);
             let kept = previous_addresses
                 .and_then(|m| m.get(&name))
                 .filter(|_| same.as_ref().is_some_and(|u| u.service(&name, svc)));
-            match kept {
-                Some(v) => taken_over.push((name, v.clone())),
+            let v = match kept {
+                Some(v) => v.clone(),
                 None => {
                     let input = AddressInput::Service(svc);
-                    put(
-                        ADDRESS_TYPE,
-                        name,
-                        to_any(ADDRESS_TYPE, &input.to_proto()),
-                        input.aliases(),
-                        None,
-                    );
+                    let any = to_any(ADDRESS_TYPE, &input.to_proto());
+                    put(ADDRESS_TYPE, &name, any, input.aliases(), None)
                 }
-            }
+            };
+            addresses.push((name, v));
         }
+        collected.insert(ADDRESS_TYPE, addresses);
         for p in &cfg.policies {
             let (name, msg) = authorization_to_proto(p);
-            put(
-                AUTHORIZATION_TYPE,
-                name,
-                to_any(AUTHORIZATION_TYPE, &msg),
-                Vec::new(),
-                None,
-            );
+            let any = to_any(AUTHORIZATION_TYPE, &msg);
+            let v = put(AUTHORIZATION_TYPE, &name, any, Vec::new(), None);
+            collected
+                .entry(AUTHORIZATION_TYPE)
+                .or_default()
+                .push((name, v));
         }
         for r in l7 {
             let (ty, name, any, scope) = match r {
@@ -281,12 +287,9 @@ impl Published {
                     (ty, name, to_any(ty, m), scope)
                 }
             };
-            put(ty, name.clone(), any, Vec::new(), Some(scope.clone()));
+            let v = put(ty, name, any, Vec::new(), Some(scope.clone()));
+            collected.entry(ty).or_default().push((name.clone(), v));
         }
-        collected
-            .entry(ADDRESS_TYPE)
-            .or_default()
-            .extend(taken_over);
         let resources: BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>> = collected
             .into_iter()
             .map(|(ty, mut all)| {
@@ -372,8 +375,10 @@ struct Unchanged<'a> {
 }
 
 impl<'a> Unchanged<'a> {
-    /// None when a name is used twice in either config: then nothing is
-    /// known unchanged by pointer.
+    /// None when a name is used twice in the config before, or a service
+    /// key in the new one: then nothing is known unchanged by pointer. (A
+    /// workload uid used twice in the new config is fine: its later
+    /// resource wins, kept or made again, as in a build from nothing.)
     fn between(before: &'a LocalConfig, now: &'a LocalConfig) -> Option<Self> {
         let workloads: HashMap<&str, &Arc<Workload>> = before
             .workloads
@@ -1055,6 +1060,36 @@ mod tests {
             host_network: false,
             healthy: true,
             waypoint: None,
+        }
+    }
+
+    /// A uid used twice in a config: its later workload wins, whether the
+    /// earlier one is the previous config's own object (kept unencoded) or
+    /// not, as in a build from nothing.
+    #[test]
+    fn a_name_used_twice_publishes_its_later_resource() {
+        let a = Arc::new(workload("a", "v1"));
+        let later = Arc::new(workload("a", "v2"));
+        let before = LocalConfig {
+            workloads: vec![a.clone()],
+            ..LocalConfig::default()
+        };
+        let first = Published::build(&before, &[], &Published::default(), None);
+        for now in [
+            vec![a.clone(), later.clone()],
+            vec![later.clone(), a.clone()],
+        ] {
+            let now = LocalConfig {
+                workloads: now,
+                ..LocalConfig::default()
+            };
+            let kept = Published::build(&now, &[], &first, Some(&before));
+            let scratch = Published::build(&now, &[], &Published::default(), None);
+            let name = "Kubernetes//Pod/shop/a";
+            assert_eq!(
+                kept.resources[ADDRESS_TYPE][name].version,
+                scratch.resources[ADDRESS_TYPE][name].version
+            );
         }
     }
 

@@ -602,6 +602,58 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
     }
     assert!(gone, "a deleted policy leaves, with its problem");
 
+    // One that never read, deleted while the watch was down: the new list
+    // lacks it, and its problem goes with it.
+    let ghost = policy(
+        "AuthorizationPolicy",
+        "shop",
+        "ghost",
+        json!({"actoin": "DENY"}),
+    );
+    fake.event(AP, "ADDED", ghost).await;
+    let mut named = false;
+    for _ in 0..200 {
+        if let Some((_, problems)) = source.poll()
+            && problems
+                .iter()
+                .any(|p| p.starts_with("AuthorizationPolicy shop/ghost:"))
+        {
+            named = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(named, "a policy that never read is named");
+    fake.list(
+        AP,
+        vec![policy(
+            "AuthorizationPolicy",
+            "shop",
+            "typo",
+            json!({"action": "PERMIT"}),
+        )],
+    );
+    fake.event(
+        AP,
+        "ERROR",
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410, "message": "too old"}),
+    )
+    .await;
+    let mut forgotten = false;
+    for _ in 0..500 {
+        if let Some((_, problems)) = source.poll()
+            && !problems.iter().any(|p| p.contains("shop/ghost"))
+        {
+            forgotten = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        forgotten,
+        "a new list forgets the problems of what it lacks"
+    );
+
     // The watch expires (410 Gone): the pods are listed again, and the
     // snapshot takes the new list whole, what it lacks gone.
     fake.list(
