@@ -66,10 +66,18 @@ impl KindInfo {
     /// The snapshot key of an object: `namespace/name`, or the name of a
     /// cluster-scoped one.
     pub fn key(&self, meta: &ObjectMeta) -> String {
+        self.key_at(
+            meta.namespace.as_deref(),
+            meta.name.as_deref().unwrap_or_default(),
+        )
+    }
+
+    /// The snapshot key of the object `name` in `namespace`.
+    pub fn key_at(&self, namespace: Option<&str>, name: &str) -> String {
         if self.namespaced {
-            crate::snapshot::key(meta.namespace.as_deref(), meta.name.as_deref())
+            crate::snapshot::key(namespace, Some(name))
         } else {
-            meta.name.clone().unwrap_or_default()
+            name.to_string()
         }
     }
 }

@@ -158,12 +158,16 @@ struct Dynamic<K>(
     std::marker::PhantomData<fn() -> K>,
 );
 
-/// The snapshot key of an object of `info`'s kind.
-fn key_of(info: &KindInfo, namespace: Option<&str>, name: &str) -> String {
-    if info.namespaced {
-        crate::snapshot::key(namespace, Some(name))
-    } else {
-        name.to_string()
+/// Where a store keeps the object `name` in `namespace`.
+fn stored_at<K: reflector::Lookup>(
+    namespace: Option<&String>,
+    name: &str,
+    dyntype: K::DynamicType,
+) -> reflector::ObjectRef<K> {
+    let at = reflector::ObjectRef::new_with(name, dyntype);
+    match namespace {
+        Some(ns) => at.within(ns),
+        None => at,
     }
 }
 
@@ -204,13 +208,8 @@ where
             return true;
         }
         for (namespace, name) in &touched.objects {
-            let at = reflector::ObjectRef::<K>::new(name);
-            let at = match namespace {
-                Some(ns) => at.within(ns),
-                None => at,
-            };
-            let key = key_of(&K::INFO, namespace.as_deref(), name);
-            match self.0.get(&at) {
+            let key = K::INFO.key_at(namespace.as_deref(), name);
+            match self.0.get(&stored_at(namespace.as_ref(), name, ())) {
                 Some(o) => into.insert(key, o),
                 None => into.remove(&key),
             };
@@ -265,15 +264,8 @@ impl<K: Kind> Watched for Dynamic<K> {
                 .objects
                 .iter()
                 .map(|(namespace, name)| {
-                    let at = reflector::ObjectRef::<DynamicObject>::new_with(name, ar.clone());
-                    let at = match namespace {
-                        Some(ns) => at.within(ns),
-                        None => at,
-                    };
-                    (
-                        key_of(&K::INFO, namespace.as_deref(), name),
-                        self.0.get(&at),
-                    )
+                    let at = stored_at(namespace.as_ref(), name, ar.clone());
+                    (K::INFO.key_at(namespace.as_deref(), name), self.0.get(&at))
                 })
                 .collect()
         };

@@ -121,16 +121,15 @@ impl Snapshot {
     }
 }
 
-/// The objects of namespace `ns` in a map keyed by `namespace/name`: one
-/// range of its keys, not a scan.
+/// The objects of namespace `ns`, with their keys, in a map keyed by
+/// `namespace/name`: one range of its keys, not a scan.
 pub(crate) fn in_namespace<'a, V>(
     map: &'a BTreeMap<String, Arc<V>>,
     ns: &str,
-) -> impl Iterator<Item = &'a Arc<V>> + use<'a, V> {
+) -> impl Iterator<Item = (&'a String, &'a Arc<V>)> + use<'a, V> {
     let prefix = format!("{ns}/");
     map.range(prefix.clone()..)
         .take_while(move |(k, _)| k.starts_with(&prefix))
-        .map(|(_, v)| v)
 }
 
 pub(crate) fn key(namespace: Option<&str>, name: Option<&str>) -> String {

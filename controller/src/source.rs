@@ -133,26 +133,24 @@ impl ManifestsDir {
                     warn!(file = %path.display(), "manifest is not valid YAML; keeping its last good contents");
                 }
                 _ => {
+                    // Same names: its duplicates are as they were.
+                    let duplicates = match self.files.remove(&path) {
+                        Some(old) if same_names(&old.snapshot, &snapshot) => {
+                            edited.push((path.clone(), old.snapshot));
+                            old.duplicates
+                        }
+                        _ => {
+                            renamed = true;
+                            Vec::new()
+                        }
+                    };
                     let state = FileState {
                         stamp,
                         snapshot,
                         errors,
-                        duplicates: Vec::new(),
+                        duplicates,
                     };
-                    match self.files.insert(path.clone(), state) {
-                        Some(old) if same_names(&old.snapshot, &self.files[&path].snapshot) => {
-                            let FileState {
-                                snapshot,
-                                duplicates,
-                                ..
-                            } = old;
-                            if let Some(f) = self.files.get_mut(&path) {
-                                f.duplicates = duplicates;
-                            }
-                            edited.push((path, snapshot));
-                        }
-                        _ => renamed = true,
-                    }
+                    self.files.insert(path, state);
                 }
             }
         }

@@ -244,7 +244,9 @@ fn pod_part(
             let labels = pod.metadata.labels.as_ref();
             w.authorization_policies =
                 policies.for_workload(&w.namespace, labels.unwrap_or(&no_labels));
-            unbound = crate::waypoints::bind_workload(&mut w, labels, ns, waypoints);
+            let (waypoint, problem) = crate::waypoints::workload_binding(&w, labels, ns, waypoints);
+            w.waypoint = waypoint;
+            unbound = problem;
             Some(Arc::new(w))
         }
         Ok(None) => None,
@@ -374,11 +376,7 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
                 // The namespace's pods that are workloads, each with its own.
                 let pods = backing.entry(ns).or_insert_with(|| {
                     crate::snapshot::in_namespace(&snap.pods, ns)
-                        .filter_map(|pod| {
-                            let key = crate::snapshot::key(
-                                pod.metadata.namespace.as_deref(),
-                                pod.metadata.name.as_deref(),
-                            );
+                        .filter_map(|(key, pod)| {
                             let w = memo.pods.get(key.as_str())?.workload.as_ref()?;
                             (!memo.dropped.contains_key(&w.uid)).then_some((&**pod, &**w))
                         })
@@ -416,22 +414,24 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
     }
     drop(backing);
     // ServiceEntries take no address a Service VIP or a pod holds.
+    // (Only made when there are ServiceEntries: it names every address.)
     let mut taken = crate::service_entry::Taken::default();
-    let entries_here = !snap.service_entries.is_empty();
-    for s in services.iter().filter(|_| entries_here) {
-        for ip in &s.vips {
-            taken.addresses.insert(
-                *ip,
-                format!("the VIP of Service {}/{}", s.namespace, s.name),
-            );
+    if !snap.service_entries.is_empty() {
+        for s in &services {
+            for ip in &s.vips {
+                taken.addresses.insert(
+                    *ip,
+                    format!("the VIP of Service {}/{}", s.namespace, s.name),
+                );
+            }
         }
-    }
-    for w in out.workloads.iter().filter(|_| entries_here) {
-        for ip in &w.addresses {
-            taken.addresses.insert(
-                *ip,
-                format!("the address of pod {}/{}", w.namespace, w.name),
-            );
+        for w in &out.workloads {
+            for ip in &w.addresses {
+                taken.addresses.insert(
+                    *ip,
+                    format!("the address of pod {}/{}", w.namespace, w.name),
+                );
+            }
         }
     }
     let (entries, refused) =
@@ -506,7 +506,7 @@ pub fn translate(snap: &Snapshot, mesh: &Mesh, previous: Option<&Translation>) -
         if services_from_parts.contains(&Arc::as_ptr(svc)) {
             continue;
         }
-        let key = format!("{}/{}", svc.namespace, svc.hostname);
+        let key = weft_xds::convert::service_key(svc);
         match before.made_services.get(&key) {
             Some(old) if old == svc => *svc = old.clone(),
             _ => {}

@@ -331,39 +331,36 @@ struct Unresolved {
     why: String,
 }
 
-/// Binds a pod's workload to the waypoint its labels (or its namespace's)
-/// ask for. A waypoint's own pod is never bound. Returns why a binding
-/// that cannot be served was refused; the workload then names a waypoint
-/// no ztunnel resolves, and its traffic is refused (fail closed).
-pub fn bind_workload(
-    w: &mut Workload,
+/// The waypoint a workload's labels (`own`, a pod's) or its namespace's ask
+/// for. A waypoint's own pod is never bound. A binding that cannot be
+/// served names a waypoint no ztunnel resolves, so its traffic is refused
+/// (fail closed), and comes with why.
+pub fn workload_binding(
+    w: &Workload,
     own: Option<&BTreeMap<String, String>>,
     namespace: Option<&Namespace>,
     waypoints: &BTreeMap<String, Waypoint>,
-) -> Option<TranslateError> {
+) -> (Option<WaypointRef>, Option<TranslateError>) {
     if is_waypoint_pod(own) {
-        return None;
+        return (None, None);
     }
     match resolve(Bound::Workload, &w.namespace, own, namespace, waypoints) {
-        Ok(r) => {
-            w.waypoint = r;
-            None
-        }
+        Ok(r) => (r, None),
         Err(u) => {
-            w.waypoint = Some(u.reference);
-            Some(TranslateError {
+            let problem = TranslateError {
                 kind: "Pod",
                 namespace: w.namespace.clone(),
                 name: w.name.clone(),
                 field: u.field,
                 message: u.why,
-            })
+            };
+            (Some(u.reference), Some(problem))
         }
     }
 }
 
 /// Binds services, and the workloads of `cfg` from index `pods_bound` on
-/// (those no pod stands for: theirs were bound with [`bind_workload`]), to
+/// (those no pod stands for: theirs were bound with [`workload_binding`]), to
 /// their waypoints, and adds each waypoint's Service when the snapshot has
 /// none (the manifests source: in Kubernetes the controller creates it),
 /// its endpoints the Gateway's pods. Returns what was left unresolved, and
@@ -434,11 +431,10 @@ pub fn bind(
     statuses.dedup_by(|a, b| a.kind == b.kind && a.namespace == b.namespace && a.name == b.name);
     for w in cfg.workloads.iter_mut().skip(pods_bound) {
         let namespace = snap.namespaces.get(&w.namespace).map(|n| &**n);
-        let mut bound = (**w).clone();
-        let problem = bind_workload(&mut bound, None, namespace, waypoints);
+        let (waypoint, problem) = workload_binding(w, None, namespace, waypoints);
         errors.extend(problem);
-        if bound.waypoint != w.waypoint {
-            *w = Arc::new(bound);
+        if waypoint != w.waypoint {
+            Arc::make_mut(w).waypoint = waypoint;
         }
     }
     for wp in waypoints.values() {
@@ -487,6 +483,7 @@ fn waypoint_service(
     cluster_id: &str,
 ) -> Service {
     let endpoints = crate::snapshot::in_namespace(&snap.pods, &wp.namespace)
+        .map(|(_, p)| p)
         .filter(|p| p.metadata.labels.as_ref().and_then(|l| l.get(GATEWAY_NAME)) == Some(&wp.name))
         .filter_map(|p| {
             let uid = format!(

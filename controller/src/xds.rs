@@ -294,19 +294,17 @@ impl Published {
             .into_iter()
             .map(|(ty, mut all)| {
                 // Sorted stably: of two resources with one name, the last
-                // made wins, as a map fed one by one would keep.
+                // made wins, as a map fed one by one would keep. Sorted and
+                // unique, the map is built in one pass.
                 all.sort_by(|a, b| a.0.cmp(&b.0));
-                let mut map = BTreeMap::new();
-                let mut all = all.into_iter().peekable();
-                let unique = std::iter::from_fn(|| {
-                    let mut item = all.next()?;
-                    while all.peek().is_some_and(|n| n.0 == item.0) {
-                        item = all.next()?;
+                all.dedup_by(|later, kept| {
+                    let same = later.0 == kept.0;
+                    if same {
+                        std::mem::swap(later, kept);
                     }
-                    Some(item)
+                    same
                 });
-                map.extend(unique);
-                (ty, map)
+                (ty, all.into_iter().collect())
             })
             .collect();
         let horizon = generation.saturating_sub(TOMBSTONE_GENERATIONS);

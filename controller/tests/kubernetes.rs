@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_api::TunnelProtocol;
+use weft_controller::Snapshot;
 use weft_controller::auth::{AuthError, Caller};
 use weft_controller::kubernetes::{self, KubeSource, StatusWriter, TokenReviewer};
 use weft_controller::translate::{self, Mesh};
@@ -306,6 +307,24 @@ fn pod(ns: &str, name: &str, node: &str, ip: &str) -> Value {
            "status": {"podIP": ip}})
 }
 
+/// Polls `source` until a snapshot and its problems satisfy `want` (for
+/// at most 5 s), and returns them; fails with `what` otherwise.
+async fn poll_until(
+    source: &mut KubeSource,
+    what: &str,
+    want: impl Fn(&Snapshot, &[String]) -> bool,
+) -> (Arc<Snapshot>, Vec<String>) {
+    for _ in 0..500 {
+        if let Some((snap, problems)) = source.poll()
+            && want(&snap, &problems)
+        {
+            return (snap, problems);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}");
+}
+
 fn policy(kind: &str, ns: &str, name: &str, spec: Value) -> Value {
     json!({"apiVersion": "security.istio.io/v1", "kind": kind, "metadata": meta(name, Some(ns), "1"), "spec": spec})
 }
@@ -523,18 +542,12 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
         pod("shop", "a", "n1", "10.244.1.10"),
     )
     .await;
-    let mut snap = None;
-    for _ in 0..200 {
-        if let Some((s, _)) = source.poll()
-            && !s.pods.contains_key("shop/a")
-            && s.namespaces["legacy"].metadata.labels.is_some()
-        {
-            snap = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let snap = snap.expect("the watch events reach the snapshot");
+    let (snap, _) = poll_until(
+        &mut source,
+        "the watch events reach the snapshot",
+        |s, _| !s.pods.contains_key("shop/a") && s.namespaces["legacy"].metadata.labels.is_some(),
+    )
+    .await;
     let t = translate::translate(&snap, &Mesh::default(), Some(&t));
     assert_eq!(
         proto(&t.config, "b"),
@@ -560,19 +573,16 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
     );
     broken["metadata"]["resourceVersion"] = json!("2");
     fake.event(AP, "MODIFIED", broken.clone()).await;
-    let mut seen = None;
-    for _ in 0..200 {
-        if let Some((s, problems)) = source.poll()
-            && problems
+    let (snap, _) = poll_until(
+        &mut source,
+        "the unreadable version is named",
+        |_, problems| {
+            problems
                 .iter()
                 .any(|p| p.starts_with("AuthorizationPolicy shop/deny-ops:"))
-        {
-            seen = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let snap = seen.expect("the unreadable version is named");
+        },
+    )
+    .await;
     assert!(
         Arc::ptr_eq(&snap.pods["legacy/b"], &before_b),
         "an untouched pod is shared"
@@ -586,21 +596,14 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
     );
     drop(snap);
     fake.event(AP, "DELETED", broken).await;
-    let mut gone = false;
-    for _ in 0..200 {
-        if let Some((s, problems)) = source.poll()
-            && !s.authorization_policies.contains_key("shop/deny-ops")
-        {
-            assert!(
-                !problems.iter().any(|p| p.contains("shop/deny-ops")),
-                "{problems:?}"
-            );
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(gone, "a deleted policy leaves, with its problem");
+    let (_, problems) = poll_until(&mut source, "a deleted policy leaves", |s, _| {
+        !s.authorization_policies.contains_key("shop/deny-ops")
+    })
+    .await;
+    assert!(
+        !problems.iter().any(|p| p.contains("shop/deny-ops")),
+        "its problem leaves with it: {problems:?}"
+    );
 
     // One that never read, deleted while the watch was down: the new list
     // lacks it, and its problem goes with it.
@@ -611,19 +614,16 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
         json!({"actoin": "DENY"}),
     );
     fake.event(AP, "ADDED", ghost).await;
-    let mut named = false;
-    for _ in 0..200 {
-        if let Some((_, problems)) = source.poll()
-            && problems
+    poll_until(
+        &mut source,
+        "a policy that never read is named",
+        |_, problems| {
+            problems
                 .iter()
                 .any(|p| p.starts_with("AuthorizationPolicy shop/ghost:"))
-        {
-            named = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(named, "a policy that never read is named");
+        },
+    )
+    .await;
     fake.list(
         AP,
         vec![policy(
@@ -639,20 +639,12 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
         json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410, "message": "too old"}),
     )
     .await;
-    let mut forgotten = false;
-    for _ in 0..500 {
-        if let Some((_, problems)) = source.poll()
-            && !problems.iter().any(|p| p.contains("shop/ghost"))
-        {
-            forgotten = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(
-        forgotten,
-        "a new list forgets the problems of what it lacks"
-    );
+    poll_until(
+        &mut source,
+        "a new list forgets the problems of what it lacks",
+        |_, problems| !problems.iter().any(|p| p.contains("shop/ghost")),
+    )
+    .await;
 
     // The watch expires (410 Gone): the pods are listed again, and the
     // snapshot takes the new list whole, what it lacks gone.
@@ -669,17 +661,10 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
         json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410, "message": "too old"}),
     )
     .await;
-    let mut relisted = false;
-    for _ in 0..500 {
-        if let Some((s, _)) = source.poll()
-            && s.pods.keys().eq(["istio-system/ztunnel-abc", "shop/c"])
-        {
-            relisted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(relisted, "a new list replaces the kind whole");
+    poll_until(&mut source, "a new list replaces the kind whole", |s, _| {
+        s.pods.keys().eq(["istio-system/ztunnel-abc", "shop/c"])
+    })
+    .await;
 
     // Node agents: by node-name in the token, or by the pod it names.
     let reviewer = TokenReviewer::new(

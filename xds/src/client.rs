@@ -114,30 +114,28 @@ fn decode_into<T: prost::Message + Default>(
     updates: &mut Vec<Update<T>>,
     rejected: &mut Vec<Rejected>,
 ) {
-    {
-        for r in resources {
-            let value = r
-                .resource
-                .as_ref()
-                .map(|a| &a.value[..])
-                .unwrap_or_default();
-            match T::decode(value) {
-                Ok(resource) => updates.push(Update::Upsert {
-                    name: r.name.clone(),
-                    resource,
-                }),
-                Err(e) => rejected.push(Rejected {
-                    name: r.name.clone(),
-                    reason: format!("cannot decode: {e}"),
-                }),
-            }
+    for r in resources {
+        let value = r
+            .resource
+            .as_ref()
+            .map(|a| &a.value[..])
+            .unwrap_or_default();
+        match T::decode(value) {
+            Ok(resource) => updates.push(Update::Upsert {
+                name: r.name.clone(),
+                resource,
+            }),
+            Err(e) => rejected.push(Rejected {
+                name: r.name.clone(),
+                reason: format!("cannot decode: {e}"),
+            }),
         }
-        updates.extend(
-            removed
-                .iter()
-                .map(|name| Update::Remove { name: name.clone() }),
-        );
     }
+    updates.extend(
+        removed
+            .iter()
+            .map(|name| Update::Remove { name: name.clone() }),
+    );
 }
 
 struct Registered {
