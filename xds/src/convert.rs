@@ -621,7 +621,10 @@ pub fn authorization_from_proto(
                 let ip = ip_from_bytes(&a.address)
                     .ok_or_else(|| err(field, format!("{} bytes is not an IP", a.address.len())))?;
                 let len = u8::try_from(a.length).unwrap_or(u8::MAX);
+                // Host bits past the prefix say nothing to a match; drop them
+                // so that a policy reads the same after it is sent again.
                 IpNet::new(ip, len)
+                    .map(|n| n.trunc())
                     .map_err(|_| err(field, format!("{ip}/{} is not a CIDR", a.length)))
             })
             .collect()
@@ -892,6 +895,41 @@ mod tests {
             })
             .collect();
         assert_eq!(assemble(&workloads, &services, &policies), cfg);
+    }
+
+    /// A CIDR sent with host bits past its prefix (`42.0.42.0/0`) reads as
+    /// its network, so that what ztunnel accepted reads the same when sent
+    /// again. Found by the `xds_decode` fuzz target.
+    #[test]
+    fn host_bits_of_a_cidr_are_dropped() {
+        let msg = sec::Authorization {
+            name: "p".into(),
+            rules: vec![sec::Rule {
+                clauses: vec![sec::Clause {
+                    matches: vec![sec::Match {
+                        not_source_ips: vec![sec::Address {
+                            address: vec![42, 0, 42, 0],
+                            length: 0,
+                        }],
+                        source_ips: vec![sec::Address {
+                            address: vec![10, 1, 2, 3],
+                            length: 16,
+                        }],
+                        ..sec::Match::default()
+                    }],
+                }],
+            }],
+            ..sec::Authorization::default()
+        };
+        let (policy, _) = authorization_from_proto("p", msg).unwrap();
+        let m = &policy.rules[0].clauses[0].matches[0];
+        assert_eq!(
+            m.not_source_ips,
+            vec!["0.0.0.0/0".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(m.source_ips, vec!["10.1.0.0/16".parse::<IpNet>().unwrap()]);
+        let (_, again) = authorization_to_proto(&policy);
+        assert_eq!(authorization_from_proto("p", again).unwrap().0, policy);
     }
 
     /// Each malformed field is refused with the resource and field named.
