@@ -101,6 +101,8 @@ pub struct Lab {
     nodes: BTreeMap<String, LabNode>,
     pods: BTreeMap<String, LabPod>,
     ztunnels: BTreeMap<String, Child>,
+    /// The ztunnel binary the next start runs, when not `bin_dir`'s.
+    ztunnel_bin: Option<PathBuf>,
     /// Waypoint processes by pod key (`namespace/name`).
     waypoints: BTreeMap<String, Child>,
     controller: Option<Child>,
@@ -220,6 +222,7 @@ impl Lab {
             nodes: BTreeMap::new(),
             pods: BTreeMap::new(),
             ztunnels: BTreeMap::new(),
+            ztunnel_bin: None,
             waypoints: BTreeMap::new(),
             controller: None,
             underlay: None,
@@ -828,9 +831,9 @@ impl Lab {
             .create(true)
             .append(true)
             .open(self.dir.join(format!("ztunnel-{node}.log")))?;
+        let bin = (self.ztunnel_bin.clone()).unwrap_or_else(|| self.opts.bin_dir.join("ztunnel"));
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns.name()])
-            .arg(self.opts.bin_dir.join("ztunnel"));
+        cmd.args(["netns", "exec", ns.name()]).arg(bin);
         if self.chart.is_some() {
             cmd.env_clear()
                 .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -988,8 +991,13 @@ impl Lab {
         self.register()
     }
 
-    /// Starts ztunnel on `node` again (after [`Lab::kill_ztunnel`]) without
-    /// waiting for it.
+    /// Runs `bin` (or `bin_dir`'s ztunnel, with `None`) for every ztunnel
+    /// started from now on: a benchmark's baseline build beside its
+    /// candidate.
+    pub fn use_ztunnel_binary(&mut self, bin: Option<PathBuf>) {
+        self.ztunnel_bin = bin;
+    }
+
     /// Adds env for every ztunnel started from now on.
     pub fn add_ztunnel_env(&mut self, env: Vec<(String, String)>) {
         self.opts.ztunnel_env.extend(env);
@@ -1022,6 +1030,8 @@ impl Lab {
         Ok(status)
     }
 
+    /// Starts ztunnel on `node` again (after [`Lab::kill_ztunnel`]) without
+    /// waiting for it.
     pub fn start_ztunnel_again(&mut self, node: &str) -> Result<()> {
         if self.ztunnels.contains_key(node) {
             bail!("ztunnel on {node} is still running");

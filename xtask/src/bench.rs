@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -29,6 +30,8 @@ const MESSAGE: usize = 64;
 const CHURN_WINDOW: Duration = Duration::from_secs(10);
 const CHURN_WINDOWS_PLAIN: usize = 2;
 const CHURN_WINDOWS_MESH: usize = 6;
+/// Throughput runs of each build when comparing with a baseline build.
+const BASELINE_ROUNDS: usize = 5;
 
 struct PathResult {
     /// Each throughput run, in the order run.
@@ -67,7 +70,10 @@ pub fn controller() -> Result<()> {
     )
 }
 
-pub fn l4() -> Result<()> {
+/// With `throughput_only`, stops after the throughput, latency and CPU per
+/// GB figures; with a `baseline` ztunnel binary, then compares CPU per GB
+/// with it (see [`against_baseline`]).
+pub fn l4(throughput_only: bool, baseline: Option<&Path>) -> Result<()> {
     require_root("cargo xtask bench l4")?;
     ensure_tools(&[("iperf3", "iperf3")])?;
     // The hold phase keeps 10 000 client sockets in this process.
@@ -75,7 +81,7 @@ pub fn l4() -> Result<()> {
     let bins = build_bins(true)?;
     let mut opts = LabOptions::new("bench", &scenario("l4")?);
     opts.bin_dir = bins;
-    let lab = Lab::up(opts)?;
+    let mut lab = Lab::up(opts)?;
     // Every namespace that opens connections in the churn phase: the client
     // pods and the nodes (ztunnel connects from pod addresses there). Without
     // these the bench measures TIME_WAIT exhaustion, not the mesh.
@@ -87,8 +93,12 @@ pub fn l4() -> Result<()> {
         ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
     }
-    let plain = (lab.pod("legacy/outsider"), lab.pod("legacy/plain"));
-    let mesh = (lab.pod("shop/client"), lab.pod("shop/web-1"));
+    let pod = |name| lab.pod(name).clone();
+    let (plain, mesh) = (
+        (pod("legacy/outsider"), pod("legacy/plain")),
+        (pod("shop/client"), pod("shop/web-1")),
+    );
+    let (plain, mesh) = ((&plain.0, &plain.1), (&mesh.0, &mesh.1));
     let _echo_plain = apps::serve(plain.1, 7000, App::Echo)?;
     let _echo_mesh = apps::serve(mesh.1, 7000, App::Echo)?;
     let _echo_held = EchoProcess::start(mesh.1, 7001)?;
@@ -142,6 +152,12 @@ pub fn l4() -> Result<()> {
         mid.cpu.1 / gb,
         mid.cpu_per_gb()
     );
+    if let Some(baseline) = baseline {
+        against_baseline(&mut lab, baseline)?;
+    }
+    if throughput_only {
+        return Ok(());
+    }
     let churn_plain = churn(plain.0, plain.1, CHURN_WINDOWS_PLAIN)?;
     let churn_mesh = churn(mesh.0, mesh.1, CHURN_WINDOWS_MESH)?;
     let direct = churn_plain.iter().sum::<f64>() / churn_plain.len() as f64;
@@ -244,13 +260,7 @@ fn measure(lab: &Lab, client: &LabPod, server: &LabPod) -> Result<PathResult> {
     );
     let mut runs = Vec::with_capacity(THROUGHPUT_RUNS);
     for _ in 0..THROUGHPUT_RUNS {
-        let before = (cpu_seconds(pids.0)?, cpu_seconds(pids.1)?);
-        let (gbps, bytes) = iperf(client, server)?;
-        let cpu = (
-            cpu_seconds(pids.0)? - before.0,
-            cpu_seconds(pids.1)? - before.1,
-        );
-        runs.push(Throughput { gbps, bytes, cpu });
+        runs.push(throughput(pids, client, server)?);
     }
     let dst = SocketAddr::new(server.ip.into(), 7000);
     let rr = apps::client(client, dst, |mut c| {
@@ -284,6 +294,90 @@ fn measure(lab: &Lab, client: &LabPod, server: &LabPod) -> Result<PathResult> {
         Ok(out)
     })?;
     Ok(PathResult { runs, rr, crr })
+}
+
+/// One iperf3 run, with the CPU the ztunnels `pids` spent meanwhile.
+fn throughput(pids: (u32, u32), client: &LabPod, server: &LabPod) -> Result<Throughput> {
+    let before = (cpu_seconds(pids.0)?, cpu_seconds(pids.1)?);
+    let (gbps, bytes) = iperf(client, server)?;
+    let cpu = (
+        cpu_seconds(pids.0)? - before.0,
+        cpu_seconds(pids.1)? - before.1,
+    );
+    Ok(Throughput { gbps, bytes, cpu })
+}
+
+/// CPU per GB of the built ztunnel against `baseline` (another build's
+/// binary), in one lab: both nodes' ztunnels are replaced by a rolling
+/// restart before each run, and the two builds take turns, so that a host
+/// that is slower for a while weighs on both alike.
+fn against_baseline(lab: &mut Lab, baseline: &Path) -> Result<()> {
+    let (client, server) = (
+        lab.pod("shop/client").clone(),
+        lab.pod("shop/web-1").clone(),
+    );
+    let mut built = Vec::with_capacity(BASELINE_ROUNDS);
+    let mut base = Vec::with_capacity(BASELINE_ROUNDS);
+    for round in 0..BASELINE_ROUNDS {
+        let mut turns = [(true, Some(baseline.to_path_buf())), (false, None)];
+        if round % 2 == 1 {
+            turns.reverse();
+        }
+        for (is_base, bin) in turns {
+            lab.use_ztunnel_binary(bin);
+            for node in ["node-1", "node-2"] {
+                let old = lab.restart_ztunnel(node)?;
+                wait_exit(old, node)?;
+            }
+            let pids = (
+                lab.ztunnel_pid("node-1").context("no ztunnel on node-1")?,
+                lab.ztunnel_pid("node-2").context("no ztunnel on node-2")?,
+            );
+            let run = throughput(pids, &client, &server)?;
+            if is_base { &mut base } else { &mut built }.push(run);
+        }
+    }
+    lab.use_ztunnel_binary(None);
+    let list = |runs: &[Throughput]| {
+        runs.iter()
+            .map(|t| format!("{:.2}", t.cpu_per_gb()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (b, c) = (
+        median_by(&base, Throughput::cpu_per_gb).cpu_per_gb(),
+        median_by(&built, Throughput::cpu_per_gb).cpu_per_gb(),
+    );
+    println!(
+        "\n  ztunnel CPU per GB against {} ({BASELINE_ROUNDS} runs each, taking turns):",
+        baseline.display()
+    );
+    let gbps = |runs: &[Throughput]| median_by(runs, |t| t.gbps).gbps;
+    println!(
+        "    baseline:   {}; median {b:.2} CPU-s/GB, {:.1} Gbit/s",
+        list(&base),
+        gbps(&base)
+    );
+    println!(
+        "    this build: {}; median {c:.2} CPU-s/GB, {:.1} Gbit/s",
+        list(&built),
+        gbps(&built)
+    );
+    println!("    this build / baseline: {:.3} CPU per GB", c / b);
+    Ok(())
+}
+
+/// Waits for a drained ztunnel to exit.
+fn wait_exit(mut old: std::process::Child, node: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while old.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            old.kill()?;
+            bail!("the old ztunnel on {node} did not exit 60 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 /// Gbit/s and bytes received.

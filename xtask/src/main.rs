@@ -29,6 +29,9 @@ usage: cargo xtask <command>
   ebpf [--check]           rebuild ebpf/bpf/capture.bpf.o with clang (--check: fail if it is stale)
   proto [--check]          regenerate xds/src/generated/ from xds/proto/ (--check: fail if it is stale)
   bench l4                 pod-to-pod throughput and latency, plain vs mesh; ztunnel memory (root)
+  bench l4 --throughput [--baseline ZTUNNEL]
+                           only the throughput, latency and CPU-per-GB phases; with
+                           another build's ztunnel binary, CPU per GB of both, taking turns (root)
   bench restart            connections failed across rolling restarts of each node, and the gap after a crash (root)
   bench controller         10 000 pods, 1 000 services, 100 xDS clients: first push, change latency, RSS
   bench waypoint           the waypoint's HTTP engine against Envoy, same routes and backend, pinned (root)
@@ -56,7 +59,11 @@ fn main() -> Result<()> {
         ["ebpf", "--check"] => ebpf::build(true),
         ["proto"] => proto::run(false),
         ["proto", "--check"] => proto::run(true),
-        ["bench", "l4"] => bench::l4(),
+        ["bench", "l4"] => bench::l4(false, None),
+        ["bench", "l4", "--throughput"] => bench::l4(true, None),
+        ["bench", "l4", "--throughput", "--baseline", bin] => {
+            bench::l4(true, Some(std::path::Path::new(bin)))
+        }
         ["bench", "controller"] => bench::controller(),
         ["bench", "restart"] => bench::restart(),
         ["bench", "waypoint"] => bench_waypoint::run(),
