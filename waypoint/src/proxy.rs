@@ -29,11 +29,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 use weft_api::{AppProtocol, Identity, Service, TunnelProtocol, WaypointRef, Workload};
 use weft_hbone::client::{ConnectError, Pool};
-use weft_hbone::io::ReadAhead;
+use weft_hbone::io::{tls_accept, tls_connect};
 use weft_hbone::server::{ConnectRequest, ServeOptions, StreamBudget, forwarded_header_for};
 use weft_hbone::tls::{peer_identity, server_name};
 use weft_identity::CertManager;
@@ -443,7 +442,7 @@ impl Proxy {
             Ok(s) => s,
             Err(e) => return warn!(%peer, error = %e, "no certificate to serve HBONE with"),
         };
-        let accept = TlsAcceptor::from(server).accept(ReadAhead::new(tcp));
+        let accept = tls_accept(server, tcp);
         let tls = match tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, accept).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
@@ -1683,8 +1682,7 @@ impl Proxy {
                             std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
                         })??;
                     tcp.set_nodelay(true)?;
-                    let handshake = TlsConnector::from(tls)
-                        .connect(server_name(hbone_addr.ip()), ReadAhead::new(tcp));
+                    let handshake = tls_connect(tls, server_name(hbone_addr.ip()), tcp);
                     tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, handshake)
                         .await
                         .map_err(|_| {

@@ -13,10 +13,9 @@ use std::sync::Arc;
 
 use http::StatusCode;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 use weft_api::{Identity, Service, Workload};
-use weft_hbone::io::ReadAhead;
+use weft_hbone::io::tls_accept;
 use weft_hbone::server::{ConnectRequest, ServeOptions};
 use weft_hbone::tls::peer_identity;
 
@@ -91,7 +90,7 @@ async fn serve_tls(
         Ok(s) => s,
         Err(e) => return refused(m, DIR, RefusalReason::tls_handshake, peer_addr, local, &e),
     };
-    let accept = TlsAcceptor::from(server).accept(ReadAhead::new(tcp));
+    let accept = tls_accept(server, tcp);
     let tls = match tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return refused(m, DIR, RefusalReason::tls_handshake, peer_addr, local, &e),

@@ -11,11 +11,10 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use weft_api::Identity;
 use weft_hbone::H2Stream;
 use weft_hbone::client::ConnectError;
-use weft_hbone::io::ReadAhead;
+use weft_hbone::io::tls_connect;
 use weft_hbone::server::forwarded_header_for;
 use weft_hbone::tls::server_name;
 
@@ -270,8 +269,7 @@ async fn hbone_stream(
                             format!("connect to {hbone_addr}: {e}; is HBONE port 15008 reachable?"),
                         )
                     })?;
-                let handshake = TlsConnector::from(tls)
-                    .connect(server_name(hbone_addr.ip()), ReadAhead::new(tcp));
+                let handshake = tls_connect(tls, server_name(hbone_addr.ip()), tcp);
                 tokio::time::timeout(weft_hbone::HANDSHAKE_TIMEOUT, handshake)
                     .await
                     .map_err(|_| {
