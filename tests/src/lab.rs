@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
@@ -110,6 +110,23 @@ pub struct Lab {
     /// The rendered chart, when the lab runs what it declares.
     chart: Option<Chart>,
     torn_down: bool,
+}
+
+/// Waits up to `limit` for `child` (`what`, for the error) to exit, as after
+/// a SIGTERM; past it, kills and reaps it and fails.
+pub fn wait_exit(child: &mut Child, what: &str, limit: Duration) -> Result<ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} still running {limit:?} after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Labs alive in this process, for the Ctrl-C handler.
@@ -831,7 +848,10 @@ impl Lab {
             .create(true)
             .append(true)
             .open(self.dir.join(format!("ztunnel-{node}.log")))?;
-        let bin = (self.ztunnel_bin.clone()).unwrap_or_else(|| self.opts.bin_dir.join("ztunnel"));
+        let bin = self
+            .ztunnel_bin
+            .clone()
+            .unwrap_or_else(|| self.opts.bin_dir.join("ztunnel"));
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns.name()]).arg(bin);
         if self.chart.is_some() {
@@ -1005,27 +1025,13 @@ impl Lab {
 
     /// Stops ztunnel on `node` with SIGTERM, as the kubelet does, and waits
     /// until it has exited (drained).
-    pub fn stop_ztunnel(
-        &mut self,
-        node: &str,
-        limit: Duration,
-    ) -> Result<std::process::ExitStatus> {
+    pub fn stop_ztunnel(&mut self, node: &str, limit: Duration) -> Result<ExitStatus> {
         let mut child = self
             .ztunnels
             .remove(node)
             .with_context(|| format!("no ztunnel on {node}"))?;
         kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
-        let started = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
-            }
-            if started.elapsed() > limit {
-                child.kill()?;
-                bail!("ztunnel on {node} still running {limit:?} after SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = wait_exit(&mut child, &format!("ztunnel on {node}"), limit)?;
         self.register()?;
         Ok(status)
     }
@@ -1052,11 +1058,28 @@ impl Lab {
     /// Starts a new ztunnel on `node` beside the running one and waits until
     /// it is ready; returns the old one, still running (the surge half of a
     /// rollout: the caller stops it).
+    /// If the new one fails, it is killed and the old one stays the node's.
     pub fn start_successor(&mut self, node: &str) -> Result<Child> {
         let old = self
             .ztunnels
             .remove(node)
             .with_context(|| format!("no ztunnel on {node}"))?;
+        match self.start_ready(node) {
+            Ok(()) => Ok(old),
+            Err(e) => {
+                if let Some(mut failed) = self.ztunnels.remove(node) {
+                    let _ = failed.kill();
+                    let _ = failed.wait();
+                }
+                self.ztunnels.insert(node.to_string(), old);
+                self.register()?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts a ztunnel on `node` and waits for its first "ztunnel ready".
+    fn start_ready(&mut self, node: &str) -> Result<()> {
         let readies = |lab: &Lab| lab.ztunnel_log(node).matches("\"ztunnel ready\"").count();
         let before = readies(self);
         self.start_ztunnel(node)?;
@@ -1075,7 +1098,7 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(old)
+        Ok(())
     }
 
     /// Waits until ztunnel on `node` reports ready.

@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 
 use crate::Lab;
 use crate::apps::{self, Churn};
-use crate::lab::LabPod;
+use crate::lab::{LabPod, wait_exit};
 
 /// Upload rate across the restart.
 pub const UPLOAD_BYTES_PER_SEC: u64 = 4 * 1024 * 1024;
@@ -56,15 +56,11 @@ pub fn restart_under_load(
     let mut old = lab.restart_ztunnel(node)?;
     let churn = churn.join().map_err(|_| anyhow!("churn panicked"))??;
     let upload = upload.join().map_err(|_| anyhow!("upload panicked"))?;
-    let old_exit = loop {
-        if let Some(s) = old.try_wait()? {
-            break s;
-        }
-        if restarted.elapsed() > EXIT_WITHIN {
-            bail!("the old ztunnel on {node} did not exit within {EXIT_WITHIN:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let old_exit = wait_exit(
+        &mut old,
+        &format!("the old ztunnel on {node}"),
+        EXIT_WITHIN.saturating_sub(restarted.elapsed()),
+    )?;
     Ok(Rollout {
         churn,
         upload,

@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -32,6 +32,8 @@ const CHURN_WINDOWS_PLAIN: usize = 2;
 const CHURN_WINDOWS_MESH: usize = 6;
 /// Throughput runs of each build when comparing with a baseline build.
 const BASELINE_ROUNDS: usize = 5;
+/// The unmeasured run after each restart.
+const WARM_UP_SECONDS: &str = "1";
 
 struct PathResult {
     /// Each throughput run, in the order run.
@@ -70,11 +72,23 @@ pub fn controller() -> Result<()> {
     )
 }
 
-/// With `throughput_only`, stops after the throughput, latency and CPU per
-/// GB figures; with a `baseline` ztunnel binary, then compares CPU per GB
-/// with it (see [`against_baseline`]).
-pub fn l4(throughput_only: bool, baseline: Option<&Path>) -> Result<()> {
+/// What `cargo xtask bench l4` runs.
+pub enum L4 {
+    /// Every phase.
+    Full,
+    /// Throughput, latency and CPU per GB only; with a `baseline` ztunnel
+    /// binary, then CPU per GB of both builds (see [`against_baseline`]).
+    Throughput { baseline: Option<PathBuf> },
+}
+
+pub fn l4(mode: L4) -> Result<()> {
     require_root("cargo xtask bench l4")?;
+    let baseline = match &mode {
+        L4::Throughput {
+            baseline: Some(bin),
+        } => Some(executable(bin)?),
+        _ => None,
+    };
     ensure_tools(&[("iperf3", "iperf3")])?;
     // The hold phase keeps 10 000 client sockets in this process.
     weft_runtime::raise_fd_limit();
@@ -152,10 +166,10 @@ pub fn l4(throughput_only: bool, baseline: Option<&Path>) -> Result<()> {
         mid.cpu.1 / gb,
         mid.cpu_per_gb()
     );
-    if let Some(baseline) = baseline {
-        against_baseline(&mut lab, baseline)?;
-    }
-    if throughput_only {
+    if let L4::Throughput { .. } = mode {
+        if let Some(baseline) = baseline {
+            against_baseline(&mut lab, &baseline)?;
+        }
         return Ok(());
     }
     let churn_plain = churn(plain.0, plain.1, CHURN_WINDOWS_PLAIN)?;
@@ -253,11 +267,32 @@ pub(crate) fn cpu_split(pid: u32) -> Result<(f64, f64)> {
     Ok((ticks(11) / hz, ticks(12) / hz))
 }
 
-fn measure(lab: &Lab, client: &LabPod, server: &LabPod) -> Result<PathResult> {
-    let pids = (
+/// The baseline binary as an absolute path, checked before the lab starts
+/// (a bare name would be looked up on PATH by `ip netns exec`).
+fn executable(bin: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::fs::canonicalize(bin)
+        .with_context(|| format!("baseline ztunnel {}", bin.display()))?;
+    let meta = std::fs::metadata(&path)?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        bail!(
+            "baseline ztunnel {} is not an executable file",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The pids of both nodes' ztunnels.
+fn ztunnel_pids(lab: &Lab) -> Result<(u32, u32)> {
+    Ok((
         lab.ztunnel_pid("node-1").context("no ztunnel on node-1")?,
         lab.ztunnel_pid("node-2").context("no ztunnel on node-2")?,
-    );
+    ))
+}
+
+fn measure(lab: &Lab, client: &LabPod, server: &LabPod) -> Result<PathResult> {
+    let pids = ztunnel_pids(lab)?;
     let mut runs = Vec::with_capacity(THROUGHPUT_RUNS);
     for _ in 0..THROUGHPUT_RUNS {
         runs.push(throughput(pids, client, server)?);
@@ -299,7 +334,7 @@ fn measure(lab: &Lab, client: &LabPod, server: &LabPod) -> Result<PathResult> {
 /// One iperf3 run, with the CPU the ztunnels `pids` spent meanwhile.
 fn throughput(pids: (u32, u32), client: &LabPod, server: &LabPod) -> Result<Throughput> {
     let before = (cpu_seconds(pids.0)?, cpu_seconds(pids.1)?);
-    let (gbps, bytes) = iperf(client, server)?;
+    let (gbps, bytes) = iperf(client, server, THROUGHPUT_SECONDS)?;
     let cpu = (
         cpu_seconds(pids.0)? - before.0,
         cpu_seconds(pids.1)? - before.1,
@@ -310,7 +345,11 @@ fn throughput(pids: (u32, u32), client: &LabPod, server: &LabPod) -> Result<Thro
 /// CPU per GB of the built ztunnel against `baseline` (another build's
 /// binary), in one lab: both nodes' ztunnels are replaced by a rolling
 /// restart before each run, and the two builds take turns, so that a host
-/// that is slower for a while weighs on both alike.
+/// that is slower for a while weighs on both alike. Each measured run
+/// follows a short unmeasured one, so neither build's figure holds its
+/// first connection's handshake. The baseline must hand over as this build
+/// does (SO_REUSEPORT listeners, the "ztunnel ready" log line, the same
+/// pinned capture). Ends with this build's ztunnels running.
 fn against_baseline(lab: &mut Lab, baseline: &Path) -> Result<()> {
     let (client, server) = (
         lab.pod("shop/client").clone(),
@@ -324,20 +363,16 @@ fn against_baseline(lab: &mut Lab, baseline: &Path) -> Result<()> {
             turns.reverse();
         }
         for (is_base, bin) in turns {
-            lab.use_ztunnel_binary(bin);
-            for node in ["node-1", "node-2"] {
-                let old = lab.restart_ztunnel(node)?;
-                wait_exit(old, node)?;
-            }
-            let pids = (
-                lab.ztunnel_pid("node-1").context("no ztunnel on node-1")?,
-                lab.ztunnel_pid("node-2").context("no ztunnel on node-2")?,
-            );
-            let run = throughput(pids, &client, &server)?;
+            roll(lab, bin)?;
+            iperf(&client, &server, WARM_UP_SECONDS)?;
+            let run = throughput(ztunnel_pids(lab)?, &client, &server)?;
             if is_base { &mut base } else { &mut built }.push(run);
         }
     }
-    lab.use_ztunnel_binary(None);
+    if BASELINE_ROUNDS % 2 == 1 {
+        // The last turn was the baseline's.
+        roll(lab, None)?;
+    }
     let list = |runs: &[Throughput]| {
         runs.iter()
             .map(|t| format!("{:.2}", t.cpu_per_gb()))
@@ -363,25 +398,39 @@ fn against_baseline(lab: &mut Lab, baseline: &Path) -> Result<()> {
         list(&built),
         gbps(&built)
     );
-    println!("    this build / baseline: {:.3} CPU per GB", c / b);
+    // Each round's two runs were next to each other in time: their ratio
+    // is the least disturbed by the host.
+    let pairs: Vec<f64> = built
+        .iter()
+        .zip(&base)
+        .map(|(c, b)| c.cpu_per_gb() / b.cpu_per_gb())
+        .collect();
+    println!(
+        "    this build / baseline: {:.3} (medians); {:.3} (median of the {BASELINE_ROUNDS} rounds' ratios)",
+        c / b,
+        median_by(&pairs, |r| *r)
+    );
     Ok(())
 }
 
-/// Waits for a drained ztunnel to exit.
-fn wait_exit(mut old: std::process::Child, node: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while old.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            old.kill()?;
-            bail!("the old ztunnel on {node} did not exit 60 s after SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+/// Replaces both nodes' ztunnels with `bin` (this build's with `None`) by
+/// a rolling restart, each old one drained and gone before the next.
+fn roll(lab: &mut Lab, bin: Option<PathBuf>) -> Result<()> {
+    lab.use_ztunnel_binary(bin);
+    for node in ["node-1", "node-2"] {
+        let mut old = lab.restart_ztunnel(node)?;
+        // Above the default drain deadline (30 s).
+        weft_tests::lab::wait_exit(
+            &mut old,
+            &format!("the old ztunnel on {node}"),
+            Duration::from_secs(60),
+        )?;
     }
     Ok(())
 }
 
-/// Gbit/s and bytes received.
-fn iperf(client: &LabPod, server: &LabPod) -> Result<(f64, f64)> {
+/// Gbit/s and bytes received in a run of `seconds`.
+fn iperf(client: &LabPod, server: &LabPod, seconds: &str) -> Result<(f64, f64)> {
     let mut srv = std::process::Command::new("ip")
         .args([
             "netns",
@@ -406,7 +455,7 @@ fn iperf(client: &LabPod, server: &LabPod) -> Result<(f64, f64)> {
             "-p",
             "5201",
             "-t",
-            THROUGHPUT_SECONDS,
+            seconds,
             "-J",
         ],
     )?;

@@ -59,11 +59,11 @@ fn main() -> Result<()> {
         ["ebpf", "--check"] => ebpf::build(true),
         ["proto"] => proto::run(false),
         ["proto", "--check"] => proto::run(true),
-        ["bench", "l4"] => bench::l4(false, None),
-        ["bench", "l4", "--throughput"] => bench::l4(true, None),
-        ["bench", "l4", "--throughput", "--baseline", bin] => {
-            bench::l4(true, Some(std::path::Path::new(bin)))
-        }
+        ["bench", "l4"] => bench::l4(bench::L4::Full),
+        ["bench", "l4", "--throughput"] => bench::l4(bench::L4::Throughput { baseline: None }),
+        ["bench", "l4", "--throughput", "--baseline", bin] => bench::l4(bench::L4::Throughput {
+            baseline: Some(bin.into()),
+        }),
         ["bench", "controller"] => bench::controller(),
         ["bench", "restart"] => bench::restart(),
         ["bench", "waypoint"] => bench_waypoint::run(),
