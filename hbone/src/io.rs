@@ -34,8 +34,10 @@ pub const READ_AHEAD: usize = 64 * 1024;
 /// as 64 KiB of records is a little more than one 64 KiB TCP segment train
 /// (45 MSS), a second, small packet after each, through every hop to the
 /// peer. Measured on the lab's underlay: 865 packets of 464 bytes for 1219
-/// full ones. Only a connection whose socket is slower than its writer
-/// holds this much, and only until the socket takes it.
+/// full ones; with 256 KiB, 264 for 1443. The cost: a connection whose
+/// peer stops reading holds up to this much (h2 above it may hold up to
+/// 1 MiB per stream, `max_send_buffer_size`), and a stream's bytes may wait
+/// behind this much of another's.
 pub const TLS_SEND_BUFFER: usize = 256 * 1024;
 
 /// The client side of an HBONE TLS handshake over `tcp`.
