@@ -897,30 +897,32 @@ mod tests {
         assert_eq!(assemble(&workloads, &services, &policies), cfg);
     }
 
+    /// A policy of one rule with one match.
+    fn one_match(m: sec::Match) -> sec::Authorization {
+        sec::Authorization {
+            rules: vec![sec::Rule {
+                clauses: vec![sec::Clause { matches: vec![m] }],
+            }],
+            ..sec::Authorization::default()
+        }
+    }
+
     /// A CIDR sent with host bits past its prefix (`42.0.42.0/0`) reads as
     /// its network, so that what ztunnel accepted reads the same when sent
     /// again. Found by the `xds_decode` fuzz target.
     #[test]
     fn host_bits_of_a_cidr_are_dropped() {
-        let msg = sec::Authorization {
-            name: "p".into(),
-            rules: vec![sec::Rule {
-                clauses: vec![sec::Clause {
-                    matches: vec![sec::Match {
-                        not_source_ips: vec![sec::Address {
-                            address: vec![42, 0, 42, 0],
-                            length: 0,
-                        }],
-                        source_ips: vec![sec::Address {
-                            address: vec![10, 1, 2, 3],
-                            length: 16,
-                        }],
-                        ..sec::Match::default()
-                    }],
-                }],
+        let msg = one_match(sec::Match {
+            not_source_ips: vec![sec::Address {
+                address: vec![42, 0, 42, 0],
+                length: 0,
             }],
-            ..sec::Authorization::default()
-        };
+            source_ips: vec![sec::Address {
+                address: vec![10, 1, 2, 3],
+                length: 16,
+            }],
+            ..sec::Match::default()
+        });
         let (policy, _) = authorization_from_proto("p", msg).unwrap();
         let m = &policy.rules[0].clauses[0].matches[0];
         assert_eq!(
@@ -1003,20 +1005,13 @@ mod tests {
             assert_eq!(err.field, field, "{name}: {err}");
             assert_eq!(err.resource, "workload w");
         }
-        let bad_cidr = sec::Authorization {
-            rules: vec![sec::Rule {
-                clauses: vec![sec::Clause {
-                    matches: vec![sec::Match {
-                        source_ips: vec![sec::Address {
-                            address: vec![10, 0, 0, 0],
-                            length: 40,
-                        }],
-                        ..sec::Match::default()
-                    }],
-                }],
+        let bad_cidr = one_match(sec::Match {
+            source_ips: vec![sec::Address {
+                address: vec![10, 0, 0, 0],
+                length: 40,
             }],
-            ..sec::Authorization::default()
-        };
+            ..sec::Match::default()
+        });
         let err = authorization_from_proto("ns/p", bad_cidr).unwrap_err();
         assert_eq!(
             (err.field, err.resource.as_str()),
