@@ -215,27 +215,8 @@ struct Bench {
 
 /// CPU time a process has used so far, user and system, all threads.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the command (which may hold spaces): the state (field 3), ...,
-    // utime and stime (fields 14 and 15).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<u64> = rest
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    let ticks = fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0);
-    Duration::from_secs_f64(ticks as f64 / clock_ticks())
-}
-
-/// Clock ticks per second of `/proc`'s CPU times.
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
+    let (user, system) = weft_runtime::cpu_seconds(pid).unwrap_or_default();
+    Duration::from_secs_f64(user + system)
 }
 
 /// A name's share of a fingerprint: the wrapping sum over a set of names

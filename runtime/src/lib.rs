@@ -1,6 +1,7 @@
 //! What every Weft process runs besides its job: small admin HTTP servers
 //! ([`admin::serve`]), Prometheus text ([`metrics::encode`]), the shutdown
-//! signal ([`shutdown_signal`]) and the file limit ([`raise_fd_limit`]).
+//! signal ([`shutdown_signal`]), the file limit ([`raise_fd_limit`]), and
+//! a process's CPU time as the kernel counts it ([`cpu_seconds`]).
 
 #![forbid(unsafe_code)]
 
@@ -27,6 +28,28 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// User and system (kernel) CPU seconds process `pid` has used so far, all
+/// its threads, from `/proc/<pid>/stat`.
+pub fn cpu_seconds(pid: u32) -> std::io::Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // After the parenthesised command name (which may hold spaces): the
+    // state, the 3rd field of the line, ..., utime and stime, the 14th and
+    // 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Ok((ticks(11) / hz, ticks(12) / hz))
+}
+
 /// Resolves on SIGTERM (how Kubernetes stops a pod) or SIGINT (Ctrl-C).
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -36,5 +59,32 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    /// This process's user time grows while it computes; a process that
+    /// does not exist is an error.
+    #[test]
+    fn cpu_seconds_counts_this_process() {
+        let me = std::process::id();
+        let (user0, system0) = super::cpu_seconds(me).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut x = 0u64;
+        loop {
+            for i in 0..1_000_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+            let (user, system) = super::cpu_seconds(me).unwrap();
+            assert!(user >= user0 && system >= system0);
+            if user - user0 >= 0.05 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "user time stayed at {user0}");
+        }
+        assert!(super::cpu_seconds(u32::MAX).is_err());
     }
 }

@@ -243,28 +243,8 @@ fn churn(client: &LabPod, server: &LabPod, windows: usize) -> Result<Vec<f64>> {
 
 /// User plus system CPU seconds of `pid` so far.
 pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
-    let (user, system) = cpu_split(pid)?;
+    let (user, system) = weft_runtime::cpu_seconds(pid)?;
     Ok(user + system)
-}
-
-/// User and system (kernel) CPU seconds of `pid` so far.
-pub(crate) fn cpu_split(pid: u32) -> Result<(f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the whole line.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    Ok((ticks(11) / hz, ticks(12) / hz))
 }
 
 /// The baseline binary as an absolute path, checked before the lab starts

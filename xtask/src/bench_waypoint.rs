@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use weft_tests::lab::LabPod;
 use weft_tests::{Lab, LabOptions};
 
-use crate::bench::{cpu_seconds, cpu_split};
+use crate::bench::cpu_seconds;
 use crate::util::{build_bins, ensure_tools, require_root, root};
 
 const ENVOY_VERSION: &str = "1.40.0";
@@ -379,7 +379,7 @@ fn load(
     backends: &[u32],
 ) -> Result<Run> {
     let url = format!("http://{target}/");
-    let cpu0 = cpu_split(proxy)?;
+    let cpu0 = weft_runtime::cpu_seconds(proxy)?;
     let back0: f64 = backends
         .iter()
         .map(|p| cpu_seconds(*p).unwrap_or(0.0))
@@ -420,7 +420,7 @@ fn load(
             ],
         )?
     };
-    let cpu1 = cpu_split(proxy)?;
+    let cpu1 = weft_runtime::cpu_seconds(proxy)?;
     let mut run = Run {
         proxy_cpu: cpu1.0 + cpu1.1 - cpu0.0 - cpu0.1,
         proxy_sys: cpu1.1 - cpu0.1,
