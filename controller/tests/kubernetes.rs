@@ -126,6 +126,17 @@ impl Fake {
         panic!("no watch opened on {path}");
     }
 
+    /// Ends the watch on `path` as an expired resource version does (410
+    /// Gone): the client lists the kind again.
+    async fn expire(&self, path: &str) {
+        self.event(
+            path,
+            "ERROR",
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410, "message": "too old"}),
+        )
+        .await;
+    }
+
     fn serve(self, mut handle: Handle) {
         tokio::spawn(async move {
             while let Some((req, send)) = handle.next_request().await {
@@ -305,6 +316,13 @@ fn pod(ns: &str, name: &str, node: &str, ip: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta(name, Some(ns), "1"),
            "spec": {"nodeName": node, "serviceAccountName": name, "containers": [{"name": "app"}]},
            "status": {"podIP": ip}})
+}
+
+/// Whether one of `problems` is about `object` (`Kind namespace/name`).
+fn names(problems: &[String], object: &str) -> bool {
+    problems
+        .iter()
+        .any(|p| p.strip_prefix(object).is_some_and(|r| r.starts_with(':')))
 }
 
 /// Polls `source` until a snapshot and its problems satisfy `want` (for
@@ -576,11 +594,7 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
     let (snap, _) = poll_until(
         &mut source,
         "the unreadable version is named",
-        |_, problems| {
-            problems
-                .iter()
-                .any(|p| p.starts_with("AuthorizationPolicy shop/deny-ops:"))
-        },
+        |_, problems| names(problems, "AuthorizationPolicy shop/deny-ops"),
     )
     .await;
     assert!(
@@ -617,11 +631,7 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
     poll_until(
         &mut source,
         "a policy that never read is named",
-        |_, problems| {
-            problems
-                .iter()
-                .any(|p| p.starts_with("AuthorizationPolicy shop/ghost:"))
-        },
+        |_, problems| names(problems, "AuthorizationPolicy shop/ghost"),
     )
     .await;
     fake.list(
@@ -633,12 +643,7 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
             json!({"action": "PERMIT"}),
         )],
     );
-    fake.event(
-        AP,
-        "ERROR",
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410, "message": "too old"}),
-    )
-    .await;
+    fake.expire(AP).await;
     poll_until(
         &mut source,
         "a new list forgets the problems of what it lacks",
@@ -655,12 +660,7 @@ async fn watch_events_make_the_snapshot_and_status_goes_back() {
             pod("shop", "c", "n1", "10.244.1.12"),
         ],
     );
-    fake.event(
-        "/api/v1/pods",
-        "ERROR",
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410, "message": "too old"}),
-    )
-    .await;
+    fake.expire("/api/v1/pods").await;
     poll_until(&mut source, "a new list replaces the kind whole", |s, _| {
         s.pods.keys().eq(["istio-system/ztunnel-abc", "shop/c"])
     })
