@@ -31,7 +31,30 @@ pub fn raise_fd_limit() {
 /// User and system (kernel) CPU seconds process `pid` has used so far, all
 /// its threads, from `/proc/<pid>/stat`.
 pub fn cpu_seconds(pid: u32) -> std::io::Result<(f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// Each thread of process `pid`: its name and the CPU seconds (user and
+/// system) it has used so far, from `/proc/<pid>/task/*/`.
+pub fn thread_cpu_seconds(pid: u32) -> std::io::Result<Vec<(String, f64)>> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        // A thread that ends meanwhile is no longer one of them.
+        let (Ok(name), Ok((user, system))) = (
+            std::fs::read_to_string(dir.join("comm")),
+            stat_cpu_seconds(&dir.join("stat").to_string_lossy()),
+        ) else {
+            continue;
+        };
+        threads.push((name.trim_end().to_string(), user + system));
+    }
+    Ok(threads)
+}
+
+/// utime and stime of a `stat` file of procfs, in seconds.
+fn stat_cpu_seconds(path: &str) -> std::io::Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(path)?;
     // After the parenthesised command name (which may hold spaces): the
     // state, the 3rd field of the line, ..., utime and stime, the 14th and
     // 15th.
@@ -86,5 +109,45 @@ mod tests {
             assert!(Instant::now() < deadline, "user time stayed at {user0}");
         }
         assert!(super::cpu_seconds(u32::MAX).is_err());
+    }
+
+    /// A named thread that computes is listed under its name, with the
+    /// time it spent.
+    #[test]
+    fn thread_cpu_seconds_names_each_thread() {
+        let me = std::process::id();
+        let (done, wait) = std::sync::mpsc::channel();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::Builder::new()
+            .name("busy-thread".into())
+            .spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut x = 0u64;
+                // Until the kernel counts 50 ms of its CPU, or 10 s pass.
+                while Instant::now() < deadline {
+                    for i in 0..1_000_000u64 {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                    }
+                    let threads = super::thread_cpu_seconds(me).unwrap();
+                    if threads
+                        .iter()
+                        .any(|(n, s)| n == "busy-thread" && *s >= 0.05)
+                    {
+                        break;
+                    }
+                }
+                done.send(()).unwrap();
+                // Alive while the test reads it.
+                let _ = stopped.recv();
+            })
+            .unwrap();
+        wait.recv().unwrap();
+        let threads = super::thread_cpu_seconds(me).unwrap();
+        stop.send(()).unwrap();
+        worker.join().unwrap();
+        let busy: Vec<_> = threads.iter().filter(|(n, _)| n == "busy-thread").collect();
+        assert_eq!(busy.len(), 1, "{threads:?}");
+        assert!(busy[0].1 >= 0.05, "{threads:?}");
+        assert!(super::thread_cpu_seconds(u32::MAX).is_err());
     }
 }
