@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use weft_tests::apps::{self, App};
 use weft_tests::check::{eventually, log_lines, metric_sum};
 use weft_tests::{Lab, LabOptions, tcpdump};
@@ -117,6 +117,55 @@ fn cross_node_mtls_bulk() -> Result<()> {
         "{}",
         lines[0]
     );
+    Ok(())
+}
+
+/// A connection is served by one proxy worker on each node: its splice, its
+/// HBONE connection and the stream over it run on the worker thread that
+/// accepted it, so a bulk transfer's bytes stay in one core's caches. Both
+/// ztunnels have their two workers (`ZTUNNEL_WORKER_THREADS`, default 2),
+/// and one of them does (almost) all of a 200 MB upload's proxy work.
+#[test]
+fn a_connection_stays_on_one_worker() -> Result<()> {
+    let lab = Lab::up(LabOptions::new("workers", SCENARIO))?;
+    let client = lab.pod("shop/client");
+    let web = lab.pod("shop/web-1");
+    let _sink = apps::serve(web, 9000, App::Sink)?;
+    // Warm: certificates issued, so the upload below is all proxying.
+    apps::upload(client, addr(web, 9000), MB)?;
+    let proxy_threads = |node: &str| -> Result<Vec<(String, f64)>> {
+        let pid = lab.ztunnel_pid(node).context("no ztunnel")?;
+        let mut threads: Vec<_> = weft_runtime::thread_cpu_seconds(pid)?
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("proxy-"))
+            .collect();
+        threads.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(threads)
+    };
+    let before = [proxy_threads("node-1")?, proxy_threads("node-2")?];
+    apps::upload(client, addr(web, 9000), 200 * MB)?;
+    for (node, before) in ["node-1", "node-2"].into_iter().zip(before) {
+        let after = proxy_threads(node)?;
+        let names = |t: &[(String, f64)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        ensure!(
+            names(&after) == ["proxy-0", "proxy-1"] && names(&before) == names(&after),
+            "{node}: proxy threads {:?}, want proxy-0 and proxy-1",
+            names(&after)
+        );
+        let spent: Vec<f64> = after
+            .iter()
+            .zip(&before)
+            .map(|((_, a), (_, b))| a - b)
+            .collect();
+        let total: f64 = spent.iter().sum();
+        let busiest = spent.iter().cloned().fold(0.0, f64::max);
+        // 200 MB through TLS takes well over the 10 ms a tick counts.
+        ensure!(total >= 0.1, "{node}: the proxy threads spent {total:.2} s");
+        ensure!(
+            busiest >= 0.9 * total,
+            "{node}: the upload's proxy work was spread over the workers: {spent:?} s"
+        );
+    }
     Ok(())
 }
 

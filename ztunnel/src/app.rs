@@ -216,7 +216,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         state: state.clone(),
         certs: certs.clone(),
         metrics: metrics.clone(),
-        pool: Pool::default(),
+        pools: (0..cfg.worker_threads).map(|_| Pool::default()).collect(),
         drain: drain_rx,
         open: Arc::default(),
         streams: StreamBudget::new(
@@ -225,11 +225,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         ),
     });
     let pool_owner = inputs.clone();
-    let proxy = Proxy::bind(inputs).map_err(|source| AppError::Bind {
-        what: "capture listeners (15001, 15006, 15008)",
+    let proxy = Proxy::start(inputs).map_err(|source| AppError::Bind {
+        what: "capture listeners (15001, 15006, 15008) and their workers",
         source,
     })?;
-    let proxy = tokio::spawn(proxy.run());
+    let proxy = tokio::spawn(proxy.finished());
     // The one certificate refresher: this node's captured identities,
     // fetched ahead of their first connection and renewed at half-life.
     let (wanted, wanted_rx) = tokio::sync::watch::channel(BTreeSet::new());
@@ -291,7 +291,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         if vips.is_none() && synced.load(Ordering::Acquire) {
             vips = Some(snap.vips_v4());
         }
-        pool_owner.pool.evict_idle(weft_hbone::POOL_IDLE_TIMEOUT);
+        for pool in &pool_owner.pools {
+            pool.evict_idle(weft_hbone::POOL_IDLE_TIMEOUT);
+        }
         // Ready means the pods this state says are captured are: a client
         // that waits for readiness never talks to them around ztunnel.
         let mut captured_as_stated = true;

@@ -27,7 +27,7 @@ pub const ENV_DRAIN_DURATION: &str = "DRAIN_DURATION";
 /// How long a stopping ztunnel lets open connections finish (Istio's and
 /// Kubernetes' default grace period).
 pub const DEFAULT_DRAIN_DURATION: Duration = Duration::from_secs(30);
-/// Istio's name for it: the async runtime's worker threads.
+/// Istio's name for it: the proxy's worker threads.
 pub const ENV_WORKER_THREADS: &str = "ZTUNNEL_WORKER_THREADS";
 /// As Istio's ztunnel: two, whatever the node's size.
 pub const DEFAULT_WORKER_THREADS: usize = 2;
@@ -118,7 +118,8 @@ pub struct Config {
     /// On SIGTERM: stop accepting, GOAWAY, and give open connections this
     /// long to finish.
     pub drain_duration: Duration,
-    /// Threads of the async runtime.
+    /// Proxy worker threads, each with a runtime and listeners of its own
+    /// ([`crate::proxy::Proxy`]).
     pub worker_threads: usize,
     /// In a cluster: where to ask, on SIGTERM, whether this is a rollout or
     /// a removal ([`crate::removal`]).

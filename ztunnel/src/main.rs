@@ -30,8 +30,10 @@ fn main() -> anyhow::Result<()> {
     weft_runtime::raise_fd_limit();
     let cfg = Config::from_lookup(&|k| std::env::var(k).ok())?;
     info!(config = ?cfg, "starting ztunnel");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.worker_threads)
+    // This thread runs the control plane (xDS, certificates, admin, the
+    // capture sync); the proxy has `worker_threads` threads of its own
+    // (`proxy::Proxy`).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(app::run(cfg))?;

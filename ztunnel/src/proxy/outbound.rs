@@ -255,7 +255,7 @@ async fn hbone_stream(
         headers.insert("traceparent", v);
     }
     let key = (client.ip(), src_id.clone(), dst_id.clone(), hbone_addr);
-    pi.pool
+    pi.pool()
         .stream(&key, target, headers, || {
             let tls = tls.clone();
             async move {
