@@ -30,8 +30,9 @@ const MESSAGE: usize = 64;
 const CHURN_WINDOW: Duration = Duration::from_secs(10);
 const CHURN_WINDOWS_PLAIN: usize = 2;
 const CHURN_WINDOWS_MESH: usize = 6;
-/// Throughput runs of each build when comparing with a baseline build.
-const BASELINE_ROUNDS: usize = 5;
+/// Throughput runs of each build when comparing with a baseline build,
+/// unless `--rounds` says otherwise.
+pub const BASELINE_ROUNDS: usize = 5;
 /// The unmeasured run after each restart.
 const WARM_UP_SECONDS: &str = "1";
 
@@ -77,16 +78,17 @@ pub enum L4 {
     /// Every phase.
     Full,
     /// Throughput, latency and CPU per GB only; with a `baseline` ztunnel
-    /// binary, then CPU per GB of both builds (see [`against_baseline`]).
-    Throughput { baseline: Option<PathBuf> },
+    /// binary, then CPU per GB of both builds, that many rounds each (see
+    /// [`against_baseline`]).
+    Throughput { baseline: Option<(PathBuf, usize)> },
 }
 
 pub fn l4(mode: L4) -> Result<()> {
     require_root("cargo xtask bench l4")?;
     let baseline = match &mode {
         L4::Throughput {
-            baseline: Some(bin),
-        } => Some(executable(bin)?),
+            baseline: Some((bin, rounds)),
+        } => Some((executable(bin)?, *rounds)),
         _ => None,
     };
     ensure_tools(&[("iperf3", "iperf3")])?;
@@ -167,8 +169,8 @@ pub fn l4(mode: L4) -> Result<()> {
         mid.cpu_per_gb()
     );
     if let L4::Throughput { .. } = mode {
-        if let Some(baseline) = baseline {
-            against_baseline(&mut lab, &baseline)?;
+        if let Some((baseline, rounds)) = baseline {
+            against_baseline(&mut lab, &baseline, rounds)?;
         }
         return Ok(());
     }
@@ -330,14 +332,14 @@ fn throughput(pids: (u32, u32), client: &LabPod, server: &LabPod) -> Result<Thro
 /// first connection's handshake. The baseline must hand over as this build
 /// does (SO_REUSEPORT listeners, the "ztunnel ready" log line, the same
 /// pinned capture). Ends with this build's ztunnels running.
-fn against_baseline(lab: &mut Lab, baseline: &Path) -> Result<()> {
+fn against_baseline(lab: &mut Lab, baseline: &Path, rounds: usize) -> Result<()> {
     let (client, server) = (
         lab.pod("shop/client").clone(),
         lab.pod("shop/web-1").clone(),
     );
-    let mut built = Vec::with_capacity(BASELINE_ROUNDS);
-    let mut base = Vec::with_capacity(BASELINE_ROUNDS);
-    for round in 0..BASELINE_ROUNDS {
+    let mut built = Vec::with_capacity(rounds);
+    let mut base = Vec::with_capacity(rounds);
+    for round in 0..rounds {
         let mut turns = [(true, Some(baseline.to_path_buf())), (false, None)];
         if round % 2 == 1 {
             turns.reverse();
@@ -349,7 +351,7 @@ fn against_baseline(lab: &mut Lab, baseline: &Path) -> Result<()> {
             if is_base { &mut base } else { &mut built }.push(run);
         }
     }
-    if BASELINE_ROUNDS % 2 == 1 {
+    if rounds % 2 == 1 {
         // The last turn was the baseline's.
         roll(lab, None)?;
     }
@@ -364,7 +366,7 @@ fn against_baseline(lab: &mut Lab, baseline: &Path) -> Result<()> {
         median_by(&built, Throughput::cpu_per_gb).cpu_per_gb(),
     );
     println!(
-        "\n  ztunnel CPU per GB against {} ({BASELINE_ROUNDS} runs each, taking turns):",
+        "\n  ztunnel CPU per GB against {} ({rounds} runs each, taking turns):",
         baseline.display()
     );
     let gbps = |runs: &[Throughput]| median_by(runs, |t| t.gbps).gbps;
@@ -386,7 +388,7 @@ fn against_baseline(lab: &mut Lab, baseline: &Path) -> Result<()> {
         .map(|(c, b)| c.cpu_per_gb() / b.cpu_per_gb())
         .collect();
     println!(
-        "    this build / baseline: {:.3} (medians); {:.3} (median of the {BASELINE_ROUNDS} rounds' ratios)",
+        "    this build / baseline: {:.3} (medians); {:.3} (median of the {rounds} rounds' ratios)",
         c / b,
         median_by(&pairs, |r| *r)
     );

@@ -29,9 +29,10 @@ usage: cargo xtask <command>
   ebpf [--check]           rebuild ebpf/bpf/capture.bpf.o with clang (--check: fail if it is stale)
   proto [--check]          regenerate xds/src/generated/ from xds/proto/ (--check: fail if it is stale)
   bench l4                 pod-to-pod throughput and latency, plain vs mesh; ztunnel memory (root)
-  bench l4 --throughput [--baseline ZTUNNEL]
+  bench l4 --throughput [--baseline ZTUNNEL [--rounds N]]
                            only the throughput, latency and CPU-per-GB phases; with
-                           another build's ztunnel binary, CPU per GB of both, taking turns (root)
+                           another build's ztunnel binary, CPU per GB of both, taking turns,
+                           N runs each (default 5) (root)
   bench restart            connections failed across rolling restarts of each node, and the gap after a crash (root)
   bench controller         10 000 pods, 1 000 services, 100 xDS clients: first push, change latency, RSS
   bench waypoint           the waypoint's HTTP engine against Envoy, same routes and backend, pinned (root)
@@ -62,8 +63,26 @@ fn main() -> Result<()> {
         ["bench", "l4"] => bench::l4(bench::L4::Full),
         ["bench", "l4", "--throughput"] => bench::l4(bench::L4::Throughput { baseline: None }),
         ["bench", "l4", "--throughput", "--baseline", bin] => bench::l4(bench::L4::Throughput {
-            baseline: Some(bin.into()),
+            baseline: Some((bin.into(), bench::BASELINE_ROUNDS)),
         }),
+        [
+            "bench",
+            "l4",
+            "--throughput",
+            "--baseline",
+            bin,
+            "--rounds",
+            n,
+        ] => {
+            let rounds = n
+                .parse()
+                .ok()
+                .filter(|r| (1..=100).contains(r))
+                .ok_or_else(|| anyhow::anyhow!("--rounds {n}: want 1 to 100"))?;
+            bench::l4(bench::L4::Throughput {
+                baseline: Some((bin.into(), rounds)),
+            })
+        }
         ["bench", "controller"] => bench::controller(),
         ["bench", "restart"] => bench::restart(),
         ["bench", "waypoint"] => bench_waypoint::run(),
