@@ -148,6 +148,17 @@ mod tests {
         let busy: Vec<_> = threads.iter().filter(|(n, _)| n == "busy-thread").collect();
         assert_eq!(busy.len(), 1, "{threads:?}");
         assert!(busy[0].1 >= 0.05, "{threads:?}");
+        // This thread waited meanwhile: its time is its own, not the
+        // process's (the kernel keeps 15 bytes of a thread's name).
+        let me_name: String = std::thread::current()
+            .name()
+            .unwrap_or_default()
+            .chars()
+            .take(15)
+            .collect();
+        let waited: Vec<_> = threads.iter().filter(|(n, _)| *n == me_name).collect();
+        assert_eq!(waited.len(), 1, "{me_name:?} in {threads:?}");
+        assert!(waited[0].1 < busy[0].1, "{threads:?}");
         assert!(super::thread_cpu_seconds(u32::MAX).is_err());
     }
 }

@@ -123,15 +123,19 @@ fn cross_node_mtls_bulk() -> Result<()> {
 /// A connection is served by one proxy worker on each node: its splice, its
 /// HBONE connection and the stream over it run on the worker thread that
 /// accepted it, so a bulk transfer's bytes stay in one core's caches. Both
-/// ztunnels have their two workers (`ZTUNNEL_WORKER_THREADS`, default 2),
-/// and one of them does (almost) all of a 200 MB upload's proxy work.
+/// ztunnels have their two workers (`ZTUNNEL_WORKER_THREADS`, default 2).
+/// Six uploads of 100 MB, each on a new connection (the kernel spreads them
+/// over the workers by their source ports), and one worker does (almost)
+/// all of each one's proxy work on each node: also when its connection
+/// landed on the other worker than the first one, whose HBONE connection a
+/// pool shared by the workers would have reused.
 #[test]
 fn a_connection_stays_on_one_worker() -> Result<()> {
     let lab = Lab::up(LabOptions::new("workers", SCENARIO))?;
     let client = lab.pod("shop/client");
     let web = lab.pod("shop/web-1");
     let _sink = apps::serve(web, 9000, App::Sink)?;
-    // Warm: certificates issued, so the upload below is all proxying.
+    // Warm: certificates issued, so the uploads below are all proxying.
     apps::upload(client, addr(web, 9000), MB)?;
     let proxy_threads = |node: &str| -> Result<Vec<(String, f64)>> {
         let pid = lab.ztunnel_pid(node).context("no ztunnel")?;
@@ -142,30 +146,42 @@ fn a_connection_stays_on_one_worker() -> Result<()> {
         threads.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(threads)
     };
-    let before = [proxy_threads("node-1")?, proxy_threads("node-2")?];
-    apps::upload(client, addr(web, 9000), 200 * MB)?;
-    for (node, before) in ["node-1", "node-2"].into_iter().zip(before) {
-        let after = proxy_threads(node)?;
-        let names = |t: &[(String, f64)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-        ensure!(
-            names(&after) == ["proxy-0", "proxy-1"] && names(&before) == names(&after),
-            "{node}: proxy threads {:?}, want proxy-0 and proxy-1",
-            names(&after)
-        );
-        let spent: Vec<f64> = after
-            .iter()
-            .zip(&before)
-            .map(|((_, a), (_, b))| a - b)
-            .collect();
-        let total: f64 = spent.iter().sum();
-        let busiest = spent.iter().cloned().fold(0.0, f64::max);
-        // 200 MB through TLS takes well over the 10 ms a tick counts.
-        ensure!(total >= 0.1, "{node}: the proxy threads spent {total:.2} s");
-        ensure!(
-            busiest >= 0.9 * total,
-            "{node}: the upload's proxy work was spread over the workers: {spent:?} s"
-        );
+    let names = |t: &[(String, f64)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    let mut busiest_on_node_1 = Vec::new();
+    for upload in 0..6 {
+        let before = [proxy_threads("node-1")?, proxy_threads("node-2")?];
+        apps::upload(client, addr(web, 9000), 100 * MB)?;
+        for (node, before) in ["node-1", "node-2"].into_iter().zip(before) {
+            let after = proxy_threads(node)?;
+            ensure!(
+                names(&after) == ["proxy-0", "proxy-1"] && names(&before) == names(&after),
+                "{node}: proxy threads {:?}, want proxy-0 and proxy-1",
+                names(&after)
+            );
+            let spent: Vec<f64> = after
+                .iter()
+                .zip(&before)
+                .map(|((_, a), (_, b))| a - b)
+                .collect();
+            let total: f64 = spent.iter().sum();
+            let busiest = (0..spent.len())
+                .max_by(|&a, &b| spent[a].total_cmp(&spent[b]))
+                .unwrap_or(0);
+            // 100 MB through TLS takes more than the 10 ms a tick counts.
+            ensure!(
+                total >= 0.05,
+                "{node}, upload {upload}: the proxy threads spent {total:.2} s"
+            );
+            ensure!(
+                spent[busiest] >= 0.9 * total,
+                "{node}, upload {upload}: the proxy work was spread over the workers: {spent:?} s"
+            );
+            if node == "node-1" {
+                busiest_on_node_1.push(busiest);
+            }
+        }
     }
+    eprintln!("the worker of each upload on node-1: {busiest_on_node_1:?}");
     Ok(())
 }
 

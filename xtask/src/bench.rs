@@ -351,8 +351,9 @@ fn against_baseline(lab: &mut Lab, baseline: &Path, rounds: usize) -> Result<()>
             if is_base { &mut base } else { &mut built }.push(run);
         }
     }
-    if rounds % 2 == 1 {
-        // The last turn was the baseline's.
+    if rounds.is_multiple_of(2) {
+        // The last round ran this build first: its last turn was the
+        // baseline's.
         roll(lab, None)?;
     }
     let list = |runs: &[Throughput]| {

@@ -225,10 +225,12 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         ),
     });
     let pool_owner = inputs.clone();
-    let proxy = Proxy::start(inputs).map_err(|source| AppError::Bind {
-        what: "capture listeners (15001, 15006, 15008) and their workers",
-        source,
-    })?;
+    let proxy = Proxy::start(inputs)
+        .await
+        .map_err(|source| AppError::Bind {
+            what: "capture listeners (15001, 15006, 15008) and their workers",
+            source,
+        })?;
     let proxy = tokio::spawn(proxy.finished());
     // The one certificate refresher: this node's captured identities,
     // fetched ahead of their first connection and renewed at half-life.

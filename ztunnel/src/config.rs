@@ -51,7 +51,8 @@ pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Mark and table of the capture policy route; any values unused on the node do.
 pub const REDIRECT_MARK: u32 = 0x5e0;
 pub const REDIRECT_TABLE: u32 = 15001;
-/// Connections a listener holds at once before refusing new ones (storm guard).
+/// Connections a listening port (15001, 15006, 15008) holds at once, across
+/// the proxy workers, before refusing new ones (storm guard).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 /// Inbound HBONE streams from one peer address (a pod, now that tunnels are
 /// dialled from the pod), as a share of all inbound streams (which are

@@ -6,6 +6,9 @@ use tracing_subscriber::EnvFilter;
 use weft_ztunnel::app;
 use weft_ztunnel::config::{self, Config};
 
+/// Threads of the control plane's runtime.
+const CONTROL_THREADS: usize = 2;
+
 fn main() -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json");
@@ -30,10 +33,14 @@ fn main() -> anyhow::Result<()> {
     weft_runtime::raise_fd_limit();
     let cfg = Config::from_lookup(&|k| std::env::var(k).ok())?;
     info!(config = ?cfg, "starting ztunnel");
-    // This thread runs the control plane (xDS, certificates, admin, the
-    // capture sync); the proxy has `worker_threads` threads of its own
+    // The control plane (xDS, certificates, admin and readiness, the
+    // capture sync) has two threads, so a large push being applied does not
+    // hold up a readiness probe or a certificate a new connection waits
+    // for; the proxy has `worker_threads` threads of its own
     // (`proxy::Proxy`).
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(CONTROL_THREADS)
+        .thread_name("control")
         .enable_all()
         .build()?;
     rt.block_on(app::run(cfg))?;

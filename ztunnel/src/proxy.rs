@@ -111,23 +111,25 @@ struct Permits {
 
 impl Proxy {
     /// Binds the listeners (transparent, on `cfg.listen_addr`) and starts
-    /// one worker per HBONE pool in `inputs`. Fails if a listener, a
-    /// runtime or a thread cannot be had: ztunnel then exits.
-    pub fn start(inputs: Arc<ProxyInputs>) -> io::Result<Self> {
+    /// one worker per HBONE pool in `inputs`; returns once every worker
+    /// listens. Fails if a listener, a runtime or a thread cannot be had:
+    /// ztunnel then exits.
+    ///
+    /// A worker that stops before the drain (it could not listen, or its
+    /// accept loops panicked) takes ztunnel down: a proxy short of a
+    /// worker would go on answering ready. Capture stays pinned, and the
+    /// next ztunnel takes over.
+    pub async fn start(inputs: Arc<ProxyInputs>) -> io::Result<Self> {
         let ip = IpAddr::V4(inputs.cfg.listen_addr);
         let bind =
             |port| transparent_listener(SocketAddr::new(ip, port)).and_then(TcpListener::into_std);
         let mut workers = Vec::with_capacity(inputs.pools.len());
         for _ in 0..inputs.pools.len() {
-            let listeners = Listeners {
+            workers.push(Listeners {
                 outbound: bind(crate::config::OUTBOUND_PORT)?,
                 inbound: bind(crate::config::HBONE_PORT)?,
                 inbound_plaintext: bind(crate::config::INBOUND_PLAINTEXT_PORT)?,
-            };
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            workers.push((listeners, runtime));
+            });
         }
         let limit = inputs.cfg.max_connections;
         let permits = Permits {
@@ -136,17 +138,21 @@ impl Proxy {
             inbound_plaintext: Arc::new(Semaphore::new(limit)),
         };
         let mut finished = Vec::with_capacity(workers.len());
-        for (index, (listeners, runtime)) in workers.into_iter().enumerate() {
+        let mut listening = Vec::with_capacity(workers.len());
+        for (index, listeners) in workers.into_iter().enumerate() {
             let (done, wait) = tokio::sync::oneshot::channel();
+            let (up, started) = tokio::sync::oneshot::channel();
             let (pi, permits) = (inputs.clone(), permits.clone());
             std::thread::Builder::new()
                 .name(format!("proxy-{index}"))
-                .spawn(move || {
-                    WORKER.set(index);
-                    runtime.block_on(serve(listeners, permits, pi));
-                    let _ = done.send(());
-                })?;
+                .spawn(move || worker(index, listeners, permits, pi, up, done))?;
             finished.push(wait);
+            listening.push(started);
+        }
+        for started in listening {
+            started
+                .await
+                .unwrap_or_else(|_| Err(io::Error::other("a proxy worker ended as it started")))?;
         }
         Ok(Proxy { finished })
     }
@@ -155,31 +161,80 @@ impl Proxy {
     /// every connection it accepted.
     pub async fn finished(self) {
         for worker in self.finished {
-            // An error is a worker that is gone (it panicked): nothing of
-            // it is left to wait for.
             let _ = worker.await;
         }
     }
 }
 
-/// A worker: accepts on its listeners until the drain starts, then returns
-/// once every connection it accepted has finished.
-async fn serve(listeners: Listeners, permits: Permits, pi: Arc<ProxyInputs>) {
-    let listen = |l: std::net::TcpListener| TcpListener::from_std(l);
-    let (outbound, inbound, inbound_plaintext) = match (
-        listen(listeners.outbound),
-        listen(listeners.inbound),
-        listen(listeners.inbound_plaintext),
-    ) {
-        (Ok(o), Ok(i), Ok(p)) => (o, i, p),
-        (o, i, p) => {
-            let error = [o.err(), i.err(), p.err()].into_iter().flatten().next();
-            // Its listeners close with it; the kernel hands what they had
-            // queued to the other workers' (tcp_migrate_req).
-            error!(?error, "a proxy worker cannot listen; it stops");
+/// A worker's thread: its runtime, its listeners registered there (`up`
+/// says whether they are), then [`serve`] until the drain has finished
+/// (`done`). The runtime then runs on until the process exits, so what its
+/// connections left behind (pooled HBONE connections, a stream's last
+/// metrics) is not cut short before the rest of ztunnel has drained.
+fn worker(
+    index: usize,
+    listeners: Listeners,
+    permits: Permits,
+    pi: Arc<ProxyInputs>,
+    up: tokio::sync::oneshot::Sender<io::Result<()>>,
+    done: tokio::sync::oneshot::Sender<()>,
+) {
+    WORKER.set(index);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = up.send(Err(e));
             return;
         }
     };
+    let listen = |l: std::net::TcpListener| {
+        let _guard = runtime.enter();
+        TcpListener::from_std(l)
+    };
+    let registered = (|| {
+        Ok::<_, io::Error>((
+            listen(listeners.outbound)?,
+            listen(listeners.inbound)?,
+            listen(listeners.inbound_plaintext)?,
+        ))
+    })();
+    let listeners = match registered {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = up.send(Err(e));
+            return;
+        }
+    };
+    let _ = up.send(Ok(()));
+    let drain = pi.drain.clone();
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(serve(listeners, permits, pi));
+    }));
+    if served.is_err() || !*drain.borrow() {
+        error!(
+            worker = index,
+            panicked = served.is_err(),
+            "a proxy worker stopped before the drain; ztunnel exits (capture stays pinned)"
+        );
+        std::process::exit(1);
+    }
+    let _ = done.send(());
+    runtime.block_on(std::future::pending::<()>());
+}
+
+/// A worker's listeners, registered with its runtime.
+type Listening = (TcpListener, TcpListener, TcpListener);
+
+/// A worker: accepts on its listeners until the drain starts, then returns
+/// once every connection it accepted has finished.
+async fn serve(
+    (outbound, inbound, inbound_plaintext): Listening,
+    permits: Permits,
+    pi: Arc<ProxyInputs>,
+) {
     let limit = pi.cfg.max_connections;
     tokio::join!(
         accept_loop(
@@ -223,7 +278,8 @@ async fn accept_loop<F, Fut>(
     // This loop's own connections, for its drain: the shared permits count
     // every worker's.
     let own = Arc::new(Semaphore::new(limit));
-    let mut last_warn = Instant::now() - Duration::from_secs(60);
+    // When the "limit reached" warning was last logged (at most every 5 s).
+    let mut last_warn: Option<Instant> = None;
     let mut drain = pi.drain.clone();
     loop {
         let accepted = tokio::select! {
@@ -244,8 +300,8 @@ async fn accept_loop<F, Fut>(
             own.clone().try_acquire_owned(),
         ) else {
             pi.metrics.refuse(direction, RefusalReason::overloaded);
-            if last_warn.elapsed() > Duration::from_secs(5) {
-                last_warn = Instant::now();
+            if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                last_warn = Some(Instant::now());
                 warn!(
                     ?direction,
                     limit, "connection limit reached, refusing new connections"
