@@ -27,7 +27,7 @@ use weft_api::{Identity, Service, Workload};
 use weft_hbone::client::Pool;
 use weft_hbone::server::StreamBudget;
 
-use crate::config::{CONNECT_TIMEOUT, Config};
+use crate::config::{CONNECT_TIMEOUT, Config, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::metrics::{
     Direction, Metrics, Peer, PolicyLabels, PolicyReason, RefusalReason, Reporter, SecurityPolicy,
     TcpLabels,
@@ -91,20 +91,32 @@ pub struct Proxy {
     finished: Vec<tokio::sync::oneshot::Receiver<()>>,
 }
 
-/// A worker's listeners.
-#[derive(Debug)]
-struct Listeners {
-    outbound: std::net::TcpListener,
-    inbound: std::net::TcpListener,
-    inbound_plaintext: std::net::TcpListener,
+/// One of something for each listening port: a worker's listeners, or the
+/// connections a port may hold at once across the workers.
+#[derive(Clone, Debug)]
+struct Ports<T> {
+    outbound: T,
+    inbound: T,
+    inbound_plaintext: T,
 }
 
-/// Connections held at once, per listening port, across the workers.
-#[derive(Clone, Debug)]
-struct Permits {
-    outbound: Arc<Semaphore>,
-    inbound: Arc<Semaphore>,
-    inbound_plaintext: Arc<Semaphore>,
+impl<T> Ports<T> {
+    /// `f` of each port number.
+    fn try_new(mut f: impl FnMut(u16) -> io::Result<T>) -> io::Result<Self> {
+        Ok(Ports {
+            outbound: f(OUTBOUND_PORT)?,
+            inbound: f(HBONE_PORT)?,
+            inbound_plaintext: f(INBOUND_PLAINTEXT_PORT)?,
+        })
+    }
+
+    fn try_map<U>(self, mut f: impl FnMut(T) -> io::Result<U>) -> io::Result<Ports<U>> {
+        Ok(Ports {
+            outbound: f(self.outbound)?,
+            inbound: f(self.inbound)?,
+            inbound_plaintext: f(self.inbound_plaintext)?,
+        })
+    }
 }
 
 // === impl Proxy ===
@@ -123,20 +135,11 @@ impl Proxy {
         let ip = IpAddr::V4(inputs.cfg.listen_addr);
         let bind =
             |port| transparent_listener(SocketAddr::new(ip, port)).and_then(TcpListener::into_std);
-        let mut workers = Vec::with_capacity(inputs.pools.len());
-        for _ in 0..inputs.pools.len() {
-            workers.push(Listeners {
-                outbound: bind(crate::config::OUTBOUND_PORT)?,
-                inbound: bind(crate::config::HBONE_PORT)?,
-                inbound_plaintext: bind(crate::config::INBOUND_PLAINTEXT_PORT)?,
-            });
-        }
+        let workers = (0..inputs.pools.len())
+            .map(|_| Ports::try_new(bind))
+            .collect::<io::Result<Vec<_>>>()?;
         let limit = inputs.cfg.max_connections;
-        let permits = Permits {
-            outbound: Arc::new(Semaphore::new(limit)),
-            inbound: Arc::new(Semaphore::new(limit)),
-            inbound_plaintext: Arc::new(Semaphore::new(limit)),
-        };
+        let permits = Ports::try_new(|_| Ok(Arc::new(Semaphore::new(limit))))?;
         let mut finished = Vec::with_capacity(workers.len());
         let mut listening = Vec::with_capacity(workers.len());
         for (index, listeners) in workers.into_iter().enumerate() {
@@ -173,36 +176,15 @@ impl Proxy {
 /// metrics) is not cut short before the rest of ztunnel has drained.
 fn worker(
     index: usize,
-    listeners: Listeners,
-    permits: Permits,
+    listeners: Ports<std::net::TcpListener>,
+    permits: Ports<Arc<Semaphore>>,
     pi: Arc<ProxyInputs>,
     up: tokio::sync::oneshot::Sender<io::Result<()>>,
     done: tokio::sync::oneshot::Sender<()>,
 ) {
     WORKER.set(index);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            let _ = up.send(Err(e));
-            return;
-        }
-    };
-    let listen = |l: std::net::TcpListener| {
-        let _guard = runtime.enter();
-        TcpListener::from_std(l)
-    };
-    let registered = (|| {
-        Ok::<_, io::Error>((
-            listen(listeners.outbound)?,
-            listen(listeners.inbound)?,
-            listen(listeners.inbound_plaintext)?,
-        ))
-    })();
-    let listeners = match registered {
-        Ok(l) => l,
+    let (runtime, listeners) = match runtime_listening(listeners) {
+        Ok(r) => r,
         Err(e) => {
             let _ = up.send(Err(e));
             return;
@@ -225,34 +207,45 @@ fn worker(
     runtime.block_on(std::future::pending::<()>());
 }
 
-/// A worker's listeners, registered with its runtime.
-type Listening = (TcpListener, TcpListener, TcpListener);
+/// A single-threaded runtime, and `listeners` registered with it.
+fn runtime_listening(
+    listeners: Ports<std::net::TcpListener>,
+) -> io::Result<(tokio::runtime::Runtime, Ports<TcpListener>)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let listeners = {
+        let _guard = runtime.enter();
+        listeners.try_map(TcpListener::from_std)?
+    };
+    Ok((runtime, listeners))
+}
 
 /// A worker: accepts on its listeners until the drain starts, then returns
 /// once every connection it accepted has finished.
 async fn serve(
-    (outbound, inbound, inbound_plaintext): Listening,
-    permits: Permits,
+    listeners: Ports<TcpListener>,
+    permits: Ports<Arc<Semaphore>>,
     pi: Arc<ProxyInputs>,
 ) {
     let limit = pi.cfg.max_connections;
     tokio::join!(
         accept_loop(
-            outbound,
+            listeners.outbound,
             Direction::outbound,
             (permits.outbound, limit),
             pi.clone(),
             outbound::handle
         ),
         accept_loop(
-            inbound,
+            listeners.inbound,
             Direction::inbound,
             (permits.inbound, limit),
             pi.clone(),
             inbound::handle
         ),
         accept_loop(
-            inbound_plaintext,
+            listeners.inbound_plaintext,
             Direction::inbound_plaintext,
             (permits.inbound_plaintext, limit),
             pi.clone(),
