@@ -200,6 +200,20 @@ impl Config {
 
 /// Runs the controller until SIGTERM/SIGINT.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
+    run_reporting(cfg, |_| {}).await
+}
+
+/// The addresses a running controller listens on.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub xds: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+/// As [`run`], and calls `bound` once both listeners are bound, with the
+/// kernel's choice where the config asks for port 0: a caller that starts
+/// several controllers never races another process for a free port.
+pub async fn run_reporting(cfg: Config, bound: impl FnOnce(Bound)) -> Result<(), AppError> {
     let metrics = Arc::new(Metrics::default());
     // Kubernetes mode: how to give up the lead on SIGTERM.
     let mut lease_stop = None;
@@ -303,15 +317,18 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         metrics: metrics.clone(),
         status: Arc::new(Mutex::new("[]\n".into())),
     };
-    // The first state is read before serving, so no client sees an empty mesh.
-    publisher.poll();
-    serve_metrics(cfg.metrics_addr, metrics.clone(), publisher.status.clone()).await?;
     // Woken by the source's own change notifications (watch events, inotify):
-    // no fixed poll.
+    // no fixed poll. The generation is taken before the first read, so a
+    // change that lands while it runs wakes the translate thread.
     let changed = match &publisher.source {
         Source::Manifests(_, changed) => changed.clone(),
         Source::Kubernetes(c) => c.source.changes(),
     };
+    let mut seen = changed.generation();
+    // The first state is read before serving, so no client sees an empty mesh.
+    publisher.poll();
+    let metrics_addr =
+        serve_metrics(cfg.metrics_addr, metrics.clone(), publisher.status.clone()).await?;
     // Reading, translating and encoding take tens of milliseconds at 10k
     // pods: on a thread of their own, never on the runtime that serves xDS.
     let runtime = tokio::runtime::Handle::current();
@@ -319,7 +336,6 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         .name("translate".into())
         .spawn(move || {
             let _in_runtime = runtime.enter();
-            let mut seen = changed.generation();
             loop {
                 if let Some(g) = changed.wait_after(seen, None) {
                     seen = g;
@@ -342,7 +358,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             addr: cfg.xds_addr,
             source,
         })?;
-    info!(address = %cfg.xds_addr, "controller serving xDS and CA");
+    let xds_addr = listener.local_addr().map_err(|source| AppError::Bind {
+        addr: cfg.xds_addr,
+        source,
+    })?;
+    info!(address = %xds_addr, "controller serving xDS and CA");
+    bound(Bound {
+        xds: xds_addr,
+        metrics: metrics_addr,
+    });
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(tls);
     tokio::spawn(async move {
@@ -626,7 +650,7 @@ async fn serve_metrics(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     status: Arc<Mutex<String>>,
-) -> Result<(), AppError> {
+) -> Result<SocketAddr, AppError> {
     let handler: Handler = Arc::new(move |path| match path {
         "/metrics" => (StatusCode::OK, OPENMETRICS, metrics.encode()),
         "/ready" => (StatusCode::OK, TEXT, "ready\n".into()),

@@ -110,22 +110,17 @@ async fn start_with(name: &str, mesh: &str) -> Running {
         ),
     )
     .unwrap();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (port, metrics) = (free(), free());
     let cfg = Config {
         source: SourceConfig::Manifests {
             dir: dir.join("manifests"),
             ca_dir: dir.join("ca"),
             node_tokens: dir.join("tokens"),
         },
-        xds_addr: format!("127.0.0.1:{port}").parse().unwrap(),
-        metrics_addr: format!("127.0.0.1:{metrics}").parse().unwrap(),
+        // Port 0: the kernel picks, and the controller says what it bound.
+        // Tests run in parallel; a port probed free and bound later can be
+        // taken by another test's controller in between.
+        xds_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
         server_names: vec!["weft-controller.istio-system.svc".into()],
         max_cert_ttl: Duration::from_secs(3600),
         mesh: Mesh::default(),
@@ -133,17 +128,21 @@ async fn start_with(name: &str, mesh: &str) -> Running {
         // parts for a client that understands the end-of-state marker.
         push_chunk: 2,
     };
-    tokio::spawn(async move { app::run(cfg).await.unwrap() });
-    let root = loop {
-        if let Ok(r) = std::fs::read_to_string(dir.join("ca/root-cert.pem"))
-            && tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        app::run_reporting(cfg, |bound| {
+            let _ = tx.send(bound);
+        })
+        .await
+        .unwrap()
+    });
+    let bound = tokio::time::timeout(Duration::from_secs(30), rx)
+        .await
+        .expect("the controller binds within 30 s")
+        .expect("the controller binds");
+    let (port, metrics) = (bound.xds.port(), bound.metrics.port());
+    // The CA writes its root before anything listens.
+    let root = std::fs::read_to_string(dir.join("ca/root-cert.pem")).unwrap();
     // By name, as the chart gives it: resolved at each dial.
     let cp = ControlPlaneAddress::fixed(
         format!("localhost:{port}"),

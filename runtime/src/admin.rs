@@ -44,10 +44,16 @@ pub const JSON: &str = "application/json";
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Binds `addr` now (so a busy port fails startup) and serves `handler` in
-/// the background. SO_REUSEPORT: a process taking over from a running one
-/// (a restart handover) binds beside it.
-pub async fn serve(name: &'static str, addr: SocketAddr, handler: Handler) -> std::io::Result<()> {
+/// the background; returns the address bound (port 0 gets the kernel's
+/// choice). SO_REUSEPORT: a process taking over from a running one (a
+/// restart handover) binds beside it.
+pub async fn serve(
+    name: &'static str,
+    addr: SocketAddr,
+    handler: Handler,
+) -> std::io::Result<SocketAddr> {
     let listener = reuse_port_listener(addr, false)?;
+    let addr = listener.local_addr()?;
     info!(component = name, address = %addr, "listener established");
     tokio::spawn(async move {
         loop {
@@ -80,5 +86,5 @@ pub async fn serve(name: &'static str, addr: SocketAddr, handler: Handler) -> st
             });
         }
     });
-    Ok(())
+    Ok(addr)
 }

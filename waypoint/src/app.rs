@@ -211,5 +211,6 @@ async fn serve_admin(
         .map_err(|source| AppError::Bind {
             what: "readiness (15021)",
             source,
-        })
+        })?;
+    Ok(())
 }
