@@ -245,6 +245,7 @@ async fn connect(
             return req.refuse(StatusCode::BAD_REQUEST);
         }
     };
+    let generation = pi.state.generation();
     let state = pi.state.snapshot();
     let forwarded = req.forwarded_for();
     let Admitted {
@@ -276,7 +277,11 @@ async fn connect(
     if !authorize(m, &state, DIR, &dst, &conn, client, target) {
         return req.refuse(StatusCode::UNAUTHORIZED);
     }
-    let registered = pi.open.register(DIR, &dst.uid, &conn, client, target);
+    let Some(registered) = pi.open.register_checked(
+        &pi.state, generation, m, DIR, &dst.uid, &conn, client, target,
+    ) else {
+        return req.refuse(StatusCode::UNAUTHORIZED);
+    };
     let service = state
         .inbound_service(&dst, target.port(), req.forwarded_host())
         .cloned();
@@ -335,7 +340,8 @@ pub async fn deliver_local(
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
-    if !authorize(
+    let generation = pi.state.generation();
+    let registered = if authorize(
         m,
         &pi.state.snapshot(),
         DIR,
@@ -344,11 +350,24 @@ pub async fn deliver_local(
         client_addr,
         target,
     ) {
+        pi.open.register_checked(
+            &pi.state,
+            generation,
+            m,
+            DIR,
+            &dst.uid,
+            &conn,
+            client_addr,
+            target,
+        )
+    } else {
+        None
+    };
+    let Some(registered) = registered else {
         // A reset, as across nodes when the far ztunnel refuses the CONNECT.
         let _ = client.set_zero_linger();
         return;
-    }
-    let registered = pi.open.register(DIR, &dst.uid, &conn, client_addr, target);
+    };
     let src_peer = peer(Some(src), Some(src_id), None);
     let dst_peer = peer(Some(dst), Some(dst_id), service);
     let out = ConnectionLog::open(

@@ -20,6 +20,7 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
         return;
     };
     let m = &pi.metrics;
+    let generation = pi.state.generation();
     let state = pi.state.snapshot();
     let node = &pi.cfg.node_name;
     let Some(dst) = state.local_captured(orig_dst.ip(), node).cloned() else {
@@ -39,12 +40,18 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
         destination_ip: orig_dst.ip(),
         destination_port: orig_dst.port(),
     };
-    if !authorize(m, &state, DIR, &dst, &conn, peer_addr, orig_dst) {
+    let registered = if authorize(m, &state, DIR, &dst, &conn, peer_addr, orig_dst) {
+        pi.open.register_checked(
+            &pi.state, generation, m, DIR, &dst.uid, &conn, peer_addr, orig_dst,
+        )
+    } else {
+        None
+    };
+    let Some(registered) = registered else {
         // A reset: the client learns at once, as from a closed port.
         let _ = client.set_zero_linger();
         return;
-    }
-    let registered = pi.open.register(DIR, &dst.uid, &conn, peer_addr, orig_dst);
+    };
     let dst_id = identity_of(&dst);
     let src = state.workload_by_ip(peer_addr.ip()).cloned();
     drop(state);

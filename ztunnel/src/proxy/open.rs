@@ -13,7 +13,7 @@ use weft_api::Identity;
 use weft_api::authz::Connection;
 
 use crate::metrics::{Direction, Metrics};
-use crate::state::State;
+use crate::state::{State, Store};
 
 /// What a connection was admitted as.
 #[derive(Debug)]
@@ -52,6 +52,57 @@ impl Drop for Registered {
 }
 
 impl OpenConnections {
+    /// Records a connection that the state of `generation` authorized, and
+    /// checks it again against each state installed since; None (the
+    /// connection is refused, as at admission) if one denies it.
+    ///
+    /// Without the second check, a state installed between the caller's
+    /// authorization and this registration would be revalidated without
+    /// the connection and never with it: a connection the new policy
+    /// denies would stay open. Registering first makes the two meet: a
+    /// revalidation that runs before the registration (both take the same
+    /// lock) read a generation this check then reads too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn register_checked(
+        self: &Arc<Self>,
+        store: &Store,
+        generation: u64,
+        metrics: &Metrics,
+        direction: Direction,
+        destination_uid: &str,
+        conn: &Connection<'_>,
+        source_addr: SocketAddr,
+        destination_addr: SocketAddr,
+    ) -> Option<Registered> {
+        let registered = self.register(
+            direction,
+            destination_uid,
+            conn,
+            source_addr,
+            destination_addr,
+        );
+        let mut checked = generation;
+        loop {
+            let now = store.generation();
+            if now == checked {
+                return Some(registered);
+            }
+            let state = store.snapshot();
+            if !allows(
+                &state,
+                metrics,
+                direction,
+                destination_uid,
+                conn,
+                source_addr,
+                destination_addr,
+            ) {
+                return None;
+            }
+            checked = now;
+        }
+    }
+
     /// Records a connection to `destination_uid` admitted as `conn`.
     pub fn register(
         self: &Arc<Self>,
@@ -96,22 +147,17 @@ impl OpenConnections {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let mut closed = 0;
         for o in open.values().filter(|o| !o.close.is_cancelled()) {
-            // A destination gone from the state keeps its connections: only
-            // a policy closes them.
-            let Some(dst) = state.workload_by_uid(&o.destination_uid) else {
-                continue;
-            };
             let conn = Connection {
                 source: o.source.as_ref(),
                 source_ip: ip(o.source_addr),
                 destination_ip: ip(o.destination_addr),
                 destination_port: o.destination_addr.port(),
             };
-            if !super::authorize(
-                metrics,
+            if !allows(
                 state,
+                metrics,
                 o.direction,
-                dst,
+                &o.destination_uid,
                 &conn,
                 o.source_addr,
                 o.destination_addr,
@@ -131,6 +177,108 @@ impl OpenConnections {
     }
 }
 
+/// Whether `state` lets an open connection to `destination_uid` stay open.
+/// A destination gone from the state keeps its connections: only a policy
+/// closes them.
+fn allows(
+    state: &State,
+    metrics: &Metrics,
+    direction: Direction,
+    destination_uid: &str,
+    conn: &Connection<'_>,
+    source_addr: SocketAddr,
+    destination_addr: SocketAddr,
+) -> bool {
+    let Some(dst) = state.workload_by_uid(destination_uid) else {
+        return true;
+    };
+    super::authorize(
+        metrics,
+        state,
+        direction,
+        dst,
+        conn,
+        source_addr,
+        destination_addr,
+    )
+}
+
 fn ip(a: SocketAddr) -> IpAddr {
     a.ip()
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_api::LocalConfig;
+    use weft_api::authz::{Action, Authorization, Clause, Rule, Scope};
+
+    use super::*;
+    use crate::test_helpers::pod;
+
+    /// A state installed after a connection was authorized, and revalidated
+    /// before it was registered (the revalidation saw no connection), still
+    /// gets its say: the registration checks it, and refuses.
+    #[test]
+    fn a_policy_that_lands_between_check_and_register_still_applies() {
+        let web = pod("web", "shop", "web", "10.244.1.10", "n1", true);
+        let uid = web.uid.clone();
+        let config = |policies| LocalConfig {
+            workloads: vec![Arc::new(web.clone())],
+            policies,
+            ..LocalConfig::default()
+        };
+        let deny_all = Authorization {
+            name: "deny-all".into(),
+            namespace: "shop".into(),
+            scope: Scope::Namespace,
+            action: Action::Deny,
+            dry_run: false,
+            rules: vec![Rule {
+                clauses: vec![Clause::default()],
+            }],
+        };
+        let store = Store::new(config(Vec::new()));
+        let metrics = Metrics::default();
+        let open = Arc::new(OpenConnections::default());
+        let client = Identity::new("cluster.local", "shop", "client").unwrap();
+        let (src, dst): (SocketAddr, SocketAddr) = (
+            "10.244.2.20:40000".parse().unwrap(),
+            "10.244.1.10:8080".parse().unwrap(),
+        );
+        let conn = Connection {
+            source: Some(&client),
+            source_ip: src.ip(),
+            destination_ip: dst.ip(),
+            destination_port: dst.port(),
+        };
+        let register = |generation| {
+            open.register_checked(
+                &store,
+                generation,
+                &metrics,
+                Direction::inbound,
+                &uid,
+                &conn,
+                src,
+                dst,
+            )
+        };
+
+        // No change since the check: registered, and held while open.
+        let kept = register(store.generation()).expect("nothing changed: registered");
+        assert_eq!(open.len(), 1);
+
+        // The worker checks against the allowing state...
+        let generation = store.generation();
+        // ...the deny lands, and the app's revalidation runs: it closes the
+        // connection already registered, and cannot see the one in flight.
+        store.replace(config(vec![deny_all]));
+        assert_eq!(open.revalidate(&store.snapshot(), &metrics), 1);
+        assert!(kept.closed.is_cancelled());
+        // ...then the worker registers: refused, and nothing is left behind.
+        assert!(register(generation).is_none(), "the deny must apply");
+        assert_eq!(open.len(), 1, "only the first, closed, is still held");
+        drop(kept);
+        assert!(open.is_empty());
+    }
 }
