@@ -69,18 +69,20 @@ impl Succession {
                     return me;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                    if !told {
-                        // Connecting is the message. A unix connect blocks
-                        // while the holder's backlog is full: bounded.
-                        let a = addr.clone();
-                        let knock = tokio::task::spawn_blocking(move || {
-                            std::os::unix::net::UnixStream::connect_addr(&a).is_ok()
-                        });
-                        told = matches!(
-                            tokio::time::timeout(Duration::from_secs(1), knock).await,
-                            Ok(Ok(true))
-                        );
-                    }
+                    // Connecting is the message, sent to whoever holds the
+                    // name now: the holder told first may have let go and
+                    // an older ztunnel taken the name back in between. A
+                    // knock on a holder already stepping down is harmless.
+                    // A unix connect blocks while the holder's backlog is
+                    // full: bounded.
+                    let a = addr.clone();
+                    let knock = tokio::task::spawn_blocking(move || {
+                        std::os::unix::net::UnixStream::connect_addr(&a).is_ok()
+                    });
+                    told |= matches!(
+                        tokio::time::timeout(Duration::from_secs(1), knock).await,
+                        Ok(Ok(true))
+                    );
                     if started.elapsed() > TAKEOVER {
                         warn!(
                             "the previous ztunnel did not let go of the succession socket; readiness cannot tell the two apart"
@@ -213,5 +215,51 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(5), "not reclaimed");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The holder a starting ztunnel knocked on lets go, and another (an
+    /// older one reclaiming the name) takes it first: the starting one
+    /// knocks on that one too, and takes over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_holder_that_took_the_name_in_between_is_told_too() {
+        use std::os::unix::net::UnixListener;
+        let name = format!("weft-ztunnel-test-between:{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let first = UnixListener::bind_addr(&addr).unwrap();
+        let n = name.clone();
+        let newest = tokio::spawn(async move { Succession::claim(&n).await });
+        // Waits for a knock on `l`, holds the name a moment as a holder
+        // letting go does, frees it and, with `older`, takes it back at
+        // once as an older ztunnel reclaiming it would.
+        let knocked = |l: UnixListener, older: bool| {
+            let addr = addr.clone();
+            tokio::task::spawn_blocking(move || {
+                l.set_nonblocking(true).unwrap();
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_secs(3) {
+                    if l.accept().is_ok() {
+                        std::thread::sleep(Duration::from_millis(50));
+                        drop(l);
+                        let next = older.then(|| UnixListener::bind_addr(&addr).unwrap());
+                        return (true, next);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                (false, None)
+            })
+        };
+        let (told, older) = knocked(first, true).await.unwrap();
+        assert!(told, "the first holder is told");
+        let (told, _) = knocked(older.unwrap(), false).await.unwrap();
+        assert!(told, "the holder that took the name in between is told too");
+        let newest = tokio::time::timeout(Duration::from_secs(5), newest)
+            .await
+            .expect("the newest takes over well before its 10 s limit")
+            .unwrap();
+        assert!(!newest.superseded());
+        assert!(
+            UnixListener::bind_addr(&addr).is_err(),
+            "the newest holds the name"
+        );
     }
 }
