@@ -65,14 +65,23 @@ async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     // When we last held the lease for sure: past `duration`, we no longer do.
+    // Taken before the round, so before the renewTime it writes: this
+    // replica's lead ends no later than the lease others read.
     let mut held_at: Option<tokio::time::Instant> = None;
     loop {
-        let outcome = try_lead(&api, &me, timing).await;
-        match outcome {
-            Ok(true) => held_at = Some(tokio::time::Instant::now()),
-            Ok(false) => held_at = None,
-            Err(e) => {
+        let started = tokio::time::Instant::now();
+        held_at = held_at.filter(|t| started < *t + timing.duration);
+        // A round that hangs (an API server that stopped answering) must
+        // not keep a lead past the lease: it ends when the lease would.
+        let limit = held_at.map_or(timing.duration, |t| t + timing.duration - started);
+        match tokio::time::timeout(limit, try_lead(&api, &me, timing)).await {
+            Ok(Ok(true)) => held_at = Some(started),
+            Ok(Ok(false)) => held_at = None,
+            Ok(Err(e)) => {
                 warn!(component = "kubernetes", error = %e, "leader election: cannot reach the lease")
+            }
+            Err(_) => {
+                warn!(component = "kubernetes", after = ?limit, "leader election: the lease round timed out")
             }
         }
         let leads = held_at.is_some_and(|t| t.elapsed() < timing.duration);

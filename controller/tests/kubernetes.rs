@@ -68,6 +68,8 @@ struct Fake {
     reads: Arc<Mutex<Vec<String>>>,
     /// Every list served, as `path?query`.
     listed: Arc<Mutex<Vec<String>>>,
+    /// Set: the API server stops answering (requests are held, unanswered).
+    hang: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Fake {
@@ -139,7 +141,12 @@ impl Fake {
 
     fn serve(self, mut handle: Handle) {
         tokio::spawn(async move {
+            let mut held = Vec::new();
             while let Some((req, send)) = handle.next_request().await {
+                if self.hang.load(std::sync::atomic::Ordering::Acquire) {
+                    held.push(send);
+                    continue;
+                }
                 let resp = self.answer(req).await;
                 send.send_response(resp);
             }
@@ -1231,12 +1238,26 @@ async fn one_replica_leads_and_hands_over() {
     // a crashes: no renewal, no release. b waits the lease out, then leads.
     rt.shutdown_background();
     drop(stop_a);
-    let crashed = std::time::Instant::now();
-    tokio::time::sleep(timing.duration / 2).await;
+    let stamp = |f: &Fake, field: &str| {
+        let lease = f.objects.lock().unwrap().get(lease_path).cloned().unwrap();
+        let at: k8s_openapi::jiff::Timestamp =
+            lease["spec"][field].as_str().unwrap().parse().unwrap();
+        at
+    };
+    // A renewal a had in flight lands within a moment, if at all.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let renewed = stamp(&fake, "renewTime");
+    tokio::time::sleep(timing.duration / 3).await;
     assert!(!*b.borrow(), "b led before a's lease ran out");
-    until("b leads", &b, timing.duration + Duration::from_secs(1)).await;
-    assert!(crashed.elapsed() >= timing.duration - timing.renew);
+    until("b leads", &b, timing.duration * 3).await;
     assert_eq!(holder(&fake), Some(("b".to_string(), 1)));
+    // Measured on the lease's own clock: b took it no sooner than a's last
+    // renewal plus the lease's duration.
+    let waited = stamp(&fake, "acquireTime").duration_since(renewed);
+    assert!(
+        waited.as_secs_f64() >= timing.duration.as_secs_f64(),
+        "b took over {waited:?} after a's last renewal"
+    );
 
     // c waits while b renews; b stops and gives the lease up: c leads at once.
     let (_stop_c, rx) = watch::channel(false);
@@ -1245,8 +1266,39 @@ async fn one_replica_leads_and_hands_over() {
     assert!(!*c.borrow());
     let stopped = std::time::Instant::now();
     stop_b.send_replace(true);
-    until("c leads", &c, Duration::from_millis(700)).await;
+    until("c leads", &c, timing.duration).await;
     assert!(stopped.elapsed() < timing.duration);
     assert!(!*b.borrow());
     assert_eq!(holder(&fake), Some(("c".to_string(), 2)));
+}
+
+/// A leader whose API server stops answering stops leading when its lease
+/// runs out, as another replica may take the lease then: a round that
+/// hangs does not keep the lead, and two replicas never write at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_api_server_stops_leading() {
+    use std::sync::atomic::Ordering;
+    use weft_controller::lease::{self, Timing};
+    let (client, fake) = mock_client();
+    let timing = Timing {
+        duration: Duration::from_secs(2),
+        renew: Duration::from_millis(100),
+    };
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let a = lease::elect(client, "weft-system", "a", timing, rx);
+    let started = std::time::Instant::now();
+    while !*a.borrow() {
+        assert!(started.elapsed() < Duration::from_secs(5), "a never led");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    fake.hang.store(true, Ordering::Release);
+    let cut = std::time::Instant::now();
+    while *a.borrow() {
+        assert!(
+            cut.elapsed() < timing.duration * 3,
+            "a still leads {:?} after the API server stopped answering",
+            cut.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
