@@ -5,9 +5,11 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tracing::warn;
 
@@ -17,7 +19,12 @@ use crate::manifests::{self, ManifestError};
 
 #[derive(Debug)]
 struct FileState {
-    stamp: (SystemTime, u64),
+    stamp: Stamp,
+    /// The stamp was taken well after the file's last write: an equal stamp
+    /// means the same contents.
+    trusted: bool,
+    /// Of the contents last read, to tell a rewrite with the same text.
+    digest: u64,
     snapshot: Snapshot,
     errors: Vec<ManifestError>,
     /// Its resources that another file defined first.
@@ -64,6 +71,54 @@ fn replace_versions(merged: &mut Snapshot, old: &Snapshot, new: &Snapshot) {
     each_kind(&mut Replace(merged, old, new));
 }
 
+/// What tells that a file may have changed without reading it: its inode
+/// (a file renamed over it, as atomic writers and ConfigMap volumes do),
+/// its change and modification times, and its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    inode: u64,
+    changed: (i64, i64),
+    modified: SystemTime,
+    len: u64,
+}
+
+/// A stamp taken this soon after a write is not trusted: file-system times
+/// move by clock ticks, so a second write of the same size within the tick
+/// would leave the stamp as it was. Such a file is read again at the next
+/// poll (a write wakes one), and its contents compared.
+const SETTLED: Duration = Duration::from_secs(2);
+
+impl Stamp {
+    /// The stamp, and whether it can be trusted.
+    fn of(meta: &fs::Metadata) -> (Self, bool) {
+        let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        let changed = (meta.ctime(), meta.ctime_nsec());
+        let since_change = SystemTime::UNIX_EPOCH
+            + Duration::new(
+                u64::try_from(changed.0).unwrap_or(0),
+                u32::try_from(changed.1).unwrap_or(0),
+            );
+        let settled = [modified, since_change].iter().all(|t| {
+            SystemTime::now()
+                .duration_since(*t)
+                .is_ok_and(|age| age >= SETTLED)
+        });
+        let stamp = Stamp {
+            inode: meta.ino(),
+            changed,
+            modified,
+            len: meta.len(),
+        };
+        (stamp, settled)
+    }
+}
+
+fn digest(text: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
 impl ManifestsDir {
     pub fn new(dir: &Path) -> Self {
         ManifestsDir {
@@ -94,12 +149,29 @@ impl ManifestsDir {
             let Ok(meta) = fs::metadata(&path) else {
                 continue;
             };
-            let stamp = (
-                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                meta.len(),
-            );
+            let (stamp, trusted) = Stamp::of(&meta);
             seen.push(path.clone());
-            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+            if self
+                .files
+                .get(&path)
+                .is_some_and(|f| f.trusted && f.stamp == stamp)
+            {
+                continue;
+            }
+            let text = match fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    changed = true;
+                    warn!(file = %path.display(), error = %e, "cannot read manifest; keeping its last good contents");
+                    continue;
+                }
+            };
+            let digest = digest(&text);
+            if let Some(f) = self.files.get_mut(&path)
+                && f.digest == digest
+            {
+                // Read again for an untrusted stamp or touched: the same.
+                (f.stamp, f.trusted) = (stamp, trusted);
                 continue;
             }
             changed = true;
@@ -107,13 +179,6 @@ impl ManifestsDir {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let text = match fs::read_to_string(&path) {
-                Ok(t) => t,
-                Err(e) => {
-                    warn!(file = %path.display(), error = %e, "cannot read manifest; keeping its last good contents");
-                    continue;
-                }
-            };
             let mut snapshot = Snapshot::default();
             let errors = manifests::parse(&text, &name, &mut snapshot);
             let syntax = errors.iter().any(ManifestError::is_syntax);
@@ -128,7 +193,7 @@ impl ManifestsDir {
             match self.files.get_mut(&path) {
                 Some(prev) if syntax => {
                     // Half a file is worse than the last whole one.
-                    prev.stamp = stamp;
+                    (prev.stamp, prev.trusted, prev.digest) = (stamp, trusted, digest);
                     prev.errors = errors;
                     warn!(file = %path.display(), "manifest is not valid YAML; keeping its last good contents");
                 }
@@ -146,6 +211,8 @@ impl ManifestsDir {
                     };
                     let state = FileState {
                         stamp,
+                        trusted,
+                        digest,
                         snapshot,
                         errors,
                         duplicates,
@@ -190,6 +257,33 @@ impl ManifestsDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A second write of the same size within one clock tick leaves the
+    /// file's times as they were: the stamp of a file just written is not
+    /// trusted, so the change is read; an untouched file reads as unchanged.
+    #[test]
+    fn a_rewrite_within_the_same_tick_is_seen() {
+        let dir = std::env::temp_dir().join(format!("weft-manifests-tick-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let ns =
+            |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
+        let file = dir.join("a.yaml");
+        fs::write(&file, ns("shop")).unwrap();
+        let mut src = ManifestsDir::new(&dir);
+        assert!(src.poll().unwrap().is_some());
+        assert!(src.poll().unwrap().is_none(), "read again, the same");
+        // In place, the same size; then the stamp as it was, as when the
+        // clock had not ticked between the two writes.
+        let before = src.files[&file].stamp;
+        fs::write(&file, ns("shoq")).unwrap();
+        src.files.get_mut(&file).unwrap().stamp = before;
+        let (snap, _) = src.poll().unwrap().expect("the rewrite is seen");
+        assert!(snap.namespaces.contains_key("shoq"));
+        let meta = fs::metadata(&file).unwrap();
+        assert!(!Stamp::of(&meta).1, "just written: not trusted");
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     /// Changes are seen, a broken file keeps its last good contents, a
     /// duplicate in another file is refused by name, a removed file is gone.
