@@ -369,9 +369,11 @@ async fn workload_callers_get_their_own_scope() {
 }
 
 async fn next(stream: &mut Streaming<DeltaDiscoveryResponse>) -> DeltaDiscoveryResponse {
-    tokio::time::timeout(Duration::from_secs(2), stream.message())
+    // Generous: it returns as soon as the response comes, and CI's machine
+    // can stall for a second under a parallel build.
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
         .await
-        .expect("a response within 2s")
+        .expect("a response within 10 s")
         .expect("stream ok")
         .expect("stream open")
 }
@@ -458,9 +460,9 @@ async fn delta_ads_sends_only_changes() {
 
     // One pod changes: one resource is pushed, not the world.
     write(&ctl.dir.join("manifests/mesh.yaml"), &manifests("v2"));
-    let delta = tokio::time::timeout(Duration::from_secs(1), stream.message())
+    let delta = tokio::time::timeout(Duration::from_secs(10), stream.message())
         .await
-        .expect("within a second")
+        .expect("within 10 s")
         .unwrap()
         .unwrap();
     assert_eq!(
@@ -483,7 +485,7 @@ async fn delta_ads_sends_only_changes() {
         .await
         .unwrap();
     let nack = "weft_controller_xds_nacks_total{type=\"address\"}";
-    for _ in 0..100 {
+    for _ in 0..1000 {
         if ctl.metric(nack).await == 1.0 {
             break;
         }
@@ -705,7 +707,7 @@ async fn status_and_metrics_endpoint() {
          apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: fine, namespace: shop}\nspec: {action: DENY, rules: [{from: [{source: {namespaces: [ops]}}]}]}\n",
     );
     let mut status = serde_json::Value::Null;
-    for _ in 0..100 {
+    for _ in 0..500 {
         let (line, body) = ctl.get("/debug/status").await;
         assert!(line.contains("200"), "{line}");
         status = serde_json::from_str(&body).unwrap();

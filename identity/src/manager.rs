@@ -411,7 +411,10 @@ mod tests {
     /// Certificates are per identity, cached until half-life, then renewed.
     #[tokio::test]
     async fn per_identity_and_renewal() {
-        let (certs, _) = local(Duration::from_secs(2));
+        // 4 s: the certificate holds whole seconds, so the renewal is due
+        // 1.5 to 2 s after issue, leaving room for a slow machine before the
+        // "not due yet" check.
+        let (certs, _) = local(Duration::from_secs(4));
         let (a, b) = (id("a"), id("b"));
         let first = certs.server_config(&a).await.unwrap();
         assert!(Arc::ptr_eq(&first, &certs.server_config(&a).await.unwrap()));
@@ -425,7 +428,7 @@ mod tests {
             Arc::ptr_eq(&first, &certs.server_config(&a).await.unwrap()),
             "not due yet"
         );
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        tokio::time::sleep(Duration::from_millis(2100)).await;
         certs.refresh_one(a.clone()).await;
         let again = certs.server_config(&a).await.unwrap();
         assert!(!Arc::ptr_eq(&first, &again));

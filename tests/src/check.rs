@@ -59,6 +59,25 @@ pub fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> Result<bo
     }
 }
 
+/// Samples `f` every 200 ms until two samples in a row agree, and returns
+/// that value: for counts that work still in flight may move, such as
+/// copies a proxy sends on tasks of their own.
+pub fn settled<T: PartialEq>(
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    let mut last = f()?;
+    eventually(what, within, || {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = f()?;
+        let same = now == last;
+        last = now;
+        Ok(same)
+    })?;
+    Ok(last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

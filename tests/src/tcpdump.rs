@@ -30,6 +30,9 @@ impl Tcpdump {
                 "-i",
                 iface,
                 "-U",
+                // Each packet is handed over as it arrives, not in ring
+                // blocks retired up to a second later.
+                "--immediate-mode",
                 "-s",
                 "0",
                 "-w",
@@ -68,10 +71,11 @@ impl Tcpdump {
 
     /// Stops the capture and returns the pcap file's path.
     pub fn stop(mut self) -> Result<PathBuf> {
-        // libpcap hands packets over in ring blocks retired at most once a
-        // second; stopping sooner loses the last block (seen: "0 packets
-        // captured, 23 received by filter").
-        std::thread::sleep(Duration::from_millis(1200));
+        // Without immediate mode, libpcap handed packets over in ring
+        // blocks retired at most once a second, and stopping sooner lost the
+        // last block (seen: "0 packets captured, 23 received by filter").
+        // With it, a moment lets the last packets be read and written.
+        std::thread::sleep(Duration::from_millis(300));
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT);
         self.child.wait()?;
         let report = self

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, ensure};
 use weft_tests::apps::{self, App};
 use weft_tests::bookinfo::{MESH, REVIEWS, WAYPOINT_POD, get, served_by};
-use weft_tests::check::{eventually, metric_sum};
+use weft_tests::check::{eventually, metric_sum, settled};
 use weft_tests::{Lab, LabOptions};
 
 /// Round robin over reviews' two pods, so a failing one is hit every other
@@ -604,8 +604,13 @@ fn mirroring_copies_requests_and_never_holds_them() -> Result<()> {
         let r = get(&lab, "/", &[])?;
         Ok(served_by(&r) == "reviews-v1" && v2.answers().iter().any(|a| a.contains("-shadow")))
     })?;
-    // A copy still on its way is not one of the 20 below.
-    std::thread::sleep(Duration::from_millis(300));
+    // A copy still on its way is not one of the 20 below: wait until the
+    // copies received and counted hold still.
+    let (before, counted) = settled(
+        "earlier copies have landed",
+        Duration::from_secs(10),
+        || Ok((v2.answers().len(), mirror_count(&lab, "responded")?)),
+    )?;
     let v2_requests = |lab: &Lab| -> Result<f64> {
         let text = lab.waypoint_metrics(WAYPOINT_POD)?;
         Ok(metric_sum(
@@ -614,8 +619,6 @@ fn mirroring_copies_requests_and_never_holds_them() -> Result<()> {
             &[("destination_workload", "reviews-v2")],
         ))
     };
-    let before = v2.answers().len();
-    let counted = mirror_count(&lab, "responded")?;
     let served = v1.answers().len();
     let v2_before = v2_requests(&lab)?;
     for i in 0..20 {
@@ -665,27 +668,17 @@ fn mirroring_copies_requests_and_never_holds_them() -> Result<()> {
         "route table applied",
     )?;
     // Copies of earlier requests still on their way are not counted below.
-    let mut counted = mirror_count(&lab, "responded")?;
-    eventually("earlier copies have landed", Duration::from_secs(5), || {
-        std::thread::sleep(Duration::from_millis(200));
-        let now = mirror_count(&lab, "responded")?;
-        let settled = now == counted;
-        counted = now;
-        Ok(settled)
-    })?;
+    let counted = settled(
+        "earlier copies have landed",
+        Duration::from_secs(10),
+        || mirror_count(&lab, "responded"),
+    )?;
     for _ in 0..400 {
         ensure!(get(&lab, "/", &[])?.status == 200);
     }
-    let mut share = 0.0;
-    eventually("the copies are counted", Duration::from_secs(5), || {
-        let now = mirror_count(&lab, "responded")? - counted;
-        let again = {
-            std::thread::sleep(Duration::from_millis(200));
-            mirror_count(&lab, "responded")? - counted
-        };
-        share = again;
-        Ok(now == again)
-    })?;
+    let share = settled("the copies are counted", Duration::from_secs(10), || {
+        mirror_count(&lab, "responded")
+    })? - counted;
     ensure!(
         (160.0..=240.0).contains(&share),
         "{share} of 400 requests mirrored at 50%"
