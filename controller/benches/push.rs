@@ -418,17 +418,14 @@ fn run(pods: usize, clients: usize, changes: usize) -> Row {
     tokens.push_str("node-ztunnel node-ztunnel-token-0123456789\n");
     std::fs::write(dir.join("tokens"), tokens).unwrap();
     std::fs::write(dir.join("ztunnel-token"), "node-ztunnel-token-0123456789").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let started = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_weft-controller"))
         .env("MANIFESTS_DIR", dir.join("manifests"))
         .env("CA_DIR", dir.join("ca"))
         .env("NODE_TOKENS", dir.join("tokens"))
-        .env("XDS_ADDR", format!("127.0.0.1:{port}"))
+        // The kernel picks; the log says what was bound. A port probed free
+        // here could be taken before the controller binds it.
+        .env("XDS_ADDR", "127.0.0.1:0")
         .env("SERVER_NAMES", SERVER_NAME)
         .env("METRICS_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "info")
@@ -441,15 +438,26 @@ fn run(pods: usize, clients: usize, changes: usize) -> Row {
         child,
         dir: dir.clone(),
     };
-    let root = loop {
-        if let Ok(r) = std::fs::read_to_string(dir.join("ca/root-cert.pem"))
-            && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    let port = loop {
+        let log = std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default();
+        if let Some(port) = log
+            .lines()
+            .filter(|l| l.contains("controller serving xDS and CA"))
+            .find_map(|l| {
+                l.split("address=127.0.0.1:")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()
+            })
+            .and_then(|p| p.parse::<u16>().ok())
         {
-            break r;
+            break port;
         }
         assert!(started.elapsed() < WAIT, "controller not serving");
         std::thread::sleep(Duration::from_millis(10));
     };
+    // The CA writes its root before anything listens.
+    let root = std::fs::read_to_string(dir.join("ca/root-cert.pem")).unwrap();
     let ready = started.elapsed();
     let (idle_rss, _) = ctl.rss_kib();
 
