@@ -68,9 +68,26 @@ async fn run(
     // Taken before the round, so before the renewTime it writes: this
     // replica's lead ends no later than the lease others read.
     let mut held_at: Option<tokio::time::Instant> = None;
+    let publish = |leads: bool| {
+        leader.send_if_modified(|cur| {
+            if *cur == leads {
+                return false;
+            }
+            if leads {
+                info!(component = "kubernetes", identity = %me, "leading: this replica writes to the cluster");
+            } else {
+                info!(component = "kubernetes", identity = %me, "not leading: another replica writes to the cluster");
+            }
+            *cur = leads;
+            true
+        });
+    };
     loop {
         let started = tokio::time::Instant::now();
+        // A lease that ran out while this replica slept or failed to renew
+        // ends its lead before anything else is tried.
         held_at = held_at.filter(|t| started < *t + timing.duration);
+        publish(held_at.is_some());
         // A round that hangs (an API server that stopped answering) must
         // not keep a lead past the lease: it ends when the lease would.
         let limit = held_at.map_or(timing.duration, |t| t + timing.duration - started);
@@ -84,21 +101,17 @@ async fn run(
                 warn!(component = "kubernetes", after = ?limit, "leader election: the lease round timed out")
             }
         }
-        let leads = held_at.is_some_and(|t| t.elapsed() < timing.duration);
-        leader.send_if_modified(|cur| {
-            if *cur == leads {
-                return false;
-            }
-            if leads {
-                info!(component = "kubernetes", identity = %me, "leading: this replica writes to the cluster");
-            } else {
-                info!(component = "kubernetes", identity = %me, "not leading: another replica writes to the cluster");
-            }
-            *cur = leads;
-            true
+        held_at = held_at.filter(|t| t.elapsed() < timing.duration);
+        publish(held_at.is_some());
+        // The next round comes after `renew`, or when the lease would run
+        // out if that is sooner.
+        let next = held_at.map_or(timing.renew, |t| {
+            timing
+                .renew
+                .min((t + timing.duration).saturating_duration_since(tokio::time::Instant::now()))
         });
         tokio::select! {
-            _ = tokio::time::sleep(timing.renew) => {}
+            _ = tokio::time::sleep(next) => {}
             _ = stop.changed() => {
                 if *leader.borrow() {
                     release(&api, &me).await;
