@@ -225,6 +225,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         ),
     });
     let pool_owner = inputs.clone();
+    // Connections admitted from here on were checked against this state or
+    // a newer one: a newer one at the first tick means a revalidation.
+    let serving_since = state.generation();
     let proxy = Proxy::start(inputs)
         .await
         .map_err(|source| AppError::Bind {
@@ -275,7 +278,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         let snap = state.snapshot();
         if seen != Some(generation) {
             // A new state: its policies apply to open connections too.
-            if seen.is_some() && !pool_owner.open.is_empty() {
+            if (seen.is_some() || generation != serving_since) && !pool_owner.open.is_empty() {
                 let closed = pool_owner.open.revalidate(&snap, &pool_owner.metrics);
                 if closed > 0 {
                     info!(closed, "open connections the new policies deny were closed");

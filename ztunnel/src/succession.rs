@@ -240,7 +240,10 @@ mod tests {
                     if l.accept().is_ok() {
                         std::thread::sleep(Duration::from_millis(50));
                         drop(l);
-                        let next = older.then(|| UnixListener::bind_addr(&addr).unwrap());
+                        let next = older.then(|| {
+                            UnixListener::bind_addr(&addr)
+                                .expect("the name taken back before the newest binds it")
+                        });
                         return (true, next);
                     }
                     std::thread::sleep(Duration::from_millis(5));

@@ -103,8 +103,9 @@ impl OpenConnections {
         }
     }
 
-    /// Records a connection to `destination_uid` admitted as `conn`.
-    pub fn register(
+    /// Records a connection to `destination_uid` admitted as `conn`; only
+    /// through [`Self::register_checked`].
+    fn register(
         self: &Arc<Self>,
         direction: Direction,
         destination_uid: &str,
