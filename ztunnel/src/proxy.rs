@@ -71,6 +71,25 @@ impl ProxyInputs {
     pub fn pool(&self) -> &Pool<PoolKey> {
         &self.pools[WORKER.get() % self.pools.len()]
     }
+
+    /// Admits an inbound connection to `dst`: authorized by `state`, the
+    /// snapshot of `generation`, then registered so that later policy
+    /// changes apply to it too ([`open::OpenConnections::register_checked`]).
+    /// None when a policy denies it (logged and counted).
+    pub fn admit(
+        &self,
+        state: &State,
+        generation: u64,
+        dst: &Workload,
+        a: open::Admission<'_>,
+    ) -> Option<open::Registered> {
+        a.authorized(&self.metrics, state, dst)
+            .then(|| {
+                self.open
+                    .register_checked(&self.state, generation, &self.metrics, a)
+            })
+            .flatten()
+    }
 }
 
 /// The proxy workers, started: each is a thread with a runtime of its own

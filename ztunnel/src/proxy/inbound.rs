@@ -21,9 +21,8 @@ use weft_hbone::tls::peer_identity;
 
 use weft_api::authz::Connection;
 
-use super::{
-    ConnectionLog, ProxyInputs, authorize, identity_of, peer, refused, transparent_connect,
-};
+use super::open::Admission;
+use super::{ConnectionLog, ProxyInputs, identity_of, peer, refused, transparent_connect};
 use crate::config::HBONE_PORT;
 use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
 use crate::state::State;
@@ -274,12 +273,14 @@ async fn connect(
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
-    if !authorize(m, &state, DIR, &dst, &conn, client, target) {
-        return req.refuse(StatusCode::UNAUTHORIZED);
-    }
-    let Some(registered) = pi.open.register_checked(
-        &pi.state, generation, m, DIR, &dst.uid, &conn, client, target,
-    ) else {
+    let admitted = Admission {
+        direction: DIR,
+        destination_uid: &dst.uid,
+        conn,
+        source_addr: client,
+        destination_addr: target,
+    };
+    let Some(registered) = pi.admit(&state, generation, &dst, admitted) else {
         return req.refuse(StatusCode::UNAUTHORIZED);
     };
     let service = state
@@ -340,30 +341,15 @@ pub async fn deliver_local(
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
-    let generation = pi.state.generation();
-    let registered = if authorize(
-        m,
-        &pi.state.snapshot(),
-        DIR,
-        dst,
-        &conn,
-        client_addr,
-        target,
-    ) {
-        pi.open.register_checked(
-            &pi.state,
-            generation,
-            m,
-            DIR,
-            &dst.uid,
-            &conn,
-            client_addr,
-            target,
-        )
-    } else {
-        None
+    let admitted = Admission {
+        direction: DIR,
+        destination_uid: &dst.uid,
+        conn,
+        source_addr: client_addr,
+        destination_addr: target,
     };
-    let Some(registered) = registered else {
+    let generation = pi.state.generation();
+    let Some(registered) = pi.admit(&pi.state.snapshot(), generation, dst, admitted) else {
         // A reset, as across nodes when the far ztunnel refuses the CONNECT.
         let _ = client.set_zero_linger();
         return;

@@ -10,7 +10,8 @@ use tokio::net::TcpStream;
 
 use weft_api::authz::Connection;
 
-use super::{ConnectionLog, ProxyInputs, authorize, identity_of, peer, refused};
+use super::open::Admission;
+use super::{ConnectionLog, ProxyInputs, identity_of, peer, refused};
 use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
 
 const DIR: Direction = Direction::inbound_plaintext;
@@ -40,14 +41,14 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
         destination_ip: orig_dst.ip(),
         destination_port: orig_dst.port(),
     };
-    let registered = if authorize(m, &state, DIR, &dst, &conn, peer_addr, orig_dst) {
-        pi.open.register_checked(
-            &pi.state, generation, m, DIR, &dst.uid, &conn, peer_addr, orig_dst,
-        )
-    } else {
-        None
+    let admitted = Admission {
+        direction: DIR,
+        destination_uid: &dst.uid,
+        conn,
+        source_addr: peer_addr,
+        destination_addr: orig_dst,
     };
-    let Some(registered) = registered else {
+    let Some(registered) = pi.admit(&state, generation, &dst, admitted) else {
         // A reset: the client learns at once, as from a closed port.
         let _ = client.set_zero_linger();
         return;

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
-use weft_api::Identity;
 use weft_api::authz::Connection;
+use weft_api::{Identity, Workload};
 
 use crate::metrics::{Direction, Metrics};
 use crate::state::{State, Store};
@@ -24,6 +24,33 @@ struct Open {
     source_addr: SocketAddr,
     destination_addr: SocketAddr,
     close: CancellationToken,
+}
+
+/// A connection as it was admitted: what its registration and each check
+/// against a newer state need.
+#[derive(Clone, Copy, Debug)]
+pub struct Admission<'a> {
+    pub direction: Direction,
+    pub destination_uid: &'a str,
+    pub conn: Connection<'a>,
+    pub source_addr: SocketAddr,
+    pub destination_addr: SocketAddr,
+}
+
+impl Admission<'_> {
+    /// Whether `state`'s policies for `dst` allow it (a denial is logged
+    /// and counted).
+    pub fn authorized(&self, metrics: &Metrics, state: &State, dst: &Workload) -> bool {
+        super::authorize(
+            metrics,
+            state,
+            self.direction,
+            dst,
+            &self.conn,
+            self.source_addr,
+            self.destination_addr,
+        )
+    }
 }
 
 /// Every admitted inbound connection of this ztunnel.
@@ -62,67 +89,40 @@ impl OpenConnections {
     /// denies would stay open. Registering first makes the two meet: a
     /// revalidation that runs before the registration (both take the same
     /// lock) read a generation this check then reads too.
-    #[allow(clippy::too_many_arguments)]
     pub fn register_checked(
         self: &Arc<Self>,
         store: &Store,
         generation: u64,
         metrics: &Metrics,
-        direction: Direction,
-        destination_uid: &str,
-        conn: &Connection<'_>,
-        source_addr: SocketAddr,
-        destination_addr: SocketAddr,
+        admitted: Admission<'_>,
     ) -> Option<Registered> {
-        let registered = self.register(
-            direction,
-            destination_uid,
-            conn,
-            source_addr,
-            destination_addr,
-        );
+        let registered = self.register(admitted);
         let mut checked = generation;
         loop {
             let now = store.generation();
             if now == checked {
                 return Some(registered);
             }
-            let state = store.snapshot();
-            if !allows(
-                &state,
-                metrics,
-                direction,
-                destination_uid,
-                conn,
-                source_addr,
-                destination_addr,
-            ) {
+            if !allows(&store.snapshot(), metrics, admitted) {
                 return None;
             }
             checked = now;
         }
     }
 
-    /// Records a connection to `destination_uid` admitted as `conn`; only
-    /// through [`Self::register_checked`].
-    fn register(
-        self: &Arc<Self>,
-        direction: Direction,
-        destination_uid: &str,
-        conn: &Connection<'_>,
-        source_addr: SocketAddr,
-        destination_addr: SocketAddr,
-    ) -> Registered {
+    /// Records an admitted connection; only through
+    /// [`Self::register_checked`].
+    fn register(self: &Arc<Self>, a: Admission<'_>) -> Registered {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let close = CancellationToken::new();
         self.open.lock().unwrap_or_else(|p| p.into_inner()).insert(
             id,
             Open {
-                direction,
-                destination_uid: destination_uid.to_string(),
-                source: conn.source.cloned(),
-                source_addr,
-                destination_addr,
+                direction: a.direction,
+                destination_uid: a.destination_uid.to_string(),
+                source: a.conn.source.cloned(),
+                source_addr: a.source_addr,
+                destination_addr: a.destination_addr,
                 close: close.clone(),
             },
         );
@@ -154,15 +154,14 @@ impl OpenConnections {
                 destination_ip: ip(o.destination_addr),
                 destination_port: o.destination_addr.port(),
             };
-            if !allows(
-                state,
-                metrics,
-                o.direction,
-                &o.destination_uid,
-                &conn,
-                o.source_addr,
-                o.destination_addr,
-            ) {
+            let admitted = Admission {
+                direction: o.direction,
+                destination_uid: &o.destination_uid,
+                conn,
+                source_addr: o.source_addr,
+                destination_addr: o.destination_addr,
+            };
+            if !allows(state, metrics, admitted) {
                 tracing::warn!(
                     target: "access",
                     direction = ?o.direction,
@@ -178,30 +177,13 @@ impl OpenConnections {
     }
 }
 
-/// Whether `state` lets an open connection to `destination_uid` stay open.
-/// A destination gone from the state keeps its connections: only a policy
-/// closes them.
-fn allows(
-    state: &State,
-    metrics: &Metrics,
-    direction: Direction,
-    destination_uid: &str,
-    conn: &Connection<'_>,
-    source_addr: SocketAddr,
-    destination_addr: SocketAddr,
-) -> bool {
-    let Some(dst) = state.workload_by_uid(destination_uid) else {
+/// Whether `state` lets an admitted connection stay open. A destination
+/// gone from the state keeps its connections: only a policy closes them.
+fn allows(state: &State, metrics: &Metrics, a: Admission<'_>) -> bool {
+    let Some(dst) = state.workload_by_uid(a.destination_uid) else {
         return true;
     };
-    super::authorize(
-        metrics,
-        state,
-        direction,
-        dst,
-        conn,
-        source_addr,
-        destination_addr,
-    )
+    a.authorized(metrics, state, dst)
 }
 
 fn ip(a: SocketAddr) -> IpAddr {
@@ -252,18 +234,14 @@ mod tests {
             destination_ip: dst.ip(),
             destination_port: dst.port(),
         };
-        let register = |generation| {
-            open.register_checked(
-                &store,
-                generation,
-                &metrics,
-                Direction::inbound,
-                &uid,
-                &conn,
-                src,
-                dst,
-            )
+        let admitted = Admission {
+            direction: Direction::inbound,
+            destination_uid: &uid,
+            conn,
+            source_addr: src,
+            destination_addr: dst,
         };
+        let register = |generation| open.register_checked(&store, generation, &metrics, admitted);
 
         // No change since the check: registered, and held while open.
         let kept = register(store.generation()).expect("nothing changed: registered");
