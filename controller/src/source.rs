@@ -89,24 +89,23 @@ struct Stamp {
 const SETTLED: Duration = Duration::from_secs(2);
 
 impl Stamp {
-    /// The stamp, and whether it can be trusted.
+    /// The stamp, and whether it can be trusted: every write sets the
+    /// ctime (which, unlike the mtime, cannot be set back), so a ctime
+    /// [`SETTLED`] old means no write since.
     fn of(meta: &fs::Metadata) -> (Self, bool) {
-        let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         let changed = (meta.ctime(), meta.ctime_nsec());
-        let since_change = SystemTime::UNIX_EPOCH
+        let changed_at = SystemTime::UNIX_EPOCH
             + Duration::new(
                 u64::try_from(changed.0).unwrap_or(0),
                 u32::try_from(changed.1).unwrap_or(0),
             );
-        let settled = [modified, since_change].iter().all(|t| {
-            SystemTime::now()
-                .duration_since(*t)
-                .is_ok_and(|age| age >= SETTLED)
-        });
+        let settled = SystemTime::now()
+            .duration_since(changed_at)
+            .is_ok_and(|age| age >= SETTLED);
         let stamp = Stamp {
             inode: meta.ino(),
             changed,
-            modified,
+            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             len: meta.len(),
         };
         (stamp, settled)
@@ -259,16 +258,24 @@ impl ManifestsDir {
 mod tests {
     use super::*;
 
+    /// An empty directory of this process's own for test `tag`.
+    fn fresh_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("weft-manifests-{tag}{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn ns(name: &str) -> String {
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n")
+    }
+
     /// A second write of the same size within one clock tick leaves the
     /// file's times as they were: the stamp of a file just written is not
     /// trusted, so the change is read; an untouched file reads as unchanged.
     #[test]
     fn a_rewrite_within_the_same_tick_is_seen() {
-        let dir = std::env::temp_dir().join(format!("weft-manifests-tick-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let ns =
-            |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
+        let dir = fresh_dir("tick-");
         let file = dir.join("a.yaml");
         fs::write(&file, ns("shop")).unwrap();
         let mut src = ManifestsDir::new(&dir);
@@ -278,14 +285,16 @@ mod tests {
         // clock had not ticked between the two writes.
         let before = src.files[&file].stamp;
         fs::write(&file, ns("shoq")).unwrap();
+        assert!(
+            !Stamp::of(&fs::metadata(&file).unwrap()).1,
+            "just written: not trusted"
+        );
         let entry = src.files.get_mut(&file).unwrap();
-        // Untrusted, as it is just after a write (a slow machine may have
-        // let 2 s pass since).
+        // Untrusted, as a stamp within the same tick as a write is (a slow
+        // machine may have let 2 s pass since the poll above).
         (entry.stamp, entry.trusted) = (before, false);
         let (snap, _) = src.poll().unwrap().expect("the rewrite is seen");
         assert!(snap.namespaces.contains_key("shoq"));
-        let meta = fs::metadata(&file).unwrap();
-        assert!(!Stamp::of(&meta).1, "just written: not trusted");
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -293,11 +302,7 @@ mod tests {
     /// duplicate in another file is refused by name, a removed file is gone.
     #[test]
     fn watch() {
-        let dir = std::env::temp_dir().join(format!("weft-manifests-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let ns =
-            |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
+        let dir = fresh_dir("");
         fs::write(dir.join("a.yaml"), ns("shop")).unwrap();
         let mut src = ManifestsDir::new(&dir);
         let (snap, problems) = src.poll().unwrap().unwrap();
@@ -354,9 +359,7 @@ mod tests {
     /// result is what a fresh read of the directory gives.
     #[test]
     fn an_edit_updates_the_merged_snapshot_in_place() {
-        let dir = std::env::temp_dir().join(format!("weft-manifests-edit-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("edit-");
         let file = |ns_label: u32, pod: &str, app: &str| {
             format!(
                 "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{x: '{ns_label}'}}}}\n---\n\
