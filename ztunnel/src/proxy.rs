@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{error, info, warn};
-use weft_api::authz::{Connection, DenyReason, Verdict};
+use weft_api::authz::{DenyReason, Verdict};
 use weft_api::{Identity, Service, Workload};
 use weft_hbone::client::Pool;
 use weft_hbone::server::StreamBudget;
@@ -83,7 +83,7 @@ impl ProxyInputs {
         dst: &Workload,
         a: open::Admission<'_>,
     ) -> Option<open::Registered> {
-        a.authorized(&self.metrics, state, dst)
+        authorize(&self.metrics, state, dst, &a)
             .then(|| {
                 self.open
                     .register_checked(&self.state, generation, &self.metrics, a)
@@ -247,46 +247,47 @@ async fn serve(
     permits: Ports<Arc<Semaphore>>,
     pi: Arc<ProxyInputs>,
 ) {
-    let limit = pi.cfg.max_connections;
     tokio::join!(
         accept_loop(
             listeners.outbound,
             Direction::outbound,
-            (permits.outbound, limit),
+            permits.outbound,
             pi.clone(),
             outbound::handle
         ),
         accept_loop(
             listeners.inbound,
             Direction::inbound,
-            (permits.inbound, limit),
+            permits.inbound,
             pi.clone(),
             inbound::handle
         ),
         accept_loop(
             listeners.inbound_plaintext,
             Direction::inbound_plaintext,
-            (permits.inbound_plaintext, limit),
+            permits.inbound_plaintext,
             pi.clone(),
             inbound_plaintext::handle
         ),
     );
 }
 
-/// Accepts connections and spawns `handle` for each, holding at most `limit`
-/// at once (the permits are shared by every worker's loop on this port):
+/// Accepts connections and spawns `handle` for each, holding at most
+/// `MAX_CONNECTIONS` at once (`permits`, shared by every worker's loop on
+/// this port):
 /// past that, new connections are closed at once and counted, so a storm
 /// cannot exhaust memory or file descriptors.
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     direction: Direction,
-    (permits, limit): (Arc<Semaphore>, usize),
+    permits: Arc<Semaphore>,
     pi: Arc<ProxyInputs>,
     handle: F,
 ) where
     F: Fn(Arc<ProxyInputs>, TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let limit = pi.cfg.max_connections;
     // This loop's own connections, for its drain: the shared permits count
     // every worker's.
     let own = Arc::new(Semaphore::new(limit));
@@ -519,22 +520,19 @@ pub fn refused(
 /// Decides a connection to `dst` by its policies. A denial is counted (by
 /// reason and by deciding policy) and logged with the policy's name; a
 /// dry-run policy that matched is counted and logged, never enforced.
-#[allow(clippy::too_many_arguments)]
 pub fn authorize(
     metrics: &Metrics,
     state: &State,
-    direction: Direction,
     dst: &Workload,
-    conn: &Connection<'_>,
-    src_addr: SocketAddr,
-    dst_addr: SocketAddr,
+    a: &open::Admission<'_>,
 ) -> bool {
-    let (verdict, dry_run) = state.authorize(dst, conn);
+    let (verdict, dry_run) = state.authorize(dst, &a.connection());
     if dry_run.is_empty() && matches!(verdict, Verdict::Allow { .. }) {
         return true;
     }
+    let (direction, src_addr, dst_addr) = (a.direction, a.source_addr, a.destination_addr);
     // Only what is logged pays for these.
-    let src_identity = conn.source.map(ToString::to_string).unwrap_or_default();
+    let src_identity = a.source.map(ToString::to_string).unwrap_or_default();
     let dst_workload = format!("{}/{}", dst.namespace, dst.name);
     for policy in dry_run {
         info!(

@@ -19,8 +19,6 @@ use weft_hbone::io::tls_accept;
 use weft_hbone::server::{ConnectRequest, ServeOptions};
 use weft_hbone::tls::peer_identity;
 
-use weft_api::authz::Connection;
-
 use super::open::Admission;
 use super::{ConnectionLog, ProxyInputs, identity_of, peer, refused, transparent_connect};
 use crate::config::HBONE_PORT;
@@ -267,16 +265,10 @@ async fn connect(
         }
     };
     let client = SocketAddr::new(client_ip, peer_addr.port());
-    let conn = Connection {
-        source: Some(&peer_id),
-        source_ip: client_ip,
-        destination_ip: target.ip(),
-        destination_port: target.port(),
-    };
     let admitted = Admission {
         direction: DIR,
         destination_uid: &dst.uid,
-        conn,
+        source: Some(&peer_id),
         source_addr: client,
         destination_addr: target,
     };
@@ -335,16 +327,10 @@ pub async fn deliver_local(
     target: SocketAddr,
 ) {
     let m = &pi.metrics;
-    let conn = Connection {
-        source: Some(src_id),
-        source_ip: client_addr.ip(),
-        destination_ip: target.ip(),
-        destination_port: target.port(),
-    };
     let admitted = Admission {
         direction: DIR,
         destination_uid: &dst.uid,
-        conn,
+        source: Some(src_id),
         source_addr: client_addr,
         destination_addr: target,
     };

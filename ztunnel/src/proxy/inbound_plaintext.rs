@@ -8,8 +8,6 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use weft_api::authz::Connection;
-
 use super::open::Admission;
 use super::{ConnectionLog, ProxyInputs, identity_of, peer, refused};
 use crate::metrics::{Direction, RefusalReason, SecurityPolicy};
@@ -35,16 +33,10 @@ pub async fn handle(pi: Arc<ProxyInputs>, mut client: TcpStream, peer_addr: Sock
             &why,
         );
     };
-    let conn = Connection {
-        source: None,
-        source_ip: peer_addr.ip(),
-        destination_ip: orig_dst.ip(),
-        destination_port: orig_dst.port(),
-    };
     let admitted = Admission {
         direction: DIR,
         destination_uid: &dst.uid,
-        conn,
+        source: None,
         source_addr: peer_addr,
         destination_addr: orig_dst,
     };

@@ -4,13 +4,13 @@
 //! new state still allows stay open.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
+use weft_api::Identity;
 use weft_api::authz::Connection;
-use weft_api::{Identity, Workload};
 
 use crate::metrics::{Direction, Metrics};
 use crate::state::{State, Store};
@@ -26,30 +26,27 @@ struct Open {
     close: CancellationToken,
 }
 
-/// A connection as it was admitted: what its registration and each check
-/// against a newer state need.
+/// A connection as it is admitted: what its authorization, its
+/// registration and each check against a newer state need.
 #[derive(Clone, Copy, Debug)]
 pub struct Admission<'a> {
     pub direction: Direction,
     pub destination_uid: &'a str,
-    pub conn: Connection<'a>,
+    /// The peer's verified identity; `None` for plaintext.
+    pub source: Option<&'a Identity>,
     pub source_addr: SocketAddr,
     pub destination_addr: SocketAddr,
 }
 
-impl Admission<'_> {
-    /// Whether `state`'s policies for `dst` allow it (a denial is logged
-    /// and counted).
-    pub fn authorized(&self, metrics: &Metrics, state: &State, dst: &Workload) -> bool {
-        super::authorize(
-            metrics,
-            state,
-            self.direction,
-            dst,
-            &self.conn,
-            self.source_addr,
-            self.destination_addr,
-        )
+impl<'a> Admission<'a> {
+    /// What a policy check knows of it.
+    pub fn connection(&self) -> Connection<'a> {
+        Connection {
+            source: self.source,
+            source_ip: self.source_addr.ip(),
+            destination_ip: self.destination_addr.ip(),
+            destination_port: self.destination_addr.port(),
+        }
     }
 }
 
@@ -120,7 +117,7 @@ impl OpenConnections {
             Open {
                 direction: a.direction,
                 destination_uid: a.destination_uid.to_string(),
-                source: a.conn.source.cloned(),
+                source: a.source.cloned(),
                 source_addr: a.source_addr,
                 destination_addr: a.destination_addr,
                 close: close.clone(),
@@ -148,16 +145,10 @@ impl OpenConnections {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let mut closed = 0;
         for o in open.values().filter(|o| !o.close.is_cancelled()) {
-            let conn = Connection {
-                source: o.source.as_ref(),
-                source_ip: ip(o.source_addr),
-                destination_ip: ip(o.destination_addr),
-                destination_port: o.destination_addr.port(),
-            };
             let admitted = Admission {
                 direction: o.direction,
                 destination_uid: &o.destination_uid,
-                conn,
+                source: o.source.as_ref(),
                 source_addr: o.source_addr,
                 destination_addr: o.destination_addr,
             };
@@ -183,11 +174,7 @@ fn allows(state: &State, metrics: &Metrics, a: Admission<'_>) -> bool {
     let Some(dst) = state.workload_by_uid(a.destination_uid) else {
         return true;
     };
-    a.authorized(metrics, state, dst)
-}
-
-fn ip(a: SocketAddr) -> IpAddr {
-    a.ip()
+    super::authorize(metrics, state, dst, &a)
 }
 
 #[cfg(test)]
@@ -228,16 +215,10 @@ mod tests {
             "10.244.2.20:40000".parse().unwrap(),
             "10.244.1.10:8080".parse().unwrap(),
         );
-        let conn = Connection {
-            source: Some(&client),
-            source_ip: src.ip(),
-            destination_ip: dst.ip(),
-            destination_port: dst.port(),
-        };
         let admitted = Admission {
             direction: Direction::inbound,
             destination_uid: &uid,
-            conn,
+            source: Some(&client),
             source_addr: src,
             destination_addr: dst,
         };
